@@ -1,0 +1,3 @@
+"""evoformer: distributed pretraining for decoder-only language models."""
+
+__version__ = "0.1.0"

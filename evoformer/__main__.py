@@ -1,0 +1,5 @@
+import sys
+
+from evoformer.cli import main
+
+sys.exit(main())

@@ -1,0 +1,16 @@
+"""Sharded, atomic checkpoints (torch.distributed.checkpoint) and model loading."""
+
+from evoformer.checkpoint.io import (
+    list_checkpoints,
+    load_checkpoint,
+    read_trainer_state,
+    resolve_checkpoint,
+    save_checkpoint,
+    write_text_atomic,
+)
+from evoformer.checkpoint.model_io import checkpoint_config, load_model
+
+__all__ = [
+    "checkpoint_config", "list_checkpoints", "load_checkpoint", "load_model",
+    "read_trainer_state", "resolve_checkpoint", "save_checkpoint", "write_text_atomic",
+]  # fmt: skip

@@ -1,0 +1,224 @@
+"""Checkpoints on torch.distributed.checkpoint (DCP), committed atomically.
+
+Layout of a run's ``checkpoints/`` folder::
+
+    step_<N>/            a complete checkpoint (appears only by an atomic rename)
+      .metadata, *.distcp  DCP shards: {"model": ..., "optim": ...} keyed by parameter name
+      config.yaml          the resolved config, so the checkpoint describes its own model
+      trainer.json         step, schedule and sampler position
+      rng_rank<R>.pt       each rank's RNG states (tensors only; loaded with weights_only)
+    latest               text file naming the newest complete checkpoint
+    .tmp-step_<N>-*/     a save in progress; never taken for a checkpoint, swept on next save
+
+A kill at any point leaves either the old set of checkpoints or the new one, never a torn one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_state_dict,
+    set_state_dict,
+)
+
+from evoformer.errors import UserError
+
+LATEST = "latest"
+STEP_PREFIX = "step_"
+
+
+def _dist() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def _rank() -> int:
+    return dist.get_rank() if _dist() else 0
+
+
+def _barrier() -> None:
+    if _dist():
+        dist.barrier()
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write via a temp file + fsync + rename, so readers see the old or the new text."""
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(
+    ckpt_root: str | Path,
+    step: int,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer | None,
+    trainer_state: dict[str, Any],
+    config_yaml: str,
+    keep_last: int = 0,
+    extra_files: dict[str, Path] | None = None,
+    before_commit: Callable[[Path], None] | None = None,
+) -> Path:
+    """Save a complete checkpoint as ``ckpt_root/step_<step>`` and point ``latest`` at it.
+
+    Every rank calls this. ``before_commit`` is a test hook run on rank 0 just before the rename.
+    """
+    root = Path(ckpt_root)
+    final = root / f"{STEP_PREFIX}{step}"
+    token = [uuid.uuid4().hex[:8]]
+    if _dist():
+        dist.broadcast_object_list(token, src=0)
+    tmp = root / f".tmp-{STEP_PREFIX}{step}-{token[0]}"
+    if _rank() == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        _sweep_tmp(root)
+        tmp.mkdir()
+    _barrier()
+    state = {"model": model.state_dict()} if optimizer is None else {}
+    if optimizer is not None:
+        msd, osd = get_state_dict(model, optimizer)
+        state = {"model": msd, "optim": osd}
+    dcp.save(state, checkpoint_id=str(tmp), no_dist=not _dist())
+    torch.save(_rng_state(), tmp / f"rng_rank{_rank()}.pt")
+    _barrier()
+    if _rank() == 0:
+        (tmp / "config.yaml").write_text(config_yaml)
+        (tmp / "trainer.json").write_text(json.dumps({"step": step, **trainer_state}, indent=1))
+        for name, src in (extra_files or {}).items():
+            shutil.copyfile(src, tmp / name)
+        for f in tmp.iterdir():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        _fsync_dir(tmp)
+        if before_commit is not None:
+            before_commit(tmp)
+        if final.exists():  # re-saving the same step (e.g. interrupted right after a save)
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+        _fsync_dir(root)
+        write_text_atomic(root / LATEST, final.name + "\n")
+        _prune(root, keep_last)
+    _barrier()
+    return final
+
+
+def _sweep_tmp(root: Path) -> None:
+    for p in root.glob(f".tmp-{STEP_PREFIX}*"):
+        shutil.rmtree(p, ignore_errors=True)
+
+
+def _prune(root: Path, keep_last: int) -> None:
+    if keep_last <= 0:
+        return
+    for old in list_checkpoints(root)[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def list_checkpoints(ckpt_root: str | Path) -> list[Path]:
+    """Complete checkpoints under ``ckpt_root``, oldest first."""
+    root = Path(ckpt_root)
+    if not root.is_dir():
+        return []
+    found = [
+        p for p in root.iterdir()
+        if p.is_dir() and p.name.startswith(STEP_PREFIX) and p.name[len(STEP_PREFIX):].isdigit()
+    ]  # fmt: skip
+    return sorted(found, key=lambda p: int(p.name[len(STEP_PREFIX) :]))
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A step folder, a ``checkpoints/`` folder or a run folder -> the checkpoint folder."""
+    p = Path(path)
+    if not p.exists():
+        raise UserError(f"checkpoint not found: {p}")
+    for root in (p, p / "checkpoints"):
+        latest = root / LATEST
+        if latest.is_file():
+            name = latest.read_text().strip()
+            target = root / name
+            if not target.is_dir():
+                raise UserError(f"{latest} names {name}, which does not exist")
+            return _check_complete(target)
+    if (p / ".metadata").is_file() or (p / "trainer.json").exists():
+        return _check_complete(p)
+    raise UserError(f"{p} is not a checkpoint (no .metadata, no checkpoints/latest)")
+
+
+def _check_complete(ckpt: Path) -> Path:
+    for name in (".metadata", "config.yaml", "trainer.json"):
+        if not (ckpt / name).is_file():
+            raise UserError(f"checkpoint {ckpt} is incomplete or corrupt: {name} is missing")
+    return ckpt
+
+
+def read_trainer_state(ckpt: Path) -> dict[str, Any]:
+    try:
+        return json.loads((ckpt / "trainer.json").read_text())
+    except (json.JSONDecodeError, OSError) as err:
+        raise UserError(f"checkpoint {ckpt}: unreadable trainer.json ({err})") from None
+
+
+def load_checkpoint(
+    ckpt: Path,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer | None = None,
+    restore_rng: bool = True,
+) -> dict[str, Any]:
+    """Load model (and optimizer, RNG) state in place; returns the trainer state."""
+    ckpt = _check_complete(ckpt)
+    try:
+        if optimizer is None:
+            state = {"model": model.state_dict()}
+            dcp.load(state, checkpoint_id=str(ckpt), no_dist=not _dist())
+            model.load_state_dict(state["model"])
+        else:
+            msd, osd = get_state_dict(model, optimizer)
+            state = {"model": msd, "optim": osd}
+            dcp.load(state, checkpoint_id=str(ckpt), no_dist=not _dist())
+            set_state_dict(
+                model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
+                options=StateDictOptions(strict=True),
+            )  # fmt: skip
+    except UserError:
+        raise
+    except Exception as err:  # DCP raises a zoo of types for missing keys / shapes / bad files
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(f"checkpoint {ckpt} cannot be loaded: {first[:300]}") from None
+    if restore_rng:
+        rng_file = ckpt / f"rng_rank{_rank()}.pt"
+        if rng_file.is_file():
+            _set_rng_state(torch.load(rng_file, weights_only=True))
+    return read_trainer_state(ckpt)
+
+
+def _rng_state() -> dict[str, torch.Tensor]:
+    state = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict[str, torch.Tensor]) -> None:
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])

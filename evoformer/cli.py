@@ -1,0 +1,185 @@
+"""`evoformer` command line: parse, build, hand off. Also `python -m evoformer`.
+
+Every mistake a user can make ends as one line on stderr and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from evoformer.errors import UserError
+
+USAGE = """usage: evoformer <command> [args]
+
+commands:
+  train [CONFIG.yaml ...] [key=value ...]   train (no file: configs/quickstart.yaml)
+  config [CONFIG.yaml ...] [key=value ...]  print the resolved config (--help: every key)
+  generate CKPT --prompt TEXT               sample text from a checkpoint
+  inspect [CONFIG.yaml ...] [key=value ...] parameter counts of a model config
+  tokenizer train [FILES ...] --out PREFIX  train a sentencepiece BPE tokenizer
+  preprocess FILES ... --tokenizer M --out F.tok   tokenise text/jsonl into a token store
+  import-hf HF_DIR OUT_DIR                  HuggingFace folder -> evoformer checkpoint
+  export-hf CKPT_DIR OUT_DIR                evoformer checkpoint -> HuggingFace folder
+
+`evoformer train --help` lists every config key with its default and meaning."""
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def find_config(name: str) -> str:
+    """A config path as given, else relative to the evoformer checkout (configs/...)."""
+    p = Path(name)
+    if p.exists() or p.is_absolute():
+        return str(p)
+    candidate = REPO_ROOT / name
+    return str(candidate) if candidate.exists() else str(p)
+
+
+def split_args(argv: list[str]) -> tuple[list[str], list[str]]:
+    files = [find_config(a) for a in argv if "=" not in a]
+    overrides = [a for a in argv if "=" in a]
+    return files, overrides
+
+
+def _config_help() -> str:
+    from evoformer.config import config_help
+
+    return (
+        "usage: evoformer train [CONFIG.yaml ...] [key=value ...]\n\n"
+        "YAML files merge left to right, then key=value overrides. Keys:\n" + config_help()
+    )
+
+
+def cmd_train(argv: list[str]) -> int:
+    if "-h" in argv or "--help" in argv:
+        print(_config_help())
+        return 0
+    from evoformer.config import load_config
+    from evoformer.engine import Trainer
+
+    files, overrides = split_args(argv)
+    if not files:
+        files = [find_config("configs/quickstart.yaml")]
+    cfg = load_config(files, overrides)
+    result = Trainer(cfg).train()
+    if result.interrupted:
+        return 0
+    return 0
+
+
+def cmd_config(argv: list[str]) -> int:
+    if "-h" in argv or "--help" in argv:
+        print(_config_help())
+        return 0
+    from evoformer.config import load_config, to_yaml
+
+    files, overrides = split_args(argv)
+    print(to_yaml(load_config(files, overrides)), end="")
+    return 0
+
+
+def cmd_inspect(argv: list[str]) -> int:
+    from evoformer.config import load_config
+    from evoformer.model.inspect import describe
+
+    files, overrides = split_args(argv)
+    print(describe(load_config(files, overrides)))
+    return 0
+
+
+def cmd_generate(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="evoformer generate", description="Sample text.")
+    parser.add_argument("checkpoint", help="run folder, checkpoints folder or step folder")
+    parser.add_argument("--prompt", default="def ", help="text to continue")
+    parser.add_argument("--max-new-tokens", type=int, default=200)
+    parser.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    parser.add_argument("--top-k", type=int, default=50)
+    parser.add_argument("--top-p", type=float, default=0.95)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-cache", action="store_true", help="recompute without a KV cache")
+    parser.add_argument("--tokenizer", help="sentencepiece model (default: the checkpoint's)")
+    args = parser.parse_args(argv)
+
+    from evoformer.checkpoint import load_model, resolve_checkpoint
+    from evoformer.data import Tokenizer
+    from evoformer.model.generate import generate
+
+    ckpt = resolve_checkpoint(args.checkpoint)
+    tok_path = args.tokenizer or _find_tokenizer(ckpt)
+    tokenizer = Tokenizer(tok_path)
+    model = load_model(ckpt)
+    prompt = tokenizer.encode(args.prompt)
+    if not prompt:
+        raise UserError("--prompt encodes to no tokens")
+    new = generate(
+        model, prompt, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
+        use_cache=not args.no_cache, stop_id=tokenizer.eod_id, seed=args.seed,
+    )  # fmt: skip
+    print(args.prompt + tokenizer.decode([t for t in new if t != tokenizer.eod_id]))
+    return 0
+
+
+def _find_tokenizer(ckpt: Path) -> str:
+    for candidate in (ckpt / "tokenizer.model", ckpt.parent.parent / "tokenizer.model"):
+        if candidate.is_file():
+            return str(candidate)
+    raise UserError(f"no tokenizer.model in {ckpt} or its run folder; pass --tokenizer")
+
+
+def cmd_tokenizer(argv: list[str]) -> int:
+    if not argv or argv[0] != "train":
+        raise UserError("usage: evoformer tokenizer train [FILES ...] --out PREFIX --vocab-size N")
+    from evoformer.data.commands import tokenizer_train_main
+
+    return tokenizer_train_main(argv[1:])
+
+
+def cmd_preprocess(argv: list[str]) -> int:
+    from evoformer.data.commands import preprocess_main
+
+    return preprocess_main(argv)
+
+
+def cmd_import_hf(argv: list[str]) -> int:
+    from evoformer.checkpoint.hf import import_hf_main
+
+    return import_hf_main(argv)
+
+
+def cmd_export_hf(argv: list[str]) -> int:
+    from evoformer.checkpoint.hf import export_hf_main
+
+    return export_hf_main(argv)
+
+
+COMMANDS = {
+    "train": cmd_train,
+    "config": cmd_config,
+    "inspect": cmd_inspect,
+    "generate": cmd_generate,
+    "tokenizer": cmd_tokenizer,
+    "preprocess": cmd_preprocess,
+    "import-hf": cmd_import_hf,
+    "export-hf": cmd_export_hf,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(USAGE)
+        return 0 if argv else 2
+    command = COMMANDS.get(argv[0])
+    if command is None:
+        print(f"error: unknown command '{argv[0]}'\n\n{USAGE}", file=sys.stderr)
+        return 2
+    try:
+        return command(argv[1:])
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,206 @@
+"""The typed configuration schema: the single source of truth for every setting.
+
+Each component owns one dataclass and receives only that object. Field help texts live in the
+``help`` metadata so `evoformer train --help` and the config reference are generated from here.
+Field types stay plain (str, int, float, bool, lists, nested dataclasses) so OmegaConf can hold
+them; choices are checked by :mod:`evoformer.config.validate`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+
+def opt(default: Any, help: str) -> Any:
+    """A dataclass field with a help text (mutable defaults are copied per instance)."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help})
+    if hasattr(default, "__dataclass_fields__"):
+        return field(default_factory=type(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+# ---------------------------------------------------------------------------------------------
+# model
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class NormConfig:
+    kind: str = opt("rmsnorm", "Normalisation layer: layernorm | rmsnorm.")
+    eps: float = opt(1e-5, "Epsilon added to the variance.")
+    placement: str = opt(
+        "pre", "Where the block norms sit: pre (GPT-2 onward) | post (original Transformer)."
+    )
+    bias: bool = opt(True, "LayerNorm only: learn an additive bias.")
+
+
+@dataclass
+class RopeScalingConfig:
+    kind: str = opt("none", "RoPE frequency scaling: none | llama3 (Llama-3.1 wavelength bands).")
+    factor: float = opt(8.0, "Context extension factor.")
+    low_freq_factor: float = opt(1.0, "llama3: wavelengths above original/low_freq_factor scale.")
+    high_freq_factor: float = opt(4.0, "llama3: wavelengths below original/high_freq_factor stay.")
+    original_max_seq_len: int = opt(8192, "Context length the base model was trained at.")
+
+
+@dataclass
+class PositionConfig:
+    kind: str = opt("rope", "Position encoding: rope | learned (absolute) | none.")
+    rope_theta: float = opt(10000.0, "RoPE base frequency.")
+    rope_scaling: RopeScalingConfig = opt(RopeScalingConfig(), "RoPE frequency scaling.")
+
+
+@dataclass
+class AttentionConfig:
+    n_heads: int = opt(4, "Number of query heads.")
+    n_kv_heads: Optional[int] = opt(
+        None, "Key/value heads: = n_heads for MHA, 1 for MQA, between for GQA (null = n_heads)."
+    )
+    head_dim: Optional[int] = opt(None, "Per-head dimension (null = d_model / n_heads).")
+    bias: bool = opt(False, "Bias on the q/k/v and output projections.")
+    dropout: float = opt(0.0, "Dropout on attention probabilities.")
+
+
+@dataclass
+class MLPConfig:
+    kind: str = opt("swiglu", "Feed-forward kind: gelu (2-matrix) | swiglu (gated, 3-matrix).")
+    hidden: int = opt(688, "Hidden (intermediate) width.")
+    bias: bool = opt(False, "Bias on the MLP projections.")
+    activation: str = opt(
+        "default", "Activation: default (gelu_tanh for gelu, silu for swiglu) | gelu | gelu_tanh | silu."
+    )
+
+
+@dataclass
+class InitConfig:
+    std: float = opt(0.02, "Standard deviation of the normal init of linear and embedding weights.")
+    scaled_residual: bool = opt(
+        True, "GPT-2 scaled init: residual output projections use std / sqrt(2 * n_layers)."
+    )
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = opt(8192, "Vocabulary size (the embedding rows; >= the tokenizer's).")
+    d_model: int = opt(256, "Residual stream width.")
+    n_layers: int = opt(4, "Number of transformer blocks.")
+    max_seq_len: int = opt(2048, "Longest sequence (size of learned position table, RoPE cache).")
+    tie_embeddings: bool = opt(False, "Share the token embedding with the output head.")
+    dropout: float = opt(0.0, "Residual and embedding dropout.")
+    norm: NormConfig = opt(NormConfig(), "Normalisation.")
+    position: PositionConfig = opt(PositionConfig(), "Position encoding.")
+    attention: AttentionConfig = opt(AttentionConfig(), "Attention.")
+    mlp: MLPConfig = opt(MLPConfig(), "Feed-forward block.")
+    init: InitConfig = opt(InitConfig(), "Weight initialisation.")
+
+
+# ---------------------------------------------------------------------------------------------
+# data, training, parallelism
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class DataConfig:
+    source: str = opt(
+        "default",
+        "default (embedded corpus: the Python standard library's source) | files | synthetic.",
+    )
+    paths: list[str] = opt(
+        [], "With source=files: .txt / .jsonl files or preprocessed token stores (.tok)."
+    )
+    val_paths: list[str] = opt(
+        [], "With source=files: validation files (empty = hold out val_fraction of documents)."
+    )
+    tokenizer: Optional[str] = opt(
+        None, "sentencepiece .model file (null = train one on the corpus and cache it)."
+    )
+    tokenizer_vocab_size: int = opt(8192, "Vocabulary of a tokenizer trained on the corpus.")
+    val_fraction: float = opt(0.02, "Share of documents held out for validation.")
+    cache_dir: Optional[str] = opt(
+        None, "Where tokenised corpora are cached (null = $EVOFORMER_CACHE or ~/.cache/evoformer)."
+    )
+
+
+@dataclass
+class OptimConfig:
+    lr: float = opt(3e-4, "Peak learning rate.")
+    min_lr_ratio: float = opt(0.1, "Final learning rate as a fraction of lr (cosine, wsd).")
+    schedule: str = opt("cosine", "Schedule after warmup: cosine | wsd | constant.")
+    warmup_steps: int = opt(100, "Linear warmup steps.")
+    decay_fraction: float = opt(0.2, "wsd: share of the steps spent in the final decay.")
+    weight_decay: float = opt(0.1, "AdamW weight decay (not applied to norms, biases, embeddings).")
+    beta1: float = opt(0.9, "AdamW beta1.")
+    beta2: float = opt(0.95, "AdamW beta2.")
+    eps: float = opt(1e-8, "AdamW epsilon.")
+    grad_clip: float = opt(1.0, "Clip the global gradient norm to this (0 = off).")
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = opt(1000, "Optimizer steps to train for.")
+    global_batch_size: int = opt(8, "Sequences per optimizer step, summed over data-parallel ranks.")
+    micro_batch_size: int = opt(8, "Sequences per forward/backward on one rank.")
+    seq_len: int = opt(256, "Tokens per training sequence.")
+    eval_every: int = opt(0, "Evaluate on the validation split every N steps (0 = never).")
+    eval_batches: int = opt(8, "Micro-batches per evaluation.")
+    log_every: int = opt(10, "Write a metrics line every N steps.")
+
+
+@dataclass
+class ParallelConfig:
+    tp: int = opt(1, "Tensor-parallel size.")
+    pp: int = opt(1, "Pipeline-parallel size.")
+    ep: int = opt(1, "Expert-parallel size.")
+    sequence_parallel: bool = opt(False, "Shard norm/dropout regions along the sequence (tp > 1).")
+    pp_schedule: str = opt("1f1b", "Pipeline schedule: gpipe | 1f1b | interleaved | zero_bubble.")
+
+
+@dataclass
+class ZeroConfig:
+    backend: str = opt("ddp", "Data-parallel strategy: ddp | fsdp2 | deepspeed.")
+    stage: int = opt(0, "ZeRO stage 0-3.")
+
+
+@dataclass
+class FP8Config:
+    enabled: bool = opt(False, "Train the linear layers in FP8.")
+    backend: str = opt("te", "FP8 implementation: te (Transformer Engine) | torchao.")
+
+
+@dataclass
+class CheckpointConfig:
+    save_every: int = opt(0, "Save a checkpoint every N steps (0 = never; the end is always saved).")
+    load: Optional[str] = opt(None, "Resume from: null | auto (latest in run.output_dir) | PATH.")
+    keep_last: int = opt(3, "Keep only the newest K checkpoints (0 = keep all).")
+    save_final: bool = opt(True, "Save a checkpoint when training ends or is interrupted.")
+
+
+@dataclass
+class RunConfig:
+    output_dir: str = opt("runs/quickstart", "Run directory: config, metrics and checkpoints.")
+    seed: int = opt(1234, "Seed for weights, data order and dropout.")
+    device: str = opt("auto", "auto (cuda if available) | cpu | cuda.")
+    wandb: bool = opt(False, "Log to Weights & Biases (honours WANDB_MODE, e.g. offline).")
+    wandb_project: str = opt("evoformer", "wandb project name.")
+    tensorboard: bool = opt(False, "Write TensorBoard event files to run.output_dir/tensorboard.")
+    progress: str = opt("auto", "Console progress bar: auto (when a terminal) | on | off.")
+    threads: int = opt(0, "CPU threads for torch (0 = leave torch's default).")
+
+
+@dataclass
+class Config:
+    run: RunConfig = opt(RunConfig(), "Run.")
+    model: ModelConfig = opt(ModelConfig(), "Model architecture.")
+    data: DataConfig = opt(DataConfig(), "Data.")
+    train: TrainConfig = opt(TrainConfig(), "Training loop.")
+    optim: OptimConfig = opt(OptimConfig(), "Optimizer and schedule.")
+    parallel: ParallelConfig = opt(ParallelConfig(), "Model parallelism.")
+    zero: ZeroConfig = opt(ZeroConfig(), "Data parallelism and ZeRO sharding.")
+    precision: str = opt("fp32", "Compute precision: fp32 | bf16.")
+    fp8: FP8Config = opt(FP8Config(), "FP8 training.")
+    activation_checkpointing: str = opt(
+        "none", "Recompute activations in backward: none | full (every block)."
+    )
+    checkpoint: CheckpointConfig = opt(CheckpointConfig(), "Checkpointing and resume.")

@@ -1,0 +1,293 @@
+"""The training loop: one readable place from config to trained checkpoint.
+
+The trainer builds the pieces (layout, data, model, optimizer, logging), restores a checkpoint
+when asked, then runs steps of gradient accumulation over the rank's micro-batches. Everything
+that decides a step's numbers (data indices, learning rate, RNG) is a function of the seed and
+the step, which is what makes resume bit-exact and results independent of the dp size.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import shutil
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+from omegaconf import OmegaConf
+from torch.nn.parallel import DistributedDataParallel
+
+from evoformer.checkpoint import (
+    list_checkpoints,
+    load_checkpoint,
+    resolve_checkpoint,
+    save_checkpoint,
+)
+from evoformer.config import Config, to_yaml
+from evoformer.data import EvalBatches, GlobalBatchSampler, build_datasets, get_batch
+from evoformer.distributed import ParallelDims, init_process_group, pick_device
+from evoformer.engine.metrics import MetricsLogger, NullLogger, truncate_metrics
+from evoformer.engine.optim import build_optimizer, lr_at, set_lr
+from evoformer.errors import UserError
+from evoformer.model import Transformer, build_model, lm_loss
+
+TOKENIZER_FILE = "tokenizer.model"
+
+
+@dataclasses.dataclass
+class TrainResult:
+    """What a finished (or interrupted) run reports back."""
+
+    step: int
+    losses: dict[int, float]
+    val_losses: dict[int, float]
+    interrupted: bool
+    output_dir: Path
+
+
+class StopFlag:
+    """Set by SIGTERM/SIGINT; the loop saves a checkpoint and exits at the next step boundary."""
+
+    def __init__(self) -> None:
+        self.signal: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def install(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        if self.signal is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C means now
+        self.signal = signum
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+class Trainer:
+    """Builds a run from a Config and trains it; ``Trainer(cfg).train()``."""
+
+    def __init__(self, cfg: Config, step_hook: Callable[[int, "Trainer"], None] | None = None):
+        self.cfg = cfg
+        self.step_hook = step_hook
+        self.dims = ParallelDims.from_env(cfg.parallel)
+        self.device = pick_device(cfg.run.device, self.dims)
+        init_process_group(self.dims, self.device)
+        if cfg.run.threads:
+            torch.set_num_threads(cfg.run.threads)
+        t = cfg.train
+        if t.global_batch_size % (self.dims.dp * t.micro_batch_size):
+            raise UserError(
+                f"config: train.global_batch_size={t.global_batch_size} must be divisible by "
+                f"dp * micro_batch_size = {self.dims.dp} * {t.micro_batch_size}"
+            )
+        self.grad_accum = t.global_batch_size // (self.dims.dp * t.micro_batch_size)
+        self.out_dir = Path(cfg.run.output_dir)
+        self.ckpt_root = self.out_dir / "checkpoints"
+        self.resume_from = self._resolve_resume()
+
+        log = print if self.dims.is_main else (lambda *a, **k: None)
+        self.data = build_datasets(cfg.data, t.seq_len, cfg.run.seed, cfg.model.vocab_size, log=log)
+        self.sampler = GlobalBatchSampler(len(self.data.train), t.global_batch_size, cfg.run.seed)
+
+        self.model: Transformer = build_model(cfg.model, device=self.device, seed=cfg.run.seed)
+        self.model.activation_checkpointing = cfg.activation_checkpointing == "full"
+        self.optimizer = build_optimizer(self.model, cfg.optim)
+        self.ddp = (
+            DistributedDataParallel(self.model, device_ids=None if self.device.type == "cpu"
+                                    else [self.device.index])
+            if self.dims.dp > 1 else None
+        )  # fmt: skip
+        self.autocast = (
+            torch.autocast(self.device.type, dtype=torch.bfloat16)
+            if cfg.precision == "bf16"
+            else contextlib.nullcontext()
+        )
+        self.step = 0
+        self.stop = StopFlag()
+        self.logger: MetricsLogger | NullLogger = NullLogger()
+
+    # -- setup -------------------------------------------------------------------------------
+
+    def _resolve_resume(self) -> Path | None:
+        load = self.cfg.checkpoint.load
+        if load in (None, "", "none"):
+            if list_checkpoints(self.ckpt_root):
+                raise UserError(
+                    f"run.output_dir={self.out_dir} already holds checkpoints; resume with "
+                    "checkpoint.load=auto or choose another run.output_dir"
+                )
+            return None
+        if load == "auto":
+            return resolve_checkpoint(self.ckpt_root) if list_checkpoints(self.ckpt_root) else None
+        return resolve_checkpoint(load)
+
+    def _prepare_run_dir(self) -> None:
+        if self.dims.is_main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            (self.out_dir / "config.yaml").write_text(to_yaml(self.cfg))
+            tok = self.data.tokenizer
+            if tok is not None:
+                shutil.copyfile(tok.path, self.out_dir / TOKENIZER_FILE)
+        self._barrier()
+
+    def _barrier(self) -> None:
+        if self.dims.distributed:
+            dist.barrier()
+
+    def _restore(self) -> None:
+        if self.resume_from is None:
+            return
+        state = load_checkpoint(self.resume_from, self.model, self.optimizer)
+        self.step = int(state["step"])
+        if "sampler" in state:
+            self.sampler.load_state_dict(state["sampler"])
+        if self.dims.is_main:
+            truncate_metrics(self.out_dir / "metrics.jsonl", self.step)
+        self.logger.info(f"resumed from {self.resume_from} at step {self.step}")
+
+    # -- the loop ----------------------------------------------------------------------------
+
+    def train(self) -> TrainResult:
+        cfg, t = self.cfg, self.cfg.train
+        self._prepare_run_dir()
+        if self.dims.is_main:
+            self.logger = MetricsLogger(
+                cfg.run, self.out_dir, t.max_steps, OmegaConf.to_container(OmegaConf.structured(cfg))
+            )
+        self._restore()
+        self.logger.info(self._banner())
+        self.logger.set_start(self.step)
+        self.stop.install()
+        losses: dict[int, float] = {}
+        val_losses: dict[int, float] = {}
+        tokens_per_step = t.global_batch_size * t.seq_len
+        window_start, window_steps = time.perf_counter(), 0
+        try:
+            while self.step < t.max_steps:
+                lr = lr_at(self.step, t.max_steps, cfg.optim)
+                loss, grad_norm = self.train_step(self.step, lr)
+                self.step += 1
+                window_steps += 1
+                losses[self.step] = loss
+                if self.step % t.log_every == 0 or self.step in (1, t.max_steps):
+                    elapsed = time.perf_counter() - window_start
+                    self.logger.log({
+                        "step": self.step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
+                        "tokens_per_s": tokens_per_step * window_steps / max(elapsed, 1e-9),
+                        "tokens": self.step * tokens_per_step,
+                    })  # fmt: skip
+                    window_start, window_steps = time.perf_counter(), 0
+                if t.eval_every and (self.step % t.eval_every == 0 or self.step == t.max_steps):
+                    val_losses[self.step] = self.evaluate()
+                    self.logger.log({"step": self.step, "val_loss": val_losses[self.step]})
+                if self.step_hook is not None:
+                    self.step_hook(self.step, self)
+                stopping = self._should_stop()
+                every = cfg.checkpoint.save_every
+                if (every and self.step % every == 0) or stopping:
+                    self.save()
+                if stopping:
+                    self.logger.info(
+                        f"stopped by signal at step {self.step}; checkpoint saved, resume with "
+                        "checkpoint.load=auto"
+                    )
+                    return TrainResult(self.step, losses, val_losses, True, self.out_dir)
+            if cfg.checkpoint.save_final and not self._saved_at(self.step):
+                self.save()
+        finally:
+            self.stop.restore()
+            self.logger.close()
+        return TrainResult(self.step, losses, val_losses, False, self.out_dir)
+
+    def train_step(self, step: int, lr: float) -> tuple[float, float]:
+        """One optimizer step over this rank's micro-batches; returns (mean loss, grad norm)."""
+        t = self.cfg.train
+        module = self.ddp or self.model
+        micro = self.sampler.micro_batches(step, self.dims.dp_rank, self.dims.dp, t.micro_batch_size)
+        set_lr(self.optimizer, lr)
+        total = torch.zeros((), device=self.device)
+        for i, indices in enumerate(micro):
+            batch = get_batch(self.data.train, indices).to(self.device, non_blocking=True)
+            last = i == len(micro) - 1
+            sync = contextlib.nullcontext() if (self.ddp is None or last) else self.ddp.no_sync()
+            with sync:
+                with self.autocast:
+                    logits = module(batch[:, :-1])
+                loss = lm_loss(logits, batch[:, 1:]) / len(micro)
+                loss.backward()
+            total += loss.detach()
+        if self.dims.dp > 1:
+            dist.all_reduce(total, op=dist.ReduceOp.AVG)
+        clip = self.cfg.optim.grad_clip
+        grad_norm = torch.nn.utils.clip_grad_norm_(
+            self.model.parameters(), clip if clip > 0 else float("inf")
+        )
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return total.item(), grad_norm.item()
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Mean loss over the fixed validation batches (split across dp ranks)."""
+        if self.data.val is None:
+            return float("nan")
+        self.model.eval()
+        batches = list(EvalBatches(self.data.val, self.cfg.train.micro_batch_size,
+                                   self.cfg.train.eval_batches))  # fmt: skip
+        acc = torch.zeros(2, dtype=torch.float64, device=self.device)
+        for batch in batches[self.dims.dp_rank :: self.dims.dp]:
+            batch = batch.to(self.device)
+            with self.autocast:
+                logits = self.model(batch[:, :-1])
+            n = batch[:, 1:].numel()
+            acc += torch.tensor([lm_loss(logits, batch[:, 1:]).item() * n, n],
+                                dtype=torch.float64, device=self.device)  # fmt: skip
+        if self.dims.dp > 1:
+            dist.all_reduce(acc)
+        self.model.train()
+        return (acc[0] / acc[1]).item() if acc[1] > 0 else float("nan")
+
+    # -- checkpoints and stopping ------------------------------------------------------------
+
+    def save(self) -> Path:
+        extra = {}
+        tok = self.out_dir / TOKENIZER_FILE
+        if tok.is_file():
+            extra[TOKENIZER_FILE] = tok
+        path = save_checkpoint(
+            self.ckpt_root, self.step, self.model, self.optimizer,
+            trainer_state={"sampler": self.sampler.state_dict()},
+            config_yaml=to_yaml(self.cfg), keep_last=self.cfg.checkpoint.keep_last,
+            extra_files=extra,
+        )  # fmt: skip
+        self._last_saved = self.step
+        self.logger.info(f"saved checkpoint {path}")
+        return path
+
+    def _saved_at(self, step: int) -> bool:
+        return getattr(self, "_last_saved", None) == step
+
+    def _should_stop(self) -> bool:
+        flag = torch.tensor([1.0 if self.stop.signal is not None else 0.0], device=self.device)
+        if self.dims.distributed:
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)  # all ranks stop at the same step
+        return bool(flag.item())
+
+    def _banner(self) -> str:
+        m, t, d = self.model, self.cfg.train, self.dims
+        return (
+            f"evoformer | {m.num_params():,} parameters | device {self.device} | world {d.world_size} "
+            f"(dp {d.dp}) | {t.global_batch_size}x{t.seq_len} tokens/step, grad accum "
+            f"{self.grad_accum} | {len(self.data.train):,} train windows | {t.max_steps} steps | "
+            f"precision {self.cfg.precision} | out {self.out_dir}"
+        )

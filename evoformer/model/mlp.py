@@ -1,0 +1,59 @@
+"""Feed-forward blocks: the GPT-2 two-matrix MLP and the gated SwiGLU of LLaMA."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from evoformer.config.schema import MLPConfig
+
+ACTIVATIONS = {
+    "gelu": F.gelu,
+    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "silu": F.silu,
+}
+
+
+def _activation(cfg: MLPConfig):
+    if cfg.activation == "default":
+        return ACTIVATIONS["silu" if cfg.kind == "swiglu" else "gelu_tanh"]
+    return ACTIVATIONS[cfg.activation]
+
+
+class MLP(nn.Module):
+    """down(act(up(x)))."""
+
+    def __init__(self, cfg: MLPConfig, d_model: int) -> None:
+        super().__init__()
+        self.act = _activation(cfg)
+        self.up_proj = nn.Linear(d_model, cfg.hidden, bias=cfg.bias)
+        self.down_proj = nn.Linear(cfg.hidden, d_model, bias=cfg.bias)
+        self.down_proj.is_residual_out = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act(self.up_proj(x)))
+
+
+class GatedMLP(nn.Module):
+    """down(act(gate(x)) * up(x)): SwiGLU with silu, GeGLU with gelu."""
+
+    def __init__(self, cfg: MLPConfig, d_model: int) -> None:
+        super().__init__()
+        self.act = _activation(cfg)
+        self.gate_proj = nn.Linear(d_model, cfg.hidden, bias=cfg.bias)
+        self.up_proj = nn.Linear(d_model, cfg.hidden, bias=cfg.bias)
+        self.down_proj = nn.Linear(cfg.hidden, d_model, bias=cfg.bias)
+        self.down_proj.is_residual_out = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+
+
+def build_mlp(cfg: MLPConfig, d_model: int) -> nn.Module:
+    """The feed-forward block an MLPConfig asks for."""
+    if cfg.kind == "swiglu":
+        return GatedMLP(cfg, d_model)
+    if cfg.kind == "gelu":
+        return MLP(cfg, d_model)
+    raise ValueError(f"unknown mlp kind {cfg.kind!r}")
