@@ -31,6 +31,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
+from evoformer.checkpoint.safe_reader import SafeFileSystemReader, SafeLoadPlanner
 from evoformer.errors import UserError
 
 LATEST = "latest"
@@ -189,26 +190,36 @@ def load_checkpoint(
     try:
         if optimizer is None:
             state = {"model": model.state_dict()}
-            dcp.load(state, checkpoint_id=str(ckpt), no_dist=not _dist())
+            _dcp_load(state, ckpt)
             model.load_state_dict(state["model"])
         else:
             msd, osd = get_state_dict(model, optimizer)
             state = {"model": msd, "optim": osd}
-            dcp.load(state, checkpoint_id=str(ckpt), no_dist=not _dist())
+            _dcp_load(state, ckpt)
             set_state_dict(
                 model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
                 options=StateDictOptions(strict=True),
             )  # fmt: skip
     except UserError:
         raise
-    except Exception as err:  # DCP raises a zoo of types for missing keys / shapes / bad files
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UserError(f"checkpoint {ckpt} cannot be loaded: {first[:300]}") from None
+    except (Exception, dcp.api.CheckpointException) as err:
+        # DCP raises a zoo of types (its CheckpointException is a BaseException wrapping the
+        # per-rank tracebacks); the last line of the text names the real cause.
+        lines = [ln.strip() for ln in str(err).strip().splitlines() if ln.strip()]
+        cause = lines[-1] if lines else type(err).__name__
+        raise UserError(f"checkpoint {ckpt} cannot be loaded (corrupt or mismatched): {cause[:300]}") from None
     if restore_rng:
         rng_file = ckpt / f"rng_rank{_rank()}.pt"
         if rng_file.is_file():
             _set_rng_state(torch.load(rng_file, weights_only=True))
     return read_trainer_state(ckpt)
+
+
+def _dcp_load(state: dict[str, Any], ckpt: Path) -> None:
+    dcp.load(
+        state, storage_reader=SafeFileSystemReader(str(ckpt)), planner=SafeLoadPlanner(),
+        no_dist=not _dist(),
+    )  # fmt: skip
 
 
 def _rng_state() -> dict[str, torch.Tensor]:

@@ -1,0 +1,81 @@
+"""Config loading: merge order, overrides, and one clear error per mistake."""
+
+from __future__ import annotations
+
+import pytest
+
+from evoformer.config import config_help, load_config, to_yaml
+from evoformer.errors import UserError
+from tests.conftest import REPO
+
+
+def test_files_merge_left_to_right_then_overrides(tmp_path):
+    a = tmp_path / "a.yaml"
+    b = tmp_path / "b.yaml"
+    a.write_text("train: {max_steps: 10, seq_len: 64}\nmodel: {d_model: 128}\n")
+    b.write_text("train: {max_steps: 20}\n")
+    cfg = load_config([str(a), str(b)], ["train.max_steps=30", "optim.lr=1e-3"])
+    assert cfg.train.max_steps == 30
+    assert cfg.train.seq_len == 64
+    assert cfg.model.d_model == 128
+    assert cfg.optim.lr == pytest.approx(1e-3)
+    cfg2 = load_config([str(a), str(b)])
+    assert cfg2.train.max_steps == 20
+
+
+def test_resolved_yaml_round_trips(tmp_path):
+    cfg = load_config([str(REPO / "configs/quickstart.yaml")], ["model.n_layers=3"])
+    path = tmp_path / "config.yaml"
+    path.write_text(to_yaml(cfg))
+    again = load_config([str(path)])
+    assert again == cfg
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("train.max_stesp=3", "unknown config key 'train.max_stesp' (did you mean 'train.max_steps'?)"),
+        ("modle.d_model=3", "unknown config key 'modle'"),
+        ("train.max_steps=abc", "bad value for 'train.max_steps'"),
+        ("precision=fp64", "precision='fp64': must be one of fp32, bf16, fp16"),
+        ("model.attention.n_kv_heads=3", "must divide n_heads=4"),
+        ("train.micro_batch_size=3", "must be a multiple of train.micro_batch_size=3"),
+        ("train.max_steps=0", "train.max_steps=0: must be > 0"),
+        ("parallel.tp=2", "tensor parallelism is not available"),
+        ("noequals", "is not of the form key=value"),
+    ],
+)
+def test_bad_settings_give_one_clear_line(override, message):
+    with pytest.raises(UserError) as info:
+        load_config([], [override])
+    text = str(info.value)
+    assert message in text
+    assert "\n" not in text
+
+
+def test_bad_yaml_names_file_and_line(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  max_steps: [1, 2\n")
+    with pytest.raises(UserError, match=r"bad\.yaml:\d+:\d+: invalid YAML"):
+        load_config([str(bad)])
+    with pytest.raises(UserError, match="config file not found"):
+        load_config([str(tmp_path / "missing.yaml")])
+    (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
+    with pytest.raises(UserError, match="must hold a mapping"):
+        load_config([str(tmp_path / "list.yaml")])
+    (tmp_path / "typo.yaml").write_text("trian: {max_steps: 1}\n")
+    with pytest.raises(UserError, match=r"typo\.yaml: unknown config key 'trian'.*'train'"):
+        load_config([str(tmp_path / "typo.yaml")])
+
+
+def test_help_lists_every_field_with_its_doc():
+    text = config_help()
+    for key in ("run.output_dir", "train.global_batch_size", "model.attention.n_kv_heads",
+                "checkpoint.load", "zero.backend", "parallel.pp_schedule"):  # fmt: skip
+        assert key in text
+    assert "Peak learning rate." in text
+
+
+def test_every_shipped_config_loads():
+    for path in sorted((REPO / "configs").rglob("*.yaml")):
+        load_config([str(path)], ["train.seq_len=32"])
