@@ -525,8 +525,9 @@ def _load_hf_weights(family: Family, reader: _SafetensorsReader, model: Transfor
         raise UserError(f"{family.name}: no HF tensor provides {missing[0]}")
 
 
-def _hf_state_dict(family: Family, model: Transformer) -> dict[str, torch.Tensor]:
-    """Our weights under HF names, contiguous and unshared (as safetensors requires)."""
+def hf_state_dict(family: Family, model: Transformer) -> dict[str, torch.Tensor]:
+    """``model``'s weights under ``family``'s HF names: fresh contiguous tensors, none shared
+    (as safetensors requires), ready for ``save_file`` or an HF model's ``load_state_dict``."""
     ours = {n: t.detach() for n, t in model.state_dict().items()}
     out: dict[str, torch.Tensor] = {}
     used: set[str] = set()
@@ -647,7 +648,7 @@ def _export_hf(ckpt_path, out_dir: Path, family: str | None) -> tuple[Path, Fami
     model = load_model(ckpt_path)
     fam = family_for_model_config(model.cfg, family)
     hf_cfg = fam.to_hf_config(model.cfg)
-    state = _hf_state_dict(fam, model)
+    state = hf_state_dict(fam, model)
     dtype = str(next(iter(state.values())).dtype).removeprefix("torch.")
     # Our configs carry no token ids; HF's class defaults (e.g. GPT-2's 50256) may not even fit
     # the vocabulary, so say "unknown" rather than inherit them.

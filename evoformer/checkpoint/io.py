@@ -19,6 +19,7 @@ import json
 import os
 import shutil
 import uuid
+import warnings
 from pathlib import Path
 from typing import Any, Callable
 
@@ -99,7 +100,9 @@ def save_checkpoint(
     if optimizer is not None:
         msd, osd = get_state_dict(model, optimizer)
         state = {"model": msd, "optim": osd}
-    dcp.save(state, checkpoint_id=str(tmp), no_dist=not _dist())
+    with warnings.catch_warnings():  # DCP warns that one process means no process group
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.save(state, checkpoint_id=str(tmp), no_dist=not _dist())
     torch.save(_rng_state(), tmp / f"rng_rank{_rank()}.pt")
     _barrier()
     if _rank() == 0:
@@ -216,10 +219,12 @@ def load_checkpoint(
 
 
 def _dcp_load(state: dict[str, Any], ckpt: Path) -> None:
-    dcp.load(
-        state, storage_reader=SafeFileSystemReader(str(ckpt)), planner=SafeLoadPlanner(),
-        no_dist=not _dist(),
-    )  # fmt: skip
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(
+            state, storage_reader=SafeFileSystemReader(str(ckpt)), planner=SafeLoadPlanner(),
+            no_dist=not _dist(),
+        )  # fmt: skip
 
 
 def _rng_state() -> dict[str, torch.Tensor]:

@@ -49,6 +49,9 @@ def _fail(key: str, value, why: str) -> None:
 
 def validate(cfg: Config) -> None:
     """Raise UserError on the first impossible setting."""
+    # YAML reads on/off as booleans; accept both spellings for the progress switch.
+    progress = str(cfg.run.progress).lower()
+    cfg.run.progress = {"true": "on", "false": "off"}.get(progress, progress)
     for key, choices in CHOICES.items():
         if choices and get(cfg, key) not in choices:
             _fail(key, get(cfg, key), f"must be one of {', '.join(choices)}")

@@ -99,6 +99,9 @@ class Trainer:
         self.data = build_datasets(cfg.data, t.seq_len, cfg.run.seed, cfg.model.vocab_size, log=log)
         self.sampler = GlobalBatchSampler(len(self.data.train), t.global_batch_size, cfg.run.seed)
 
+        # Weights come from per-tensor generators (build_model); the global RNG drives dropout
+        # and differs per rank so data-parallel replicas drop different units.
+        torch.manual_seed(cfg.run.seed * 1_000_003 + self.dims.rank)
         self.model: Transformer = build_model(cfg.model, device=self.device, seed=cfg.run.seed)
         self.model.activation_checkpointing = cfg.activation_checkpointing == "full"
         self.optimizer = build_optimizer(self.model, cfg.optim)
@@ -153,18 +156,19 @@ class Trainer:
             self.sampler.load_state_dict(state["sampler"])
         if self.dims.is_main:
             truncate_metrics(self.out_dir / "metrics.jsonl", self.step)
-        self.logger.info(f"resumed from {self.resume_from} at step {self.step}")
 
     # -- the loop ----------------------------------------------------------------------------
 
     def train(self) -> TrainResult:
         cfg, t = self.cfg, self.cfg.train
         self._prepare_run_dir()
+        self._restore()
         if self.dims.is_main:
             self.logger = MetricsLogger(
                 cfg.run, self.out_dir, t.max_steps, OmegaConf.to_container(OmegaConf.structured(cfg))
             )
-        self._restore()
+        if self.resume_from is not None:
+            self.logger.info(f"resumed from {self.resume_from} at step {self.step}")
         self.logger.info(self._banner())
         self.logger.set_start(self.step)
         self.stop.install()

@@ -1,0 +1,110 @@
+"""The training loop on real text: loss falls, resume is bit-exact, signals save and stop."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+
+import pytest
+import torch
+
+from evoformer.checkpoint import load_model
+from evoformer.config import load_config
+from evoformer.engine import Trainer
+from evoformer.engine.optim import lr_at
+from evoformer.config.schema import OptimConfig
+from evoformer.errors import UserError
+from tests.conftest import REPO
+
+TINY = str(REPO / "configs/models/tiny/llama.yaml")
+
+
+def _cfg(overrides, *extra):
+    return load_config([TINY], [*overrides, *extra])
+
+
+def test_loss_falls_and_metrics_are_written(run_overrides):
+    cfg = _cfg(run_overrides, "train.max_steps=40", "train.eval_every=20", "train.eval_batches=4")
+    result = Trainer(cfg).train()
+    assert result.step == 40
+    first, last = result.losses[1], sum(result.losses[i] for i in range(36, 41)) / 5
+    assert first > 6.0  # ~log(512) at init
+    assert last < first - 1.0
+    assert result.val_losses[40] < result.val_losses[20] + 0.05 < first
+    lines = [json.loads(x) for x in (result.output_dir / "metrics.jsonl").read_text().splitlines()]
+    train = [x for x in lines if "loss" in x]
+    evals = [x for x in lines if "val_loss" in x]
+    assert [x["step"] for x in train] == list(range(1, 41))
+    for key in ("loss", "lr", "grad_norm", "tokens_per_s"):
+        assert all(isinstance(x[key], float) for x in train)
+    assert [x["step"] for x in evals] == [20, 40]
+    assert (result.output_dir / "config.yaml").is_file()
+    assert (result.output_dir / "checkpoints/latest").read_text().strip() == "step_40"
+
+
+def _stop_at(step_to_stop):
+    def hook(step, trainer):
+        if step == step_to_stop:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    return hook
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_resume_after_signal_is_bit_exact(run_overrides, tmp_path, precision):
+    common = [*run_overrides, "train.max_steps=12", "model.dropout=0.1", f"precision={precision}"]
+    full = Trainer(_cfg(common, f"run.output_dir={tmp_path / 'full'}")).train()
+
+    out = f"run.output_dir={tmp_path / 'split'}"
+    first = Trainer(_cfg(common, out), step_hook=_stop_at(5)).train()
+    assert first.interrupted and first.step == 5
+    assert (tmp_path / "split/checkpoints/latest").read_text().strip() == "step_5"
+    second = Trainer(_cfg(common, out, "checkpoint.load=auto")).train()
+    assert second.step == 12 and not second.interrupted
+    for step in range(6, 13):
+        assert second.losses[step] == full.losses[step], step  # bit-identical, not approximate
+    a, b = load_model(tmp_path / "full"), load_model(tmp_path / "split")
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        assert torch.equal(pa, pb)
+    steps = [json.loads(x)["step"] for x in (tmp_path / "split/metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 13))
+
+
+def test_gradient_accumulation_matches_one_big_batch(run_overrides, tmp_path):
+    base = [*run_overrides, "train.max_steps=3"]
+    accum = Trainer(_cfg(base, "train.micro_batch_size=2", f"run.output_dir={tmp_path}/a")).train()
+    whole = Trainer(_cfg(base, "train.micro_batch_size=8", f"run.output_dir={tmp_path}/b")).train()
+    for step in (1, 2, 3):
+        assert accum.losses[step] == pytest.approx(whole.losses[step], rel=1e-5)
+
+
+def test_existing_checkpoints_are_not_overwritten_by_accident(run_overrides):
+    cfg = _cfg(run_overrides, "train.max_steps=2")
+    Trainer(cfg).train()
+    with pytest.raises(UserError, match="already holds checkpoints; resume with checkpoint.load=auto"):
+        Trainer(cfg)
+    done = Trainer(_cfg(run_overrides, "train.max_steps=2", "checkpoint.load=auto")).train()
+    assert done.step == 2 and done.losses == {}
+
+
+def test_schedules():
+    cfg = OptimConfig(lr=1.0, warmup_steps=10, min_lr_ratio=0.1, schedule="cosine")
+    assert lr_at(0, 100, cfg) == pytest.approx(0.1)
+    assert lr_at(9, 100, cfg) == pytest.approx(1.0)
+    assert lr_at(55, 100, cfg) == pytest.approx(0.55)
+    assert lr_at(100, 100, cfg) == pytest.approx(0.1)
+    wsd = OptimConfig(lr=1.0, warmup_steps=10, min_lr_ratio=0.0, schedule="wsd", decay_fraction=0.2)
+    assert lr_at(50, 100, wsd) == 1.0 and lr_at(80, 100, wsd) == 1.0
+    assert lr_at(90, 100, wsd) == pytest.approx(0.5)
+    assert lr_at(50, 100, OptimConfig(lr=2.0, warmup_steps=0, schedule="constant")) == 2.0
+
+
+def test_wandb_offline_and_tensorboard(run_overrides, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    cfg = _cfg(run_overrides, "train.max_steps=3", "run.wandb=true", "run.tensorboard=true")
+    result = Trainer(cfg).train()
+    runs = list((result.output_dir / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and list(runs[0].glob("*.wandb"))
+    events = list((result.output_dir / "tensorboard").glob("events.out.tfevents.*"))
+    assert events and events[0].stat().st_size > 0
