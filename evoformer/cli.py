@@ -173,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if argv else 2
     command = COMMANDS.get(argv[0])
     if command is None:
-        print(f"error: unknown command '{argv[0]}'\n\n{USAGE}", file=sys.stderr)
+        print(f"error: unknown command '{argv[0]}' (see `evoformer --help`)", file=sys.stderr)
         return 2
     try:
         return command(argv[1:])

@@ -37,6 +37,15 @@ _DTYPES = {1: np.dtype("<u2"), 2: np.dtype("<u4")}
 _OFFSET_DTYPE = np.dtype("<i8")
 
 
+def is_token_store(path: str | Path) -> bool:
+    """Whether ``path`` starts with the token-store magic bytes (whatever its extension)."""
+    try:
+        with open(path, "rb") as fh:
+            return fh.read(len(MAGIC)) == MAGIC
+    except OSError:
+        return False
+
+
 def _dtype_code(vocab_size: int) -> int:
     if vocab_size <= 1 << 16:
         return 1
@@ -73,7 +82,9 @@ class TokenStoreWriter:
         self._dtype = _DTYPES[self._code]
         self._offsets = array("q", [0])
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
+        fd, tmp = tempfile.mkstemp(
+            prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent
+        )
         self._tmp = Path(tmp)
         self._fh = os.fdopen(fd, "wb")
         self._fh.write(b"\0" * HEADER_SIZE)  # the real header is written once the counts are known
@@ -178,6 +189,8 @@ class TokenStore:
             raise UserError(f"token store {self.path} not found") from None
         except IsADirectoryError:
             raise UserError(f"token store {self.path} is a directory, not a file") from None
+        except OSError as exc:
+            raise UserError(f"cannot read token store {self.path}: {exc.strerror}") from None
         if head[:8] != MAGIC:
             raise UserError(f"{self.path} is not an evoformer token store (bad magic bytes)")
         if len(head) < HEADER_SIZE:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import os
 import random
+import re
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -191,9 +192,15 @@ def train_tokenizer(
         )
     except RuntimeError as exc:
         msg = str(exc).strip().splitlines()[0] if str(exc).strip() else "unknown error"
+        small = re.search(r"smaller than required_chars\. (\d+) vs (\d+)", msg)
+        if small:
+            raise UserError(
+                f"cannot train the tokenizer: vocab_size {small[1]} is too small, this corpus "
+                f"needs at least {small[2]} (special pieces, 256 bytes and its characters)"
+            ) from None
         if "Vocabulary size too high" in msg:
             msg = msg[msg.index("Vocabulary size too high") :]
-            raise UserError(f"cannot train the tokenizer: {msg} (the corpus is too small)") from None
+            raise UserError(f"cannot train the tokenizer: {msg} (corpus too small)") from None
         raise UserError(f"tokenizer training failed: {msg}") from None
     model = buf.getvalue()
     out_prefix.parent.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,202 @@
+"""From a DataConfig to train/val datasets: the one entry point the trainer calls."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from evoformer.config.schema import DataConfig
+from evoformer.data._common import (
+    Log,
+    cache_root,
+    digest,
+    file_stamp,
+    fingerprint,
+    held_out_mask,
+    locked,
+)
+from evoformer.data.corpus import prepare_default_corpus
+from evoformer.data.dataset import ConcatDataset, PackedDataset, SyntheticDataset, WindowDataset
+from evoformer.data.preprocess import preprocess
+from evoformer.data.store import TokenStore, is_token_store
+from evoformer.data.tokenizer import Tokenizer
+from evoformer.errors import UserError
+
+# Bump when preprocessing output changes so stale cached stores are not reused.
+_FILES_CACHE_VERSION = 1
+# Validation windows of the synthetic source: plenty for any eval_batches setting.
+_SYNTHETIC_VAL_LEN = 1 << 16
+
+
+@dataclass
+class DataBundle:
+    """What the trainer gets: the datasets and, for real text, the tokenizer."""
+
+    train: WindowDataset
+    val: WindowDataset | None
+    tokenizer: Tokenizer | None
+
+
+def _check_vocab(what: str, vocab: int, model_vocab: int) -> None:
+    if vocab > model_vocab:
+        raise UserError(f"{what} has {vocab} tokens but model.vocab_size is {model_vocab}")
+
+
+def build_datasets(
+    cfg: DataConfig, seq_len: int, seed: int, vocab_size: int, log: Log = print
+) -> DataBundle:
+    """Build the datasets ``cfg`` describes, as windows of ``seq_len + 1`` tokens.
+
+    ``vocab_size`` is the model's; a tokenizer or token store with more ids is refused.
+    ``seed`` only seeds synthetic data (the sampler owns the order of real data).
+    """
+    if cfg.source == "synthetic":
+        return DataBundle(
+            train=SyntheticDataset(vocab_size, seq_len, seed),
+            # a different seed, so validation never repeats a training sample
+            val=SyntheticDataset(vocab_size, seq_len, seed + 1, length=_SYNTHETIC_VAL_LEN),
+            tokenizer=None,
+        )
+    if cfg.source == "default":
+        return _build_default(cfg, seq_len, vocab_size, log)
+    if cfg.source == "files":
+        return _build_files(cfg, seq_len, vocab_size, log)
+    raise UserError(f"unknown data.source {cfg.source!r} (expected default | files | synthetic)")
+
+
+def _build_default(cfg: DataConfig, seq_len: int, vocab_size: int, log: Log) -> DataBundle:
+    if cfg.tokenizer is None:
+        # fail before spending time training a tokenizer the model cannot use
+        _check_vocab("the tokenizer", cfg.tokenizer_vocab_size, vocab_size)
+    else:
+        _check_vocab(f"tokenizer {cfg.tokenizer}", Tokenizer(cfg.tokenizer).vocab_size, vocab_size)
+    files = prepare_default_corpus(
+        cfg.cache_dir, cfg.tokenizer_vocab_size, cfg.val_fraction, cfg.tokenizer, log=log
+    )
+    tokenizer = Tokenizer(files.tokenizer)
+    _check_vocab(f"tokenizer {files.tokenizer}", tokenizer.vocab_size, vocab_size)
+    val_store = TokenStore(files.val)
+    val = None
+    if val_store.n_docs:
+        try:
+            val = PackedDataset(val_store, seq_len)
+        except UserError as exc:
+            raise UserError(f"{exc} (validation split: raise data.val_fraction)") from None
+    return DataBundle(
+        train=PackedDataset(TokenStore(files.train), seq_len), val=val, tokenizer=tokenizer
+    )
+
+
+def _open_stores(
+    paths: Sequence[str],
+    field: str,
+    tokenizer: Tokenizer | None,
+    cfg: DataConfig,
+    vocab_size: int,
+    log: Log,
+) -> list[TokenStore]:
+    """Token stores for ``paths``: token stores (.tok, or any file with the store's magic bytes)
+    as they are; all text/jsonl files tokenised together into one store cached under the cache
+    root (keyed by the inputs and the tokenizer)."""
+    stores: list[TokenStore] = []
+    texts: list[Path] = []
+    for raw in paths:
+        path = Path(raw)
+        if not path.is_file():
+            raise UserError(f"{field}: file {raw} not found")
+        if path.suffix == ".tok" or is_token_store(path):
+            store = TokenStore(path)
+            _check_vocab(f"token store {path}", store.vocab_size, vocab_size)
+            if tokenizer is not None and store.vocab_size != tokenizer.vocab_size:
+                raise UserError(
+                    f"token store {path} was made with a {store.vocab_size}-token vocabulary but "
+                    f"data.tokenizer {tokenizer.path} has {tokenizer.vocab_size} tokens"
+                )
+            stores.append(store)
+        else:
+            texts.append(path)
+    if texts:
+        if tokenizer is None:
+            raise UserError(
+                "data.source=files with text files needs data.tokenizer "
+                "(train one with `evoformer tokenizer train`)"
+            )
+        key = fingerprint(
+            {
+                "format": _FILES_CACHE_VERSION,
+                "inputs": [file_stamp(p) for p in texts],
+                "tokenizer": file_stamp(tokenizer.path),
+            }
+        )
+        root = cache_root(cfg.cache_dir)
+        out = root / f"files-{key}.tok"
+        if not out.is_file():
+            with locked(root / f"files-{key}.lock", log, "tokenising data files"):
+                if not out.is_file():  # another rank may have finished while we waited
+                    log(f"tokenising {len(texts)} file(s) of {field} (first use)...")
+                    preprocess(texts, tokenizer, out, log=log)
+        stores.append(TokenStore(out))
+    return stores
+
+
+def _datasets(
+    stores: Sequence[TokenStore], seq_len: int, doc_ids: Sequence[np.ndarray | None]
+) -> WindowDataset:
+    if len(stores) == 1:
+        return PackedDataset(stores[0], seq_len, doc_ids[0])
+    # With several files, one too short for a single window is skipped rather than fatal.
+    parts, first_error = [], None
+    for store, ids in zip(stores, doc_ids, strict=True):
+        try:
+            parts.append(PackedDataset(store, seq_len, ids))
+        except UserError as exc:
+            first_error = first_error or exc
+    if not parts:
+        assert first_error is not None
+        raise first_error
+    return parts[0] if len(parts) == 1 else ConcatDataset(parts)
+
+
+def _build_files(cfg: DataConfig, seq_len: int, vocab_size: int, log: Log) -> DataBundle:
+    if not cfg.paths:
+        raise UserError("data.source=files needs data.paths (text, .jsonl or .tok files)")
+    tokenizer = Tokenizer(cfg.tokenizer) if cfg.tokenizer else None
+    if tokenizer is not None:
+        _check_vocab(f"tokenizer {tokenizer.path}", tokenizer.vocab_size, vocab_size)
+    train_stores = _open_stores(cfg.paths, "data.paths", tokenizer, cfg, vocab_size, log)
+    if cfg.val_paths:
+        val_stores = _open_stores(cfg.val_paths, "data.val_paths", tokenizer, cfg, vocab_size, log)
+        return DataBundle(
+            train=_datasets(train_stores, seq_len, [None] * len(train_stores)),
+            val=_datasets(val_stores, seq_len, [None] * len(val_stores)),
+            tokenizer=tokenizer,
+        )
+    if cfg.val_fraction <= 0:
+        return DataBundle(
+            train=_datasets(train_stores, seq_len, [None] * len(train_stores)),
+            val=None,
+            tokenizer=tokenizer,
+        )
+    # Hold out whole documents by a hash of their tokens, over all stores together.
+    digests = [digest(s.doc(i).tobytes()) for s in train_stores for i in range(s.n_docs)]
+    is_val = held_out_mask(digests, cfg.val_fraction)
+    bounds = np.cumsum([0] + [s.n_docs for s in train_stores])
+    train_ids, val_ids = [], []
+    for k in range(len(train_stores)):
+        mask = is_val[bounds[k] : bounds[k + 1]]
+        train_ids.append(np.flatnonzero(~mask))
+        val_ids.append(np.flatnonzero(mask))
+    train_parts = [(s, ids) for s, ids in zip(train_stores, train_ids, strict=True) if ids.size]
+    val_parts = [(s, ids) for s, ids in zip(train_stores, val_ids, strict=True) if ids.size]
+    log(
+        f"held out {int(is_val.sum())} of {len(digests)} documents for validation "
+        f"(data.val_fraction={cfg.val_fraction})"
+    )
+    return DataBundle(
+        train=_datasets([s for s, _ in train_parts], seq_len, [i for _, i in train_parts]),
+        val=_datasets([s for s, _ in val_parts], seq_len, [i for _, i in val_parts]),
+        tokenizer=tokenizer,
+    )

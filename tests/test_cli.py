@@ -1,0 +1,82 @@
+"""The command line as a user meets it: one clear error line, exit 2, never a traceback."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import REPO
+
+TINY = str(REPO / "configs/models/tiny/llama.yaml")
+
+
+def run_cli(*args: str, cwd=None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
+    return subprocess.run(
+        [sys.executable, "-m", "evoformer", *args],
+        capture_output=True, text=True, cwd=cwd or REPO, env=env, timeout=300,
+    )  # fmt: skip
+
+
+def assert_clean_error(proc: subprocess.CompletedProcess, fragment: str) -> None:
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("error: ") and fragment in lines[0], lines[0]
+    assert "Traceback" not in proc.stderr
+
+
+def test_bad_inputs_are_one_line_errors(tmp_path):
+    (tmp_path / "bad.yaml").write_text("train: [oops\n")
+    (tmp_path / "empty.txt").write_text("")
+    out = f"run.output_dir={tmp_path / 'run'}"
+    cases = [
+        (["train", str(tmp_path / "missing.yaml")], "config file not found"),
+        (["train", str(tmp_path / "bad.yaml")], "invalid YAML"),
+        (["train", TINY, "train.max_step=3"], "did you mean 'train.max_steps'"),
+        (["train", TINY, "train.max_steps=lots"], "bad value for 'train.max_steps'"),
+        (["train", TINY, "data.source=files", f"data.paths=[{tmp_path}/nope.txt]", out],
+         "nope.txt"),
+        (["train", TINY, "data.source=files", f"data.paths=[{tmp_path}/empty.txt]",
+          "data.tokenizer=" + str(tmp_path / "none.model"), out], "none.model"),
+        (["generate", str(tmp_path)], "is not a checkpoint"),
+        (["bogus"], "unknown command 'bogus'"),
+    ]  # fmt: skip
+    for args, fragment in cases:
+        assert_clean_error(run_cli(*args), fragment)
+
+
+def test_help_lists_config_keys():
+    proc = run_cli("train", "--help")
+    assert proc.returncode == 0
+    assert "train.global_batch_size" in proc.stdout and "Sequences per optimizer step" in proc.stdout
+
+
+def test_train_then_generate_end_to_end(tmp_path):
+    out = tmp_path / "run"
+    proc = run_cli(
+        "train", TINY, "data.source=default", "data.tokenizer_vocab_size=512",
+        "model.vocab_size=512", "train.max_steps=4", "train.seq_len=32", "train.log_every=2",
+        f"run.output_dir={out}", f"data.cache_dir={tmp_path / 'cache'}",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert "step      4/4" in proc.stdout
+    assert (out / "checkpoints/step_4/tokenizer.model").is_file()
+    args = ["generate", str(out), "--prompt", "def ", "--max-new-tokens", "12", "--temperature", "0"]
+    cached, plain = run_cli(*args), run_cli(*args, "--no-cache")
+    assert cached.returncode == 0, cached.stderr
+    assert cached.stdout.startswith("def ") and len(cached.stdout) > 5
+    assert cached.stdout == plain.stdout
+
+
+@pytest.mark.parametrize("cmd", [["config", TINY, "train.seq_len=64"], ["inspect", TINY]])
+def test_config_and_inspect(cmd):
+    proc = run_cli(*cmd)
+    assert proc.returncode == 0, proc.stderr
+    if cmd[0] == "config":
+        assert "seq_len: 64" in proc.stdout
+    else:
+        assert "158,016 total" in proc.stdout
