@@ -52,7 +52,9 @@ def test_bad_inputs_are_one_line_errors(tmp_path):
 def test_help_lists_config_keys():
     proc = run_cli("train", "--help")
     assert proc.returncode == 0
-    assert "train.global_batch_size" in proc.stdout and "Sequences per optimizer step" in proc.stdout
+    assert (
+        "train.global_batch_size" in proc.stdout and "Sequences per optimizer step" in proc.stdout
+    )
 
 
 def test_train_then_generate_end_to_end(tmp_path):
@@ -65,7 +67,16 @@ def test_train_then_generate_end_to_end(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "step      4/4" in proc.stdout
     assert (out / "checkpoints/step_4/tokenizer.model").is_file()
-    args = ["generate", str(out), "--prompt", "def ", "--max-new-tokens", "12", "--temperature", "0"]
+    args = [
+        "generate",
+        str(out),
+        "--prompt",
+        "def ",
+        "--max-new-tokens",
+        "12",
+        "--temperature",
+        "0",
+    ]
     cached, plain = run_cli(*args), run_cli(*args, "--no-cache")
     assert cached.returncode == 0, cached.stderr
     assert cached.stdout.startswith("def ") and len(cached.stdout) > 5

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import yaml
 from omegaconf import DictConfig, OmegaConf
@@ -64,14 +65,18 @@ def _read_yaml(path: str) -> Any:
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise UserError(f"{path}: a config file must hold a mapping of keys, not {type(data).__name__}")
+        raise UserError(
+            f"{path}: a config file must hold a mapping of keys, not {type(data).__name__}"
+        )
     return data
 
 
 def parse_override(text: str) -> dict:
     """``a.b=1`` -> nested dict, value parsed as YAML (so 1e-3, true, [1,2] work)."""
     if "=" not in text:
-        raise UserError(f"override '{text}' is not of the form key=value (e.g. train.max_steps=100)")
+        raise UserError(
+            f"override '{text}' is not of the form key=value (e.g. train.max_steps=100)"
+        )
     key, raw = text.split("=", 1)
     key = key.strip().lstrip("+")
     if not key:

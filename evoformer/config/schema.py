@@ -69,7 +69,8 @@ class MLPConfig:
     hidden: int = opt(688, "Hidden (intermediate) width.")
     bias: bool = opt(False, "Bias on the MLP projections.")
     activation: str = opt(
-        "default", "Activation: default (gelu_tanh for gelu, silu for swiglu) | gelu | gelu_tanh | silu."
+        "default",
+        "Activation: default (gelu_tanh for gelu, silu for swiglu) | gelu | gelu_tanh | silu.",
     )
 
 
@@ -140,7 +141,9 @@ class OptimConfig:
 @dataclass
 class TrainConfig:
     max_steps: int = opt(1000, "Optimizer steps to train for.")
-    global_batch_size: int = opt(8, "Sequences per optimizer step, summed over data-parallel ranks.")
+    global_batch_size: int = opt(
+        8, "Sequences per optimizer step, summed over data-parallel ranks."
+    )
     micro_batch_size: int = opt(8, "Sequences per forward/backward on one rank.")
     seq_len: int = opt(256, "Tokens per training sequence.")
     eval_every: int = opt(0, "Evaluate on the validation split every N steps (0 = never).")
@@ -171,7 +174,9 @@ class FP8Config:
 
 @dataclass
 class CheckpointConfig:
-    save_every: int = opt(0, "Save a checkpoint every N steps (0 = never; the end is always saved).")
+    save_every: int = opt(
+        0, "Save a checkpoint every N steps (0 = never; the end is always saved)."
+    )
     load: Optional[str] = opt(None, "Resume from: null | auto (latest in run.output_dir) | PATH.")
     keep_last: int = opt(3, "Keep only the newest K checkpoints (0 = keep all).")
     save_final: bool = opt(True, "Save a checkpoint when training ends or is interrupted.")

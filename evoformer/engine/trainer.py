@@ -14,8 +14,9 @@ import shutil
 import signal
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -76,7 +77,7 @@ class StopFlag:
 class Trainer:
     """Builds a run from a Config and trains it; ``Trainer(cfg).train()``."""
 
-    def __init__(self, cfg: Config, step_hook: Callable[[int, "Trainer"], None] | None = None):
+    def __init__(self, cfg: Config, step_hook: Callable[[int, Trainer], None] | None = None):
         self.cfg = cfg
         self.step_hook = step_hook
         self.dims = ParallelDims.from_env(cfg.parallel)
@@ -165,7 +166,10 @@ class Trainer:
         self._restore()
         if self.dims.is_main:
             self.logger = MetricsLogger(
-                cfg.run, self.out_dir, t.max_steps, OmegaConf.to_container(OmegaConf.structured(cfg))
+                cfg.run,
+                self.out_dir,
+                t.max_steps,
+                OmegaConf.to_container(OmegaConf.structured(cfg)),
             )
         if self.resume_from is not None:
             self.logger.info(f"resumed from {self.resume_from} at step {self.step}")
@@ -217,7 +221,9 @@ class Trainer:
         """One optimizer step over this rank's micro-batches; returns (mean loss, grad norm)."""
         t = self.cfg.train
         module = self.ddp or self.model
-        micro = self.sampler.micro_batches(step, self.dims.dp_rank, self.dims.dp, t.micro_batch_size)
+        micro = self.sampler.micro_batches(
+            step, self.dims.dp_rank, self.dims.dp, t.micro_batch_size
+        )
         set_lr(self.optimizer, lr)
         total = torch.zeros((), device=self.device)
         for i, indices in enumerate(micro):
@@ -290,8 +296,8 @@ class Trainer:
     def _banner(self) -> str:
         m, t, d = self.model, self.cfg.train, self.dims
         return (
-            f"evoformer | {m.num_params():,} parameters | device {self.device} | world {d.world_size} "
-            f"(dp {d.dp}) | {t.global_batch_size}x{t.seq_len} tokens/step, grad accum "
-            f"{self.grad_accum} | {len(self.data.train):,} train windows | {t.max_steps} steps | "
-            f"precision {self.cfg.precision} | out {self.out_dir}"
+            f"evoformer | {m.num_params():,} parameters | device {self.device} | "
+            f"world {d.world_size} (dp {d.dp}) | {t.global_batch_size}x{t.seq_len} tokens/step, "
+            f"grad accum {self.grad_accum} | {len(self.data.train):,} train windows | "
+            f"{t.max_steps} steps | precision {self.cfg.precision} | out {self.out_dir}"
         )

@@ -75,7 +75,9 @@ class Transformer(nn.Module):
         its name, so the result does not depend on device, construction order or which layers a
         rank holds (pipeline stages, tensor shards are cut from the same global weights)."""
         std = self.cfg.init.std
-        residual_std = std / math.sqrt(2 * self.cfg.n_layers) if self.cfg.init.scaled_residual else std
+        residual_std = (
+            std / math.sqrt(2 * self.cfg.n_layers) if self.cfg.init.scaled_residual else std
+        )
         for module in self.modules():
             if hasattr(module, "reset_parameters") and not isinstance(
                 module, (nn.Linear, nn.Embedding)
@@ -102,9 +104,7 @@ class Transformer(nn.Module):
         p = self.embed.weight
         return [layer.attn.new_cache(batch, max_len, p.device, p.dtype) for layer in self.layers]
 
-    def forward(
-        self, input_ids: torch.Tensor, caches: list[KVCache] | None = None
-    ) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, caches: list[KVCache] | None = None) -> torch.Tensor:
         B, T = input_ids.shape
         start = caches[0].length if caches else 0
         if start + T > self.cfg.max_seq_len:
@@ -149,5 +149,7 @@ def build_model(cfg: ModelConfig, device: str | torch.device = "cpu", seed: int 
 def lm_loss(logits_BTV: torch.Tensor, targets_BT: torch.Tensor) -> torch.Tensor:
     """Mean next-token cross-entropy in fp32 (targets < 0 are ignored)."""
     return F.cross_entropy(
-        logits_BTV.float().reshape(-1, logits_BTV.shape[-1]), targets_BT.reshape(-1), ignore_index=-1
+        logits_BTV.float().reshape(-1, logits_BTV.shape[-1]),
+        targets_BT.reshape(-1),
+        ignore_index=-1,
     )

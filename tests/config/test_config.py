@@ -34,7 +34,10 @@ def test_resolved_yaml_round_trips(tmp_path):
 @pytest.mark.parametrize(
     "override, message",
     [
-        ("train.max_stesp=3", "unknown config key 'train.max_stesp' (did you mean 'train.max_steps'?)"),
+        (
+            "train.max_stesp=3",
+            "unknown config key 'train.max_stesp' (did you mean 'train.max_steps'?)",
+        ),
         ("modle.d_model=3", "unknown config key 'modle'"),
         ("train.max_steps=abc", "bad value for 'train.max_steps'"),
         ("precision=fp64", "precision='fp64': must be one of fp32, bf16, fp16"),

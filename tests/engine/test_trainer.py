@@ -11,9 +11,9 @@ import torch
 
 from evoformer.checkpoint import load_model
 from evoformer.config import load_config
+from evoformer.config.schema import OptimConfig
 from evoformer.engine import Trainer
 from evoformer.engine.optim import lr_at
-from evoformer.config.schema import OptimConfig
 from evoformer.errors import UserError
 from tests.conftest import REPO
 
@@ -67,7 +67,9 @@ def test_resume_after_signal_is_bit_exact(run_overrides, tmp_path, precision):
     a, b = load_model(tmp_path / "full"), load_model(tmp_path / "split")
     for pa, pb in zip(a.parameters(), b.parameters()):
         assert torch.equal(pa, pb)
-    steps = [json.loads(x)["step"] for x in (tmp_path / "split/metrics.jsonl").read_text().splitlines()]
+    steps = [
+        json.loads(x)["step"] for x in (tmp_path / "split/metrics.jsonl").read_text().splitlines()
+    ]
     assert steps == list(range(1, 13))
 
 
@@ -82,7 +84,9 @@ def test_gradient_accumulation_matches_one_big_batch(run_overrides, tmp_path):
 def test_existing_checkpoints_are_not_overwritten_by_accident(run_overrides):
     cfg = _cfg(run_overrides, "train.max_steps=2")
     Trainer(cfg).train()
-    with pytest.raises(UserError, match="already holds checkpoints; resume with checkpoint.load=auto"):
+    with pytest.raises(
+        UserError, match="already holds checkpoints; resume with checkpoint.load=auto"
+    ):
         Trainer(cfg)
     done = Trainer(_cfg(run_overrides, "train.max_steps=2", "checkpoint.load=auto")).train()
     assert done.step == 2 and done.losses == {}
