@@ -20,8 +20,9 @@ import os
 import shutil
 import uuid
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -210,7 +211,9 @@ def load_checkpoint(
         # per-rank tracebacks); the last line of the text names the real cause.
         lines = [ln.strip() for ln in str(err).strip().splitlines() if ln.strip()]
         cause = lines[-1] if lines else type(err).__name__
-        raise UserError(f"checkpoint {ckpt} cannot be loaded (corrupt or mismatched): {cause[:300]}") from None
+        raise UserError(
+            f"checkpoint {ckpt} cannot be loaded (corrupt or mismatched): {cause[:300]}"
+        ) from None
     if restore_rng:
         rng_file = ckpt / f"rng_rank{_rank()}.pt"
         if rng_file.is_file():

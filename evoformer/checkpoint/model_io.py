@@ -20,7 +20,9 @@ def checkpoint_config(ckpt: Path) -> Config:
         merged = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.load(ckpt / "config.yaml"))
         return OmegaConf.to_object(merged)
     except (OmegaConfBaseException, ValueError, OSError) as err:
-        raise UserError(f"checkpoint {ckpt}: bad config.yaml ({str(err).splitlines()[0]})") from None
+        raise UserError(
+            f"checkpoint {ckpt}: bad config.yaml ({str(err).splitlines()[0]})"
+        ) from None
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> Transformer:

@@ -49,7 +49,7 @@ class ParallelDims:
         return self.world_size > 1
 
     @classmethod
-    def from_env(cls, cfg: ParallelConfig) -> "ParallelDims":
+    def from_env(cls, cfg: ParallelConfig) -> ParallelDims:
         """Sizes from torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK) and the config."""
         return cls(
             world_size=int(os.environ.get("WORLD_SIZE", 1)),
