@@ -91,3 +91,33 @@ def test_config_and_inspect(cmd):
         assert "seq_len: 64" in proc.stdout
     else:
         assert "158,016 total" in proc.stdout
+
+
+def test_tokenizer_preprocess_and_train_on_files(tmp_path):
+    src = tmp_path / "docs.jsonl"
+    lib = [p for p in (REPO / "evoformer").rglob("*.py")]
+    src.write_text("".join(__import__("json").dumps({"text": p.read_text()}) + "\n" for p in lib))
+    proc = run_cli("tokenizer", "train", str(src), "--out", str(tmp_path / "tok"),
+                   "--vocab-size", "400")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    model = tmp_path / "tok.model"
+    assert model.is_file()
+    store = tmp_path / "corpus.tok"
+    proc = run_cli("preprocess", str(src), "--tokenizer", str(model), "--out", str(store))
+    assert proc.returncode == 0, proc.stderr
+    assert store.stat().st_size > 1000
+    out = tmp_path / "run"
+    base = [TINY, "data.source=files", f"data.paths=[{store}]", "train.seq_len=32",
+            "train.max_steps=2", f"run.output_dir={out}"]  # fmt: skip
+    proc = run_cli("train", *base)
+    assert proc.returncode == 0, proc.stderr
+    # An empty corpus is refused with one line.
+    (tmp_path / "empty.txt").write_text("")
+    empty = ["data.source=files", f"data.paths=[{tmp_path / 'empty.txt'}]",
+             f"data.tokenizer={model}", f"run.output_dir={tmp_path / 'run2'}"]  # fmt: skip
+    proc = run_cli("train", TINY, "train.seq_len=32", *empty)
+    assert_clean_error(proc, "empty.txt")
+    # A truncated token store too.
+    store.write_bytes(store.read_bytes()[:-64])
+    proc = run_cli("train", *base[:-1], f"run.output_dir={tmp_path / 'run3'}")
+    assert_clean_error(proc, "corpus.tok")
