@@ -23,7 +23,10 @@ defaults filled in for keys ``save_pretrained`` may omit), so importing needs no
 from __future__ import annotations
 
 import argparse
+import copy
+import dataclasses
 import json
+import math
 import os
 import re
 import sys
@@ -403,6 +406,84 @@ FAMILIES: dict[str, Family] = {
     )
 }
 
+# -- the generic guard ------------------------------------------------------------------------
+
+# Fields that only matter when another field switches them on: reset to their defaults before
+# comparing, so an unused setting does not block an export. (Unknown fields are compared as is:
+# a choice added to the schema later is refused until a family learns to express it.)
+_INACTIVE: list[tuple[str, Callable[[ModelConfig], bool], tuple[str, ...]]] = [
+    ("init", lambda m: True, ("std", "scaled_residual")),  # initialisation is not the function
+    ("position", lambda m: m.position.kind != "rope", ("rope_theta", "rope_scaling")),
+    ("position.rope_scaling", lambda m: m.position.rope_scaling.kind == "none",
+     ("factor", "low_freq_factor", "high_freq_factor", "original_max_seq_len")),
+    ("norm", lambda m: m.norm.kind == "rmsnorm", ("bias",)),
+    ("attention", lambda m: getattr(m.attention, "kind", "mha") != "mla",
+     ("q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim")),
+    ("attention", lambda m: getattr(m.attention, "sliding_window", None) is None,
+     ("global_every",)),
+    ("moe", lambda m: m.moe.num_experts == 0, None),
+    ("mtp", lambda m: m.mtp.depth == 0, None),
+]  # fmt: skip
+
+DEFAULT_ACTIVATION = {"swiglu": "silu", "gelu": "gelu_tanh"}
+
+
+def _canonical(m: ModelConfig) -> ModelConfig:
+    """``m`` with defaults spelled out and inactive settings reset, for comparing two configs."""
+    m = copy.deepcopy(m)
+    a = m.attention
+    a.n_kv_heads = a.n_kv_heads or a.n_heads
+    a.head_dim = a.head_dim or m.d_model // a.n_heads
+    if getattr(a, "qkv_bias", False) is None:
+        a.qkv_bias = a.bias
+    if m.mlp.activation == "default":
+        m.mlp.activation = DEFAULT_ACTIVATION.get(m.mlp.kind, "default")
+    for path, inactive, names in _INACTIVE:
+        parent, _, leaf = path.rpartition(".")
+        owner = _get(m, parent) if parent else m
+        if not hasattr(owner, leaf) or not inactive(m):
+            continue
+        node = getattr(owner, leaf)
+        fresh = type(node)()
+        if names is None:
+            setattr(owner, leaf, fresh)
+        else:
+            for name in names:
+                setattr(node, name, getattr(fresh, name))
+    return m
+
+
+def _get(obj: Any, path: str) -> Any:
+    for part in path.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _diff(ours: Any, theirs: Any, prefix: str = "model") -> list[str]:
+    """``prefix.key=value`` for every leaf where ``ours`` differs from ``theirs``."""
+    if dataclasses.is_dataclass(ours):
+        out = []
+        for f in dataclasses.fields(ours):
+            sub = getattr(theirs, f.name, None)
+            out += _diff(getattr(ours, f.name), sub, f"{prefix}.{f.name}")
+        return out
+    same = ours == theirs or (
+        isinstance(ours, float) and isinstance(theirs, float) and math.isclose(ours, theirs)
+    )
+    return [] if same else [f"{prefix}={ours}"]
+
+
+def hf_config_for(family: Family, m: ModelConfig) -> dict[str, Any]:
+    """``family``'s ``config.json`` for ``m``, refusing (with a UserError naming the setting)
+    any model the HF class would compute differently: the HF config read back must give ``m``
+    again, so a setting the family's converters do not know about cannot be dropped silently."""
+    hf = family.to_hf_config(m)
+    lost = _diff(_canonical(m), _canonical(family.to_model_config(hf)))
+    if lost:
+        raise _unsupported(family.name, ", ".join(lost[:3]))
+    return hf
+
+
 # ---------------------------------------------------------------------------------------------
 # weights
 # ---------------------------------------------------------------------------------------------
@@ -621,12 +702,12 @@ def family_for_model_config(model_cfg: ModelConfig, family: str | None = None) -
     if family is not None:
         if family not in FAMILIES:
             raise UserError(f"unknown HF family {family!r} (known: {', '.join(FAMILIES)})")
-        FAMILIES[family].to_hf_config(model_cfg)  # raises, naming the choice it lacks
+        hf_config_for(FAMILIES[family], model_cfg)  # raises, naming the choice it lacks
         return FAMILIES[family]
     reasons = []
     for fam in FAMILIES.values():
         try:
-            fam.to_hf_config(model_cfg)
+            hf_config_for(fam, model_cfg)
             return fam
         except UserError as err:
             reasons.append(str(err))
@@ -647,7 +728,7 @@ def export_hf(ckpt_path: str | Path, out_dir: str | Path, family: str | None = N
 def _export_hf(ckpt_path, out_dir: Path, family: str | None) -> tuple[Path, Family, int]:
     model = load_model(ckpt_path)
     fam = family_for_model_config(model.cfg, family)
-    hf_cfg = fam.to_hf_config(model.cfg)
+    hf_cfg = hf_config_for(fam, model.cfg)
     state = hf_state_dict(fam, model)
     dtype = str(next(iter(state.values())).dtype).removeprefix("torch.")
     # Our configs carry no token ids; HF's class defaults (e.g. GPT-2's 50256) may not even fit

@@ -31,14 +31,21 @@ class NormConfig:
     kind: str = opt("rmsnorm", "Normalisation layer: layernorm | rmsnorm.")
     eps: float = opt(1e-5, "Epsilon added to the variance.")
     placement: str = opt(
-        "pre", "Where the block norms sit: pre (GPT-2 onward) | post (original Transformer)."
+        "pre",
+        "Where the block norms sit: pre (GPT-2 onward: x + f(norm(x))) | post (original "
+        "Transformer: norm(x + f(x))) | reordered (OLMo 2: x + norm(f(x))) | sandwich (Gemma 2/3: "
+        "x + norm(f(norm(x)))).",
     )
     bias: bool = opt(True, "LayerNorm only: learn an additive bias.")
+    unit_offset: bool = opt(False, "RMSNorm scales by (1 + weight), weight initialised to 0 (Gemma).")
 
 
 @dataclass
 class RopeScalingConfig:
-    kind: str = opt("none", "RoPE frequency scaling: none | llama3 (Llama-3.1 wavelength bands).")
+    kind: str = opt(
+        "none", "RoPE frequency scaling: none | linear (positions / factor) | llama3 (Llama-3.1 "
+        "wavelength bands)."
+    )
     factor: float = opt(8.0, "Context extension factor.")
     low_freq_factor: float = opt(1.0, "llama3: wavelengths above original/low_freq_factor scale.")
     high_freq_factor: float = opt(4.0, "llama3: wavelengths below original/high_freq_factor stay.")
@@ -47,25 +54,48 @@ class RopeScalingConfig:
 
 @dataclass
 class PositionConfig:
-    kind: str = opt("rope", "Position encoding: rope | learned (absolute) | none.")
+    kind: str = opt("rope", "Position encoding: rope | learned (absolute) | alibi | none.")
     rope_theta: float = opt(10000.0, "RoPE base frequency.")
     rope_scaling: RopeScalingConfig = opt(RopeScalingConfig(), "RoPE frequency scaling.")
+    local_rope_theta: Optional[float] = opt(
+        None, "RoPE base of local (sliding-window) layers when it differs (Gemma 3: 10000)."
+    )
 
 
 @dataclass
 class AttentionConfig:
+    kind: str = opt("mha", "mha (multi-head, covering GQA/MQA via n_kv_heads) | mla (DeepSeek).")
     n_heads: int = opt(4, "Number of query heads.")
     n_kv_heads: Optional[int] = opt(
         None, "Key/value heads: = n_heads for MHA, 1 for MQA, between for GQA (null = n_heads)."
     )
     head_dim: Optional[int] = opt(None, "Per-head dimension (null = d_model / n_heads).")
     bias: bool = opt(False, "Bias on the q/k/v and output projections.")
+    qkv_bias: Optional[bool] = opt(None, "Bias on q/k/v only (null = bias; Qwen2: true).")
     dropout: float = opt(0.0, "Dropout on attention probabilities.")
+    qk_norm: str = opt(
+        "none", "Normalise q and k: none | head (per head, Qwen3/Gemma 3) | full (over the whole "
+        "projection, OLMo 2)."
+    )
+    sliding_window: Optional[int] = opt(
+        None, "Attend to at most this many previous tokens (Mistral; Gemma 3 local layers)."
+    )
+    global_every: int = opt(
+        0, "With sliding_window: every N-th layer attends globally, the rest locally (Gemma 3: 6)."
+    )
+    scale: Optional[float] = opt(None, "Softmax scale (null = 1/sqrt(head_dim)).")
+    q_lora_rank: int = opt(0, "MLA: rank of the low-rank query projection (0 = full-rank q).")
+    kv_lora_rank: int = opt(512, "MLA: rank of the compressed KV latent (what the cache stores).")
+    qk_nope_head_dim: int = opt(128, "MLA: per-head q/k dims without position information.")
+    qk_rope_head_dim: int = opt(64, "MLA: per-head q/k dims carrying the decoupled RoPE.")
+    v_head_dim: int = opt(128, "MLA: per-head value dim.")
 
 
 @dataclass
 class MLPConfig:
-    kind: str = opt("swiglu", "Feed-forward kind: gelu (2-matrix) | swiglu (gated, 3-matrix).")
+    kind: str = opt(
+        "swiglu", "Feed-forward kind: gelu (2-matrix) | swiglu (gated, silu) | geglu (gated, gelu)."
+    )
     hidden: int = opt(688, "Hidden (intermediate) width.")
     bias: bool = opt(False, "Bias on the MLP projections.")
     activation: str = opt(
@@ -83,6 +113,33 @@ class InitConfig:
 
 
 @dataclass
+class MoEConfig:
+    num_experts: int = opt(0, "Routed experts per MoE layer (0 = dense model).")
+    top_k: int = opt(2, "Experts each token is sent to.")
+    expert_hidden: int = opt(0, "Hidden width of one routed expert (0 = mlp.hidden).")
+    num_shared_experts: int = opt(0, "Always-on shared experts (DeepSeekMoE).")
+    shared_hidden: int = opt(0, "Hidden width of the shared expert block (0 = n_shared * expert).")
+    score: str = opt("softmax", "Router scores: softmax (Mixtral, Qwen) | sigmoid (DeepSeek-V3).")
+    norm_topk_prob: bool = opt(True, "Renormalise the chosen experts' weights to sum to 1.")
+    routed_scaling: float = opt(1.0, "Multiply the routed output (DeepSeek-V3: 2.5).")
+    n_groups: int = opt(1, "Group-limited routing: expert groups (DeepSeek-V3: 8).")
+    topk_groups: int = opt(1, "Group-limited routing: groups a token may use (DeepSeek-V3: 4).")
+    first_k_dense: int = opt(0, "The first k layers keep a dense MLP (DeepSeek: 1-3).")
+    layer_freq: int = opt(1, "Every N-th layer (after first_k_dense) is MoE.")
+    aux_loss_coef: float = opt(0.0, "Load-balancing auxiliary loss weight (Mixtral 0.02).")
+    bias_update_rate: float = opt(
+        0.0, "Aux-loss-free balancing: per-step bias update speed (DeepSeek-V3: 0.001; 0 = off)."
+    )
+    capacity_factor: float = opt(0.0, "Expert capacity as a multiple of the even share (0 = none).")
+
+
+@dataclass
+class MTPConfig:
+    depth: int = opt(0, "Multi-token prediction modules (DeepSeek-V3: 1; 0 = off).")
+    loss_weight: float = opt(0.3, "Weight of the mean MTP loss in the training loss.")
+
+
+@dataclass
 class ModelConfig:
     vocab_size: int = opt(8192, "Vocabulary size (the embedding rows; >= the tokenizer's).")
     d_model: int = opt(256, "Residual stream width.")
@@ -95,6 +152,12 @@ class ModelConfig:
     attention: AttentionConfig = opt(AttentionConfig(), "Attention.")
     mlp: MLPConfig = opt(MLPConfig(), "Feed-forward block.")
     init: InitConfig = opt(InitConfig(), "Weight initialisation.")
+    moe: MoEConfig = opt(MoEConfig(), "Mixture of experts.")
+    mtp: MTPConfig = opt(MTPConfig(), "Multi-token prediction heads.")
+    parallel_block: bool = opt(
+        False, "PaLM/GPT-J block: attention and MLP read the same normed input, summed once."
+    )
+    embed_scale: bool = opt(False, "Multiply token embeddings by sqrt(d_model) (Gemma).")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -7,10 +7,13 @@ from evoformer.errors import UserError
 
 CHOICES = {
     "model.norm.kind": ("layernorm", "rmsnorm"),
-    "model.norm.placement": ("pre", "post"),
-    "model.position.kind": ("rope", "learned", "none"),
-    "model.position.rope_scaling.kind": ("none", "llama3"),
-    "model.mlp.kind": ("gelu", "swiglu"),
+    "model.norm.placement": ("pre", "post", "reordered", "sandwich"),
+    "model.position.kind": ("rope", "learned", "alibi", "none"),
+    "model.position.rope_scaling.kind": ("none", "linear", "llama3"),
+    "model.attention.kind": ("mha", "mla"),
+    "model.attention.qk_norm": ("none", "head", "full"),
+    "model.mlp.kind": ("gelu", "swiglu", "geglu"),
+    "model.moe.score": ("softmax", "sigmoid"),
     "model.mlp.activation": ("default", "gelu", "gelu_tanh", "silu"),
     "data.source": ("default", "files", "synthetic"),
     "optim.schedule": ("cosine", "wsd", "constant"),

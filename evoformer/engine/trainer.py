@@ -183,7 +183,7 @@ class Trainer:
         try:
             while self.step < t.max_steps:
                 lr = lr_at(self.step, t.max_steps, cfg.optim)
-                loss, grad_norm = self.train_step(self.step, lr)
+                loss, grad_norm, extra = self.train_step(self.step, lr)
                 self.step += 1
                 window_steps += 1
                 losses[self.step] = loss
@@ -192,7 +192,7 @@ class Trainer:
                     self.logger.log({
                         "step": self.step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
                         "tokens_per_s": tokens_per_step * window_steps / max(elapsed, 1e-9),
-                        "tokens": self.step * tokens_per_step,
+                        "tokens": self.step * tokens_per_step, **extra,
                     })  # fmt: skip
                     window_start, window_steps = time.perf_counter(), 0
                 if t.eval_every and (self.step % t.eval_every == 0 or self.step == t.max_steps):
@@ -217,34 +217,39 @@ class Trainer:
             self.logger.close()
         return TrainResult(self.step, losses, val_losses, False, self.out_dir)
 
-    def train_step(self, step: int, lr: float) -> tuple[float, float]:
-        """One optimizer step over this rank's micro-batches; returns (mean loss, grad norm)."""
+    def train_step(self, step: int, lr: float) -> tuple[float, float, dict[str, float]]:
+        """One optimizer step over this rank's micro-batches.
+
+        Returns the mean next-token loss (``ce_loss``, comparable across architectures), the
+        gradient norm, and the means of the other loss terms (MoE aux, MTP) when present."""
         t = self.cfg.train
         module = self.ddp or self.model
-        micro = self.sampler.micro_batches(
-            step, self.dims.dp_rank, self.dims.dp, t.micro_batch_size
-        )
+        micro = self.sampler.micro_batches(step, self.dims.dp_rank, self.dims.dp, t.micro_batch_size)
         set_lr(self.optimizer, lr)
-        total = torch.zeros((), device=self.device)
+        sums: dict[str, torch.Tensor] = {}
         for i, indices in enumerate(micro):
             batch = get_batch(self.data.train, indices).to(self.device, non_blocking=True)
             last = i == len(micro) - 1
             sync = contextlib.nullcontext() if (self.ddp is None or last) else self.ddp.no_sync()
             with sync:
                 with self.autocast:
-                    logits = module(batch[:, :-1])
-                loss = lm_loss(logits, batch[:, 1:]) / len(micro)
-                loss.backward()
-            total += loss.detach()
+                    out = module(batch[:, :-1], targets=batch[:, 1:])
+                (out.loss / len(micro)).backward()
+            for name, value in out.metrics.items():
+                sums[name] = sums.get(name, 0.0) + value.float() / len(micro)
+        names = sorted(sums)
+        stacked = torch.stack([sums[n] for n in names])
         if self.dims.dp > 1:
-            dist.all_reduce(total, op=dist.ReduceOp.AVG)
+            dist.all_reduce(stacked, op=dist.ReduceOp.AVG)
         clip = self.cfg.optim.grad_clip
         grad_norm = torch.nn.utils.clip_grad_norm_(
             self.model.parameters(), clip if clip > 0 else float("inf")
         )
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return total.item(), grad_norm.item()
+        values = dict(zip(names, stacked.tolist()))
+        loss = values.pop("ce_loss")
+        return loss, grad_norm.item(), values
 
     @torch.no_grad()
     def evaluate(self) -> float:

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from evoformer.config.schema import AttentionConfig
+from evoformer.config.schema import AttentionConfig, ModelConfig
 from evoformer.model.positions import apply_rope
 
 
@@ -83,3 +83,22 @@ class Attention(nn.Module):
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
         out = out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)
         return self.o_proj(out)
+
+
+def is_local_layer(cfg: AttentionConfig, layer_idx: int) -> bool:
+    """Whether block ``layer_idx`` uses the sliding window (all layers unless ``global_every``
+    makes every N-th one global, as Gemma 3's 5 local : 1 global pattern)."""
+    if cfg.sliding_window is None:
+        return False
+    if cfg.global_every <= 0:
+        return True
+    return (layer_idx + 1) % cfg.global_every != 0
+
+
+def build_attention(cfg: ModelConfig, layer_idx: int) -> nn.Module:
+    """The attention sub-layer of block ``layer_idx``."""
+    if cfg.attention.kind == "mla":
+        from evoformer.model.mla import MultiHeadLatentAttention
+
+        return MultiHeadLatentAttention(cfg, layer_idx)
+    return Attention(cfg.attention, cfg.d_model)

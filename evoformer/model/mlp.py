@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from evoformer.config.schema import MLPConfig
+from evoformer.config.schema import MLPConfig, ModelConfig
 
 ACTIVATIONS = {
     "gelu": F.gelu,
@@ -51,9 +51,27 @@ class GatedMLP(nn.Module):
 
 
 def build_mlp(cfg: MLPConfig, d_model: int) -> nn.Module:
-    """The feed-forward block an MLPConfig asks for."""
-    if cfg.kind == "swiglu":
+    """The dense feed-forward block an MLPConfig asks for."""
+    if cfg.kind in ("swiglu", "geglu"):
         return GatedMLP(cfg, d_model)
     if cfg.kind == "gelu":
         return MLP(cfg, d_model)
     raise ValueError(f"unknown mlp kind {cfg.kind!r}")
+
+
+def is_moe_layer(cfg: ModelConfig, layer_idx: int) -> bool:
+    """DeepSeek-style layout: the first ``first_k_dense`` layers stay dense, then every
+    ``layer_freq``-th layer is MoE."""
+    moe = cfg.moe
+    if moe.num_experts <= 0 or layer_idx < moe.first_k_dense:
+        return False
+    return (layer_idx - moe.first_k_dense) % moe.layer_freq == 0
+
+
+def build_ffn(cfg: ModelConfig, layer_idx: int) -> nn.Module:
+    """The feed-forward sub-layer of block ``layer_idx``: a dense MLP or a mixture of experts."""
+    if is_moe_layer(cfg, layer_idx):
+        from evoformer.model.moe import MoE
+
+        return MoE(cfg)
+    return build_mlp(cfg.mlp, cfg.d_model)

@@ -7,6 +7,7 @@ Shapes: B batch, T sequence, C d_model, V vocabulary.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import zlib
 
@@ -15,34 +16,65 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from evoformer.config.schema import ModelConfig
-from evoformer.model.attention import Attention, KVCache
-from evoformer.model.mlp import build_mlp
+from evoformer.config.schema import ModelConfig, RopeScalingConfig
+from evoformer.model.attention import KVCache, build_attention, is_local_layer
+from evoformer.model.loss import lm_loss
+from evoformer.model.mlp import build_ffn
 from evoformer.model.norms import build_norm
 from evoformer.model.positions import RotaryEmbedding
 
 
 class Block(nn.Module):
-    """One transformer layer: attention and MLP sub-layers with pre- or post-norm residuals."""
+    """One transformer layer: attention and feed-forward sub-layers around the residual stream.
 
-    def __init__(self, cfg: ModelConfig) -> None:
+    ``norm.placement`` decides where the norms sit (pre, post, OLMo 2's reordered, Gemma's
+    sandwich); ``parallel_block`` runs attention and MLP side by side on one normed input (PaLM).
+    """
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
         super().__init__()
-        self.pre_norm = cfg.norm.placement == "pre"
+        self.layer_idx = layer_idx
+        self.placement = cfg.norm.placement
+        self.parallel = cfg.parallel_block
+        self.is_local = is_local_layer(cfg.attention, layer_idx)
         self.dropout = cfg.dropout
         self.attn_norm = build_norm(cfg.norm, cfg.d_model)
-        self.attn = Attention(cfg.attention, cfg.d_model)
-        self.mlp_norm = build_norm(cfg.norm, cfg.d_model)
-        self.mlp = build_mlp(cfg.mlp, cfg.d_model)
+        self.attn = build_attention(cfg, layer_idx)
+        self.mlp_norm = None if self.parallel else build_norm(cfg.norm, cfg.d_model)
+        self.mlp = build_ffn(cfg, layer_idx)
+        if self.placement == "sandwich":
+            self.attn_post_norm = build_norm(cfg.norm, cfg.d_model)
+            self.mlp_post_norm = build_norm(cfg.norm, cfg.d_model)
 
     def _drop(self, x: torch.Tensor) -> torch.Tensor:
         return F.dropout(x, self.dropout, self.training) if self.dropout else x
 
     def forward(self, x_BTC, rope=None, cache: KVCache | None = None) -> torch.Tensor:
-        if self.pre_norm:
+        if self.parallel:
+            h = self.attn_norm(x_BTC)
+            return x_BTC + self._drop(self.attn(h, rope, cache) + self.mlp(h))
+        if self.placement == "pre":
             x_BTC = x_BTC + self._drop(self.attn(self.attn_norm(x_BTC), rope, cache))
             return x_BTC + self._drop(self.mlp(self.mlp_norm(x_BTC)))
-        x_BTC = self.attn_norm(x_BTC + self._drop(self.attn(x_BTC, rope, cache)))
-        return self.mlp_norm(x_BTC + self._drop(self.mlp(x_BTC)))
+        if self.placement == "post":
+            x_BTC = self.attn_norm(x_BTC + self._drop(self.attn(x_BTC, rope, cache)))
+            return self.mlp_norm(x_BTC + self._drop(self.mlp(x_BTC)))
+        if self.placement == "reordered":
+            x_BTC = x_BTC + self._drop(self.attn_norm(self.attn(x_BTC, rope, cache)))
+            return x_BTC + self._drop(self.mlp_norm(self.mlp(x_BTC)))
+        # sandwich
+        h = self.attn_post_norm(self.attn(self.attn_norm(x_BTC), rope, cache))
+        x_BTC = x_BTC + self._drop(h)
+        return x_BTC + self._drop(self.mlp_post_norm(self.mlp(self.mlp_norm(x_BTC))))
+
+
+@dataclasses.dataclass
+class ModelOutput:
+    """What ``forward(..., targets=...)`` returns for training: the loss to backpropagate and
+    detached per-term metrics (``ce_loss`` always; ``aux_loss``, ``mtp_loss`` when present)."""
+
+    loss: torch.Tensor
+    metrics: dict[str, torch.Tensor]
 
 
 class Transformer(nn.Module):
@@ -55,17 +87,29 @@ class Transformer(nn.Module):
         self.pos_embed = (
             nn.Embedding(cfg.max_seq_len, cfg.d_model) if cfg.position.kind == "learned" else None
         )
-        head_dim = cfg.attention.head_dim or cfg.d_model // cfg.attention.n_heads
-        self.rope = (
-            RotaryEmbedding(head_dim, cfg.max_seq_len, cfg.position)
-            if cfg.position.kind == "rope"
-            else None
-        )
-        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.rope, self.rope_local = self._build_rope(cfg)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
         # Post-norm stacks end normalised already; pre-norm needs a final norm before the head.
         self.norm = build_norm(cfg.norm, cfg.d_model) if cfg.norm.placement == "pre" else None
         self.head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, False)
         self.activation_checkpointing = False
+
+    @staticmethod
+    def _build_rope(cfg: ModelConfig):
+        if cfg.position.kind != "rope":
+            return None, None
+        a = cfg.attention
+        head_dim = a.qk_rope_head_dim if a.kind == "mla" else a.head_dim or cfg.d_model // a.n_heads
+        rope = RotaryEmbedding(head_dim, cfg.max_seq_len, cfg.position)
+        local = None
+        if cfg.position.local_rope_theta is not None:
+            # Gemma 3: local layers use their own base and no context-extension scaling.
+            local_cfg = dataclasses.replace(
+                cfg.position, rope_theta=cfg.position.local_rope_theta,
+                rope_scaling=RopeScalingConfig(),
+            )  # fmt: skip
+            local = RotaryEmbedding(head_dim, cfg.max_seq_len, local_cfg)
+        return rope, local
 
     # -- weights ---------------------------------------------------------------------------
 
@@ -104,28 +148,67 @@ class Transformer(nn.Module):
         p = self.embed.weight
         return [layer.attn.new_cache(batch, max_len, p.device, p.dtype) for layer in self.layers]
 
-    def forward(self, input_ids: torch.Tensor, caches: list[KVCache] | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        caches: list[KVCache] | None = None,
+        targets: torch.Tensor | None = None,
+    ) -> torch.Tensor | ModelOutput:
+        """Logits [B, T, V]; with ``targets`` [B, T] the training loss instead (ModelOutput)."""
+        hidden_BTC = self.hidden_states(input_ids, caches)
+        if targets is None:
+            return self.logits(hidden_BTC)
+        ce = lm_loss(self.logits(hidden_BTC), targets)
+        loss, metrics = ce, {"ce_loss": ce.detach()}
+        aux = [m.aux_loss for m in self.modules() if getattr(m, "aux_loss", None) is not None]
+        if aux:
+            aux_total = torch.stack(aux).sum()
+            loss = loss + aux_total
+            metrics["aux_loss"] = aux_total.detach()
+        if getattr(self, "mtp", None) is not None:
+            mtp_loss = self.mtp(hidden_BTC, input_ids, targets, self)
+            loss = loss + self.cfg.mtp.loss_weight * mtp_loss
+            metrics["mtp_loss"] = mtp_loss.detach()
+        return ModelOutput(loss, metrics)
+
+    def logits(self, hidden_BTC: torch.Tensor) -> torch.Tensor:
+        """Final norm and LM head (tied to the embedding when configured)."""
+        if self.norm is not None:
+            hidden_BTC = self.norm(hidden_BTC)
+        weight = self.embed.weight if self.head is None else self.head.weight
+        return F.linear(hidden_BTC, weight)
+
+    def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
+        x_BTC = self.embed(input_ids)
+        if self.cfg.embed_scale:
+            # Gemma rounds the multiplier to the activation dtype before scaling.
+            x_BTC = x_BTC * torch.tensor(self.cfg.d_model**0.5, dtype=x_BTC.dtype)
+        return x_BTC
+
+    def hidden_states(
+        self, input_ids: torch.Tensor, caches: list[KVCache] | None = None
+    ) -> torch.Tensor:
+        """The residual stream after the last block (before the final norm)."""
         B, T = input_ids.shape
         start = caches[0].length if caches else 0
         if start + T > self.cfg.max_seq_len:
             raise ValueError(f"sequence of {start + T} exceeds max_seq_len={self.cfg.max_seq_len}")
         positions = torch.arange(start, start + T, device=input_ids.device)
-        x_BTC = self.embed(input_ids)
+        x_BTC = self.embed_tokens(input_ids)
         if self.pos_embed is not None:
             x_BTC = x_BTC + self.pos_embed(positions)
         if self.cfg.dropout:
             x_BTC = F.dropout(x_BTC, self.cfg.dropout, self.training)
         rope = self.rope(positions) if self.rope is not None else None
+        rope_local = self.rope_local(positions) if self.rope_local is not None else rope
         for i, layer in enumerate(self.layers):
             cache = caches[i] if caches else None
+            layer_rope = rope_local if layer.is_local else rope
             if self.activation_checkpointing and self.training and cache is None:
-                x_BTC = checkpoint(layer, x_BTC, rope, use_reentrant=False)
+                x_BTC = checkpoint(layer, x_BTC, layer_rope, use_reentrant=False)
             else:
-                x_BTC = layer(x_BTC, rope, cache)
-        if self.norm is not None:
-            x_BTC = self.norm(x_BTC)
-        weight = self.embed.weight if self.head is None else self.head.weight
-        return F.linear(x_BTC, weight)
+                x_BTC = layer(x_BTC, layer_rope, cache)
+        return x_BTC
 
 
 def _normal_(t: torch.Tensor, std: float, seed: int, name: str) -> None:
@@ -139,17 +222,9 @@ def build_model(cfg: ModelConfig, device: str | torch.device = "cpu", seed: int 
     with torch.device("meta"):
         model = Transformer(cfg)
     model.to_empty(device=device)
-    if model.rope is not None:
-        model.rope.reset_parameters()
+    for rope in (model.rope, model.rope_local):
+        if rope is not None:
+            rope.reset_parameters()
     if seed is not None:
         model.init_weights(seed)
     return model
-
-
-def lm_loss(logits_BTV: torch.Tensor, targets_BT: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy in fp32 (targets < 0 are ignored)."""
-    return F.cross_entropy(
-        logits_BTV.float().reshape(-1, logits_BTV.shape[-1]),
-        targets_BT.reshape(-1),
-        ignore_index=-1,
-    )
