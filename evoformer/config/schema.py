@@ -37,7 +37,7 @@ class NormConfig:
         "x + norm(f(norm(x)))).",
     )
     bias: bool = opt(True, "LayerNorm only: learn an additive bias.")
-    unit_offset: bool = opt(False, "RMSNorm scales by (1 + weight), weight initialised to 0 (Gemma).")
+    unit_offset: bool = opt(False, "RMSNorm scales by (1 + weight), weight starts at 0 (Gemma).")
 
 
 @dataclass

@@ -224,7 +224,8 @@ class Trainer:
         gradient norm, and the means of the other loss terms (MoE aux, MTP) when present."""
         t = self.cfg.train
         module = self.ddp or self.model
-        micro = self.sampler.micro_batches(step, self.dims.dp_rank, self.dims.dp, t.micro_batch_size)
+        dims = self.dims
+        micro = self.sampler.micro_batches(step, dims.dp_rank, dims.dp, t.micro_batch_size)
         set_lr(self.optimizer, lr)
         sums: dict[str, torch.Tensor] = {}
         for i, indices in enumerate(micro):

@@ -66,7 +66,7 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.append(k, v)
         if self.n_kv_heads != self.n_heads:
-            # Expand KV heads to the query heads (as HF's repeat_kv): accepted by every SDPA backend.
+            # Expand KV heads to the query heads (as HF's repeat_kv): every SDPA backend takes it.
             rep = self.n_heads // self.n_kv_heads
             S = k.shape[2]
             k = k[:, :, None].expand(B, self.n_kv_heads, rep, S, self.head_dim)
