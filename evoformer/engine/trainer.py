@@ -249,6 +249,11 @@ class Trainer:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         values = dict(zip(names, stacked.tolist()))
+        # Modules with per-step state (MoE load statistics, aux-loss-free router biases) see the
+        # whole step's micro-batches before they update and report.
+        for m in self.model.modules():
+            if hasattr(m, "end_of_step"):
+                values.update(m.end_of_step())
         loss = values.pop("ce_loss")
         return loss, grad_norm.item(), values
 

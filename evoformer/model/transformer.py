@@ -92,6 +92,11 @@ class Transformer(nn.Module):
         # Post-norm stacks end normalised already; pre-norm needs a final norm before the head.
         self.norm = build_norm(cfg.norm, cfg.d_model) if cfg.norm.placement == "pre" else None
         self.head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, False)
+        self.mtp = None
+        if cfg.mtp.depth > 0:
+            from evoformer.model.mtp import MultiTokenPrediction
+
+            self.mtp = MultiTokenPrediction(cfg)
         self.activation_checkpointing = False
 
     @staticmethod
@@ -165,7 +170,7 @@ class Transformer(nn.Module):
             aux_total = torch.stack(aux).sum()
             loss = loss + aux_total
             metrics["aux_loss"] = aux_total.detach()
-        if getattr(self, "mtp", None) is not None:
+        if self.mtp is not None:
             mtp_loss = self.mtp(hidden_BTC, input_ids, targets, self)
             loss = loss + self.cfg.mtp.loss_weight * mtp_loss
             metrics["mtp_loss"] = mtp_loss.detach()
