@@ -5,7 +5,10 @@ One table, :data:`FAMILIES`, drives both directions. A family is three things:
 - ``to_model_config``: the HF ``config.json`` (a plain dict) -> our :class:`ModelConfig`, raising a
   :class:`UserError` for every HF feature our schema cannot express;
 - ``to_hf_config``: our ModelConfig -> the HF ``config.json`` dict, raising a UserError naming the
-  model choice HF's class for that family cannot express;
+  model choice HF's class for that family cannot express. Every export also reads the result
+  back through ``to_model_config`` and refuses the model unless the same ModelConfig comes back
+  (:func:`hf_config_for`), so a setting no converter knows about (say a schema field added
+  later) stops the export instead of being silently dropped;
 - ``rules``: the weight-name mapping. Each :class:`WeightRule` ties one HF tensor to one or more of
   ours (several = HF fuses them along the output dimension, e.g. GPT-2's ``c_attn``), optionally
   transposed (GPT-2's ``Conv1D`` stores ``[in, out]``); ``{i}`` stands for the layer index.
@@ -32,7 +35,6 @@ import re
 import sys
 import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -62,7 +64,7 @@ from evoformer.model import Transformer, build_model
 # ---------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class WeightRule:
     """One HF tensor <-> evoformer tensor(s); ``{i}`` in the names is the layer index."""
 
@@ -71,7 +73,7 @@ class WeightRule:
     transpose: bool = False  # HF stores [in, out] (GPT-2 Conv1D) instead of nn.Linear's [out, in]
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class Family:
     """How one HuggingFace architecture maps onto evoformer."""
 
@@ -411,7 +413,7 @@ FAMILIES: dict[str, Family] = {
 # Fields that only matter when another field switches them on: reset to their defaults before
 # comparing, so an unused setting does not block an export. (Unknown fields are compared as is:
 # a choice added to the schema later is refused until a family learns to express it.)
-_INACTIVE: list[tuple[str, Callable[[ModelConfig], bool], tuple[str, ...]]] = [
+_INACTIVE: list[tuple[str, Callable[[ModelConfig], bool], tuple[str, ...] | None]] = [
     ("init", lambda m: True, ("std", "scaled_residual")),  # initialisation is not the function
     ("position", lambda m: m.position.kind != "rope", ("rope_theta", "rope_scaling")),
     ("position.rope_scaling", lambda m: m.position.rope_scaling.kind == "none",
@@ -557,6 +559,11 @@ class _SafetensorsReader:
     def names(self) -> list[str]:
         return list(self.files)
 
+    def close(self) -> None:
+        for handle in self._handles.values():
+            handle.__exit__(None, None, None)
+        self._handles.clear()
+
     def get(self, name: str) -> torch.Tensor:
         path = self.files[name]
         stored = name[len(self._strip) :] if self._strip and name.startswith(self._strip) else name
@@ -686,7 +693,10 @@ def _import_hf(hf_dir: Path, out_dir: Path) -> tuple[Path, Family, int]:
     if list_checkpoints(out_dir / "checkpoints"):
         raise UserError(f"{out_dir} already holds checkpoints; import into a new folder")
     model = build_model(cfg.model, seed=None)
-    _load_hf_weights(family, reader, model)
+    try:
+        _load_hf_weights(family, reader, model)
+    finally:
+        reader.close()
     config_yaml = to_yaml(cfg)
     out_dir.mkdir(parents=True, exist_ok=True)
     save_checkpoint(

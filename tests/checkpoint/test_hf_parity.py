@@ -253,7 +253,7 @@ def test_training_step_parity(saturated: bool, tmp_path: Path) -> None:
     for name, gr in hf_state_dict(FAMILIES["llama"], grads).items():
         ref_g = want[name].grad
         err = ((gr - ref_g).abs().max() / ref_g.abs().max()).item()
-        assert err <= 1e-4, f"{name}: relative gradient error {err:.2e}"
+        assert err <= 2e-5, f"{name}: relative gradient error {err:.2e}"
 
 
 @pytest.mark.skipif(
