@@ -20,7 +20,6 @@ fp32 rate of a large square matmul on the same threads.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import os
 import platform
@@ -39,28 +38,10 @@ sys.path.insert(0, str(REPO))
 from evoformer.checkpoint.hf import FAMILIES, hf_config_for, hf_state_dict  # noqa: E402
 from evoformer.config import Config, load_config  # noqa: E402
 from evoformer.engine.optim import build_optimizer, param_groups  # noqa: E402
+from evoformer.engine.runtime import tune_glibc_malloc  # noqa: E402
 from evoformer.model import build_model, lm_loss  # noqa: E402
 
 DEFAULT_CONFIG = REPO / "configs/bench/cpu-reference.yaml"
-
-
-def tune_glibc_malloc() -> bool:
-    """Keep freed memory in the process instead of returning it to the OS.
-
-    glibc serves blocks above 32 MB (the logits, their softmax and gradients here) with a fresh
-    mmap each time, so every step page-faults and zero-fills them again; on this machine that is
-    ~25 ms of the 80 ms logits matmul. Turning mmap off and the heap trim up makes the memory be
-    reused, as a caching allocator would. Process-wide, so it speeds both models alike.
-    """
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return False
-    m_trim_threshold, m_top_pad, m_mmap_max = -1, -2, -4  # from glibc's malloc.h
-    return all(
-        libc.mallopt(opt, value)
-        for opt, value in ((m_mmap_max, 0), (m_trim_threshold, 2**31 - 1), (m_top_pad, 64 << 20))
-    )
 
 
 def matmul_gflops(threads: int, n: int = 2048, reps: int = 10) -> float:

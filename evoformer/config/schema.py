@@ -255,6 +255,9 @@ class RunConfig:
     tensorboard: bool = opt(False, "Write TensorBoard event files to run.output_dir/tensorboard.")
     progress: str = opt("auto", "Console progress bar: auto (when a terminal) | on | off.")
     threads: int = opt(0, "CPU threads for torch (0 = leave torch's default).")
+    tune_malloc: bool = opt(
+        True, "On CPU, keep freed memory in-process (glibc mallopt): ~10 % faster steps."
+    )
 
 
 @dataclass

@@ -34,6 +34,7 @@ from evoformer.data import EvalBatches, GlobalBatchSampler, build_datasets, get_
 from evoformer.distributed import ParallelDims, init_process_group, pick_device
 from evoformer.engine.metrics import MetricsLogger, NullLogger, truncate_metrics
 from evoformer.engine.optim import build_optimizer, lr_at, set_lr
+from evoformer.engine.runtime import tune_glibc_malloc
 from evoformer.errors import UserError
 from evoformer.model import Transformer, build_model, lm_loss
 
@@ -85,6 +86,8 @@ class Trainer:
         init_process_group(self.dims, self.device)
         if cfg.run.threads:
             torch.set_num_threads(cfg.run.threads)
+        if cfg.run.tune_malloc and self.device.type == "cpu":
+            tune_glibc_malloc()
         t = cfg.train
         if t.global_batch_size % (self.dims.dp * t.micro_batch_size):
             raise UserError(
