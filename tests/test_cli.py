@@ -121,3 +121,34 @@ def test_tokenizer_preprocess_and_train_on_files(tmp_path):
     store.write_bytes(store.read_bytes()[:-64])
     proc = run_cli("train", *base[:-1], f"run.output_dir={tmp_path / 'run3'}")
     assert_clean_error(proc, "corpus.tok")
+
+
+def test_sigint_saves_a_checkpoint_and_exits_cleanly(tmp_path):
+    import signal
+    import time
+
+    out = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "evoformer", "train", TINY, "data.source=synthetic",
+         "train.seq_len=32", "train.max_steps=100000", "train.log_every=1",
+         f"run.output_dir={out}"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO,
+    )  # fmt: skip
+    deadline = time.time() + 120
+    for line in proc.stdout:
+        if line.startswith("step ") and "/100000" in line and "step      3/" in line:
+            break
+        assert time.time() < deadline
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stderr
+    assert "stopped by signal" in stdout
+    latest = (out / "checkpoints/latest").read_text().strip()
+    step = int(latest.removeprefix("step_"))
+    assert step >= 3
+    resumed = run_cli("train", TINY, "data.source=synthetic", "train.seq_len=32",
+                      f"train.max_steps={step + 2}", f"run.output_dir={out}",
+                      "checkpoint.load=auto")  # fmt: skip
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resumed from {out / 'checkpoints' / latest} at step {step}" in resumed.stdout
