@@ -1,37 +1,331 @@
-"""Parameter and FLOP accounting of a model config, computed on the meta device."""
+"""Analytic accounting of a ModelConfig: parameters, FLOPs per token and KV-cache bytes.
+
+Nothing is built or allocated: every number is a closed formula over the config, mirroring the
+modules that :class:`~evoformer.model.transformer.Transformer` would build (tests check the
+parameter count against a meta-device build of every preset). Conventions:
+
+- **Parameters.** ``total`` is the main model; multi-token-prediction modules are reported
+  separately as ``mtp`` (DeepSeek-V3 reports "671B + 14B MTP"; our MTP shares the embedding and
+  the head with the main model, so ``mtp`` holds only its own weights). ``active`` is what one
+  token uses: routed experts count top_k of num_experts, shared experts and the router count in
+  full (the Mixtral / Qwen convention; DeepSeek quotes ``active - embedding``).
+  ``non_embedding`` leaves out every vocabulary-sized matrix (input table, learned positions,
+  untied head), as Kaplan et al. and the Qwen model cards do.
+- **FLOPs** (model FLOPs, not hardware FLOPs). Forward = 2 x active matmul weights (the LM head
+  included, the embedding lookup not) + attention scores and values: per query, QK^T and AV cost
+  2 * n_heads * (qk_dim + v_dim) per key attended to; a causal sequence of T tokens attends to
+  (T + 1) / 2 keys on average, a sliding-window layer to min(t, window) for the query at
+  position t. Training = 3 x forward (backward is twice the forward), MTP modules included.
+  Norms, activations, softmax and the optimizer are not counted.
+- **KV cache.** Per token and layer: MHA/GQA/MQA keep K and V, 2 * n_kv_heads * head_dim
+  values; MLA keeps the compressed latent and the shared RoPE key, kv_lora_rank +
+  qk_rope_head_dim values (the absorbed-weights decoding form). A sliding-window layer costs the
+  same per token but never holds more than ``window`` tokens.
+"""
 
 from __future__ import annotations
 
-import torch
+from dataclasses import dataclass
 
-from evoformer.config.schema import Config, ModelConfig
-from evoformer.model.transformer import Transformer
+from evoformer.config.schema import Config, ModelConfig, NormConfig
+from evoformer.model.attention import is_local_layer
+from evoformer.model.mlp import is_moe_layer
+
+
+@dataclass(frozen=True)
+class Count:
+    """Parameters of one module: all of them, those one token uses, and the matmul weights
+    among the used ones (what the FLOP count multiplies)."""
+
+    total: int = 0
+    active: int = 0
+    matmul: int = 0
+
+    def __add__(self, other: Count) -> Count:
+        return Count(
+            self.total + other.total, self.active + other.active, self.matmul + other.matmul
+        )
+
+    def __mul__(self, k: int) -> Count:
+        return Count(self.total * k, self.active * k, self.matmul * k)
+
+
+def _linear(d_in: int, d_out: int, bias: bool = False) -> Count:
+    n = d_in * d_out + (d_out if bias else 0)
+    return Count(n, n, d_in * d_out)
+
+
+def _norm(cfg: NormConfig, dim: int) -> Count:
+    n = 2 * dim if cfg.kind == "layernorm" and cfg.bias else dim
+    return Count(n, n, 0)
+
+
+def _rmsnorm(dim: int) -> Count:
+    # QK-norms and MLA's latent norms are RMSNorm whatever model.norm.kind says.
+    return Count(dim, dim, 0)
+
+
+# -- modules ---------------------------------------------------------------------------------
+
+
+def head_dim(cfg: ModelConfig) -> int:
+    """Per-head q/k/v width of MHA-kind attention."""
+    return cfg.attention.head_dim or cfg.d_model // cfg.attention.n_heads
+
+
+def attention_dims(cfg: ModelConfig) -> tuple[int, int]:
+    """(qk_dim, v_dim) per head: what one query-key dot product and one value row cost."""
+    a = cfg.attention
+    if a.kind == "mla":
+        return a.qk_nope_head_dim + a.qk_rope_head_dim, a.v_head_dim
+    return head_dim(cfg), head_dim(cfg)
+
+
+def attention_params(cfg: ModelConfig) -> Count:
+    a, d = cfg.attention, cfg.d_model
+    if a.kind == "mla":
+        return _mla_params(cfg)
+    hd, n_kv = head_dim(cfg), a.n_kv_heads or a.n_heads
+    qkv_bias = a.bias if a.qkv_bias is None else a.qkv_bias
+    c = _linear(d, a.n_heads * hd, qkv_bias) + _linear(d, n_kv * hd, qkv_bias) * 2
+    c = c + _linear(a.n_heads * hd, d, a.bias)
+    if a.qk_norm == "head":  # one norm over head_dim, shared by all heads (Qwen3, Gemma 3)
+        c = c + _rmsnorm(hd) * 2
+    elif a.qk_norm == "full":  # over the whole q and k projections (OLMo 2)
+        c = c + _rmsnorm(a.n_heads * hd) + _rmsnorm(n_kv * hd)
+    return c
+
+
+def _mla_params(cfg: ModelConfig) -> Count:
+    # DeepSeek-V2/V3 layout: q through an optional low-rank bottleneck; k/v through the shared
+    # latent (kv_a -> norm -> kv_b) plus one RoPE key shared by all heads.
+    a, d, h = cfg.attention, cfg.d_model, cfg.attention.n_heads
+    qk = a.qk_nope_head_dim + a.qk_rope_head_dim
+    if a.q_lora_rank > 0:
+        q = _linear(d, a.q_lora_rank, a.bias) + _rmsnorm(a.q_lora_rank)
+        q = q + _linear(a.q_lora_rank, h * qk)
+    else:
+        q = _linear(d, h * qk)
+    kv = _linear(d, a.kv_lora_rank + a.qk_rope_head_dim, a.bias) + _rmsnorm(a.kv_lora_rank)
+    kv = kv + _linear(a.kv_lora_rank, h * (a.qk_nope_head_dim + a.v_head_dim))
+    return q + kv + _linear(h * a.v_head_dim, d, a.bias)
+
+
+def mlp_params(cfg: ModelConfig, hidden: int, bias: bool | None = None) -> Count:
+    """A dense feed-forward block of width ``hidden`` (gated kinds have three matrices)."""
+    bias = cfg.mlp.bias if bias is None else bias
+    d = cfg.d_model
+    c = _linear(d, hidden, bias) + _linear(hidden, d, bias)
+    return c + _linear(d, hidden, bias) if cfg.mlp.kind in ("swiglu", "geglu") else c
+
+
+def moe_params(cfg: ModelConfig) -> Count:
+    """Router, routed experts (top_k of them active) and always-on shared experts."""
+    m = cfg.moe
+    expert_hidden = m.expert_hidden or cfg.mlp.hidden
+    expert = mlp_params(cfg, expert_hidden, bias=False)
+    routed = Count(expert.total * m.num_experts, expert.active * m.top_k, expert.matmul * m.top_k)
+    c = _linear(cfg.d_model, m.num_experts) + routed
+    shared_hidden = m.shared_hidden or m.num_shared_experts * expert_hidden
+    if shared_hidden:
+        c = c + mlp_params(cfg, shared_hidden, bias=False)
+    return c
+
+
+def block_params(cfg: ModelConfig, layer_idx: int) -> Count:
+    """One transformer block: its norms, attention and feed-forward sub-layer."""
+    n_norms = 1 if cfg.parallel_block else 2
+    if cfg.norm.placement == "sandwich":
+        n_norms += 2
+    ffn = moe_params(cfg) if is_moe_layer(cfg, layer_idx) else mlp_params(cfg, cfg.mlp.hidden)
+    return _norm(cfg.norm, cfg.d_model) * n_norms + attention_params(cfg) + ffn
+
+
+def mtp_module_params(cfg: ModelConfig, depth: int) -> Count:
+    """DeepSeek-V3 MTP module ``depth`` (0-based): two input norms, the 2d -> d projection, one
+    block and an output norm; the embedding and the LM head are the main model's."""
+    norms = _norm(cfg.norm, cfg.d_model) * 3
+    proj = _linear(2 * cfg.d_model, cfg.d_model)
+    return norms + proj + block_params(cfg, cfg.n_layers + depth)
+
+
+def _has_final_norm(cfg: ModelConfig) -> bool:
+    # Post-norm stacks end normalised already; every other placement ends with a norm.
+    return cfg.norm.placement != "post"
 
 
 def count_params(cfg: ModelConfig) -> dict[str, int]:
-    """Total and non-embedding parameter counts, without allocating any weights."""
-    with torch.device("meta"):
-        model = Transformer(cfg)
-    total = model.num_params()
-    return {"total": total, "non_embedding": model.num_params(exclude_embeddings=True)}
+    """Parameter counts: ``total``, ``active`` (per token), ``non_embedding``, ``embedding``
+    (input tables), ``head`` (untied output head, 0 when tied) and ``mtp`` (extra modules, not in
+    ``total``). See the module docstring for the conventions."""
+    d, V = cfg.d_model, cfg.vocab_size
+    embedding = V * d + (cfg.max_seq_len * d if cfg.position.kind == "learned" else 0)
+    head = 0 if cfg.tie_embeddings else V * d
+    body = Count()
+    for i in range(cfg.n_layers):
+        body = body + block_params(cfg, i)
+    if _has_final_norm(cfg):
+        body = body + _norm(cfg.norm, d)
+    return {
+        "total": embedding + body.total + head,
+        "active": embedding + body.active + head,
+        "non_embedding": body.total,
+        "embedding": embedding,
+        "head": head,
+        "mtp": sum(mtp_module_params(cfg, k).total for k in range(cfg.mtp.depth)),
+    }
+
+
+# -- FLOPs -----------------------------------------------------------------------------------
+
+
+def mean_context(seq_len: int, window: int | None = None) -> float:
+    """Keys a query attends to, averaged over the T positions of a causal sequence: the query
+    at position t (1-based) sees min(t, window) keys, itself included."""
+    T, W = seq_len, window if window is not None else seq_len
+    if T <= W:
+        return (T + 1) / 2
+    return (W * (W + 1) / 2 + (T - W) * W) / T
+
+
+def _attention_flops(cfg: ModelConfig, layer_idx: int, seq_len: int) -> float:
+    qk, v = attention_dims(cfg)
+    local = is_local_layer(cfg.attention, layer_idx)
+    ctx = mean_context(seq_len, cfg.attention.sliding_window if local else None)
+    return 2 * cfg.attention.n_heads * (qk + v) * ctx
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int) -> dict[str, float]:
+    """Model FLOPs per token at training sequence length ``seq_len``.
+
+    ``inference``: one forward pass of the main model (prefill of a ``seq_len`` sequence);
+    ``training``: 3 x (main + MTP forward); ``matmul`` and ``attention``: the two parts of the
+    main forward; ``mtp``: the MTP modules' forward (training only)."""
+    d, V = cfg.d_model, cfg.vocab_size
+    matmul = 2 * sum(block_params(cfg, i).matmul for i in range(cfg.n_layers)) + 2 * d * V
+    attention = sum(_attention_flops(cfg, i, seq_len) for i in range(cfg.n_layers))
+    # Each MTP module runs its projection and block, then the shared head once more.
+    mtp = sum(
+        2 * mtp_module_params(cfg, k).matmul + 2 * d * V
+        + _attention_flops(cfg, cfg.n_layers + k, seq_len)
+        for k in range(cfg.mtp.depth)
+    )  # fmt: skip
+    forward = matmul + attention
+    return {
+        "training": 3 * (forward + mtp),
+        "inference": forward,
+        "matmul": matmul,
+        "attention": attention,
+        "mtp": mtp,
+    }
 
 
 def train_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
-    """6 * (non-embedding matmul params + head) + causal attention (counted once: 6*L*T*d_attn)."""
-    counts = count_params(cfg)
-    head = cfg.vocab_size * cfg.d_model
-    dense = counts["non_embedding"] + (head if cfg.tie_embeddings else 0)
+    """Training FLOPs per token (forward + backward), see :func:`flops_per_token`."""
+    return flops_per_token(cfg, seq_len)["training"]
+
+
+# -- KV cache --------------------------------------------------------------------------------
+
+
+def kv_values_per_token_layer(cfg: ModelConfig) -> int:
+    """Cached values per token in one layer."""
     a = cfg.attention
-    d_attn = a.n_heads * (a.head_dim or cfg.d_model // a.n_heads)
-    # QK^T and AV are 2 matmuls of T*d_attn per query; causal halves them; x3 for fwd+bwd.
-    attention = 6 * cfg.n_layers * seq_len * d_attn
-    return 6 * dense + attention
+    if a.kind == "mla":
+        return a.kv_lora_rank + a.qk_rope_head_dim
+    return 2 * (a.n_kv_heads or a.n_heads) * head_dim(cfg)
+
+
+def kv_cache_bytes_per_token(
+    cfg: ModelConfig, dtype_bytes: int = 2, context_len: int | None = None
+) -> dict[str, int]:
+    """KV-cache size: ``per_token`` over all layers (the cost of one more token while every
+    layer still caches it), and ``at_context``: the whole cache for ``context_len`` tokens
+    (default max_seq_len), sliding-window layers holding at most ``window`` tokens.
+    ``window_layers`` says how many layers are capped."""
+    N = cfg.max_seq_len if context_len is None else context_len
+    per_layer = kv_values_per_token_layer(cfg) * dtype_bytes
+    W = cfg.attention.sliding_window
+    local = [is_local_layer(cfg.attention, i) for i in range(cfg.n_layers)]
+    at_context = sum(per_layer * (min(N, W) if is_local else N) for is_local in local)
+    return {
+        "per_token": per_layer * cfg.n_layers,
+        "per_token_layer": per_layer,
+        "context_len": N,
+        "at_context": at_context,
+        "window_layers": sum(local),
+        "window": W or 0,
+    }
+
+
+# -- report ----------------------------------------------------------------------------------
+
+
+def _count(n: float) -> str:
+    """8,030,261,248 -> "8,030,261,248 (8.03B)", the way model sizes are quoted."""
+    for div, suffix in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if abs(n) >= div:
+            return f"{n:,.0f}  ({n / div:.2f}{suffix})"
+    return f"{n:,.0f}"
+
+
+def _flops(x: float) -> str:
+    for div, prefix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(x) >= div:
+            return f"{x:,.0f}  ({x / div:.2f} {prefix}FLOP)"
+    return f"{x:,.0f}  FLOP"
+
+
+def _bytes(n: float) -> str:
+    for div, name in ((2**40, "TiB"), (2**30, "GiB"), (2**20, "MiB"), (2**10, "KiB")):
+        if n >= div:
+            return f"{n:,.0f} B  ({n / div:.2f} {name})"
+    return f"{n:,.0f} B"
+
+
+def layer_summary(cfg: ModelConfig) -> str:
+    """e.g. "61 (3 dense + 58 MoE), attention mla" or "62 (52 local window 1024 + 10 global)"."""
+    n = cfg.n_layers
+    parts = []
+    moe = sum(is_moe_layer(cfg, i) for i in range(n))
+    if moe:
+        parts.append(f"{n - moe} dense + {moe} MoE" if moe < n else f"{n} MoE")
+    local = sum(is_local_layer(cfg.attention, i) for i in range(n))
+    if local:
+        w = cfg.attention.sliding_window
+        parts.append(f"{local} window {w} + {n - local} global" if local < n else f"window {w}")
+    a = cfg.attention
+    kind = (
+        "mla"
+        if a.kind == "mla"
+        else {a.n_heads: "mha", 1: "mqa"}.get(a.n_kv_heads or a.n_heads, f"gqa-{a.n_kv_heads}")
+    )
+    return f"{n} ({', '.join(parts + [kind])})"
 
 
 def describe(cfg: Config) -> str:
-    counts = count_params(cfg.model)
-    flops = train_flops_per_token(cfg.model, cfg.train.seq_len)
-    return (
-        f"parameters: {counts['total']:,} total, {counts['non_embedding']:,} non-embedding\n"
-        f"training FLOPs per token (seq {cfg.train.seq_len}): {flops / 1e6:,.1f} MFLOP"
-    )
+    """The table `evoformer inspect` prints: parameters, FLOPs per token, KV cache."""
+    m, T = cfg.model, cfg.train.seq_len
+    p = count_params(m)
+    f = flops_per_token(m, T)
+    kv = kv_cache_bytes_per_token(m, dtype_bytes=2)
+    rows = [
+        ("layers", layer_summary(m)),
+        ("params total", _count(p["total"])),
+        ("params active / token", _count(p["active"])),
+        ("params non-embedding", _count(p["non_embedding"])),
+    ]
+    if p["mtp"]:
+        rows.append(("params MTP (extra)", _count(p["mtp"])))
+    rows += [
+        (f"FLOPs/token training (seq {T})", _flops(f["training"])),
+        (f"FLOPs/token inference (seq {T})", _flops(f["inference"])),
+        ("  of which attention", _flops(f["attention"])),
+        ("KV cache / token (bf16)", _bytes(kv["per_token"])),
+        (f"KV cache at {kv['context_len']} tokens", _bytes(kv["at_context"])),
+    ]
+    if kv["window_layers"]:
+        rows.append(("", f"({kv['window_layers']} layers capped at window {kv['window']})"))
+    width = max(len(k) for k, _ in rows)
+    head = f"parameters: {p['total']:,} total, {p['non_embedding']:,} non-embedding"
+    return "\n".join([head] + [f"{k:<{width}}  {v}" for k, v in rows])
