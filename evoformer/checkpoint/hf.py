@@ -71,6 +71,7 @@ class WeightRule:
     hf: str
     ours: tuple[str, ...]
     transpose: bool = False  # HF stores [in, out] (GPT-2 Conv1D) instead of nn.Linear's [out, in]
+    index: int | None = None  # the HF tensor is slice [index] of ours (stacked MoE experts)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,6 +86,14 @@ class Family:
     rules: tuple[WeightRule, ...]
     base_prefix: str  # the decoder's prefix in *ForCausalLM files; bare-model files omit it
     ignore: tuple[str, ...] = ()  # regexes of HF tensors with no counterpart (stale buffers)
+    # Rules that depend on the model config (one per expert; MTP modules stored as extra layers).
+    extra_rules: Callable[[ModelConfig], Sequence[WeightRule]] | None = None
+    # transform(hf_name, tensor, hf_config, to_ours): a per-tensor change of layout in HF's
+    # naming (DeepSeek's interleaved RoPE rows); applied on import, inverted on export.
+    transform: Callable[[str, torch.Tensor, dict[str, Any], bool], torch.Tensor] | None = None
+    # refine(model_config, hf_tensor_names): settings config.json cannot tell (DeepSeek's MTP
+    # modules, counted by the config but present only in some files).
+    refine: Callable[[ModelConfig, set[str]], ModelConfig] | None = None
 
 
 def _rule(hf: str, *ours: str, transpose: bool = False) -> WeightRule:
@@ -423,11 +432,17 @@ _INACTIVE: list[tuple[str, Callable[[ModelConfig], bool], tuple[str, ...] | None
      ("q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim")),
     ("attention", lambda m: getattr(m.attention, "sliding_window", None) is None,
      ("global_every",)),
+    ("position", lambda m: getattr(m.attention, "sliding_window", None) is None,
+     ("local_rope_theta",)),
     ("moe", lambda m: m.moe.num_experts == 0, None),
     ("mtp", lambda m: m.mtp.depth == 0, None),
 ]  # fmt: skip
 
-DEFAULT_ACTIVATION = {"swiglu": "silu", "gelu": "gelu_tanh"}
+DEFAULT_ACTIVATION = {"swiglu": "silu", "gelu": "gelu_tanh", "geglu": "gelu_tanh"}
+
+# More in-place canonicalisations, registered by the family modules (hf_moe: expert widths,
+# training-only MoE/MTP settings).
+CANONICAL_HOOKS: list[Callable[[ModelConfig], None]] = []
 
 
 def _canonical(m: ModelConfig) -> ModelConfig:
@@ -440,6 +455,11 @@ def _canonical(m: ModelConfig) -> ModelConfig:
         a.qkv_bias = a.bias
     if m.mlp.activation == "default":
         m.mlp.activation = DEFAULT_ACTIVATION.get(m.mlp.kind, "default")
+    p = m.position
+    if p.local_rope_theta == p.rope_theta and p.rope_scaling.kind == "none":
+        p.local_rope_theta = None  # local layers get the same RoPE either way
+    for hook in CANONICAL_HOOKS:
+        hook(m)
     for path, inactive, names in _INACTIVE:
         parent, _, leaf = path.rpartition(".")
         owner = _get(m, parent) if parent else m
@@ -497,10 +517,10 @@ def _expand(rules: Sequence[WeightRule], n_layers: int, have: set[str]) -> list[
     for rule in rules:
         layers = range(n_layers) if any("{i}" in n for n in (rule.hf, *rule.ours)) else [None]
         for i in layers:
-            r = rule if i is None else WeightRule(
-                rule.hf.replace("{i}", str(i)),
-                tuple(n.replace("{i}", str(i)) for n in rule.ours),
-                rule.transpose,
+            r = rule if i is None else dataclasses.replace(
+                rule,
+                hf=rule.hf.replace("{i}", str(i)),
+                ours=tuple(n.replace("{i}", str(i)) for n in rule.ours),
             )  # fmt: skip
             present = [n in have for n in r.ours]
             if all(present):
@@ -575,28 +595,48 @@ class _SafetensorsReader:
             raise UserError(f"{path}: cannot read tensor {stored} ({err})") from None
 
 
+def _rules(family: Family, model: Transformer, have: set[str]) -> list[WeightRule]:
+    extra = family.extra_rules(model.cfg) if family.extra_rules is not None else ()
+    return _expand((*family.rules, *extra), model.cfg.n_layers, have)
+
+
 @torch.no_grad()
-def _load_hf_weights(family: Family, reader: _SafetensorsReader, model: Transformer) -> None:
+def _load_hf_weights(
+    family: Family,
+    reader: _SafetensorsReader,
+    model: Transformer,
+    hf_cfg: dict[str, Any] | None = None,
+) -> None:
     """Copy every HF tensor into the model (converting dtype), checking names and shapes."""
     ours = model.state_dict()
-    rules = _expand(family.rules, model.cfg.n_layers, set(ours))
+    rules = _rules(family, model, set(ours))
     available = set(reader.names())
-    filled: set[str] = set()
+    filled: dict[tuple[str, int | None], str] = {}  # (our tensor, slice) -> the HF tensor
     for rule in rules:
         if rule.hf not in available:
             raise UserError(f"{family.name}: tensor {rule.hf} is missing from the weights")
         t = reader.get(rule.hf)
+        if family.transform is not None:
+            t = family.transform(rule.hf, t, hf_cfg or {}, True)
         t = t.t() if rule.transpose else t
-        sizes = [ours[n].shape[0] for n in rule.ours]
+        targets = [ours[n] if rule.index is None else ours[n][rule.index] for n in rule.ours]
+        sizes = [x.shape[0] for x in targets]
         parts = t.split(sizes, dim=0) if len(rule.ours) > 1 and t.shape[0] == sum(sizes) else [t]
-        for name, part in zip(rule.ours, parts):
-            if len(parts) != len(rule.ours) or part.shape != ours[name].shape:
+        for name, target, part in zip(rule.ours, targets, parts):
+            if len(parts) != len(rule.ours) or part.shape != target.shape:
                 raise UserError(
                     f"{family.name}: tensor {rule.hf} has shape {tuple(t.shape)}, but config.json "
-                    f"implies {' + '.join(str(tuple(ours[n].shape)) for n in rule.ours)}"
+                    f"implies {' + '.join(str(tuple(x.shape)) for x in targets)}"
                 )
-            ours[name].copy_(part)
-            filled.add(name)
+            key = (name, rule.index)
+            if key in filled and not torch.equal(target, part.to(target.dtype)):
+                # A checkpoint may store copies (DeepSeek's MTP layers repeat the embedding).
+                raise UserError(
+                    f"{family.name}: tensors {filled[key]} and {rule.hf} should hold the same "
+                    f"weights ({name}) but differ"
+                )
+            target.copy_(part)
+            filled[key] = rule.hf
         available.discard(rule.hf)
     ignore = re.compile("|".join(family.ignore)) if family.ignore else None
     for name in sorted(available):
@@ -608,7 +648,8 @@ def _load_hf_weights(family: Family, reader: _SafetensorsReader, model: Transfor
             f"{family.name}: tensor {name} has no evoformer counterpart (a feature config.json "
             "does not declare, or an unsupported variant)"
         )
-    missing = sorted(n for n, p in model.named_parameters() if n not in filled)
+    filled_names = {name for name, _ in filled}
+    missing = sorted(n for n, p in model.named_parameters() if n not in filled_names)
     if missing:
         raise UserError(f"{family.name}: no HF tensor provides {missing[0]}")
 
@@ -617,12 +658,16 @@ def hf_state_dict(family: Family, model: Transformer) -> dict[str, torch.Tensor]
     """``model``'s weights under ``family``'s HF names: fresh contiguous tensors, none shared
     (as safetensors requires), ready for ``save_file`` or an HF model's ``load_state_dict``."""
     ours = {n: t.detach() for n, t in model.state_dict().items()}
+    hf_cfg = family.to_hf_config(model.cfg) if family.transform is not None else {}
     out: dict[str, torch.Tensor] = {}
     used: set[str] = set()
-    for rule in _expand(family.rules, model.cfg.n_layers, set(ours)):
-        parts = [ours[n] for n in rule.ours]
+    for rule in _rules(family, model, set(ours)):
+        parts = [ours[n] if rule.index is None else ours[n][rule.index] for n in rule.ours]
         t = torch.cat(parts, dim=0) if len(parts) > 1 else parts[0]
-        out[rule.hf] = (t.t() if rule.transpose else t).contiguous().clone()
+        t = t.t() if rule.transpose else t
+        if family.transform is not None:
+            t = family.transform(rule.hf, t, hf_cfg, False)
+        out[rule.hf] = t.contiguous().clone()
         used.update(rule.ours)
     params = {n for n, _ in model.named_parameters()}
     left = sorted(params - used)
@@ -688,13 +733,16 @@ def import_hf(hf_dir: str | Path, out_dir: str | Path) -> Path:
 def _import_hf(hf_dir: Path, out_dir: Path) -> tuple[Path, Family, int]:
     hf_cfg = _read_hf_config(hf_dir)
     family = family_for_hf_config(hf_cfg)
-    cfg = _checked_config(family.to_model_config(hf_cfg))
+    model_cfg = family.to_model_config(hf_cfg)
     reader = _SafetensorsReader(hf_dir, family.base_prefix)
+    if family.refine is not None:
+        model_cfg = family.refine(model_cfg, set(reader.names()))
+    cfg = _checked_config(model_cfg)
     if list_checkpoints(out_dir / "checkpoints"):
         raise UserError(f"{out_dir} already holds checkpoints; import into a new folder")
     model = build_model(cfg.model, seed=None)
     try:
-        _load_hf_weights(family, reader, model)
+        _load_hf_weights(family, reader, model, hf_cfg)
     finally:
         reader.close()
     config_yaml = to_yaml(cfg)
@@ -798,3 +846,8 @@ def export_hf_main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--family", choices=list(FAMILIES), help="HF architecture (default: auto)")
     ns = parser.parse_args(argv)
     return _report(prog, lambda: _export_hf(ns.ckpt_dir, ns.out_dir, ns.family), "exported")
+
+
+# Families kept in their own modules; each registers itself into FAMILIES on import.
+from evoformer.checkpoint import hf_dense  # noqa: E402, F401  (Mistral, Qwen2/3, OLMo 2, Gemma 3)
+from evoformer.checkpoint import hf_moe  # noqa: E402, F401  (Mixtral, Qwen3-MoE, DeepSeek-V3)

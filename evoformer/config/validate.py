@@ -95,6 +95,43 @@ def validate_model(cfg: Config) -> None:
     head_dim = a.head_dim or m.d_model // a.n_heads
     if m.position.kind == "rope" and head_dim % 2:
         _fail("model.attention.head_dim", head_dim, "must be even for RoPE")
+    if a.sliding_window is not None and a.sliding_window <= 0:
+        _fail("model.attention.sliding_window", a.sliding_window, "must be > 0 (null = no window)")
+    if a.global_every < 0 or a.global_every == 1:
+        _fail(
+            "model.attention.global_every", a.global_every,
+            "must be 0 (every layer local) or >= 2 (1 would make every layer global)",
+        )  # fmt: skip
+    if a.global_every and a.sliding_window is None:
+        _fail(
+            "model.attention.global_every", a.global_every,
+            "needs model.attention.sliding_window (the window of the local layers)",
+        )  # fmt: skip
+    if a.scale is not None and a.scale <= 0:
+        _fail("model.attention.scale", a.scale, "must be > 0 (null = 1/sqrt(head_dim))")
+    if a.kind == "mla" and m.position.kind == "alibi":
+        _fail("model.position.kind", "alibi", "MLA carries its own decoupled RoPE")
+    if a.kind == "mla" and a.qk_norm != "none":
+        _fail("model.attention.qk_norm", a.qk_norm, "MLA normalises its latents instead")
+    if a.kind == "mla" and a.sliding_window is not None:
+        _fail("model.attention.sliding_window", a.sliding_window, "MLA has no sliding window")
+    p = m.position
+    if p.local_rope_theta is not None:
+        if p.kind != "rope":
+            _fail("model.position.local_rope_theta", p.local_rope_theta, "needs position.kind=rope")
+        if p.local_rope_theta <= 0:
+            _fail("model.position.local_rope_theta", p.local_rope_theta, "must be > 0")
+    if p.kind == "rope" and p.rope_theta <= 0:
+        _fail("model.position.rope_theta", p.rope_theta, "must be > 0")
+    if p.kind == "rope" and p.rope_scaling.kind != "none" and p.rope_scaling.factor <= 0:
+        _fail("model.position.rope_scaling.factor", p.rope_scaling.factor, "must be > 0")
+    if m.norm.unit_offset and m.norm.kind != "rmsnorm":
+        _fail("model.norm.unit_offset", True, "only RMSNorm has a unit offset")
+    if m.parallel_block and m.norm.placement != "pre":
+        _fail(
+            "model.parallel_block", True,
+            f"a parallel block has one pre-norm (model.norm.placement={m.norm.placement})",
+        )  # fmt: skip
 
 
 def _not_yet(cfg: Config) -> None:

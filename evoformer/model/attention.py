@@ -1,20 +1,32 @@
 """Multi-head attention with grouped KV heads (MHA / GQA / MQA) through SDPA, with a KV cache.
 
+Variants, each a config choice: q/k/v biases (Qwen2), QK-norm per head (Qwen3, Gemma 3) or over
+the whole projection (OLMo 2), sliding windows (Mistral; Gemma 3's local layers), ALiBi biases
+(BLOOM, MPT) and an explicit softmax scale (Gemma's query_pre_attn_scalar). The default path (no
+window, no ALiBi) hands SDPA ``is_causal=True`` and builds no mask at all.
+
 Shapes: B batch, T new tokens, S cached + new tokens, H query heads, K kv heads, D head dim.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from evoformer.config.schema import AttentionConfig, ModelConfig
-from evoformer.model.positions import apply_rope
+from evoformer.model.norms import RMSNorm
+from evoformer.model.positions import alibi_slopes, apply_rope
 
 
 class KVCache:
-    """Preallocated keys/values of one layer for incremental decoding."""
+    """Preallocated keys/values of one layer for incremental decoding.
+
+    Sliding-window layers keep every position too: the mask hides the ones outside the window,
+    so cached and uncached decoding compute the same function.
+    """
 
     def __init__(self, batch: int, n_kv: int, max_len: int, head_dim: int, device, dtype) -> None:
         self.k_BKSD = torch.zeros(batch, n_kv, max_len, head_dim, device=device, dtype=dtype)
@@ -31,21 +43,89 @@ class KVCache:
         return self.k_BKSD[:, :, :end], self.v_BKSD[:, :, :end]
 
 
+# -- masks and biases -------------------------------------------------------------------------
+
+
+def causal_window_mask(
+    T: int, S: int, window: int | None = None, device: torch.device | str | None = None
+) -> torch.Tensor:
+    """[T, S] bool, True where new token t may attend key s. The T new tokens are the last of
+    the S positions (query t sits at q = S - T + t); it sees keys ``q - window < s <= q``, i.e.
+    itself and the ``window - 1`` tokens before it (HF: ``kv_idx > q_idx - sliding_window``)."""
+    dist_TS = _distance(T, S, device)
+    allowed = dist_TS >= 0
+    if window is not None:
+        allowed &= dist_TS < window
+    return allowed
+
+
+def alibi_bias(
+    n_heads: int,
+    T: int,
+    S: int,
+    window: int | None = None,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """[H, T, S] additive ALiBi scores: ``-slope_h * (q - s)`` where allowed, ``-inf`` elsewhere
+    (causal, and outside the window if any). Built in fp32, then cast to the scores' dtype."""
+    dist_TS = _distance(T, S, device)
+    slopes_H = alibi_slopes(n_heads).to(device=device, dtype=torch.float32)
+    bias = -slopes_H[:, None, None] * dist_TS.to(torch.float32)
+    allowed = causal_window_mask(T, S, window, device)
+    return bias.masked_fill(~allowed, float("-inf")).to(dtype)
+
+
+def _distance(T: int, S: int, device) -> torch.Tensor:
+    q_T = torch.arange(S - T, S, device=device)
+    return q_T[:, None] - torch.arange(S, device=device)[None, :]
+
+
+# Block.forward carries no per-forward context, so layers share masks through these memos: one
+# build per distinct (shape, window, offset) serves every layer of a forward pass, and the
+# training shape is built once per run. Masks made under inference_mode are inference tensors
+# that autograd may not save, hence the flag in the key.
+@functools.lru_cache(maxsize=8)
+def _shared_mask(T: int, S: int, window: int | None, device, _inference: bool) -> torch.Tensor:
+    return causal_window_mask(T, S, window, device)
+
+
+@functools.lru_cache(maxsize=4)
+def _shared_alibi(
+    n_heads: int, T: int, S: int, window: int | None, dtype, device, _inference: bool
+) -> torch.Tensor:
+    return alibi_bias(n_heads, T, S, window, dtype, device)
+
+
+# -- attention --------------------------------------------------------------------------------
+
+
 class Attention(nn.Module):
     """Causal self-attention; ``n_kv_heads < n_heads`` shares each KV head across a group."""
 
-    def __init__(self, cfg: AttentionConfig, d_model: int) -> None:
+    def __init__(self, cfg: ModelConfig, layer_idx: int = 0) -> None:
         super().__init__()
-        self.n_heads = cfg.n_heads
-        self.n_kv_heads = cfg.n_kv_heads or cfg.n_heads
-        self.head_dim = cfg.head_dim or d_model // cfg.n_heads
-        self.dropout = cfg.dropout
+        a = cfg.attention
+        self.n_heads = a.n_heads
+        self.n_kv_heads = a.n_kv_heads or a.n_heads
+        self.head_dim = a.head_dim or cfg.d_model // a.n_heads
+        self.dropout = a.dropout
+        self.scale = a.scale
+        self.window = a.sliding_window if is_local_layer(a, layer_idx) else None
+        self.alibi = cfg.position.kind == "alibi"
+        self.qk_norm = a.qk_norm
+        qkv_bias = a.bias if a.qkv_bias is None else a.qkv_bias
         q_out, kv_out = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
-        self.q_proj = nn.Linear(d_model, q_out, bias=cfg.bias)
-        self.k_proj = nn.Linear(d_model, kv_out, bias=cfg.bias)
-        self.v_proj = nn.Linear(d_model, kv_out, bias=cfg.bias)
-        self.o_proj = nn.Linear(q_out, d_model, bias=cfg.bias)
+        self.q_proj = nn.Linear(cfg.d_model, q_out, bias=qkv_bias)
+        self.k_proj = nn.Linear(cfg.d_model, kv_out, bias=qkv_bias)
+        self.v_proj = nn.Linear(cfg.d_model, kv_out, bias=qkv_bias)
+        self.o_proj = nn.Linear(q_out, cfg.d_model, bias=a.bias)
         self.o_proj.is_residual_out = True
+        if a.qk_norm != "none":
+            # RMSNorm in every model that has one; Gemma's unit offset follows model.norm.
+            q_dim, k_dim = (self.head_dim,) * 2 if a.qk_norm == "head" else (q_out, kv_out)
+            self.q_norm = RMSNorm(q_dim, cfg.norm.eps, cfg.norm.unit_offset)
+            self.k_norm = RMSNorm(k_dim, cfg.norm.eps, cfg.norm.unit_offset)
 
     def new_cache(self, batch: int, max_len: int, device, dtype) -> KVCache:
         return KVCache(batch, self.n_kv_heads, max_len, self.head_dim, device, dtype)
@@ -57,32 +137,41 @@ class Attention(nn.Module):
         cache: KVCache | None = None,
     ) -> torch.Tensor:
         B, T, _ = x_BTC.shape
-        q = self.q_proj(x_BTC).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x_BTC).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x_BTC).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        H, K, D = self.n_heads, self.n_kv_heads, self.head_dim
+        q, k = self.q_proj(x_BTC), self.k_proj(x_BTC)
+        if self.qk_norm == "full":  # OLMo 2: over the whole projection, before the head split
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = q.view(B, T, H, D).transpose(1, 2)
+        k = k.view(B, T, K, D).transpose(1, 2)
+        v = self.v_proj(x_BTC).view(B, T, K, D).transpose(1, 2)
+        if self.qk_norm == "head":  # Qwen3, Gemma 3: each head on its own, before RoPE
+            q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         past = cache.length if cache is not None else 0
         if cache is not None:
             k, v = cache.append(k, v)
-        if self.n_kv_heads != self.n_heads:
+        S = k.shape[2]
+        if K != H:
             # Expand KV heads to the query heads (as HF's repeat_kv): every SDPA backend takes it.
-            rep = self.n_heads // self.n_kv_heads
-            S = k.shape[2]
-            k = k[:, :, None].expand(B, self.n_kv_heads, rep, S, self.head_dim)
-            v = v[:, :, None].expand(B, self.n_kv_heads, rep, S, self.head_dim)
-            k = k.reshape(B, self.n_heads, S, self.head_dim)
-            v = v.reshape(B, self.n_heads, S, self.head_dim)
+            k = k[:, :, None].expand(B, K, H // K, S, D).reshape(B, H, S, D)
+            v = v[:, :, None].expand(B, K, H // K, S, D).reshape(B, H, S, D)
+        mask = None
+        if self.alibi:
+            inference = torch.is_inference_mode_enabled()
+            mask = _shared_alibi(H, T, S, self.window, q.dtype, q.device, inference)
+        elif self.window is not None and S > self.window:
+            mask = _shared_mask(T, S, self.window, q.device, torch.is_inference_mode_enabled())
+        elif past and T > 1:
+            # Several new tokens after a prefill: new token t sits at position past + t.
+            mask = _shared_mask(T, S, None, q.device, torch.is_inference_mode_enabled())
+        # Without a mask: plain causal from the start, or one new token that sees everything.
+        causal = mask is None and past == 0 and T > 1
         dropout = self.dropout if self.training else 0.0
-        if past == 0:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, dropout_p=dropout)
-        else:
-            # Decoding after a prefill: new query i sits at position past + i.
-            S = k.shape[2]
-            mask = torch.ones(T, S, dtype=torch.bool, device=x_BTC.device).tril(diagonal=past)
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
-        out = out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)
-        return self.o_proj(out)
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=causal, dropout_p=dropout, scale=self.scale
+        )
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, H * D))
 
 
 def is_local_layer(cfg: AttentionConfig, layer_idx: int) -> bool:
@@ -101,4 +190,4 @@ def build_attention(cfg: ModelConfig, layer_idx: int) -> nn.Module:
         from evoformer.model.mla import MultiHeadLatentAttention
 
         return MultiHeadLatentAttention(cfg, layer_idx)
-    return Attention(cfg.attention, cfg.d_model)
+    return Attention(cfg, layer_idx)

@@ -1,4 +1,4 @@
-"""Feed-forward blocks: the GPT-2 two-matrix MLP and the gated SwiGLU of LLaMA."""
+"""Feed-forward blocks: the GPT-2 two-matrix MLP and the gated SwiGLU (LLaMA) / GeGLU (Gemma)."""
 
 from __future__ import annotations
 
@@ -15,10 +15,13 @@ ACTIVATIONS = {
 }
 
 
+# What ``activation: default`` means per MLP kind (GeGLU: Gemma's gelu_pytorch_tanh).
+DEFAULT_ACTIVATION = {"gelu": "gelu_tanh", "swiglu": "silu", "geglu": "gelu_tanh"}
+
+
 def _activation(cfg: MLPConfig):
-    if cfg.activation == "default":
-        return ACTIVATIONS["silu" if cfg.kind == "swiglu" else "gelu_tanh"]
-    return ACTIVATIONS[cfg.activation]
+    name = DEFAULT_ACTIVATION[cfg.kind] if cfg.activation == "default" else cfg.activation
+    return ACTIVATIONS[name]
 
 
 class MLP(nn.Module):

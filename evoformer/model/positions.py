@@ -1,4 +1,4 @@
-"""Position information: rotary embeddings (with Llama-3.1 scaling) and learned absolute tables.
+"""Position information: rotary embeddings (linear and Llama-3.1 scaling) and ALiBi slopes.
 
 Shapes: B batch, T sequence, H heads, D head dim.
 """
@@ -16,7 +16,9 @@ from evoformer.config.schema import PositionConfig, RopeScalingConfig
 def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScalingConfig) -> torch.Tensor:
     """Inverse frequencies [D/2] in fp64, with the configured scaling applied."""
     inv = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
-    if scaling.kind == "llama3":
+    if scaling.kind == "linear":
+        inv = inv / scaling.factor  # positions / factor (Gemma 3 global layers, "linear" in HF)
+    elif scaling.kind == "llama3":
         inv = _llama3_scaling(inv, scaling)
     return inv
 
@@ -66,3 +68,20 @@ def apply_rope(x_BHTD: torch.Tensor, cos_TD: torch.Tensor, sin_TD: torch.Tensor)
     x1, x2 = x_BHTD[..., :half], x_BHTD[..., half:]
     rotated = torch.cat((-x2, x1), dim=-1)
     return x_BHTD * cos_TD.to(x_BHTD.dtype) + rotated * sin_TD.to(x_BHTD.dtype)
+
+
+def alibi_slopes(n_heads: int) -> torch.Tensor:
+    """ALiBi per-head slopes [H] in fp64 (Press et al. 2022; BLOOM's ``build_alibi_tensor``).
+
+    For a power of two n the slopes are the geometric sequence 2^(-8/n), 2^(-16/n), ..., 2^-8.
+    Otherwise the first 2^floor(log2 n) heads take that sequence and the remaining heads take
+    every other slope of the 2^(floor(log2 n)+1) sequence (the odd powers), which interleaves
+    them between the first ones.
+    """
+    closest = 2 ** math.floor(math.log2(n_heads))
+    slopes = 2.0 ** (-8.0 / closest * torch.arange(1, closest + 1, dtype=torch.float64))
+    if closest != n_heads:
+        extra = n_heads - closest
+        odd = torch.arange(1, 2 * extra, 2, dtype=torch.float64)
+        slopes = torch.cat([slopes, 2.0 ** (-4.0 / closest * odd)])
+    return slopes

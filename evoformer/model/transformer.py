@@ -42,6 +42,8 @@ class Block(nn.Module):
         self.attn = build_attention(cfg, layer_idx)
         self.mlp_norm = None if self.parallel else build_norm(cfg.norm, cfg.d_model)
         self.mlp = build_ffn(cfg, layer_idx)
+        if hasattr(self.mlp, "layer_idx"):  # MoE names its load metrics by layer
+            self.mlp.layer_idx = layer_idx
         if self.placement == "sandwich":
             self.attn_post_norm = build_norm(cfg.norm, cfg.d_model)
             self.mlp_post_norm = build_norm(cfg.norm, cfg.d_model)
@@ -89,8 +91,9 @@ class Transformer(nn.Module):
         )
         self.rope, self.rope_local = self._build_rope(cfg)
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
-        # Post-norm stacks end normalised already; pre-norm needs a final norm before the head.
-        self.norm = build_norm(cfg.norm, cfg.d_model) if cfg.norm.placement == "pre" else None
+        # Post-norm stacks end normalised already; the others (pre, OLMo 2's reordered, Gemma's
+        # sandwich) leave a raw residual stream that needs a final norm before the head.
+        self.norm = build_norm(cfg.norm, cfg.d_model) if cfg.norm.placement != "post" else None
         self.head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, False)
         self.mtp = None
         if cfg.mtp.depth > 0:
@@ -138,6 +141,10 @@ class Transformer(nn.Module):
                 _normal_(module.weight, s, seed, f"{name}.weight")
                 if getattr(module, "bias", None) is not None:
                     module.bias.zero_()
+            # Other weight layouts (stacked MoE experts) name their linear-like parameters.
+            for pname, residual in getattr(module, "normal_init", {}).items():
+                s = residual_std if residual else std
+                _normal_(getattr(module, pname), s, seed, f"{name}.{pname}")
 
     def num_params(self, exclude_embeddings: bool = False) -> int:
         n = sum(p.numel() for p in self.parameters())
@@ -165,15 +172,15 @@ class Transformer(nn.Module):
             return self.logits(hidden_BTC)
         ce = lm_loss(self.logits(hidden_BTC), targets)
         loss, metrics = ce, {"ce_loss": ce.detach()}
+        if self.mtp is not None:  # first: its blocks may hold MoE layers with aux losses
+            mtp_loss = self.mtp(hidden_BTC, input_ids, targets, self)
+            loss = loss + self.cfg.mtp.loss_weight * mtp_loss
+            metrics["mtp_loss"] = mtp_loss.detach()
         aux = [m.aux_loss for m in self.modules() if getattr(m, "aux_loss", None) is not None]
         if aux:
             aux_total = torch.stack(aux).sum()
             loss = loss + aux_total
             metrics["aux_loss"] = aux_total.detach()
-        if self.mtp is not None:
-            mtp_loss = self.mtp(hidden_BTC, input_ids, targets, self)
-            loss = loss + self.cfg.mtp.loss_weight * mtp_loss
-            metrics["mtp_loss"] = mtp_loss.detach()
         return ModelOutput(loss, metrics)
 
     def logits(self, hidden_BTC: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,150 @@
+"""Multi-head latent attention (DeepSeek-V2/V3), computed as HF's ``DeepseekV3Attention``.
+
+Keys and values are expanded per head from one compressed latent per token; a decoupled RoPE
+key, shared by all heads, carries the position. The decoding cache holds only the latent and
+that key: ``kv_lora_rank + qk_rope_head_dim`` values per token and layer.
+
+Shapes: B batch, T new tokens, S cached + new tokens, H heads, L kv_lora_rank, R
+qk_rope_head_dim, N qk_nope_head_dim, V v_head_dim, C d_model.
+
+RoPE rotates the two halves of q_pe / k_pe (``positions.apply_rope``). DeepSeek's checkpoints
+rotate interleaved pairs instead (HF ``rope_interleave``); that is the same function after a
+fixed permutation of the rope rows of ``q_b_proj``/``q_proj`` and ``kv_a_proj``, which the HF
+converter applies to the weights.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from evoformer.config.schema import ModelConfig
+from evoformer.model.norms import RMSNorm
+from evoformer.model.positions import apply_rope
+
+# DeepSeek's latent norms use a fixed epsilon, whatever rms_norm_eps says.
+LATENT_NORM_EPS = 1e-6
+
+
+class LatentCache:
+    """Decoding cache of one MLA layer: the normalised KV latent and the rotated shared key."""
+
+    def __init__(
+        self, batch: int, max_len: int, kv_lora_rank: int, rope_dim: int, device, dtype
+    ) -> None:
+        self.latent_BSL = torch.zeros(batch, max_len, kv_lora_rank, device=device, dtype=dtype)
+        self.k_pe_BSR = torch.zeros(batch, max_len, rope_dim, device=device, dtype=dtype)
+        self.length = 0
+
+    def append(
+        self, latent_BTL: torch.Tensor, k_pe_BTR: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        start, end = self.length, self.length + latent_BTL.shape[1]
+        if end > self.latent_BSL.shape[1]:
+            raise ValueError(f"MLA cache holds {self.latent_BSL.shape[1]} positions, asked {end}")
+        self.latent_BSL[:, start:end] = latent_BTL
+        self.k_pe_BSR[:, start:end] = k_pe_BTR
+        self.length = end
+        return self.latent_BSL[:, :end], self.k_pe_BSR[:, :end]
+
+    def bytes_per_token(self) -> int:
+        """Cache bytes one token of one sequence takes in this layer."""
+        return self.latent_BSL[0, 0].nbytes + self.k_pe_BSR[0, 0].nbytes
+
+
+class MultiHeadLatentAttention(nn.Module):
+    """MLA: ``q_lora_rank > 0`` factorises the query (q_a_proj -> RMSNorm -> q_b_proj, else one
+    q_proj); ``kv_a_proj`` gives the latent and the shared RoPE key; ``kv_b_proj`` expands the
+    normalised latent into per-head no-position keys and values.
+
+    Without a cache (training, scoring) keys and values are expanded and attended by SDPA. With
+    a cache, ``kv_b_proj`` is absorbed into the query and the output instead, so attention runs
+    on the cached latent directly and per-head keys are never materialised."""
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
+        super().__init__()
+        a = cfg.attention
+        if a.qk_norm != "none" or a.sliding_window is not None:
+            raise ValueError("MLA supports neither attention.qk_norm nor attention.sliding_window")
+        self.layer_idx = layer_idx
+        self.n_heads = a.n_heads
+        self.q_lora_rank, self.kv_lora_rank = a.q_lora_rank, a.kv_lora_rank
+        self.nope_dim, self.rope_dim, self.v_dim = a.qk_nope_head_dim, a.qk_rope_head_dim, a.v_head_dim
+        self.qk_dim = self.nope_dim + self.rope_dim
+        self.scale = a.scale if a.scale is not None else self.qk_dim**-0.5
+        self.dropout = a.dropout
+        C, H = cfg.d_model, a.n_heads
+        if self.q_lora_rank > 0:
+            self.q_a_proj = nn.Linear(C, self.q_lora_rank, bias=a.bias)
+            self.q_a_norm = RMSNorm(self.q_lora_rank, LATENT_NORM_EPS)
+            self.q_b_proj = nn.Linear(self.q_lora_rank, H * self.qk_dim, bias=False)
+        else:
+            self.q_proj = nn.Linear(C, H * self.qk_dim, bias=False)
+        self.kv_a_proj = nn.Linear(C, self.kv_lora_rank + self.rope_dim, bias=a.bias)
+        self.kv_a_norm = RMSNorm(self.kv_lora_rank, LATENT_NORM_EPS)
+        self.kv_b_proj = nn.Linear(self.kv_lora_rank, H * (self.nope_dim + self.v_dim), bias=False)
+        self.o_proj = nn.Linear(H * self.v_dim, C, bias=a.bias)
+        self.o_proj.is_residual_out = True
+
+    def new_cache(self, batch: int, max_len: int, device, dtype) -> LatentCache:
+        return LatentCache(batch, max_len, self.kv_lora_rank, self.rope_dim, device, dtype)
+
+    def forward(
+        self,
+        x_BTC: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+        cache: LatentCache | None = None,
+    ) -> torch.Tensor:
+        B, T, _ = x_BTC.shape
+        if self.q_lora_rank > 0:
+            q = self.q_b_proj(self.q_a_norm(self.q_a_proj(x_BTC)))
+        else:
+            q = self.q_proj(x_BTC)
+        q_BHTD = q.view(B, T, self.n_heads, self.qk_dim).transpose(1, 2)
+        q_nope_BHTN, q_pe_BHTR = q_BHTD.split([self.nope_dim, self.rope_dim], dim=-1)
+        latent_BTL, k_pe_BTR = self.kv_a_proj(x_BTC).split([self.kv_lora_rank, self.rope_dim], -1)
+        latent_BTL = self.kv_a_norm(latent_BTL)
+        k_pe_B1TR = k_pe_BTR.unsqueeze(1)
+        if rope is not None:
+            q_pe_BHTR, k_pe_B1TR = apply_rope(q_pe_BHTR, *rope), apply_rope(k_pe_B1TR, *rope)
+        if cache is None:
+            out_BHTV = self._attend(q_nope_BHTN, q_pe_BHTR, latent_BTL, k_pe_B1TR)
+        else:
+            past = cache.length
+            latent_BSL, k_pe_BSR = cache.append(latent_BTL, k_pe_B1TR.squeeze(1))
+            out_BHTV = self._attend_latent(q_nope_BHTN, q_pe_BHTR, latent_BSL, k_pe_BSR, past)
+        return self.o_proj(out_BHTV.transpose(1, 2).reshape(B, T, self.n_heads * self.v_dim))
+
+    def _attend(self, q_nope_BHTN, q_pe_BHTR, latent_BSL, k_pe_B1SR) -> torch.Tensor:
+        """Causal attention over per-head keys/values expanded from the latent."""
+        B, H, T, _ = q_nope_BHTN.shape
+        S = latent_BSL.shape[1]
+        kv = self.kv_b_proj(latent_BSL).view(B, S, H, self.nope_dim + self.v_dim).transpose(1, 2)
+        k_nope_BHSN, v_BHSV = kv.split([self.nope_dim, self.v_dim], dim=-1)
+        k_BHSD = torch.cat([k_nope_BHSN, k_pe_B1SR.expand(B, H, S, self.rope_dim)], dim=-1)
+        q_BHTD = torch.cat([q_nope_BHTN, q_pe_BHTR], dim=-1)
+        dropout = self.dropout if self.training else 0.0
+        return F.scaled_dot_product_attention(
+            q_BHTD, k_BHSD, v_BHSV, is_causal=T > 1, dropout_p=dropout, scale=self.scale
+        )
+
+    def _attend_latent(self, q_nope_BHTN, q_pe_BHTR, latent_BSL, k_pe_BSR, past: int):
+        """The same attention with kv_b_proj absorbed: q_nope . (W_uk c) = (W_uk^T q_nope) . c,
+        and the values' W_uv applied after the weighted sum of latents."""
+        B, H, T, _ = q_nope_BHTN.shape
+        S = latent_BSL.shape[1]
+        w_HXL = self.kv_b_proj.weight.view(H, self.nope_dim + self.v_dim, self.kv_lora_rank)
+        w_uk_HNL, w_uv_HVL = w_HXL.split([self.nope_dim, self.v_dim], dim=1)
+        q_lat_BHTL = torch.einsum("bhtn,hnl->bhtl", q_nope_BHTN, w_uk_HNL)
+        q_BHTD = torch.cat([q_lat_BHTL, q_pe_BHTR], dim=-1)
+        k_B1SD = torch.cat([latent_BSL, k_pe_BSR], dim=-1).unsqueeze(1)
+        D = k_B1SD.shape[-1]
+        k_BHSD = k_B1SD.expand(B, H, S, D)
+        v_BHSL = latent_BSL.unsqueeze(1).expand(B, H, S, self.kv_lora_rank)
+        # New query i sits at position past + i.
+        mask = torch.ones(T, S, dtype=torch.bool, device=q_BHTD.device).tril(diagonal=past)
+        o_BHTL = F.scaled_dot_product_attention(
+            q_BHTD, k_BHSD, v_BHSL, attn_mask=mask, scale=self.scale
+        )
+        return torch.einsum("bhtl,hvl->bhtv", o_BHTL, w_uv_HVL)

@@ -1,0 +1,317 @@
+"""Mixture of experts: a top-k router, gated experts stored as stacked 3-D weights and run with
+grouped GEMMs, optional always-on shared experts, and load balancing.
+
+One router covers the three published designs: softmax scores (Mixtral, Qwen3-MoE) and sigmoid
+scores with group-limited selection and an aux-loss-free selection bias (DeepSeek-V3). Token
+dispatch (permute by expert -> expert GEMMs -> unpermute and combine) goes through a dispatcher
+object, so an expert-parallel all-to-all can replace :class:`LocalDispatcher` without touching
+the router or the experts.
+
+Shapes: N tokens (batch x sequence), C d_model, E experts, K experts per token, H expert hidden
+width, M routed token copies (N x K, fewer when the capacity limit drops some), G expert groups.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from evoformer.config.schema import MLPConfig, ModelConfig
+from evoformer.model.mlp import GatedMLP, _activation, is_moe_layer
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    # Grouped GEMMs are not autocast ops: cast to the autocast dtype by hand.
+    dev = x.device.type
+    return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+
+
+class GroupedExperts(nn.Module):
+    """E gated experts ``down(act(gate(x)) * up(x))`` as stacked weights: ``gate_proj`` and
+    ``up_proj`` [E, H, C], ``down_proj`` [E, C, H] (each expert's matrix in nn.Linear's
+    [out, in] layout, as HF stores them). Takes token copies sorted by expert with the per-expert
+    counts and returns their outputs in the same order."""
+
+    # Drawn like linears by Transformer.init_weights, seeded by parameter name (True: the
+    # residual output projection, scaled when init.scaled_residual is on).
+    normal_init = {"gate_proj": False, "up_proj": False, "down_proj": True}
+
+    def __init__(self, num_experts: int, d_model: int, hidden: int, act) -> None:
+        super().__init__()
+        self.act = act
+        self.gate_proj = nn.Parameter(torch.empty(num_experts, hidden, d_model))
+        self.up_proj = nn.Parameter(torch.empty(num_experts, hidden, d_model))
+        self.down_proj = nn.Parameter(torch.empty(num_experts, d_model, hidden))
+        # None: torch._grouped_mm where the kernel takes the shapes, else a loop over experts.
+        self.use_grouped_mm: bool | None = None
+
+    def forward(self, x_MC: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+        dtype = _compute_dtype(x_MC)
+        x_MC = x_MC.to(dtype)
+        weights = [w.to(dtype) for w in (self.gate_proj, self.up_proj, self.down_proj)]
+        if self._grouped(x_MC):
+            return self._grouped_forward(x_MC, counts_E, *weights)
+        return self._loop_forward(x_MC, counts_E, *weights)
+
+    def _grouped(self, x_MC: torch.Tensor) -> bool:
+        if self.use_grouped_mm is not None:
+            return self.use_grouped_mm
+        if not hasattr(torch, "_grouped_mm") or x_MC.dtype not in _GROUPED_DTYPES:
+            return False
+        # The kernel wants every row stride a multiple of 16 bytes.
+        E, H, C = self.gate_proj.shape
+        return (H * x_MC.element_size()) % 16 == 0 and (C * x_MC.element_size()) % 16 == 0
+
+    def _grouped_forward(self, x_MC, counts_E, w_gate, w_up, w_down) -> torch.Tensor:
+        offs = counts_E.cumsum(0).to(torch.int32)
+        h_MH = self.act(_grouped_mm(x_MC, w_gate, offs)) * _grouped_mm(x_MC, w_up, offs)
+        return _grouped_mm(h_MH, w_down, offs)
+
+    def _loop_forward(self, x_MC, counts_E, w_gate, w_up, w_down) -> torch.Tensor:
+        outs, start = [], 0
+        for e, n in enumerate(counts_E.tolist()):
+            if n:
+                x = x_MC[start : start + n]
+                h = self.act(F.linear(x, w_gate[e])) * F.linear(x, w_up[e])
+                outs.append(F.linear(h, w_down[e]))
+            start += n
+        return torch.cat(outs) if outs else x_MC.new_zeros(0, w_down.shape[1])
+
+
+_GROUPED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _grouped_mm(x_MI: torch.Tensor, w_EOI: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """Rows ``offs[e-1]:offs[e]`` of ``x`` times expert e's [out, in] matrix, transposed."""
+    if x_MI.device.type == "cpu":
+        # The CPU kernel runs about twice as fast on a row-major [E, in, out] operand; the copy
+        # costs one pass over the weights. (CUDA prefers the transposed view as it is.)
+        y = torch._grouped_mm(x_MI, w_EOI.transpose(1, 2).contiguous(), offs=offs)
+    else:
+        y = torch._grouped_mm(x_MI, w_EOI.transpose(1, 2), offs=offs)
+    if y.requires_grad:
+        # Its backward rejects broadcast gradients (e.g. from y.sum()): make them dense.
+        y.register_hook(torch.Tensor.contiguous)
+    return y
+
+
+@dataclasses.dataclass
+class Dispatched:
+    """What :meth:`LocalDispatcher.combine` needs to undo a dispatch."""
+
+    order_M: torch.Tensor  # flat (token * K + slot) index of each dispatched copy
+    selected_E: torch.Tensor  # copies each expert was chosen for, before any capacity drop
+
+
+class LocalDispatcher:
+    """Token dispatch on one rank: sort the N x K token copies by expert so each expert's rows
+    are contiguous, and put the expert outputs back, weighted, after the GEMMs.
+
+    The interface is the seam for expert parallelism: a dispatcher that all-to-alls copies to the
+    ranks holding their experts returns the local experts' rows and counts the same way."""
+
+    def __init__(self, num_experts: int) -> None:
+        self.num_experts = num_experts
+
+    def dispatch(
+        self, x_NC: torch.Tensor, experts_NK: torch.Tensor, capacity: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, Dispatched]:
+        """(token copies sorted by expert [M, C], copies per expert [E], undo information).
+        With ``capacity``, each expert keeps only its first ``capacity`` copies (token order)."""
+        K = experts_NK.shape[1]
+        flat = experts_NK.reshape(-1)
+        order = flat.argsort(stable=True)
+        selected = torch.bincount(flat, minlength=self.num_experts)
+        counts = selected
+        if capacity is not None:
+            first_E = selected.cumsum(0) - selected
+            rank_M = torch.arange(order.numel(), device=order.device) - first_E[flat[order]]
+            order = order[rank_M < capacity]
+            counts = selected.clamp(max=capacity)
+        return x_NC[order // K], counts, Dispatched(order, selected)
+
+    def combine(
+        self, y_MC: torch.Tensor, d: Dispatched, weights_NK: torch.Tensor
+    ) -> torch.Tensor:
+        """Sum over each token's K expert outputs, weighted [N, C]; dropped copies count 0."""
+        N, K = weights_NK.shape
+        # Scatter back to (token, slot) order, then a batched weighted sum: deterministic, unlike
+        # an index_add over tokens.
+        y_NKC = y_MC.new_zeros(N * K, y_MC.shape[1]).index_copy(0, d.order_M, y_MC)
+        w_N1K = weights_NK.to(y_MC.dtype).unsqueeze(1)
+        return torch.bmm(w_N1K, y_NKC.view(N, K, -1)).squeeze(1)
+
+
+class MoE(nn.Module):
+    """Routed experts (plus shared experts) in place of a dense MLP.
+
+    Router: ``router`` (d_model -> E, no bias) in fp32; scores are softmax or sigmoid. The
+    selection score adds ``e_score_correction_bias`` (aux-loss-free balancing, DeepSeek-V3)
+    and, with ``n_groups > 1``, is limited to the ``topk_groups`` groups whose two best experts
+    score highest. Gate weights are the *unbiased* scores of the chosen experts, renormalised
+    (``norm_topk_prob``) and scaled by ``routed_scaling``.
+
+    Balancing: ``aux_loss`` (training, ``aux_loss_coef > 0``) is the Switch/Mixtral loss
+    ``E * sum_e f_e * P_e`` (f_e: copies routed to e per token, P_e: mean router probability,
+    for sigmoid scores the scores normalised per token), times ``aux_loss_coef`` divided by the
+    number of MoE layers, so the summed term is the mean over layers (HF Mixtral pools all
+    layers' statistics before the product; the two agree for one MoE layer). ``end_of_step()``
+    moves the bias by ``bias_update_rate * sign(mean load - load)`` from the step's token
+    counts (summed over micro-batches and data-parallel ranks) and reports load statistics.
+
+    Experts carry no biases (``mlp.bias`` applies to dense layers only).
+    """
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int | None = None) -> None:
+        super().__init__()
+        m = cfg.moe
+        E = m.num_experts
+        if cfg.mlp.kind not in ("swiglu", "geglu"):
+            raise ValueError(f"MoE experts are gated: model.mlp.kind={cfg.mlp.kind!r} is not")
+        if m.score not in ("softmax", "sigmoid"):
+            raise ValueError(f"unknown model.moe.score {m.score!r}")
+        if m.n_groups < 1 or E % m.n_groups or not 1 <= m.topk_groups <= m.n_groups:
+            raise ValueError(
+                f"model.moe: n_groups={m.n_groups} must divide num_experts={E} and "
+                f"topk_groups={m.topk_groups} must be in [1, n_groups]"
+            )
+        if not 1 <= m.top_k <= m.topk_groups * (E // m.n_groups):
+            raise ValueError(f"model.moe.top_k={m.top_k} exceeds the experts a token may use")
+        self.layer_idx = layer_idx  # names the metrics (set by the Block that holds it)
+        self.num_experts, self.top_k = E, m.top_k
+        self.score = m.score
+        self.norm_topk_prob = m.norm_topk_prob
+        self.routed_scaling = m.routed_scaling
+        self.n_groups, self.topk_groups = m.n_groups, m.topk_groups
+        n_moe = sum(is_moe_layer(cfg, i) for i in range(cfg.n_layers + cfg.mtp.depth))
+        self.aux_loss_coef = m.aux_loss_coef / max(n_moe, 1)
+        self.bias_update_rate = m.bias_update_rate
+        self.capacity_factor = m.capacity_factor
+        self.router = nn.Linear(cfg.d_model, E, bias=False)
+        uses_bias = m.score == "sigmoid" or m.bias_update_rate > 0
+        # Persistent, so checkpoints carry the balance reached; fp32 like HF keeps it.
+        self.register_buffer(
+            "e_score_correction_bias", torch.empty(E, dtype=torch.float32) if uses_bias else None
+        )
+        hidden = m.expert_hidden or cfg.mlp.hidden
+        self.experts = GroupedExperts(E, cfg.d_model, hidden, _activation(cfg.mlp))
+        self.dispatcher = LocalDispatcher(E)
+        shared = m.shared_hidden or m.num_shared_experts * hidden
+        self.shared_experts = None
+        if shared:
+            shared_cfg = MLPConfig(
+                kind=cfg.mlp.kind, hidden=shared, bias=False, activation=cfg.mlp.activation
+            )
+            self.shared_experts = GatedMLP(shared_cfg, cfg.d_model)
+        # The reduction group of the load statistics (None: the default group, if initialised).
+        self.process_group = None
+        self.aux_loss: torch.Tensor | None = None
+        self._stats: torch.Tensor | None = None  # [load per expert..., balance sum, calls, drops]
+
+    def reset_parameters(self) -> None:
+        if self.e_score_correction_bias is not None:
+            self.e_score_correction_bias.zero_()
+
+    # -- routing ---------------------------------------------------------------------------
+
+    def route(self, x_NC: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(gate weights [N, K] fp32, chosen experts [N, K], scores [N, E] fp32)."""
+        with torch.autocast(x_NC.device.type, enabled=False):
+            logits_NE = F.linear(x_NC.float(), self.router.weight.float())
+        if self.score == "softmax":
+            scores_NE = logits_NE.softmax(dim=-1)
+        else:
+            scores_NE = logits_NE.sigmoid()
+        choice_NE = scores_NE
+        if self.e_score_correction_bias is not None:
+            choice_NE = scores_NE + self.e_score_correction_bias  # steers selection only
+        if self.n_groups > 1:
+            choice_NE = self._limit_to_groups(choice_NE)
+        experts_NK = choice_NE.topk(self.top_k, dim=-1).indices
+        weights_NK = scores_NE.gather(1, experts_NK)
+        if self.norm_topk_prob:
+            weights_NK = weights_NK / (weights_NK.sum(dim=-1, keepdim=True) + 1e-20)
+        return weights_NK * self.routed_scaling, experts_NK, scores_NE
+
+    def _limit_to_groups(self, choice_NE: torch.Tensor) -> torch.Tensor:
+        # DeepSeek-V3: a group scores the sum of its two best experts; keep topk_groups groups.
+        N, E, G = choice_NE.shape[0], self.num_experts, self.n_groups
+        choice_NGX = choice_NE.view(N, G, E // G)
+        group_NG = choice_NGX.topk(min(2, E // G), dim=-1).values.sum(dim=-1)
+        keep_NG = torch.zeros_like(group_NG, dtype=torch.bool)
+        keep_NG.scatter_(1, group_NG.topk(self.topk_groups, dim=-1).indices, True)
+        return choice_NGX.masked_fill(~keep_NG.unsqueeze(-1), float("-inf")).view(N, E)
+
+    # -- forward ---------------------------------------------------------------------------
+
+    def forward(self, x_BTC: torch.Tensor) -> torch.Tensor:
+        shape = x_BTC.shape
+        x_NC = x_BTC.reshape(-1, shape[-1])
+        N = x_NC.shape[0]
+        weights_NK, experts_NK, scores_NE = self.route(x_NC)
+        capacity = None
+        if self.training and self.capacity_factor > 0:
+            # Switch/GShard expert capacity, applied in training only.
+            capacity = math.ceil(self.capacity_factor * N * self.top_k / self.num_experts)
+        xs_MC, counts_E, d = self.dispatcher.dispatch(x_NC, experts_NK, capacity)
+        out_NC = self.dispatcher.combine(self.experts(xs_MC, counts_E), d, weights_NK)
+        if self.shared_experts is not None:
+            out_NC = out_NC + self.shared_experts(x_NC)
+        self.aux_loss = None
+        if self.training and N > 0:
+            self._observe(scores_NE, d.selected_E, counts_E, N)
+        return out_NC.view(shape)
+
+    def _observe(self, scores_NE, selected_E, counts_E, N: int) -> None:
+        want_grad = self.aux_loss_coef > 0 and torch.is_grad_enabled()
+        with torch.set_grad_enabled(want_grad):
+            probs_NE = scores_NE
+            if self.score == "sigmoid":
+                probs_NE = scores_NE / scores_NE.sum(dim=-1, keepdim=True)
+            f_E = selected_E.float() / N
+            balance = self.num_experts * (f_E * probs_NE.mean(dim=0)).sum()
+        if want_grad:
+            self.aux_loss = self.aux_loss_coef * balance
+        with torch.no_grad():
+            if self._stats is None:
+                self._stats = torch.zeros(self.num_experts + 3, device=selected_E.device)
+            self._stats[: self.num_experts] += selected_E
+            dropped = (selected_E - counts_E).sum()
+            self._stats[self.num_experts :] += torch.stack([balance.detach(), balance.new_ones(()), dropped.float()])
+
+    # -- per optimizer step ----------------------------------------------------------------
+
+    @torch.no_grad()
+    def end_of_step(self) -> dict[str, float | list[float]]:
+        """Update the selection bias from this step's loads and report them (``{}`` when no
+        training forward ran since the last call). Collective over the process group."""
+        stats, self._stats = self._stats, None
+        if stats is None:
+            return {}
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(stats, group=self.process_group)
+        E = self.num_experts
+        load_E = stats[:E]
+        balance_sum, calls, dropped = stats[E:].tolist()
+        mean = load_E.mean()
+        bias = self.e_score_correction_bias
+        if bias is not None and self.bias_update_rate > 0:
+            bias += self.bias_update_rate * torch.sign(mean - load_E)
+        p = "moe" if self.layer_idx is None else f"moe/L{self.layer_idx}"
+        total = load_E.sum().clamp(min=1)
+        out: dict[str, float | list[float]] = {
+            f"{p}/max_over_mean": (load_E.max() / mean.clamp(min=1e-9)).item(),
+            f"{p}/share": [round(s, 4) for s in (load_E / total).tolist()],
+        }
+        if self.aux_loss_coef > 0:
+            out[f"{p}/aux_loss"] = self.aux_loss_coef * balance_sum / calls
+        if bias is not None:
+            out[f"{p}/bias_min"], out[f"{p}/bias_max"] = bias.min().item(), bias.max().item()
+        if self.capacity_factor > 0:
+            out[f"{p}/dropped"] = dropped / total.item()
+        return out

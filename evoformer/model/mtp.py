@@ -1,0 +1,85 @@
+"""Multi-token prediction (DeepSeek-V3): D sequential modules, module k predicting the token k+1
+positions past the next one, sharing the model's embedding and output head.
+
+Module k combines the previous depth's hidden state h_i with the embedding of token i+k:
+``eh_proj([RMSNorm(embed(t_{i+k})); RMSNorm(h_i)])`` (embedding first, as DeepSeek's
+checkpoints are laid out), runs one transformer block, applies its own output norm and the
+shared head, and is scored against token i+k+1. As in DeepSeek's released modeling code and
+HF's ``MtpModel``, depth 1 reads the main model's *normalised* final hidden state and depth k+1
+reads module k's normalised output; each module's output norm is its own (checkpoints store it
+as ``shared_head.norm``).
+
+The block is ``Block(cfg, n_layers + k - 1)``: it follows the model's layer pattern as if it
+were one more layer, so a DeepSeek-V3 MTP block is an MoE layer, as in the checkpoints.
+
+Only ``forward(..., targets=...)`` runs these modules; inference never does.
+Shapes: B batch, T sequence, C d_model.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from evoformer.config.schema import ModelConfig
+from evoformer.model.loss import lm_loss
+from evoformer.model.norms import build_norm
+from evoformer.model.transformer import Block
+
+
+class MTPModule(nn.Module):
+    """One prediction depth: input norms, the 2C -> C projection, a block and an output norm."""
+
+    def __init__(self, cfg: ModelConfig, depth: int) -> None:
+        super().__init__()
+        self.embed_norm = build_norm(cfg.norm, cfg.d_model)
+        self.hidden_norm = build_norm(cfg.norm, cfg.d_model)
+        self.proj = nn.Linear(2 * cfg.d_model, cfg.d_model, bias=False)
+        self.block = Block(cfg, cfg.n_layers + depth - 1)
+        self.out_norm = build_norm(cfg.norm, cfg.d_model)
+
+    def forward(self, h_BTC: torch.Tensor, embedded_BTC: torch.Tensor, rope) -> torch.Tensor:
+        """The normalised output hidden state of this depth."""
+        x = torch.cat([self.embed_norm(embedded_BTC), self.hidden_norm(h_BTC)], dim=-1)
+        return self.out_norm(self.block(self.proj(x), rope))
+
+
+class MultiTokenPrediction(nn.Module):
+    """``cfg.mtp.depth`` modules; ``forward`` returns the mean of their cross-entropies."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(MTPModule(cfg, k) for k in range(1, cfg.mtp.depth + 1))
+
+    def forward(
+        self, hidden_BTC: torch.Tensor, input_ids: torch.Tensor, targets: torch.Tensor, model
+    ) -> torch.Tensor:
+        """``hidden_BTC``: the main model's last hidden state (before its final norm) for
+        ``input_ids`` [B, T]; ``targets`` [B, T] are the next tokens (< 0 ignored). Returns the
+        mean over depths of each depth's mean cross-entropy."""
+        logits = self.logits(hidden_BTC, input_ids, model)
+        losses = [lm_loss(x, targets[:, k:]) for k, x in enumerate(logits, start=1)]
+        return torch.stack(losses).mean()
+
+    def logits(
+        self, hidden_BTC: torch.Tensor, input_ids: torch.Tensor, model
+    ) -> list[torch.Tensor]:
+        """Depth k's logits [B, T-k, V]: position i predicts token i+k+1 (T must exceed the
+        depth; causal attention makes a prefix of the sequence exact, no padding needed)."""
+        T = input_ids.shape[1]
+        if T <= len(self.layers):
+            raise ValueError(f"MTP depth {len(self.layers)} needs sequences longer than {T}")
+        h = model.norm(hidden_BTC) if model.norm is not None else hidden_BTC
+        head = model.embed.weight if model.head is None else model.head.weight
+        positions = torch.arange(T - 1, device=input_ids.device)
+        rope = model.rope(positions) if model.rope is not None else None
+        rope_local = model.rope_local(positions) if model.rope_local is not None else rope
+        out = []
+        for k, layer in enumerate(self.layers, start=1):
+            n = T - k
+            r = rope_local if layer.block.is_local else rope
+            r = None if r is None else (r[0][:n], r[1][:n])
+            h = layer(h[:, :n], model.embed_tokens(input_ids[:, k:]), r)
+            out.append(F.linear(h, head))
+        return out
