@@ -1,8 +1,11 @@
 """The parallel layout: one ParallelDims object, built once, passed explicitly.
 
-Data-parallel size is derived from the world size: dp = world / (tp * pp). Later parallelisms
-(tensor, pipeline, expert) add their mesh dimensions here; nothing in evoformer keeps
-process-group globals.
+Data-parallel size is derived from the world size: dp = world / (tp * pp * ...). Ranks are laid
+out as a ``[pp, dp, tp]`` grid with tp innermost (the Megatron / torchtitan order): adjacent
+ranks form a tensor-parallel group, so on a multi-GPU node the bandwidth-hungry TP all-reduces
+stay on NVLink and data parallelism spans nodes. ``ParallelDims.build()`` creates the
+DeviceMesh and its process groups once; the resulting ``ParallelGroups`` is what layers and the
+trainer receive. Nothing in evoformer keeps process-group globals.
 """
 
 from __future__ import annotations
@@ -26,9 +29,13 @@ class ParallelDims:
     local_rank: int
     tp: int = 1
     pp: int = 1
+    ep: int = 1
     dp: int = field(init=False)
 
     def __post_init__(self) -> None:
+        for name in ("tp", "pp", "ep"):
+            if getattr(self, name) < 1:
+                raise UserError(f"parallel.{name}={getattr(self, name)} must be >= 1")
         model_parallel = self.tp * self.pp
         if self.world_size % model_parallel:
             raise UserError(
@@ -37,8 +44,16 @@ class ParallelDims:
         self.dp = self.world_size // model_parallel
 
     @property
+    def tp_rank(self) -> int:
+        return self.rank % self.tp
+
+    @property
     def dp_rank(self) -> int:
-        return self.rank // (self.tp * self.pp)
+        return (self.rank // self.tp) % self.dp
+
+    @property
+    def pp_rank(self) -> int:
+        return self.rank // (self.tp * self.dp)
 
     @property
     def is_main(self) -> bool:
@@ -57,7 +72,77 @@ class ParallelDims:
             local_rank=int(os.environ.get("LOCAL_RANK", 0)),
             tp=cfg.tp,
             pp=cfg.pp,
+            ep=cfg.ep,
         )
+
+    def build(self, device_type: str = "cpu") -> ParallelGroups:
+        """The DeviceMesh (dims ``("dp", "tp")``) and its process groups, created once.
+
+        Call after ``init_process_group`` on every rank (creating groups is collective). A single
+        process needs no process group: its groups are ``None``, which every parallel layer and
+        collective reads as "size 1, no communication".
+        """
+        if self.pp != 1 or self.ep != 1:
+            raise UserError(
+                f"parallel.pp={self.pp}, parallel.ep={self.ep}: only tensor and data "
+                "parallelism are implemented so far (pp and ep must be 1)"
+            )
+        if not self.distributed:
+            return ParallelGroups(self, None, None, None, (0,), (0,))
+        if not dist.is_initialized():
+            raise RuntimeError("ParallelDims.build() needs torch.distributed initialised first")
+        if dist.get_world_size() != self.world_size or dist.get_rank() != self.rank:
+            raise RuntimeError(
+                f"ParallelDims says rank {self.rank} of {self.world_size}, torch.distributed says "
+                f"rank {dist.get_rank()} of {dist.get_world_size()}"
+            )
+        from torch.distributed.device_mesh import init_device_mesh
+
+        # init_device_mesh lays ranks out row-major over (dp, tp): tp is innermost, matching
+        # tp_rank/dp_rank above.
+        mesh = init_device_mesh(device_type, (self.dp, self.tp), mesh_dim_names=("dp", "tp"))
+        tp_group, dp_group = mesh.get_group("tp"), mesh.get_group("dp")
+        return ParallelGroups(
+            self,
+            mesh,
+            tp_group,
+            dp_group,
+            tuple(dist.get_process_group_ranks(tp_group)),
+            tuple(dist.get_process_group_ranks(dp_group)),
+        )
+
+
+@dataclass(frozen=True)
+class ParallelGroups:
+    """The process groups of one layout, built by ``ParallelDims.build``; pass it explicitly.
+
+    ``tp_group`` / ``dp_group`` are ``None`` in a single process. ``tp_ranks`` / ``dp_ranks``
+    are the global ranks sharing this rank's group (e.g. world 4, tp 2: rank 1 has tp_ranks
+    (0, 1) and dp_ranks (1, 3)).
+    """
+
+    dims: ParallelDims
+    mesh: object | None  # torch.distributed.device_mesh.DeviceMesh
+    tp_group: dist.ProcessGroup | None
+    dp_group: dist.ProcessGroup | None
+    tp_ranks: tuple[int, ...]
+    dp_ranks: tuple[int, ...]
+
+    @property
+    def tp(self) -> int:
+        return self.dims.tp
+
+    @property
+    def dp(self) -> int:
+        return self.dims.dp
+
+    @property
+    def tp_rank(self) -> int:
+        return self.dims.tp_rank
+
+    @property
+    def dp_rank(self) -> int:
+        return self.dims.dp_rank
 
 
 def pick_device(choice: str, dims: ParallelDims) -> torch.device:

@@ -1,0 +1,50 @@
+"""Tensor-parallel layers and the autograd-aware collectives they use, each taking its process
+group explicitly (``group=None`` = no parallelism). See docs/parallelism.md."""
+
+from evoformer.parallel.collectives import (
+    SEQ_DIM,
+    copy_to_parallel_region,
+    count_collectives,
+    gather_from_parallel_region,
+    gather_from_sequence_parallel_region,
+    reduce_from_parallel_region,
+    reduce_scatter_to_sequence_parallel_region,
+    scatter_to_parallel_region,
+    scatter_to_sequence_parallel_region,
+    sum_across_parallel_region,
+)
+from evoformer.parallel.cross_entropy import vocab_parallel_cross_entropy
+from evoformer.parallel.layers import (
+    ColumnParallelLinear,
+    RowParallelLinear,
+    TensorParallelModule,
+    VocabParallelEmbedding,
+    VocabParallelLMHead,
+    gather_vocab_logits,
+    sequence_parallel_params,
+    sync_sequence_parallel_grads,
+    vocab_parallel_logits,
+)
+
+__all__ = [
+    "SEQ_DIM",
+    "ColumnParallelLinear",
+    "RowParallelLinear",
+    "TensorParallelModule",
+    "VocabParallelEmbedding",
+    "VocabParallelLMHead",
+    "copy_to_parallel_region",
+    "count_collectives",
+    "gather_from_parallel_region",
+    "gather_from_sequence_parallel_region",
+    "gather_vocab_logits",
+    "reduce_from_parallel_region",
+    "reduce_scatter_to_sequence_parallel_region",
+    "scatter_to_parallel_region",
+    "scatter_to_sequence_parallel_region",
+    "sequence_parallel_params",
+    "sum_across_parallel_region",
+    "sync_sequence_parallel_grads",
+    "vocab_parallel_cross_entropy",
+    "vocab_parallel_logits",
+]
