@@ -81,10 +81,13 @@ def save_checkpoint(
     keep_last: int = 0,
     extra_files: dict[str, Path] | None = None,
     before_commit: Callable[[Path], None] | None = None,
+    tp_mesh: Any = None,
 ) -> Path:
     """Save a complete checkpoint as ``ckpt_root/step_<step>`` and point ``latest`` at it.
 
-    Every rank calls this. ``before_commit`` is a test hook run on rank 0 just before the rename.
+    Every rank calls this. With ``tp_mesh`` (the tensor-parallel DeviceMesh), sharded parameters
+    and their optimizer states are stored as the unpadded global tensors, so any layout loads
+    them. ``before_commit`` is a test hook run on rank 0 just before the rename.
     """
     root = Path(ckpt_root)
     final = root / f"{STEP_PREFIX}{step}"
@@ -101,6 +104,7 @@ def save_checkpoint(
     if optimizer is not None:
         msd, osd = get_state_dict(model, optimizer)
         state = {"model": msd, "optim": osd}
+    _wrap_tensor_parallel(state, model, tp_mesh)
     with warnings.catch_warnings():  # DCP warns that one process means no process group
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
         dcp.save(state, checkpoint_id=str(tmp), no_dist=not _dist())
@@ -188,18 +192,24 @@ def load_checkpoint(
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer | None = None,
     restore_rng: bool = True,
+    tp_mesh: Any = None,
 ) -> dict[str, Any]:
-    """Load model (and optimizer, RNG) state in place; returns the trainer state."""
+    """Load model (and optimizer, RNG) state in place; returns the trainer state. Tensor-parallel
+    shards are cut from the stored global tensors, whatever layout saved them."""
     ckpt = _check_complete(ckpt)
     try:
         if optimizer is None:
             state = {"model": model.state_dict()}
+            originals = _wrap_tensor_parallel(state, model, tp_mesh)
             _dcp_load(state, ckpt)
+            _unwrap(state, originals)
             model.load_state_dict(state["model"])
         else:
             msd, osd = get_state_dict(model, optimizer)
             state = {"model": msd, "optim": osd}
+            originals = _wrap_tensor_parallel(state, model, tp_mesh)
             _dcp_load(state, ckpt)
+            _unwrap(state, originals)
             set_state_dict(
                 model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
                 options=StateDictOptions(strict=True),
@@ -219,6 +229,59 @@ def load_checkpoint(
         if rng_file.is_file():
             _set_rng_state(torch.load(rng_file, weights_only=True))
     return read_trainer_state(ckpt)
+
+
+def _wrap_tensor_parallel(state: dict[str, Any], model: torch.nn.Module, tp_mesh: Any) -> dict:
+    """Replace each tensor-parallel shard (and its Adam moments) in ``state`` by a DTensor view
+    of the unpadded global tensor; returns what to put back after a load. The parallel layers
+    keep equal-size shards with padding at the end, which is torch.chunk's split: exactly
+    DTensor's Shard(dim) for the unpadded length."""
+    if tp_mesh is None or tp_mesh.size() == 1:
+        return {}
+    from torch.distributed.tensor import DTensor, Shard
+
+    rank = tp_mesh.get_local_rank()
+    specs = {
+        name: (p.tp_dim, p.tp_full_size, tuple(p.shape))
+        for name, p in model.named_parameters()
+        if getattr(p, "tp_dim", None) is not None
+    }
+
+    def wrap(t: torch.Tensor, dim: int, length: int) -> DTensor:
+        local = t.shape[dim]
+        valid = max(0, min(local, length - rank * local))
+        shape = list(t.shape)
+        shape[dim] = length
+        stride = torch.empty(shape, device="meta").stride()
+        return DTensor.from_local(
+            t.narrow(dim, 0, valid), tp_mesh, [Shard(dim)], run_check=False,
+            shape=torch.Size(shape), stride=stride,
+        )  # fmt: skip
+
+    originals: dict[tuple, torch.Tensor] = {}
+    msd = state["model"]
+    for name, (dim, length, _) in specs.items():
+        if name in msd:
+            originals[("model", name)] = msd[name]
+            msd[name] = wrap(msd[name], dim, length)
+    for name, entry in state.get("optim", {}).get("state", {}).items():
+        if name not in specs:
+            continue
+        dim, length, shape = specs[name]
+        for key, value in entry.items():
+            if torch.is_tensor(value) and tuple(value.shape) == shape:
+                originals[("optim", name, key)] = value
+                entry[key] = wrap(value, dim, length)
+    return originals
+
+
+def _unwrap(state: dict[str, Any], originals: dict) -> None:
+    """Put the local (padded) tensors back; DCP loaded into them through the DTensor views."""
+    for where, tensor in originals.items():
+        if where[0] == "model":
+            state["model"][where[1]] = tensor
+        else:
+            state["optim"]["state"][where[1]][where[2]] = tensor
 
 
 def _dcp_load(state: dict[str, Any], ckpt: Path) -> None:
