@@ -264,11 +264,14 @@ def _wrap_tensor_parallel(state: dict[str, Any], model: torch.nn.Module, tp_mesh
         if name in msd:
             originals[("model", name)] = msd[name]
             msd[name] = wrap(msd[name], dim, length)
-    for name, entry in state.get("optim", {}).get("state", {}).items():
+    optim_state = state.get("optim", {}).get("state", {})
+    for name, entry in list(optim_state.items()):
         if name not in specs:
             continue
         dim, length, shape = specs[name]
-        for key, value in entry.items():
+        # get_state_dict hands out the optimizer's own per-parameter dicts: never edit those.
+        entry = optim_state[name] = dict(entry)
+        for key, value in list(entry.items()):
             if torch.is_tensor(value) and tuple(value.shape) == shape:
                 originals[("optim", name, key)] = value
                 entry[key] = wrap(value, dim, length)
