@@ -848,6 +848,6 @@ def export_hf_main(argv: Sequence[str] | None = None) -> int:
     return _report(prog, lambda: _export_hf(ns.ckpt_dir, ns.out_dir, ns.family), "exported")
 
 
-# Families kept in their own modules; each registers itself into FAMILIES on import.
-from evoformer.checkpoint import hf_dense  # noqa: E402, F401  (Mistral, Qwen2/3, OLMo 2, Gemma 3)
-from evoformer.checkpoint import hf_moe  # noqa: E402, F401  (Mixtral, Qwen3-MoE, DeepSeek-V3)
+# Families kept in their own modules; each registers itself into FAMILIES on import:
+# hf_dense (Mistral, Qwen2/3, OLMo 2, Gemma 3), hf_moe (Mixtral, Qwen3-MoE, DeepSeek-V3).
+from evoformer.checkpoint import hf_dense, hf_moe  # noqa: E402, F401

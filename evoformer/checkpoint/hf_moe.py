@@ -53,8 +53,8 @@ from evoformer.config.schema import (
     AttentionConfig,
     InitConfig,
     MLPConfig,
-    MoEConfig,
     ModelConfig,
+    MoEConfig,
     MTPConfig,
     NormConfig,
 )
@@ -176,8 +176,11 @@ def _expert_rules(hf_mlp: str, names: tuple[tuple[str, str], ...], m: ModelConfi
     """One rule per expert matrix: HF ``{hf_mlp}.experts.{e}.{hf}.weight`` is slice e of our
     stacked ``mlp.experts.{ours}``."""
     return tuple(
-        WeightRule(f"model.layers.{{i}}.{hf_mlp}.experts.{e}.{theirs}.weight",
-                   (f"layers.{{i}}.mlp.experts.{ours}",), index=e)  # fmt: skip
+        WeightRule(
+            f"model.layers.{{i}}.{hf_mlp}.experts.{e}.{theirs}.weight",
+            (f"layers.{{i}}.mlp.experts.{ours}",),
+            index=e,
+        )
         for e in range(m.moe.num_experts)
         for theirs, ours in names
     )
@@ -513,8 +516,10 @@ DEEPSEEK_V3_RULES = (
         "layers.{i}.mlp.e_score_correction_bias",
     ),
     *(
-        _rule(f"model.layers.{{i}}.mlp.shared_experts.{p}_proj.weight",
-              f"layers.{{i}}.mlp.shared_experts.{p}_proj.weight")  # fmt: skip
+        _rule(
+            f"model.layers.{{i}}.mlp.shared_experts.{p}_proj.weight",
+            f"layers.{{i}}.mlp.shared_experts.{p}_proj.weight",
+        )
         for p in ("gate", "up", "down")
     ),
     _rule("model.norm.weight", "norm.weight"),
@@ -538,14 +543,17 @@ def deepseek_v3_extra_rules(m: ModelConfig) -> tuple[WeightRule, ...]:
             _rule(theirs + "shared_head.norm.weight", ours + "out_norm.weight"),
             # Copies of the shared embedding and head (loading checks that they agree).
             _rule(theirs + "embed_tokens.weight", "embed.weight"),
-            _rule(theirs + "shared_head.head.weight",
-                  "embed.weight" if m.tie_embeddings else "head.weight"),  # fmt: skip
+            _rule(
+                theirs + "shared_head.head.weight",
+                "embed.weight" if m.tie_embeddings else "head.weight",
+            ),
         ]
         out += [
             dataclasses.replace(
-                r, hf=r.hf.replace(LAYER, theirs),
+                r,
+                hf=r.hf.replace(LAYER, theirs),
                 ours=tuple(o.replace(MTP_BLOCK, ours + "block.") for o in r.ours),
-            )  # fmt: skip
+            )
             for r in per_layer
         ]
     return tuple(out)

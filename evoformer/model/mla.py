@@ -65,12 +65,17 @@ class MultiHeadLatentAttention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
         super().__init__()
         a = cfg.attention
-        if a.qk_norm != "none" or a.sliding_window is not None:
-            raise ValueError("MLA supports neither attention.qk_norm nor attention.sliding_window")
+        if a.qk_norm != "none" or a.sliding_window is not None or cfg.position.kind == "alibi":
+            raise ValueError(
+                "MLA supports none of attention.qk_norm, attention.sliding_window, ALiBi"
+            )
+        if cfg.position.kind == "rope" and a.qk_rope_head_dim % 2:
+            raise ValueError(f"attention.qk_rope_head_dim={a.qk_rope_head_dim} must be even")
         self.layer_idx = layer_idx
         self.n_heads = a.n_heads
         self.q_lora_rank, self.kv_lora_rank = a.q_lora_rank, a.kv_lora_rank
-        self.nope_dim, self.rope_dim, self.v_dim = a.qk_nope_head_dim, a.qk_rope_head_dim, a.v_head_dim
+        self.nope_dim, self.rope_dim = a.qk_nope_head_dim, a.qk_rope_head_dim
+        self.v_dim = a.v_head_dim
         self.qk_dim = self.nope_dim + self.rope_dim
         self.scale = a.scale if a.scale is not None else self.qk_dim**-0.5
         self.dropout = a.dropout

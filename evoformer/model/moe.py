@@ -61,7 +61,14 @@ class GroupedExperts(nn.Module):
     def _grouped(self, x_MC: torch.Tensor) -> bool:
         if self.use_grouped_mm is not None:
             return self.use_grouped_mm
-        if not hasattr(torch, "_grouped_mm") or x_MC.dtype not in _GROUPED_DTYPES:
+        if not hasattr(torch, "_grouped_mm"):
+            return False
+        if x_MC.is_cuda:
+            # The CUDA kernel wants bf16 on Hopper or newer (not tested here: no GPU in CI).
+            cc = torch.cuda.get_device_capability(x_MC.device)
+            if x_MC.dtype != torch.bfloat16 or cc < (9, 0):
+                return False
+        elif x_MC.dtype not in (torch.float32, torch.bfloat16, torch.float16):
             return False
         # The kernel wants every row stride a multiple of 16 bytes.
         E, H, C = self.gate_proj.shape
@@ -83,17 +90,10 @@ class GroupedExperts(nn.Module):
         return torch.cat(outs) if outs else x_MC.new_zeros(0, w_down.shape[1])
 
 
-_GROUPED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-
-
 def _grouped_mm(x_MI: torch.Tensor, w_EOI: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
-    """Rows ``offs[e-1]:offs[e]`` of ``x`` times expert e's [out, in] matrix, transposed."""
-    if x_MI.device.type == "cpu":
-        # The CPU kernel runs about twice as fast on a row-major [E, in, out] operand; the copy
-        # costs one pass over the weights. (CUDA prefers the transposed view as it is.)
-        y = torch._grouped_mm(x_MI, w_EOI.transpose(1, 2).contiguous(), offs=offs)
-    else:
-        y = torch._grouped_mm(x_MI, w_EOI.transpose(1, 2), offs=offs)
+    """Rows ``offs[e-1]:offs[e]`` of ``x`` times expert e's [out, in] matrix, transposed (the
+    column-major operand layout the CUDA kernel wants; on CPU it is as fast as a copy)."""
+    y = torch._grouped_mm(x_MI, w_EOI.transpose(1, 2), offs=offs)
     if y.requires_grad:
         # Its backward rejects broadcast gradients (e.g. from y.sum()): make them dense.
         y.register_hook(torch.Tensor.contiguous)
@@ -135,9 +135,7 @@ class LocalDispatcher:
             counts = selected.clamp(max=capacity)
         return x_NC[order // K], counts, Dispatched(order, selected)
 
-    def combine(
-        self, y_MC: torch.Tensor, d: Dispatched, weights_NK: torch.Tensor
-    ) -> torch.Tensor:
+    def combine(self, y_MC: torch.Tensor, d: Dispatched, weights_NK: torch.Tensor) -> torch.Tensor:
         """Sum over each token's K expert outputs, weighted [N, C]; dropped copies count 0."""
         N, K = weights_NK.shape
         # Scatter back to (token, slot) order, then a batched weighted sum: deterministic, unlike
@@ -282,7 +280,9 @@ class MoE(nn.Module):
                 self._stats = torch.zeros(self.num_experts + 3, device=selected_E.device)
             self._stats[: self.num_experts] += selected_E
             dropped = (selected_E - counts_E).sum()
-            self._stats[self.num_experts :] += torch.stack([balance.detach(), balance.new_ones(()), dropped.float()])
+            self._stats[self.num_experts :] += torch.stack(
+                [balance.detach(), balance.new_ones(()), dropped.float()]
+            )
 
     # -- per optimizer step ----------------------------------------------------------------
 

@@ -1,5 +1,5 @@
-"""Multi-token prediction (DeepSeek-V3): D sequential modules, module k predicting the token k+1
-positions past the next one, sharing the model's embedding and output head.
+"""Multi-token prediction (DeepSeek-V3): D sequential modules, module k predicting at position i
+the token i+k+1 (k tokens past the next one), sharing the model's embedding and output head.
 
 Module k combines the previous depth's hidden state h_i with the embedding of token i+k:
 ``eh_proj([RMSNorm(embed(t_{i+k})); RMSNorm(h_i)])`` (embedding first, as DeepSeek's

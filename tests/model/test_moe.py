@@ -24,9 +24,15 @@ ROUTERS = {
     "qwen3_moe": dict(num_experts=6, top_k=3, norm_topk_prob=False),
     # DeepSeek-V3: sigmoid, groups, selection bias, scaling, shared experts.
     "deepseek_v3": dict(
-        num_experts=8, top_k=3, score="sigmoid", n_groups=4, topk_groups=2, routed_scaling=2.5,
-        num_shared_experts=2, bias_update_rate=0.01,
-    ),  # fmt: skip
+        num_experts=8,
+        top_k=3,
+        score="sigmoid",
+        n_groups=4,
+        topk_groups=2,
+        routed_scaling=2.5,
+        num_shared_experts=2,
+        bias_update_rate=0.01,
+    ),
 }
 
 
