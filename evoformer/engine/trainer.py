@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import shutil
 import signal
 import threading
@@ -28,6 +29,7 @@ from evoformer.checkpoint import (
     load_checkpoint,
     resolve_checkpoint,
     save_checkpoint,
+    write_text_atomic,
 )
 from evoformer.config import Config, to_yaml
 from evoformer.data import EvalBatches, GlobalBatchSampler, build_datasets, get_batch
@@ -62,7 +64,8 @@ class StopFlag:
     def install(self) -> None:
         if threading.current_thread() is not threading.main_thread():
             return
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        # SIGUSR1: the scheduler's early warning before a time limit (sbatch --signal).
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
             self._previous[sig] = signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame) -> None:
@@ -212,13 +215,25 @@ class Trainer:
                         f"stopped by signal at step {self.step}; checkpoint saved, resume with "
                         "checkpoint.load=auto"
                     )
+                    self._write_status("interrupted")
                     return TrainResult(self.step, losses, val_losses, True, self.out_dir)
             if cfg.checkpoint.save_final and not self._saved_at(self.step):
                 self.save()
         finally:
             self.stop.restore()
             self.logger.close()
+        self._write_status("finished")
         return TrainResult(self.step, losses, val_losses, False, self.out_dir)
+
+    def _write_status(self, state: str) -> None:
+        """``status.json`` tells a launcher whether to requeue: finished or interrupted."""
+        if self.dims.is_main:
+            write_text_atomic(
+                self.out_dir / "status.json",
+                json.dumps(
+                    {"state": state, "step": self.step, "max_steps": self.cfg.train.max_steps}
+                ),
+            )
 
     def train_step(self, step: int, lr: float) -> tuple[float, float, dict[str, float]]:
         """One optimizer step over this rank's micro-batches.

@@ -60,8 +60,11 @@ def test_resume_after_signal_is_bit_exact(run_overrides, tmp_path, precision):
     first = Trainer(_cfg(common, out), step_hook=_stop_at(5)).train()
     assert first.interrupted and first.step == 5
     assert (tmp_path / "split/checkpoints/latest").read_text().strip() == "step_5"
+    status = json.loads((tmp_path / "split/status.json").read_text())
+    assert status == {"state": "interrupted", "step": 5, "max_steps": 12}
     second = Trainer(_cfg(common, out, "checkpoint.load=auto")).train()
     assert second.step == 12 and not second.interrupted
+    assert json.loads((tmp_path / "split/status.json").read_text())["state"] == "finished"
     for step in range(6, 13):
         assert second.losses[step] == full.losses[step], step  # bit-identical, not approximate
     a, b = load_model(tmp_path / "full"), load_model(tmp_path / "split")
