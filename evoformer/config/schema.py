@@ -44,12 +44,23 @@ class NormConfig:
 class RopeScalingConfig:
     kind: str = opt(
         "none", "RoPE frequency scaling: none | linear (positions / factor) | llama3 (Llama-3.1 "
-        "wavelength bands)."
+        "wavelength bands) | yarn (NTK-by-parts + attention temperature; DeepSeek, Qwen)."
     )
     factor: float = opt(8.0, "Context extension factor.")
     low_freq_factor: float = opt(1.0, "llama3: wavelengths above original/low_freq_factor scale.")
     high_freq_factor: float = opt(4.0, "llama3: wavelengths below original/high_freq_factor stay.")
     original_max_seq_len: int = opt(8192, "Context length the base model was trained at.")
+    beta_fast: float = opt(32.0, "yarn: rotations above which dimensions are extrapolated.")
+    beta_slow: float = opt(1.0, "yarn: rotations below which dimensions are interpolated.")
+    mscale: float = opt(0.0, "yarn: attention temperature numerator scale (0 = unset).")
+    mscale_all_dim: float = opt(
+        0.0, "yarn: attention temperature denominator scale; DeepSeek also scales the softmax "
+        "by mscale(factor, mscale_all_dim)^2 (0 = unset)."
+    )
+    attention_factor: Optional[float] = opt(
+        None, "yarn: cos/sin multiplier (null = derived from factor, mscale, mscale_all_dim)."
+    )
+    truncate: bool = opt(True, "yarn: round the correction range to whole dimensions.")
 
 
 @dataclass

@@ -9,7 +9,7 @@ CHOICES = {
     "model.norm.kind": ("layernorm", "rmsnorm"),
     "model.norm.placement": ("pre", "post", "reordered", "sandwich"),
     "model.position.kind": ("rope", "learned", "alibi", "none"),
-    "model.position.rope_scaling.kind": ("none", "linear", "llama3"),
+    "model.position.rope_scaling.kind": ("none", "linear", "llama3", "yarn"),
     "model.attention.kind": ("mha", "mla"),
     "model.attention.qk_norm": ("none", "head", "full"),
     "model.mlp.kind": ("gelu", "swiglu", "geglu"),

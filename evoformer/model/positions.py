@@ -1,4 +1,4 @@
-"""Position information: rotary embeddings (linear and Llama-3.1 scaling) and ALiBi slopes.
+"""Position information: rotary embeddings (linear, Llama-3.1 and YaRN scaling) and ALiBi slopes.
 
 Shapes: B batch, T sequence, H heads, D head dim.
 """
@@ -20,7 +20,49 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScalingConfig) -> to
         inv = inv / scaling.factor  # positions / factor (Gemma 3 global layers, "linear" in HF)
     elif scaling.kind == "llama3":
         inv = _llama3_scaling(inv, scaling)
+    elif scaling.kind == "yarn":
+        inv = _yarn_inv_freq(inv, head_dim, theta, scaling)
     return inv
+
+
+def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
+    """YaRN's attention temperature: 0.1 * mscale * ln(factor) + 1 (1 when not extending)."""
+    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
+
+
+def rope_attention_factor(scaling: RopeScalingConfig) -> float:
+    """Multiplier of the cos/sin tables: YaRN's temperature, 1 for every other scaling."""
+    if scaling.kind != "yarn":
+        return 1.0
+    if scaling.attention_factor is not None:
+        return scaling.attention_factor
+    if scaling.mscale and scaling.mscale_all_dim:
+        return yarn_mscale(scaling.factor, scaling.mscale) / yarn_mscale(
+            scaling.factor, scaling.mscale_all_dim
+        )
+    return yarn_mscale(scaling.factor)
+
+
+def _yarn_inv_freq(
+    inv: torch.Tensor, head_dim: int, theta: float, s: RopeScalingConfig
+) -> torch.Tensor:
+    # YaRN (Peng et al. 2023), "NTK-by-parts": dimensions that rotate fewer than beta_slow times
+    # over the original context are interpolated (divided by factor), those rotating more than
+    # beta_fast times are kept, and a linear ramp blends the band between.
+    def correction_dim(rotations: float) -> float:
+        return (head_dim * math.log(s.original_max_seq_len / (rotations * 2 * math.pi))) / (
+            2 * math.log(theta)
+        )
+
+    low, high = correction_dim(s.beta_fast), correction_dim(s.beta_slow)
+    if s.truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, head_dim - 1)
+    if low == high:
+        high += 0.001  # avoid a zero-width ramp
+    ramp = ((torch.arange(head_dim // 2, dtype=torch.float64) - low) / (high - low)).clamp(0, 1)
+    extrapolate = 1 - ramp
+    return inv / s.factor * (1 - extrapolate) + inv * extrapolate
 
 
 def _llama3_scaling(inv: torch.Tensor, s: RopeScalingConfig) -> torch.Tensor:
@@ -54,8 +96,9 @@ class RotaryEmbedding(nn.Module):
         t = torch.arange(self.max_seq_len, dtype=torch.float64)
         freqs = torch.outer(t, inv)
         emb = torch.cat([freqs, freqs], dim=-1)
-        self.cos.copy_(emb.cos().to(self.cos.dtype))
-        self.sin.copy_(emb.sin().to(self.sin.dtype))
+        factor = rope_attention_factor(self.cfg.rope_scaling)
+        self.cos.copy_((emb.cos() * factor).to(self.cos.dtype))
+        self.sin.copy_((emb.sin() * factor).to(self.sin.dtype))
 
     def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin for the given positions [T] -> [T, D] each."""
