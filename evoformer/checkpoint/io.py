@@ -193,9 +193,12 @@ def load_checkpoint(
     optimizer: torch.optim.Optimizer | None = None,
     restore_rng: bool = True,
     tp_mesh: Any = None,
+    rng_rank: int | None = None,
 ) -> dict[str, Any]:
     """Load model (and optimizer, RNG) state in place; returns the trainer state. Tensor-parallel
-    shards are cut from the stored global tensors, whatever layout saved them."""
+    shards are cut from the stored global tensors, whatever layout saved them. ``rng_rank``:
+    whose saved RNG state this rank restores (default its own; the ranks of a TP group share
+    one state, so the trainer names the group's first rank, which also holds on a new layout)."""
     ckpt = _check_complete(ckpt)
     try:
         if optimizer is None:
@@ -225,7 +228,7 @@ def load_checkpoint(
             f"checkpoint {ckpt} cannot be loaded (corrupt or mismatched): {cause[:300]}"
         ) from None
     if restore_rng:
-        rng_file = ckpt / f"rng_rank{_rank()}.pt"
+        rng_file = ckpt / f"rng_rank{_rank() if rng_rank is None else rng_rank}.pt"
         if rng_file.is_file():
             _set_rng_state(torch.load(rng_file, weights_only=True))
     return read_trainer_state(ckpt)

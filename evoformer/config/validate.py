@@ -81,6 +81,7 @@ def validate(cfg: Config) -> None:
         _fail("optim.min_lr_ratio", cfg.optim.min_lr_ratio, "must be in [0, 1]")
     if not 0.0 < cfg.optim.decay_fraction <= 1.0:
         _fail("optim.decay_fraction", cfg.optim.decay_fraction, "must be in (0, 1]")
+    validate_parallel(cfg)
     _not_yet(cfg)
 
 
@@ -134,10 +135,44 @@ def validate_model(cfg: Config) -> None:
         )  # fmt: skip
 
 
+def validate_parallel(cfg: Config) -> None:
+    """Layouts the model cannot be split into (the world size is checked by ParallelDims at
+    launch: it must be a multiple of tp). ``parallel.sequence_parallel`` with tp = 1 is a no-op,
+    so recipes may keep it on while tp is overridden."""
+    tp, m = cfg.parallel.tp, cfg.model
+    if tp == 1:
+        return
+    a = m.attention
+    kv = a.n_kv_heads or a.n_heads
+    why = f"must be divisible by parallel.tp={tp}"
+    if a.n_heads % tp:
+        _fail("model.attention.n_heads", a.n_heads, why + " (heads are split over TP)")
+    if a.kind != "mla" and kv % tp and tp % kv:
+        _fail(
+            "model.attention.n_kv_heads", kv,
+            f"must divide or be divisible by parallel.tp={tp} (KV heads are split, or "
+            "replicated when fewer than tp)",
+        )  # fmt: skip
+    dense = m.moe.num_experts <= 0 or m.moe.first_k_dense > 0 or m.moe.layer_freq > 1
+    if dense and m.mlp.hidden % tp:
+        _fail("model.mlp.hidden", m.mlp.hidden, why)
+    if m.moe.num_experts > 0:
+        expert = m.moe.expert_hidden or m.mlp.hidden
+        if expert % tp:
+            _fail("model.moe.expert_hidden", expert, why)
+        shared = m.moe.shared_hidden or m.moe.num_shared_experts * expert
+        if shared % tp:
+            _fail("model.moe.shared_hidden", shared, why)
+    if cfg.parallel.sequence_parallel and cfg.train.seq_len % tp:
+        _fail(
+            "train.seq_len", cfg.train.seq_len,
+            f"{why} with parallel.sequence_parallel (the sequence is split over TP)",
+        )  # fmt: skip
+
+
 def _not_yet(cfg: Config) -> None:
     """Settings that are part of the contract but whose engines have not landed yet."""
     later = {
-        "parallel.tp": (cfg.parallel.tp != 1, "tensor parallelism"),
         "parallel.pp": (cfg.parallel.pp != 1, "pipeline parallelism"),
         "parallel.ep": (cfg.parallel.ep != 1, "expert parallelism"),
         "zero.backend": (cfg.zero.backend != "ddp", "FSDP2/DeepSpeed backends"),

@@ -11,12 +11,17 @@ import torch
 from torch import nn
 
 from evoformer.config.schema import OptimConfig
+from evoformer.parallel.layers import VocabParallelEmbedding
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """Decay matrices; do not decay norms, biases or embeddings (their scale is meaningful)."""
     decay, no_decay = [], []
-    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    embeddings = {
+        id(m.weight)
+        for m in model.modules()
+        if isinstance(m, (nn.Embedding, VocabParallelEmbedding))
+    }
     for _, p in model.named_parameters():
         if not p.requires_grad:
             continue

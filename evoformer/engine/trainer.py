@@ -4,6 +4,12 @@ The trainer builds the pieces (layout, data, model, optimizer, logging), restore
 when asked, then runs steps of gradient accumulation over the rank's micro-batches. Everything
 that decides a step's numbers (data indices, learning rate, RNG) is a function of the seed and
 the step, which is what makes resume bit-exact and results independent of the dp size.
+
+Parallel layout: the process groups are built once (``ParallelDims.build``) and passed down.
+The model is tensor-parallel over the TP group (``parallel.tp``) and wrapped in DDP over the
+data-parallel group only (dp = world / tp); the ranks of one TP group read the same
+micro-batches. After backward, replicated parameters with partial gradients are summed over TP,
+then the global gradient norm counts every parameter once (``engine.grad_norm``).
 """
 
 from __future__ import annotations
@@ -34,11 +40,13 @@ from evoformer.checkpoint import (
 from evoformer.config import Config, to_yaml
 from evoformer.data import EvalBatches, GlobalBatchSampler, build_datasets, get_batch
 from evoformer.distributed import ParallelDims, init_process_group, pick_device
+from evoformer.engine.grad_norm import clip_grad_norm_
 from evoformer.engine.metrics import MetricsLogger, NullLogger, truncate_metrics
 from evoformer.engine.optim import build_optimizer, lr_at, set_lr
 from evoformer.engine.runtime import tune_glibc_malloc
 from evoformer.errors import UserError
 from evoformer.model import Transformer, build_model, lm_loss
+from evoformer.parallel.layers import sequence_parallel_params, sync_sequence_parallel_grads
 
 TOKENIZER_FILE = "tokenizer.model"
 
@@ -87,6 +95,7 @@ class Trainer:
         self.dims = ParallelDims.from_env(cfg.parallel)
         self.device = pick_device(cfg.run.device, self.dims)
         init_process_group(self.dims, self.device)
+        self.groups = self.dims.build(self.device.type)
         if cfg.run.threads:
             torch.set_num_threads(cfg.run.threads)
         if cfg.run.tune_malloc and self.device.type == "cpu":
@@ -106,17 +115,26 @@ class Trainer:
         self.data = build_datasets(cfg.data, t.seq_len, cfg.run.seed, cfg.model.vocab_size, log=log)
         self.sampler = GlobalBatchSampler(len(self.data.train), t.global_batch_size, cfg.run.seed)
 
-        # Weights come from per-tensor generators (build_model); the global RNG drives dropout
-        # and differs per rank so data-parallel replicas drop different units.
-        torch.manual_seed(cfg.run.seed * 1_000_003 + self.dims.rank)
-        self.model: Transformer = build_model(cfg.model, device=self.device, seed=cfg.run.seed)
+        # Weights come from per-tensor generators (build_model); the global RNG drives dropout.
+        # It differs per data-parallel rank, so replicas drop different units, and is the same
+        # on the ranks of one TP group, which must drop the same units of replicated tensors.
+        torch.manual_seed(cfg.run.seed * 1_000_003 + self.dims.dp_rank)
+        self.model: Transformer = build_model(
+            cfg.model, device=self.device, seed=cfg.run.seed, groups=self.groups,
+            sequence_parallel=cfg.parallel.sequence_parallel,
+        )  # fmt: skip
         self.model.activation_checkpointing = cfg.activation_checkpointing == "full"
+        # Replicated parameters whose gradient each TP rank holds only a share of.
+        self.partial_grad_params = sequence_parallel_params(self.model)
         self.optimizer = build_optimizer(self.model, cfg.optim)
         self.ddp = (
-            DistributedDataParallel(self.model, device_ids=None if self.device.type == "cpu"
-                                    else [self.device.index])
+            DistributedDataParallel(
+                self.model, device_ids=None if self.device.type == "cpu" else [self.device.index],
+                process_group=self.groups.dp_group,
+            )
             if self.dims.dp > 1 else None
         )  # fmt: skip
+        self.tp_mesh = self.groups.mesh["tp"] if self.dims.tp > 1 else None
         self.autocast = (
             torch.autocast(self.device.type, dtype=torch.bfloat16)
             if cfg.precision == "bf16"
@@ -157,7 +175,10 @@ class Trainer:
     def _restore(self) -> None:
         if self.resume_from is None:
             return
-        state = load_checkpoint(self.resume_from, self.model, self.optimizer)
+        state = load_checkpoint(
+            self.resume_from, self.model, self.optimizer, tp_mesh=self.tp_mesh,
+            rng_rank=self.dims.rank - self.dims.tp_rank,  # one RNG state per TP group
+        )  # fmt: skip
         self.step = int(state["step"])
         if "sampler" in state:
             self.sampler.load_state_dict(state["sampler"])
@@ -258,11 +279,13 @@ class Trainer:
                 sums[name] = sums.get(name, 0.0) + value.float() / len(micro)
         names = sorted(sums)
         stacked = torch.stack([sums[n] for n in names])
-        if self.dims.dp > 1:
-            dist.all_reduce(stacked, op=dist.ReduceOp.AVG)
+        if self.dims.dp > 1:  # the losses are already the same on the ranks of a TP group
+            dist.all_reduce(stacked, op=dist.ReduceOp.AVG, group=self.groups.dp_group)
+        tp_group = self.groups.tp_group
+        sync_sequence_parallel_grads(self.partial_grad_params, tp_group)
         clip = self.cfg.optim.grad_clip
-        grad_norm = torch.nn.utils.clip_grad_norm_(
-            self.model.parameters(), clip if clip > 0 else float("inf")
+        grad_norm = clip_grad_norm_(
+            self.model.parameters(), clip if clip > 0 else float("inf"), tp_group
         )
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -292,7 +315,7 @@ class Trainer:
             acc += torch.tensor([lm_loss(logits, batch[:, 1:]).item() * n, n],
                                 dtype=torch.float64, device=self.device)  # fmt: skip
         if self.dims.dp > 1:
-            dist.all_reduce(acc)
+            dist.all_reduce(acc, group=self.groups.dp_group)
         self.model.train()
         return (acc[0] / acc[1]).item() if acc[1] > 0 else float("nan")
 
@@ -307,7 +330,7 @@ class Trainer:
             self.ckpt_root, self.step, self.model, self.optimizer,
             trainer_state={"sampler": self.sampler.state_dict()},
             config_yaml=to_yaml(self.cfg), keep_last=self.cfg.checkpoint.keep_last,
-            extra_files=extra,
+            extra_files=extra, tp_mesh=self.tp_mesh,
         )  # fmt: skip
         self._last_saved = self.step
         self.logger.info(f"saved checkpoint {path}")
@@ -322,11 +345,23 @@ class Trainer:
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)  # all ranks stop at the same step
         return bool(flag.item())
 
+    def _global_params(self) -> int:
+        """Parameters of the whole model (a TP rank holds only its shards)."""
+        n = 0
+        for p in self.model.parameters():
+            dim = getattr(p, "tp_dim", None)
+            n += p.numel() if dim is None else p.numel() // p.shape[dim] * p.tp_full_size
+        return n
+
     def _banner(self) -> str:
-        m, t, d = self.model, self.cfg.train, self.dims
+        t, d = self.cfg.train, self.dims
+        layout = f"dp {d.dp}"
+        if d.tp > 1:
+            sp = ", sequence parallel" if self.cfg.parallel.sequence_parallel else ""
+            layout = f"tp {d.tp} x dp {d.dp}{sp}"
         return (
-            f"evoformer | {m.num_params():,} parameters | device {self.device} | "
-            f"world {d.world_size} (dp {d.dp}) | {t.global_batch_size}x{t.seq_len} tokens/step, "
+            f"evoformer | {self._global_params():,} parameters | device {self.device} | "
+            f"world {d.world_size} ({layout}) | {t.global_batch_size}x{t.seq_len} tokens/step, "
             f"grad accum {self.grad_accum} | {len(self.data.train):,} train windows | "
             f"{t.max_steps} steps | precision {self.cfg.precision} | out {self.out_dir}"
         )

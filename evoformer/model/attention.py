@@ -5,7 +5,13 @@ the whole projection (OLMo 2), sliding windows (Mistral; Gemma 3's local layers)
 (BLOOM, MPT) and an explicit softmax scale (Gemma's query_pre_attn_scalar). The default path (no
 window, no ALiBi) hands SDPA ``is_causal=True`` and builds no mask at all.
 
-Shapes: B batch, T new tokens, S cached + new tokens, H query heads, K kv heads, D head dim.
+Tensor parallelism (``ctx.tp > 1``) splits the heads: q/k/v are column-parallel (this rank's
+``n_heads / tp`` query heads and their KV heads), o_proj row-parallel. With fewer KV heads than
+tp the k/v projections stay replicated and each rank computes the one KV head its query heads
+read; their weight gradients are partial and summed over TP with the sequence-parallel ones.
+
+Shapes: B batch, T new tokens, S cached + new tokens, H query heads, K kv heads, D head dim
+(on this rank: H and K are its local heads under tensor parallelism).
 """
 
 from __future__ import annotations
@@ -17,8 +23,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from evoformer.config.schema import AttentionConfig, ModelConfig
-from evoformer.model.norms import RMSNorm
+from evoformer.model.norms import RMSNorm, sharded_rms_norm
 from evoformer.model.positions import alibi_slopes, apply_rope
+from evoformer.parallel.context import ParallelContext
+from evoformer.parallel.layers import mark_partial_grad, mark_sharded
 
 
 class KVCache:
@@ -66,11 +74,15 @@ def alibi_bias(
     window: int | None = None,
     dtype: torch.dtype = torch.float32,
     device: torch.device | str | None = None,
+    heads: tuple[int, int] | None = None,
 ) -> torch.Tensor:
     """[H, T, S] additive ALiBi scores: ``-slope_h * (q - s)`` where allowed, ``-inf`` elsewhere
-    (causal, and outside the window if any). Built in fp32, then cast to the scores' dtype."""
+    (causal, and outside the window if any). Built in fp32, then cast to the scores' dtype.
+    ``heads=(start, end)`` keeps only those of the ``n_heads`` slopes (a tensor-parallel shard)."""
     dist_TS = _distance(T, S, device)
     slopes_H = alibi_slopes(n_heads).to(device=device, dtype=torch.float32)
+    if heads is not None:
+        slopes_H = slopes_H[heads[0] : heads[1]]
     bias = -slopes_H[:, None, None] * dist_TS.to(torch.float32)
     allowed = causal_window_mask(T, S, window, device)
     return bias.masked_fill(~allowed, float("-inf")).to(dtype)
@@ -92,9 +104,10 @@ def _shared_mask(T: int, S: int, window: int | None, device, _inference: bool) -
 
 @functools.lru_cache(maxsize=4)
 def _shared_alibi(
-    n_heads: int, T: int, S: int, window: int | None, dtype, device, _inference: bool
-) -> torch.Tensor:
-    return alibi_bias(n_heads, T, S, window, dtype, device)
+    n_heads: int, heads: tuple[int, int], T: int, S: int, window: int | None, dtype, device,
+    _inference: bool,
+) -> torch.Tensor:  # fmt: skip
+    return alibi_bias(n_heads, T, S, window, dtype, device, heads)
 
 
 # -- attention --------------------------------------------------------------------------------
@@ -103,29 +116,63 @@ def _shared_alibi(
 class Attention(nn.Module):
     """Causal self-attention; ``n_kv_heads < n_heads`` shares each KV head across a group."""
 
-    def __init__(self, cfg: ModelConfig, layer_idx: int = 0) -> None:
+    def __init__(
+        self, cfg: ModelConfig, layer_idx: int = 0, ctx: ParallelContext | None = None
+    ) -> None:
         super().__init__()
         a = cfg.attention
-        self.n_heads = a.n_heads
-        self.n_kv_heads = a.n_kv_heads or a.n_heads
-        self.head_dim = a.head_dim or cfg.d_model // a.n_heads
+        self.ctx = ctx = ctx or ParallelContext()
+        self.tp = tp = ctx.tp
+        H, K = a.n_heads, a.n_kv_heads or a.n_heads
+        self.head_dim = D = a.head_dim or cfg.d_model // a.n_heads
+        if H % tp or (K % tp and tp % K):
+            raise ValueError(
+                f"tensor parallelism: tp={tp} must divide n_heads={H}, and divide or be a "
+                f"multiple of n_kv_heads={K}"
+            )
+        self.n_heads = H // tp  # this rank's query heads
+        self.head_start = ctx.tp_rank * self.n_heads  # their global index (ALiBi slopes)
+        self.total_heads = H
+        # KV heads with tp > K: every rank keeps the full (replicated) k/v projections and
+        # computes the single KV head its query heads read.
+        self.kv_head = None if K % tp == 0 else ctx.tp_rank * K // tp
+        self.n_kv_heads = K // tp if self.kv_head is None else 1
         self.dropout = a.dropout
         self.scale = a.scale
         self.window = a.sliding_window if is_local_layer(a, layer_idx) else None
         self.alibi = cfg.position.kind == "alibi"
         self.qk_norm = a.qk_norm
         qkv_bias = a.bias if a.qkv_bias is None else a.qkv_bias
-        q_out, kv_out = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
-        self.q_proj = nn.Linear(cfg.d_model, q_out, bias=qkv_bias)
-        self.k_proj = nn.Linear(cfg.d_model, kv_out, bias=qkv_bias)
-        self.v_proj = nn.Linear(cfg.d_model, kv_out, bias=qkv_bias)
-        self.o_proj = nn.Linear(q_out, cfg.d_model, bias=a.bias)
+        C, q_out, kv_out = cfg.d_model, H * D, K * D
+        self.q_proj = ctx.column(C, q_out, qkv_bias, explicit_comm=True)
+        if self.kv_head is None:
+            self.k_proj = ctx.column(C, kv_out, qkv_bias, explicit_comm=True)
+            self.v_proj = ctx.column(C, kv_out, qkv_bias, explicit_comm=True)
+        else:
+            self.k_proj = nn.Linear(C, kv_out, bias=qkv_bias)
+            self.v_proj = nn.Linear(C, kv_out, bias=qkv_bias)
+            for proj in (self.k_proj, self.v_proj):
+                mark_partial_grad(proj, "weight", "bias")
+        self.o_proj = ctx.row(q_out, C, a.bias)
         self.o_proj.is_residual_out = True
         if a.qk_norm != "none":
             # RMSNorm in every model that has one; Gemma's unit offset follows model.norm.
-            q_dim, k_dim = (self.head_dim,) * 2 if a.qk_norm == "head" else (q_out, kv_out)
-            self.q_norm = RMSNorm(q_dim, cfg.norm.eps, cfg.norm.unit_offset)
-            self.k_norm = RMSNorm(k_dim, cfg.norm.eps, cfg.norm.unit_offset)
+            q_dim, k_dim = (D, D) if a.qk_norm == "head" else (q_out, kv_out)
+            self.q_width, self.k_width = q_dim, k_dim
+            k_sharded = a.qk_norm == "full" and self.kv_head is None
+            q_local = q_dim // tp if a.qk_norm == "full" else q_dim
+            k_local = k_dim // tp if k_sharded else k_dim
+            self.q_norm = RMSNorm(q_local, cfg.norm.eps, cfg.norm.unit_offset)
+            self.k_norm = RMSNorm(k_local, cfg.norm.eps, cfg.norm.unit_offset)
+            if tp > 1:
+                # Full norm: the gain is sharded like the projection; per-head norm (and the
+                # full k norm over replicated KV heads): one gain, used for this rank's heads.
+                for norm, sharded, width in ((self.q_norm, a.qk_norm == "full", q_dim),
+                                             (self.k_norm, k_sharded, k_dim)):  # fmt: skip
+                    if sharded:
+                        mark_sharded(norm, "weight", 0, width)
+                    else:
+                        mark_partial_grad(norm, "weight")
 
     def new_cache(self, batch: int, max_len: int, device, dtype) -> KVCache:
         return KVCache(batch, self.n_kv_heads, max_len, self.head_dim, device, dtype)
@@ -136,14 +183,18 @@ class Attention(nn.Module):
         rope: tuple[torch.Tensor, torch.Tensor] | None = None,
         cache: KVCache | None = None,
     ) -> torch.Tensor:
-        B, T, _ = x_BTC.shape
         H, K, D = self.n_heads, self.n_kv_heads, self.head_dim
-        q, k = self.q_proj(x_BTC), self.k_proj(x_BTC)
-        if self.qk_norm == "full":  # OLMo 2: over the whole projection, before the head split
-            q, k = self.q_norm(q), self.k_norm(k)
+        if self.tp > 1:
+            x_BTC = self.ctx.enter(x_BTC)  # once for q, k and v (SP: gathers the sequence)
+            q, k, v = self._project_tp(x_BTC)
+        else:
+            q, k, v = self.q_proj(x_BTC), self.k_proj(x_BTC), self.v_proj(x_BTC)
+            if self.qk_norm == "full":  # OLMo 2: over the whole projection, before head split
+                q, k = self.q_norm(q), self.k_norm(k)
+        B, T, _ = x_BTC.shape
         q = q.view(B, T, H, D).transpose(1, 2)
         k = k.view(B, T, K, D).transpose(1, 2)
-        v = self.v_proj(x_BTC).view(B, T, K, D).transpose(1, 2)
+        v = v.view(B, T, K, D).transpose(1, 2)
         if self.qk_norm == "head":  # Qwen3, Gemma 3: each head on its own, before RoPE
             q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
@@ -159,7 +210,10 @@ class Attention(nn.Module):
         mask = None
         if self.alibi:
             inference = torch.is_inference_mode_enabled()
-            mask = _shared_alibi(H, T, S, self.window, q.dtype, q.device, inference)
+            heads = (self.head_start, self.head_start + H)
+            mask = _shared_alibi(
+                self.total_heads, heads, T, S, self.window, q.dtype, q.device, inference
+            )
         elif self.window is not None and S > self.window:
             mask = _shared_mask(T, S, self.window, q.device, torch.is_inference_mode_enabled())
         elif past and T > 1:
@@ -173,6 +227,32 @@ class Attention(nn.Module):
         )
         return self.o_proj(out.transpose(1, 2).reshape(B, T, H * D))
 
+    def _project_tp(self, x_BTC: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q, k, v of this rank's heads from the (entered) input, QK-norm "full" applied."""
+        q = self.q_proj(x_BTC)
+        group = self.ctx.tp_group
+        if self.kv_head is None:
+            k, v = self.k_proj(x_BTC), self.v_proj(x_BTC)
+            if self.qk_norm == "full":  # one all-reduce carries both statistics
+                q, k = sharded_rms_norm(
+                    [q, k], [self.q_norm, self.k_norm], [self.q_width, self.k_width], group
+                )
+            return q, k, v
+        rows = slice(self.kv_head * self.head_dim, (self.kv_head + 1) * self.head_dim)
+        if self.qk_norm == "full":
+            # The k statistic spans every KV head: project them all (replicated), keep ours.
+            k = self.k_norm(self.k_proj(x_BTC))[..., rows]
+            (q,) = sharded_rms_norm([q], [self.q_norm], [self.q_width], group)
+        else:
+            k = _linear_rows(x_BTC, self.k_proj, rows)
+        return q, k, _linear_rows(x_BTC, self.v_proj, rows)
+
+
+def _linear_rows(x: torch.Tensor, linear: nn.Linear, rows: slice) -> torch.Tensor:
+    """``linear(x)[..., rows]`` computing only those output rows."""
+    bias = None if linear.bias is None else linear.bias[rows]
+    return F.linear(x, linear.weight[rows], bias)
+
 
 def is_local_layer(cfg: AttentionConfig, layer_idx: int) -> bool:
     """Whether block ``layer_idx`` uses the sliding window (all layers unless ``global_every``
@@ -184,10 +264,12 @@ def is_local_layer(cfg: AttentionConfig, layer_idx: int) -> bool:
     return (layer_idx + 1) % cfg.global_every != 0
 
 
-def build_attention(cfg: ModelConfig, layer_idx: int) -> nn.Module:
+def build_attention(
+    cfg: ModelConfig, layer_idx: int, ctx: ParallelContext | None = None
+) -> nn.Module:
     """The attention sub-layer of block ``layer_idx``."""
     if cfg.attention.kind == "mla":
         from evoformer.model.mla import MultiHeadLatentAttention
 
-        return MultiHeadLatentAttention(cfg, layer_idx)
-    return Attention(cfg, layer_idx)
+        return MultiHeadLatentAttention(cfg, layer_idx, ctx)
+    return Attention(cfg, layer_idx, ctx)

@@ -11,6 +11,14 @@ RoPE rotates the two halves of q_pe / k_pe (``positions.apply_rope``). DeepSeek'
 rotate interleaved pairs instead (HF ``rope_interleave``); that is the same function after a
 fixed permutation of the rope rows of ``q_b_proj``/``q_proj`` and ``kv_a_proj``, which the HF
 converter applies to the weights.
+
+Tensor parallelism splits the heads: the down-projections (``q_a_proj``, ``kv_a_proj``) and
+latent norms stay replicated (small), the up-projections (``q_b_proj``/``q_proj``,
+``kv_b_proj``) are column-parallel and ``o_proj`` row-parallel. The latents (q latent, KV latent
+and the shared RoPE key) enter the TP region together, so backward all-reduces one
+``[B, T, q_lora_rank + kv_lora_rank + R]`` gradient instead of ``[B, T, C]``, and the replicated
+weights before it get complete gradients. Under sequence parallelism the down-projections run on
+the sequence shard and the small latent is what gets all-gathered.
 """
 
 from __future__ import annotations
@@ -22,6 +30,8 @@ from torch import nn
 from evoformer.config.schema import ModelConfig
 from evoformer.model.norms import RMSNorm
 from evoformer.model.positions import apply_rope
+from evoformer.parallel.context import ParallelContext
+from evoformer.parallel.layers import mark_partial_grad
 
 # DeepSeek's latent norms use a fixed epsilon, whatever rms_norm_eps says.
 LATENT_NORM_EPS = 1e-6
@@ -62,9 +72,15 @@ class MultiHeadLatentAttention(nn.Module):
     a cache, ``kv_b_proj`` is absorbed into the query and the output instead, so attention runs
     on the cached latent directly and per-head keys are never materialised."""
 
-    def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
+    def __init__(
+        self, cfg: ModelConfig, layer_idx: int, ctx: ParallelContext | None = None
+    ) -> None:
         super().__init__()
         a = cfg.attention
+        self.ctx = ctx = ctx or ParallelContext()
+        self.tp = ctx.tp
+        if a.n_heads % self.tp:
+            raise ValueError(f"tensor parallelism: tp={self.tp} must divide n_heads={a.n_heads}")
         if a.qk_norm != "none" or a.sliding_window is not None or cfg.position.kind == "alibi":
             raise ValueError(
                 "MLA supports none of attention.qk_norm, attention.sliding_window, ALiBi"
@@ -72,7 +88,7 @@ class MultiHeadLatentAttention(nn.Module):
         if cfg.position.kind == "rope" and a.qk_rope_head_dim % 2:
             raise ValueError(f"attention.qk_rope_head_dim={a.qk_rope_head_dim} must be even")
         self.layer_idx = layer_idx
-        self.n_heads = a.n_heads
+        self.n_heads = a.n_heads // self.tp  # this rank's heads
         self.q_lora_rank, self.kv_lora_rank = a.q_lora_rank, a.kv_lora_rank
         self.nope_dim, self.rope_dim = a.qk_nope_head_dim, a.qk_rope_head_dim
         self.v_dim = a.v_head_dim
@@ -83,14 +99,19 @@ class MultiHeadLatentAttention(nn.Module):
         if self.q_lora_rank > 0:
             self.q_a_proj = nn.Linear(C, self.q_lora_rank, bias=a.bias)
             self.q_a_norm = RMSNorm(self.q_lora_rank, LATENT_NORM_EPS)
-            self.q_b_proj = nn.Linear(self.q_lora_rank, H * self.qk_dim, bias=False)
-        else:
-            self.q_proj = nn.Linear(C, H * self.qk_dim, bias=False)
+            self.q_b_proj = ctx.column(self.q_lora_rank, H * self.qk_dim, False, explicit_comm=True)
+        else:  # enters the TP region on its own (the latents do separately)
+            self.q_proj = ctx.column(C, H * self.qk_dim, False)
         self.kv_a_proj = nn.Linear(C, self.kv_lora_rank + self.rope_dim, bias=a.bias)
         self.kv_a_norm = RMSNorm(self.kv_lora_rank, LATENT_NORM_EPS)
-        self.kv_b_proj = nn.Linear(self.kv_lora_rank, H * (self.nope_dim + self.v_dim), bias=False)
-        self.o_proj = nn.Linear(H * self.v_dim, C, bias=a.bias)
+        kv_out = H * (self.nope_dim + self.v_dim)
+        self.kv_b_proj = ctx.column(self.kv_lora_rank, kv_out, False, explicit_comm=True)
+        self.o_proj = ctx.row(H * self.v_dim, C, a.bias)
         self.o_proj.is_residual_out = True
+        if ctx.sp:  # replicated layers on the sequence shard: partial gradients
+            for name in ("q_a_proj", "q_a_norm", "kv_a_proj", "kv_a_norm"):
+                if hasattr(self, name):
+                    mark_partial_grad(getattr(self, name), "weight", "bias")
 
     def new_cache(self, batch: int, max_len: int, device, dtype) -> LatentCache:
         return LatentCache(batch, max_len, self.kv_lora_rank, self.rope_dim, device, dtype)
@@ -101,15 +122,19 @@ class MultiHeadLatentAttention(nn.Module):
         rope: tuple[torch.Tensor, torch.Tensor] | None = None,
         cache: LatentCache | None = None,
     ) -> torch.Tensor:
-        B, T, _ = x_BTC.shape
-        if self.q_lora_rank > 0:
-            q = self.q_b_proj(self.q_a_norm(self.q_a_proj(x_BTC)))
+        if self.tp > 1:
+            q, latent_BTL, k_pe_BTR = self._project_tp(x_BTC)
         else:
-            q = self.q_proj(x_BTC)
+            if self.q_lora_rank > 0:
+                q = self.q_b_proj(self.q_a_norm(self.q_a_proj(x_BTC)))
+            else:
+                q = self.q_proj(x_BTC)
+            kv_a = self.kv_a_proj(x_BTC)
+            latent_BTL, k_pe_BTR = kv_a.split([self.kv_lora_rank, self.rope_dim], -1)
+            latent_BTL = self.kv_a_norm(latent_BTL)
+        B, T, _ = q.shape
         q_BHTD = q.view(B, T, self.n_heads, self.qk_dim).transpose(1, 2)
         q_nope_BHTN, q_pe_BHTR = q_BHTD.split([self.nope_dim, self.rope_dim], dim=-1)
-        latent_BTL, k_pe_BTR = self.kv_a_proj(x_BTC).split([self.kv_lora_rank, self.rope_dim], -1)
-        latent_BTL = self.kv_a_norm(latent_BTL)
         k_pe_B1TR = k_pe_BTR.unsqueeze(1)
         if rope is not None:
             q_pe_BHTR, k_pe_B1TR = apply_rope(q_pe_BHTR, *rope), apply_rope(k_pe_B1TR, *rope)
@@ -120,6 +145,22 @@ class MultiHeadLatentAttention(nn.Module):
             latent_BSL, k_pe_BSR = cache.append(latent_BTL, k_pe_B1TR.squeeze(1))
             out_BHTV = self._attend_latent(q_nope_BHTN, q_pe_BHTR, latent_BSL, k_pe_BSR, past)
         return self.o_proj(out_BHTV.transpose(1, 2).reshape(B, T, self.n_heads * self.v_dim))
+
+    def _project_tp(self, x_BTC: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """(q of this rank's heads, normalised KV latent, shared RoPE key), the latents entering
+        the TP region in one piece (SP: gathered along T from the sequence shard)."""
+        kv_latent, k_pe = self.kv_a_proj(x_BTC).split([self.kv_lora_rank, self.rope_dim], -1)
+        parts = [self.kv_a_norm(kv_latent), k_pe]
+        if self.q_lora_rank > 0:
+            parts.insert(0, self.q_a_norm(self.q_a_proj(x_BTC)))
+        latents = self.ctx.enter(torch.cat(parts, dim=-1))
+        if self.q_lora_rank > 0:
+            q_latent, kv_latent, k_pe = latents.split(
+                [self.q_lora_rank, self.kv_lora_rank, self.rope_dim], -1
+            )
+            return self.q_b_proj(q_latent), kv_latent, k_pe
+        kv_latent, k_pe = latents.split([self.kv_lora_rank, self.rope_dim], -1)
+        return self.q_proj(x_BTC), kv_latent, k_pe
 
     def _attend(self, q_nope_BHTN, q_pe_BHTR, latent_BSL, k_pe_B1SR) -> torch.Tensor:
         """Causal attention over per-head keys/values expanded from the latent."""

@@ -1,4 +1,9 @@
-"""Feed-forward blocks: the GPT-2 two-matrix MLP and the gated SwiGLU (LLaMA) / GeGLU (Gemma)."""
+"""Feed-forward blocks: the GPT-2 two-matrix MLP and the gated SwiGLU (LLaMA) / GeGLU (Gemma).
+
+Tensor parallelism splits the hidden dim: up (and gate) column-parallel, down row-parallel; the
+input enters the TP region once for both column layers, so a block costs Megatron's one
+all-reduce forward and one backward (SP: all-gather + reduce-scatter each way).
+"""
 
 from __future__ import annotations
 
@@ -7,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from evoformer.config.schema import MLPConfig, ModelConfig
+from evoformer.parallel.context import ParallelContext
 
 ACTIVATIONS = {
     "gelu": F.gelu,
@@ -24,41 +30,64 @@ def _activation(cfg: MLPConfig):
     return ACTIVATIONS[name]
 
 
+def _check_split(hidden: int, tp: int) -> None:
+    if hidden % tp:
+        raise ValueError(f"tensor parallelism: tp={tp} must divide the MLP hidden size {hidden}")
+
+
 class MLP(nn.Module):
     """down(act(up(x)))."""
 
-    def __init__(self, cfg: MLPConfig, d_model: int) -> None:
+    def __init__(self, cfg: MLPConfig, d_model: int, ctx: ParallelContext | None = None) -> None:
         super().__init__()
+        self.ctx = ctx = ctx or ParallelContext()
+        _check_split(cfg.hidden, ctx.tp)
         self.act = _activation(cfg)
-        self.up_proj = nn.Linear(d_model, cfg.hidden, bias=cfg.bias)
-        self.down_proj = nn.Linear(cfg.hidden, d_model, bias=cfg.bias)
+        self.up_proj = ctx.column(d_model, cfg.hidden, cfg.bias, explicit_comm=True)
+        self.down_proj = ctx.row(cfg.hidden, d_model, cfg.bias)
         self.down_proj.is_residual_out = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.ctx.tp > 1:
+            x = self.ctx.enter(x)
         return self.down_proj(self.act(self.up_proj(x)))
 
 
 class GatedMLP(nn.Module):
-    """down(act(gate(x)) * up(x)): SwiGLU with silu, GeGLU with gelu."""
+    """down(act(gate(x)) * up(x)): SwiGLU with silu, GeGLU with gelu.
 
-    def __init__(self, cfg: MLPConfig, d_model: int) -> None:
+    ``partial_output=True`` (an MoE's shared experts): under TP the caller enters the region
+    and reduces the output, together with the routed experts'."""
+
+    def __init__(
+        self,
+        cfg: MLPConfig,
+        d_model: int,
+        ctx: ParallelContext | None = None,
+        partial_output: bool = False,
+    ) -> None:
         super().__init__()
+        self.ctx = ctx = ctx or ParallelContext()
+        _check_split(cfg.hidden, ctx.tp)
+        self.partial_output = partial_output
         self.act = _activation(cfg)
-        self.gate_proj = nn.Linear(d_model, cfg.hidden, bias=cfg.bias)
-        self.up_proj = nn.Linear(d_model, cfg.hidden, bias=cfg.bias)
-        self.down_proj = nn.Linear(cfg.hidden, d_model, bias=cfg.bias)
+        self.gate_proj = ctx.column(d_model, cfg.hidden, cfg.bias, explicit_comm=True)
+        self.up_proj = ctx.column(d_model, cfg.hidden, cfg.bias, explicit_comm=True)
+        self.down_proj = ctx.row(cfg.hidden, d_model, cfg.bias, explicit_comm=partial_output)
         self.down_proj.is_residual_out = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.ctx.tp > 1 and not self.partial_output:
+            x = self.ctx.enter(x)
         return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
 
 
-def build_mlp(cfg: MLPConfig, d_model: int) -> nn.Module:
+def build_mlp(cfg: MLPConfig, d_model: int, ctx: ParallelContext | None = None) -> nn.Module:
     """The dense feed-forward block an MLPConfig asks for."""
     if cfg.kind in ("swiglu", "geglu"):
-        return GatedMLP(cfg, d_model)
+        return GatedMLP(cfg, d_model, ctx)
     if cfg.kind == "gelu":
-        return MLP(cfg, d_model)
+        return MLP(cfg, d_model, ctx)
     raise ValueError(f"unknown mlp kind {cfg.kind!r}")
 
 
@@ -71,10 +100,10 @@ def is_moe_layer(cfg: ModelConfig, layer_idx: int) -> bool:
     return (layer_idx - moe.first_k_dense) % moe.layer_freq == 0
 
 
-def build_ffn(cfg: ModelConfig, layer_idx: int) -> nn.Module:
+def build_ffn(cfg: ModelConfig, layer_idx: int, ctx: ParallelContext | None = None) -> nn.Module:
     """The feed-forward sub-layer of block ``layer_idx``: a dense MLP or a mixture of experts."""
     if is_moe_layer(cfg, layer_idx):
         from evoformer.model.moe import MoE
 
-        return MoE(cfg)
-    return build_mlp(cfg.mlp, cfg.d_model)
+        return MoE(cfg, ctx=ctx)
+    return build_mlp(cfg.mlp, cfg.d_model, ctx)

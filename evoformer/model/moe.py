@@ -7,8 +7,15 @@ dispatch (permute by expert -> expert GEMMs -> unpermute and combine) goes throu
 object, so an expert-parallel all-to-all can replace :class:`LocalDispatcher` without touching
 the router or the experts.
 
+Tensor parallelism: the router is replicated (every rank routes every token of the micro-batch,
+so routing, token counts and the aux loss are those of one process), each expert's hidden dim is
+split (gate/up column-parallel, down row-parallel: stacked weights ``[E, H/tp, C]`` /
+``[E, C, H/tp]``), and so are the shared experts. The input enters the TP region once and the
+partial outputs of the routed and shared experts are summed and reduced once per MoE layer.
+
 Shapes: N tokens (batch x sequence), C d_model, E experts, K experts per token, H expert hidden
-width, M routed token copies (N x K, fewer when the capacity limit drops some), G expert groups.
+width (this rank's share under TP), M routed token copies (N x K, fewer when the capacity limit
+drops some), G expert groups.
 """
 
 from __future__ import annotations
@@ -23,6 +30,9 @@ from torch import nn
 
 from evoformer.config.schema import MLPConfig, ModelConfig
 from evoformer.model.mlp import GatedMLP, _activation, is_moe_layer
+from evoformer.parallel.collectives import group_size
+from evoformer.parallel.context import ParallelContext
+from evoformer.parallel.layers import mark_partial_grad, mark_sharded
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -41,12 +51,22 @@ class GroupedExperts(nn.Module):
     # residual output projection, scaled when init.scaled_residual is on).
     normal_init = {"gate_proj": False, "up_proj": False, "down_proj": True}
 
-    def __init__(self, num_experts: int, d_model: int, hidden: int, act) -> None:
+    def __init__(
+        self, num_experts: int, d_model: int, hidden: int, act, ctx: ParallelContext | None = None
+    ) -> None:
         super().__init__()
+        tp = (ctx or ParallelContext()).tp
+        if hidden % tp:
+            raise ValueError(f"tensor parallelism: tp={tp} must divide the expert hidden {hidden}")
         self.act = act
-        self.gate_proj = nn.Parameter(torch.empty(num_experts, hidden, d_model))
-        self.up_proj = nn.Parameter(torch.empty(num_experts, hidden, d_model))
-        self.down_proj = nn.Parameter(torch.empty(num_experts, d_model, hidden))
+        local = hidden // tp  # this rank's slice of every expert's hidden dim
+        self.gate_proj = nn.Parameter(torch.empty(num_experts, local, d_model))
+        self.up_proj = nn.Parameter(torch.empty(num_experts, local, d_model))
+        self.down_proj = nn.Parameter(torch.empty(num_experts, d_model, local))
+        if tp > 1:
+            mark_sharded(self, "gate_proj", 1, hidden)
+            mark_sharded(self, "up_proj", 1, hidden)
+            mark_sharded(self, "down_proj", 2, hidden)
         # None: torch._grouped_mm where the kernel takes the shapes, else a loop over experts.
         self.use_grouped_mm: bool | None = None
 
@@ -165,8 +185,11 @@ class MoE(nn.Module):
     Experts carry no biases (``mlp.bias`` applies to dense layers only).
     """
 
-    def __init__(self, cfg: ModelConfig, layer_idx: int | None = None) -> None:
+    def __init__(
+        self, cfg: ModelConfig, layer_idx: int | None = None, ctx: ParallelContext | None = None
+    ) -> None:
         super().__init__()
+        self.ctx = ctx = ctx or ParallelContext()
         m = cfg.moe
         E = m.num_experts
         if cfg.mlp.kind not in ("swiglu", "geglu"):
@@ -191,13 +214,17 @@ class MoE(nn.Module):
         self.bias_update_rate = m.bias_update_rate
         self.capacity_factor = m.capacity_factor
         self.router = nn.Linear(cfg.d_model, E, bias=False)
+        if ctx.tp > 1:
+            # Replicated, but the gate weights multiply partial expert outputs: each rank's
+            # router gradient is its share (the aux loss's is scaled by 1/tp in _observe).
+            mark_partial_grad(self.router, "weight")
         uses_bias = m.score == "sigmoid" or m.bias_update_rate > 0
         # Persistent, so checkpoints carry the balance reached; fp32 like HF keeps it.
         self.register_buffer(
             "e_score_correction_bias", torch.empty(E, dtype=torch.float32) if uses_bias else None
         )
         hidden = m.expert_hidden or cfg.mlp.hidden
-        self.experts = GroupedExperts(E, cfg.d_model, hidden, _activation(cfg.mlp))
+        self.experts = GroupedExperts(E, cfg.d_model, hidden, _activation(cfg.mlp), ctx)
         self.dispatcher = LocalDispatcher(E)
         shared = m.shared_hidden or m.num_shared_experts * hidden
         self.shared_experts = None
@@ -205,9 +232,11 @@ class MoE(nn.Module):
             shared_cfg = MLPConfig(
                 kind=cfg.mlp.kind, hidden=shared, bias=False, activation=cfg.mlp.activation
             )
-            self.shared_experts = GatedMLP(shared_cfg, cfg.d_model)
-        # The reduction group of the load statistics (None: the default group, if initialised).
-        self.process_group = None
+            self.shared_experts = GatedMLP(shared_cfg, cfg.d_model, ctx, partial_output=True)
+        # The reduction group of the load statistics: the data-parallel ranks, which see
+        # different tokens (None: one data-parallel rank, nothing to reduce). TP ranks route
+        # the same tokens and hold the same statistics already.
+        self.process_group = ctx.dp_group
         self.aux_loss: torch.Tensor | None = None
         self._stats: torch.Tensor | None = None  # [load per expert..., balance sum, calls, drops]
 
@@ -248,6 +277,9 @@ class MoE(nn.Module):
     # -- forward ---------------------------------------------------------------------------
 
     def forward(self, x_BTC: torch.Tensor) -> torch.Tensor:
+        tp = self.ctx.tp
+        if tp > 1:
+            x_BTC = self.ctx.enter(x_BTC)  # once for router and experts (SP: all tokens)
         shape = x_BTC.shape
         x_NC = x_BTC.reshape(-1, shape[-1])
         N = x_NC.shape[0]
@@ -263,6 +295,8 @@ class MoE(nn.Module):
         self.aux_loss = None
         if self.training and N > 0:
             self._observe(scores_NE, d.selected_E, counts_E, N)
+        if tp > 1:
+            return self.ctx.exit(out_NC.view(shape))  # one reduction for all experts
         return out_NC.view(shape)
 
     def _observe(self, scores_NE, selected_E, counts_E, N: int) -> None:
@@ -275,6 +309,10 @@ class MoE(nn.Module):
             balance = self.num_experts * (f_E * probs_NE.mean(dim=0)).sum()
         if want_grad:
             self.aux_loss = self.aux_loss_coef * balance
+            if self.ctx.tp > 1:
+                # Every TP rank computes the same aux loss and its router gradient is summed
+                # over TP with the partial ones: each rank contributes 1/tp of it.
+                self.aux_loss = _scale_grad(self.aux_loss, 1.0 / self.ctx.tp)
         with torch.no_grad():
             if self._stats is None:
                 self._stats = torch.zeros(self.num_experts + 3, device=selected_E.device)
@@ -293,7 +331,7 @@ class MoE(nn.Module):
         stats, self._stats = self._stats, None
         if stats is None:
             return {}
-        if dist.is_available() and dist.is_initialized():
+        if group_size(self.process_group) > 1:
             dist.all_reduce(stats, group=self.process_group)
         E = self.num_experts
         load_E = stats[:E]
@@ -315,3 +353,19 @@ class MoE(nn.Module):
         if self.capacity_factor > 0:
             out[f"{p}/dropped"] = dropped / total.item()
         return out
+
+
+class _ScaleGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, scale: float):
+        ctx.scale = scale
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * ctx.scale, None
+
+
+def _scale_grad(x: torch.Tensor, scale: float) -> torch.Tensor:
+    """``x`` forward; its gradient times ``scale`` backward."""
+    return _ScaleGrad.apply(x, scale)

@@ -13,30 +13,38 @@ The block is ``Block(cfg, n_layers + k - 1)``: it follows the model's layer patt
 were one more layer, so a DeepSeek-V3 MTP block is an MoE layer, as in the checkpoints.
 
 Only ``forward(..., targets=...)`` runs these modules; inference never does.
+
+Tensor parallelism: ``proj`` is column-parallel with a gathered output (as Megatron's
+``eh_proj``), the block is a tensor-parallel Block and the head/loss are the model's
+vocab-parallel ones. The modules run on the full sequence even under sequence parallelism: a
+depth-k module sees T - k positions, which need not split over tp, so the main stack's output
+and the token embeddings are all-gathered along T on entry.
+
 Shapes: B batch, T sequence, C d_model.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from evoformer.config.schema import ModelConfig
-from evoformer.model.loss import lm_loss
 from evoformer.model.norms import build_norm
 from evoformer.model.transformer import Block
+from evoformer.parallel.collectives import gather_from_sequence_parallel_region
+from evoformer.parallel.context import ParallelContext
 
 
 class MTPModule(nn.Module):
     """One prediction depth: input norms, the 2C -> C projection, a block and an output norm."""
 
-    def __init__(self, cfg: ModelConfig, depth: int) -> None:
+    def __init__(self, cfg: ModelConfig, depth: int, ctx: ParallelContext | None = None) -> None:
         super().__init__()
+        ctx = ctx or ParallelContext()
         self.embed_norm = build_norm(cfg.norm, cfg.d_model)
         self.hidden_norm = build_norm(cfg.norm, cfg.d_model)
-        self.proj = nn.Linear(2 * cfg.d_model, cfg.d_model, bias=False)
-        self.block = Block(cfg, cfg.n_layers + depth - 1)
+        self.proj = ctx.column(2 * cfg.d_model, cfg.d_model, False, gather_output=True)
+        self.block = Block(cfg, cfg.n_layers + depth - 1, ctx)
         self.out_norm = build_norm(cfg.norm, cfg.d_model)
 
     def forward(self, h_BTC: torch.Tensor, embedded_BTC: torch.Tensor, rope) -> torch.Tensor:
@@ -48,9 +56,10 @@ class MTPModule(nn.Module):
 class MultiTokenPrediction(nn.Module):
     """``cfg.mtp.depth`` modules; ``forward`` returns the mean of their cross-entropies."""
 
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, ctx: ParallelContext | None = None) -> None:
+        """``ctx``: the model's layout without sequence parallelism (see the module doc)."""
         super().__init__()
-        self.layers = nn.ModuleList(MTPModule(cfg, k) for k in range(1, cfg.mtp.depth + 1))
+        self.layers = nn.ModuleList(MTPModule(cfg, k, ctx) for k in range(1, cfg.mtp.depth + 1))
 
     def forward(
         self, hidden_BTC: torch.Tensor, input_ids: torch.Tensor, targets: torch.Tensor, model
@@ -58,8 +67,8 @@ class MultiTokenPrediction(nn.Module):
         """``hidden_BTC``: the main model's last hidden state (before its final norm) for
         ``input_ids`` [B, T]; ``targets`` [B, T] are the next tokens (< 0 ignored). Returns the
         mean over depths of each depth's mean cross-entropy."""
-        logits = self.logits(hidden_BTC, input_ids, model)
-        losses = [lm_loss(x, targets[:, k:]) for k, x in enumerate(logits, start=1)]
+        hidden = self.hidden_states(hidden_BTC, input_ids, model)
+        losses = [model.head_loss(h, targets[:, k:]) for k, h in enumerate(hidden, start=1)]
         return torch.stack(losses).mean()
 
     def logits(
@@ -67,11 +76,26 @@ class MultiTokenPrediction(nn.Module):
     ) -> list[torch.Tensor]:
         """Depth k's logits [B, T-k, V]: position i predicts token i+k+1 (T must exceed the
         depth; causal attention makes a prefix of the sequence exact, no padding needed)."""
+        return [model.head_logits(h) for h in self.hidden_states(hidden_BTC, input_ids, model)]
+
+    def hidden_states(
+        self, hidden_BTC: torch.Tensor, input_ids: torch.Tensor, model
+    ) -> list[torch.Tensor]:
+        """Depth k's normalised output [B, T-k, C] (full sequence, also under SP)."""
         T = input_ids.shape[1]
         if T <= len(self.layers):
             raise ValueError(f"MTP depth {len(self.layers)} needs sequences longer than {T}")
         h = model.norm(hidden_BTC) if model.norm is not None else hidden_BTC
-        head = model.embed.weight if model.head is None else model.head.weight
+        sp = model.ctx.sp
+        embedded = None
+        if sp:
+            # Leave sequence parallelism: the modules below are plain TP on full sequences,
+            # whose gradients are complete on every rank, so backward just keeps our slice.
+            group = model.ctx.tp_group
+            h = gather_from_sequence_parallel_region(h, group, reduce_grad=False)
+            embedded = gather_from_sequence_parallel_region(
+                model.embed_tokens(input_ids), group, reduce_grad=False
+            )
         positions = torch.arange(T - 1, device=input_ids.device)
         rope = model.rope(positions) if model.rope is not None else None
         rope_local = model.rope_local(positions) if model.rope_local is not None else rope
@@ -80,6 +104,7 @@ class MultiTokenPrediction(nn.Module):
             n = T - k
             r = rope_local if layer.block.is_local else rope
             r = None if r is None else (r[0][:n], r[1][:n])
-            h = layer(h[:, :n], model.embed_tokens(input_ids[:, k:]), r)
-            out.append(F.linear(h, head))
+            e = embedded[:, k:] if sp else model.embed_tokens(input_ids[:, k:])
+            h = layer(h[:, :n], e, r)
+            out.append(h)
         return out

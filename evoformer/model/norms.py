@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
 from evoformer.config.schema import NormConfig
+from evoformer.parallel.collectives import sum_across_parallel_region
 
 
 class RMSNorm(nn.Module):
@@ -57,6 +59,32 @@ class LayerNorm(nn.Module):
         nn.init.ones_(self.weight)
         if self.bias is not None:
             nn.init.zeros_(self.bias)
+
+
+def sharded_rms_norm(
+    xs: list[torch.Tensor],
+    norms: list[RMSNorm],
+    widths: list[int],
+    group: dist.ProcessGroup | None,
+) -> list[torch.Tensor]:
+    """RMSNorm of tensors whose last dim is split over ``group`` (OLMo 2's QK-norm over a
+    head-sharded projection): each ``xs[i]`` holds this rank's slice of a ``widths[i]``-wide
+    vector and ``norms[i]`` the matching slice of the gain. The local sums of squares of all
+    inputs go through one all-reduce (forward and backward: every shard's gradient of the
+    statistic is partial); the result equals ``norms[i]`` on the gathered tensor, with the same
+    dtype handling as :class:`RMSNorm`."""
+    ss = torch.cat([x.float().pow(2).sum(-1, keepdim=True) for x in xs], dim=-1)
+    ss = sum_across_parallel_region(ss, group)
+    out = []
+    for i, (x, norm, width) in enumerate(zip(xs, norms, widths, strict=True)):
+        y = x.float() * torch.rsqrt(ss[..., i : i + 1] / width + norm.eps)
+        if norm.unit_offset:
+            out.append((y * (1.0 + norm.weight.float())).to(x.dtype))
+        elif x.dtype == torch.float32:
+            out.append(y * norm.weight)
+        else:
+            out.append(norm.weight * y.to(x.dtype))
+    return out
 
 
 def build_norm(cfg: NormConfig, dim: int) -> nn.Module:

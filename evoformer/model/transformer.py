@@ -2,6 +2,13 @@
 
 Every architecture is a composition of orthogonal choices from ModelConfig (norm kind and
 placement, position kind, attention, MLP kind); presets are YAML files in configs/models/.
+
+Tensor parallelism comes in through one ``ParallelContext`` (``build_model(..., groups=...)``):
+each block builds its layers from it (plain ``nn.Linear`` at tp = 1), the embedding and head
+are split along the vocabulary and the loss is the vocab-parallel cross-entropy, so the full
+logits never exist in training. Under sequence parallelism the residual stream between the TP
+regions (norms, dropout, residual adds) holds this rank's slice of the sequence.
+
 Shapes: B batch, T sequence, C d_model, V vocabulary.
 """
 
@@ -22,6 +29,19 @@ from evoformer.model.loss import lm_loss
 from evoformer.model.mlp import build_ffn
 from evoformer.model.norms import build_norm
 from evoformer.model.positions import RotaryEmbedding
+from evoformer.parallel.context import ParallelContext
+from evoformer.parallel.cross_entropy import vocab_parallel_cross_entropy
+from evoformer.parallel.layers import (
+    TensorParallelModule,
+    VocabParallelEmbedding,
+    VocabParallelLMHead,
+    full_shape_of,
+    gather_vocab_logits,
+    mark_partial_grad,
+    retag_parameters,
+    shard_tensor,
+    vocab_parallel_logits,
+)
 
 
 class Block(nn.Module):
@@ -31,25 +51,34 @@ class Block(nn.Module):
     sandwich); ``parallel_block`` runs attention and MLP side by side on one normed input (PaLM).
     """
 
-    def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
+    def __init__(
+        self, cfg: ModelConfig, layer_idx: int, ctx: ParallelContext | None = None
+    ) -> None:
         super().__init__()
+        self.ctx = ctx = ctx or ParallelContext()
         self.layer_idx = layer_idx
         self.placement = cfg.norm.placement
         self.parallel = cfg.parallel_block
         self.is_local = is_local_layer(cfg.attention, layer_idx)
         self.dropout = cfg.dropout
         self.attn_norm = build_norm(cfg.norm, cfg.d_model)
-        self.attn = build_attention(cfg, layer_idx)
+        self.attn = build_attention(cfg, layer_idx, ctx)
         self.mlp_norm = None if self.parallel else build_norm(cfg.norm, cfg.d_model)
-        self.mlp = build_ffn(cfg, layer_idx)
+        self.mlp = build_ffn(cfg, layer_idx, ctx)
         if hasattr(self.mlp, "layer_idx"):  # MoE names its load metrics by layer
             self.mlp.layer_idx = layer_idx
         if self.placement == "sandwich":
             self.attn_post_norm = build_norm(cfg.norm, cfg.d_model)
             self.mlp_post_norm = build_norm(cfg.norm, cfg.d_model)
+        if ctx.sp:  # the norms see this rank's sequence shard: partial gradients
+            for name in ("attn_norm", "mlp_norm", "attn_post_norm", "mlp_post_norm"):
+                if getattr(self, name, None) is not None:
+                    mark_partial_grad(getattr(self, name), "weight", "bias")
 
     def _drop(self, x: torch.Tensor) -> torch.Tensor:
-        return F.dropout(x, self.dropout, self.training) if self.dropout else x
+        if not self.dropout:
+            return x
+        return self.ctx.dropout(x, self.dropout, self.training)
 
     def forward(self, x_BTC, rope=None, cache: KVCache | None = None) -> torch.Tensor:
         if self.parallel:
@@ -80,27 +109,51 @@ class ModelOutput:
 
 
 class Transformer(nn.Module):
-    """Decoder-only language model; ``forward(input_ids [B, T]) -> logits [B, T, V]``."""
+    """Decoder-only language model; ``forward(input_ids [B, T]) -> logits [B, T, V]``.
 
-    def __init__(self, cfg: ModelConfig) -> None:
+    ``ctx`` (default: one process) gives the tensor-parallel group and sequence parallelism;
+    under TP the forward still returns the full logits for inference (gathered), and the
+    training loss (``targets``) is computed from the vocabulary shards."""
+
+    def __init__(self, cfg: ModelConfig, ctx: ParallelContext | None = None) -> None:
         super().__init__()
         self.cfg = cfg
-        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.ctx = ctx = ctx or ParallelContext()
+        V, C = cfg.vocab_size, cfg.d_model
+        if ctx.tp == 1:
+            self.embed = nn.Embedding(V, C)
+        else:
+            self.embed = VocabParallelEmbedding(V, C, ctx.tp_group, sequence_parallel=ctx.sp)
         self.pos_embed = (
-            nn.Embedding(cfg.max_seq_len, cfg.d_model) if cfg.position.kind == "learned" else None
+            nn.Embedding(cfg.max_seq_len, C) if cfg.position.kind == "learned" else None
         )
         self.rope, self.rope_local = self._build_rope(cfg)
-        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
+        self.layers = nn.ModuleList(Block(cfg, i, ctx) for i in range(cfg.n_layers))
         # Post-norm stacks end normalised already; the others (pre, OLMo 2's reordered, Gemma's
         # sandwich) leave a raw residual stream that needs a final norm before the head.
-        self.norm = build_norm(cfg.norm, cfg.d_model) if cfg.norm.placement != "post" else None
-        self.head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, False)
+        self.norm = build_norm(cfg.norm, C) if cfg.norm.placement != "post" else None
+        if cfg.tie_embeddings:
+            self.head = None
+        elif ctx.tp == 1:
+            self.head = nn.Linear(C, V, False)
+        else:
+            self.head = VocabParallelLMHead(C, V, ctx.tp_group, sequence_parallel=ctx.sp)
+        if ctx.sp:  # used on this rank's sequence shard: partial gradients
+            for module in (self.pos_embed, self.norm):
+                if module is not None:
+                    mark_partial_grad(module, "weight", "bias")
         self.mtp = None
         if cfg.mtp.depth > 0:
             from evoformer.model.mtp import MultiTokenPrediction
 
-            self.mtp = MultiTokenPrediction(cfg)
+            self.mtp = MultiTokenPrediction(cfg, ctx.without_sp())
         self.activation_checkpointing = False
+
+    def _apply(self, fn, recurse: bool = True):
+        # .to_empty() from meta builds new Parameter objects: re-apply the TP metadata.
+        out = super()._apply(fn, recurse)
+        retag_parameters(self)
+        return out
 
     @staticmethod
     def _build_rope(cfg: ModelConfig):
@@ -130,21 +183,21 @@ class Transformer(nn.Module):
         residual_std = (
             std / math.sqrt(2 * self.cfg.n_layers) if self.cfg.init.scaled_residual else std
         )
+        linear_like = (nn.Linear, nn.Embedding, TensorParallelModule)
+        rank = self.ctx.tp_rank
         for module in self.modules():
-            if hasattr(module, "reset_parameters") and not isinstance(
-                module, (nn.Linear, nn.Embedding)
-            ):
+            if hasattr(module, "reset_parameters") and not isinstance(module, linear_like):
                 module.reset_parameters()
         for name, module in self.named_modules():
-            if isinstance(module, (nn.Linear, nn.Embedding)):
+            if isinstance(module, linear_like):
                 s = residual_std if getattr(module, "is_residual_out", False) else std
-                _normal_(module.weight, s, seed, f"{name}.weight")
+                _normal_(module.weight, s, seed, f"{name}.weight", rank)
                 if getattr(module, "bias", None) is not None:
                     module.bias.zero_()
             # Other weight layouts (stacked MoE experts) name their linear-like parameters.
             for pname, residual in getattr(module, "normal_init", {}).items():
                 s = residual_std if residual else std
-                _normal_(getattr(module, pname), s, seed, f"{name}.{pname}")
+                _normal_(getattr(module, pname), s, seed, f"{name}.{pname}", rank)
 
     def num_params(self, exclude_embeddings: bool = False) -> int:
         n = sum(p.numel() for p in self.parameters())
@@ -170,7 +223,8 @@ class Transformer(nn.Module):
         hidden_BTC = self.hidden_states(input_ids, caches)
         if targets is None:
             return self.logits(hidden_BTC)
-        ce = lm_loss(self.logits(hidden_BTC), targets)
+        h = self.norm(hidden_BTC) if self.norm is not None else hidden_BTC
+        ce = self.head_loss(h, targets, self.ctx.sp)
         loss, metrics = ce, {"ce_loss": ce.detach()}
         if self.mtp is not None:  # first: its blocks may hold MoE layers with aux losses
             mtp_loss = self.mtp(hidden_BTC, input_ids, targets, self)
@@ -184,11 +238,35 @@ class Transformer(nn.Module):
         return ModelOutput(loss, metrics)
 
     def logits(self, hidden_BTC: torch.Tensor) -> torch.Tensor:
-        """Final norm and LM head (tied to the embedding when configured)."""
+        """Final norm and LM head (tied to the embedding when configured): full logits
+        [B, T, V] (under TP gathered from the vocabulary shards, without gradient)."""
         if self.norm is not None:
             hidden_BTC = self.norm(hidden_BTC)
+        return self.head_logits(hidden_BTC, self.ctx.sp)
+
+    def head_logits(self, h_BTC: torch.Tensor, sequence_parallel: bool = False) -> torch.Tensor:
+        """Full logits of normalised hidden states (``sequence_parallel``: ``h`` is this rank's
+        sequence shard, as the main stack's output under SP; the MTP modules' is not)."""
         weight = self.embed.weight if self.head is None else self.head.weight
-        return F.linear(hidden_BTC, weight)
+        if self.ctx.tp == 1:
+            return F.linear(h_BTC, weight)
+        local = vocab_parallel_logits(h_BTC, weight, self.ctx.tp_group, sequence_parallel)
+        return gather_vocab_logits(local, self.ctx.tp_group, self.cfg.vocab_size)
+
+    def head_loss(
+        self, h_BTC: torch.Tensor, targets_BT: torch.Tensor, sequence_parallel: bool = False
+    ) -> torch.Tensor:
+        """Mean next-token cross-entropy of normalised hidden states; under TP computed from
+        each rank's vocabulary shard (vocab-parallel cross-entropy, no full logits)."""
+        weight = self.embed.weight if self.head is None else self.head.weight
+        if self.ctx.tp == 1:
+            return lm_loss(F.linear(h_BTC, weight), targets_BT)
+        group = self.ctx.tp_group
+        local = vocab_parallel_logits(h_BTC, weight, group, sequence_parallel)
+        shard = self.embed if self.head is None else self.head
+        return vocab_parallel_cross_entropy(
+            local, targets_BT, group, shard.vocab_start, shard.vocab_end
+        )
 
     def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
         x_BTC = self.embed(input_ids)
@@ -200,7 +278,8 @@ class Transformer(nn.Module):
     def hidden_states(
         self, input_ids: torch.Tensor, caches: list[KVCache] | None = None
     ) -> torch.Tensor:
-        """The residual stream after the last block (before the final norm)."""
+        """The residual stream after the last block (before the final norm); under sequence
+        parallelism this rank's slice of the sequence."""
         B, T = input_ids.shape
         start = caches[0].length if caches else 0
         if start + T > self.cfg.max_seq_len:
@@ -208,9 +287,10 @@ class Transformer(nn.Module):
         positions = torch.arange(start, start + T, device=input_ids.device)
         x_BTC = self.embed_tokens(input_ids)
         if self.pos_embed is not None:
-            x_BTC = x_BTC + self.pos_embed(positions)
+            first, n = self.ctx.seq_shard(T)
+            x_BTC = x_BTC + self.pos_embed(positions[first : first + n])
         if self.cfg.dropout:
-            x_BTC = F.dropout(x_BTC, self.cfg.dropout, self.training)
+            x_BTC = self.ctx.dropout(x_BTC, self.cfg.dropout, self.training)
         rope = self.rope(positions) if self.rope is not None else None
         rope_local = self.rope_local(positions) if self.rope_local is not None else rope
         for i, layer in enumerate(self.layers):
@@ -223,16 +303,32 @@ class Transformer(nn.Module):
         return x_BTC
 
 
-def _normal_(t: torch.Tensor, std: float, seed: int, name: str) -> None:
+def _normal_(t: torch.Tensor, std: float, seed: int, name: str, tp_rank: int = 0) -> None:
+    """Draw ``t`` from N(0, std) with a generator keyed by its name. A tensor-parallel shard
+    (``t.tp_dim`` set) is cut from the global tensor drawn exactly as on one device."""
     g = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
-    t.copy_(torch.empty(t.shape, dtype=torch.float32).normal_(0.0, std, generator=g))
+    full = torch.empty(full_shape_of(t), dtype=torch.float32).normal_(0.0, std, generator=g)
+    if getattr(t, "tp_dim", None) is not None:
+        full = shard_tensor(full, t.tp_dim, t.shape[t.tp_dim], tp_rank)
+    t.copy_(full)
 
 
-def build_model(cfg: ModelConfig, device: str | torch.device = "cpu", seed: int | None = 0):
+def build_model(
+    cfg: ModelConfig,
+    device: str | torch.device = "cpu",
+    seed: int | None = 0,
+    groups=None,
+    sequence_parallel: bool = False,
+) -> Transformer:
     """Build on the meta device (no allocation), then materialise on ``device`` and initialise
-    from ``seed`` (``seed=None`` leaves the memory uninitialised, e.g. before loading weights)."""
+    from ``seed`` (``seed=None`` leaves the memory uninitialised, e.g. before loading weights).
+
+    ``groups`` (``ParallelDims.build()``'s ParallelGroups; ``None``: one process) makes the
+    model tensor-parallel over ``groups.tp_group`` (with ``sequence_parallel``); every layout
+    starts from the same global weights."""
+    ctx = ParallelContext.from_groups(groups, sequence_parallel)
     with torch.device("meta"):
-        model = Transformer(cfg)
+        model = Transformer(cfg, ctx)
     model.to_empty(device=device)
     for rope in (model.rope, model.rope_local):
         if rope is not None:

@@ -13,6 +13,7 @@ from evoformer.parallel.collectives import (
     scatter_to_sequence_parallel_region,
     sum_across_parallel_region,
 )
+from evoformer.parallel.context import ParallelContext
 from evoformer.parallel.cross_entropy import vocab_parallel_cross_entropy
 from evoformer.parallel.layers import (
     ColumnParallelLinear,
@@ -20,7 +21,10 @@ from evoformer.parallel.layers import (
     TensorParallelModule,
     VocabParallelEmbedding,
     VocabParallelLMHead,
+    gather_full_params,
     gather_vocab_logits,
+    mark_partial_grad,
+    mark_sharded,
     sequence_parallel_params,
     sync_sequence_parallel_grads,
     vocab_parallel_logits,
@@ -29,6 +33,7 @@ from evoformer.parallel.layers import (
 __all__ = [
     "SEQ_DIM",
     "ColumnParallelLinear",
+    "ParallelContext",
     "RowParallelLinear",
     "TensorParallelModule",
     "VocabParallelEmbedding",
@@ -37,7 +42,10 @@ __all__ = [
     "count_collectives",
     "gather_from_parallel_region",
     "gather_from_sequence_parallel_region",
+    "gather_full_params",
     "gather_vocab_logits",
+    "mark_partial_grad",
+    "mark_sharded",
     "reduce_from_parallel_region",
     "reduce_scatter_to_sequence_parallel_region",
     "scatter_to_parallel_region",

@@ -70,12 +70,7 @@ class TensorParallelModule(nn.Module):
         self.sequence_parallel_params: set[str] = set()
 
     def _tag_params(self) -> None:
-        for name, shard in self.tp_shards.items():
-            p = getattr(self, name)
-            if p is None:
-                continue
-            p.tp_dim, p.tp_full_size = shard if shard is not None else (None, None)
-            p.sequence_parallel = name in self.sequence_parallel_params
+        tag_parameters(self)
 
     def _apply(self, fn, recurse: bool = True):
         # .to_empty() from meta builds new Parameter objects; keep the tags on them.
@@ -104,14 +99,7 @@ class TensorParallelModule(nn.Module):
         shard = self.tp_shards[name]
         if shard is None:
             return full
-        dim, length = shard
-        local = p.shape[dim]
-        start = self.tp_rank * local
-        out = torch.zeros(p.shape, dtype=full.dtype, device=full.device)
-        n = max(0, min(local, length - start))
-        if n:
-            out.narrow(dim, 0, n).copy_(full.narrow(dim, start, n))
-        return out
+        return shard_tensor(full, shard[0], p.shape[shard[0]], self.tp_rank)
 
     @torch.no_grad()
     def shard_from_full_(self, **full: torch.Tensor) -> TensorParallelModule:
@@ -147,6 +135,96 @@ class TensorParallelModule(nn.Module):
         self.shard_from_full_(**{k: v.to(self.weight.device) for k, v in full.items()})
 
 
+def shard_tensor(full: torch.Tensor, dim: int, local: int, rank: int) -> torch.Tensor:
+    """Rank ``rank``'s slice of ``local`` entries along ``dim`` of a global tensor, as the
+    parallel layers hold it: equal slices in rank order, zero padding past the global length."""
+    start = rank * local
+    shape = list(full.shape)
+    shape[dim] = local
+    n = max(0, min(local, full.shape[dim] - start))
+    if n == local:
+        return full.narrow(dim, start, local).clone()
+    out = full.new_zeros(shape)
+    if n:
+        out.narrow(dim, 0, n).copy_(full.narrow(dim, start, n))
+    return out
+
+
+# -- sharding metadata on any module -----------------------------------------------------------
+
+
+def tag_parameters(module: nn.Module) -> None:
+    """(Re-)apply a module's sharding metadata to its parameters: ``module.tp_shards`` (name ->
+    ``(dim, global length)`` or ``None``) becomes ``param.tp_dim`` / ``param.tp_full_size``, and
+    names in ``module.sequence_parallel_params`` get ``param.sequence_parallel = True``.
+
+    ``sequence_parallel`` (Megatron's name) marks a *replicated* parameter whose gradient is
+    partial on each rank of the TP group and must be summed over it before the optimizer step
+    (``sync_sequence_parallel_grads``): parameters used on sequence shards, and also replicated
+    parameters each rank uses for only its own heads (K/V projections shared by fewer KV heads
+    than tp, per-head QK-norm weights) or whose output feeds only a partial sum (an MoE router).
+    """
+    shards = getattr(module, "tp_shards", {})
+    partial = getattr(module, "sequence_parallel_params", ())
+    for name in set(shards) | set(partial):
+        p = getattr(module, name, None)
+        if p is None:
+            continue
+        shard = shards.get(name)
+        p.tp_dim, p.tp_full_size = shard if shard is not None else (None, None)
+        p.sequence_parallel = name in partial
+
+
+def mark_sharded(module: nn.Module, name: str, dim: int, full_size: int) -> None:
+    """Record that ``module.<name>`` holds this rank's slice along ``dim`` of a global tensor of
+    length ``full_size`` there (for modules that are not parallel layers: stacked MoE experts,
+    a QK-norm over a head-sharded projection). ``retag_parameters`` re-applies it."""
+    if "tp_shards" not in module.__dict__:
+        module.tp_shards = {}
+    module.tp_shards[name] = (dim, full_size)
+    tag_parameters(module)
+
+
+def mark_partial_grad(module: nn.Module, *names: str) -> None:
+    """Record that the replicated parameters ``names`` of ``module`` get partial gradients on
+    each TP rank (see ``tag_parameters``); ``sync_sequence_parallel_grads`` sums them."""
+    if "sequence_parallel_params" not in module.__dict__:
+        module.sequence_parallel_params = set()
+    module.sequence_parallel_params.update(n for n in names if getattr(module, n, None) is not None)
+    tag_parameters(module)
+
+
+def retag_parameters(root: nn.Module) -> None:
+    """Re-apply every module's metadata: ``.to_empty()`` from the meta device builds new
+    Parameter objects, which carry no attributes."""
+    for m in root.modules():
+        if "tp_shards" in m.__dict__ or "sequence_parallel_params" in m.__dict__:
+            tag_parameters(m)
+
+
+def full_shape_of(p: torch.Tensor) -> torch.Size:
+    """The global (single-device, unpadded) shape of a possibly sharded parameter."""
+    dim = getattr(p, "tp_dim", None)
+    if dim is None:
+        return p.shape
+    return torch.Size(p.tp_full_size if d == dim else s for d, s in enumerate(p.shape))
+
+
+@torch.no_grad()
+def gather_full_params(module: nn.Module, group: dist.ProcessGroup | None) -> dict:
+    """``{name: global tensor}`` for every parameter: shards all-gathered over ``group`` and
+    padding stripped, replicated parameters copied. A collective over the group."""
+    out = {}
+    for name, p in module.named_parameters():
+        dim = getattr(p, "tp_dim", None)
+        if dim is None or group_size(group) == 1:
+            t = p.detach() if dim is None else p.detach().narrow(dim, 0, p.tp_full_size)
+        else:
+            t = _all_gather(p.detach(), group, dim).narrow(dim, 0, p.tp_full_size)
+        out[name] = t.clone()
+    return out
+
+
 def _local(n: int, size: int, what: str) -> int:
     if n % size:
         raise ValueError(f"{what}={n} is not divisible by the tensor-parallel size {size}")
@@ -160,6 +238,10 @@ class ColumnParallelLinear(TensorParallelModule):
     output sharded along the last dim, or all-gathered with ``gather_output=True``.
     Communicates: forward nothing (SP: all-gather of X along T); backward an all-reduce of dX
     (SP: reduce-scatter of dX along T); ``gather_output`` adds an all-gather of Y forward.
+
+    ``explicit_comm=True``: the caller has already entered the TP region (``copy_to_parallel_
+    region``, or the SP all-gather) once for several column layers reading the same input (q, k
+    and v; gate and up), so their input gradients are reduced in one collective, not one each.
     """
 
     def __init__(
@@ -170,6 +252,7 @@ class ColumnParallelLinear(TensorParallelModule):
         group: dist.ProcessGroup | None = None,
         gather_output: bool = False,
         sequence_parallel: bool = False,
+        explicit_comm: bool = False,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -177,6 +260,7 @@ class ColumnParallelLinear(TensorParallelModule):
         self.in_features, self.out_features = in_features, out_features
         self.gather_output = gather_output
         self.sequence_parallel = sequence_parallel and self.tp_size > 1
+        self.explicit_comm = explicit_comm
         local = _local(out_features, self.tp_size, "out_features")
         kw = {"device": device, "dtype": dtype}
         self.weight = nn.Parameter(torch.empty(local, in_features, **kw))
@@ -189,7 +273,9 @@ class ColumnParallelLinear(TensorParallelModule):
         self._default_init(self.in_features)
 
     def forward(self, x_BTC: torch.Tensor) -> torch.Tensor:
-        if self.sequence_parallel:
+        if self.explicit_comm:
+            pass  # the caller entered the TP region once for several layers
+        elif self.sequence_parallel:
             x_BTC = gather_from_sequence_parallel_region(x_BTC, self.group)
         else:
             x_BTC = copy_to_parallel_region(x_BTC, self.group)
@@ -214,6 +300,9 @@ class RowParallelLinear(TensorParallelModule):
     (SP: all-gather of dY along T). Under SP the bias sees only this rank's tokens, so its
     gradient is partial: it is tagged ``sequence_parallel`` and needs
     ``sync_sequence_parallel_grads`` (an all-reduce over the group) before the optimizer step.
+
+    ``explicit_comm=True`` (no bias): return this rank's partial sum unreduced, for a caller that
+    sums several row layers' outputs first and reduces once (an MoE layer's experts).
     """
 
     def __init__(
@@ -224,15 +313,19 @@ class RowParallelLinear(TensorParallelModule):
         group: dist.ProcessGroup | None = None,
         input_is_parallel: bool = True,
         sequence_parallel: bool = False,
+        explicit_comm: bool = False,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__(group)
         if sequence_parallel and not input_is_parallel:
             raise ValueError("RowParallelLinear: sequence_parallel needs input_is_parallel=True")
+        if explicit_comm and bias:
+            raise ValueError("RowParallelLinear: explicit_comm returns partial sums; no bias")
         self.in_features, self.out_features = in_features, out_features
         self.input_is_parallel = input_is_parallel
         self.sequence_parallel = sequence_parallel and self.tp_size > 1
+        self.explicit_comm = explicit_comm
         local = _local(in_features, self.tp_size, "in_features")
         kw = {"device": device, "dtype": dtype}
         self.weight = nn.Parameter(torch.empty(out_features, local, **kw))
@@ -252,6 +345,8 @@ class RowParallelLinear(TensorParallelModule):
         if not self.input_is_parallel:
             x = scatter_to_parallel_region(x, self.group)
         y = F.linear(x, self.weight)
+        if self.explicit_comm:
+            return y  # partial sum: the caller reduces it together with others
         if self.sequence_parallel:
             y = reduce_scatter_to_sequence_parallel_region(y, self.group)
         else:

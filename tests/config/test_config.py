@@ -44,7 +44,7 @@ def test_resolved_yaml_round_trips(tmp_path):
         ("model.attention.n_kv_heads=3", "must divide n_heads=4"),
         ("train.micro_batch_size=3", "must be a multiple of train.micro_batch_size=3"),
         ("train.max_steps=0", "train.max_steps=0: must be > 0"),
-        ("parallel.tp=2", "tensor parallelism is not available"),
+        ("parallel.pp=2", "pipeline parallelism is not available"),
         ("noequals", "is not of the form key=value"),
     ],
 )
@@ -54,6 +54,44 @@ def test_bad_settings_give_one_clear_line(override, message):
     text = str(info.value)
     assert message in text
     assert "\n" not in text
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["parallel.tp=3"], "model.attention.n_heads=4: must be divisible by parallel.tp=3"),
+        (
+            ["model.attention.n_heads=12", "model.attention.n_kv_heads=3", "parallel.tp=4",
+             "model.attention.head_dim=16"],
+            "model.attention.n_kv_heads=3: must divide or be divisible by parallel.tp=4",
+        ),
+        (["model.mlp.hidden=690", "parallel.tp=4"], "model.mlp.hidden=690: must be divisible"),
+        (
+            ["model.moe.num_experts=4", "model.moe.expert_hidden=30", "parallel.tp=4"],
+            "model.moe.expert_hidden=30: must be divisible by parallel.tp=4",
+        ),
+        (
+            ["model.moe.num_experts=4", "model.moe.expert_hidden=32",
+             "model.moe.shared_hidden=34", "parallel.tp=4"],
+            "model.moe.shared_hidden=34: must be divisible by parallel.tp=4",
+        ),
+        (
+            ["parallel.tp=4", "parallel.sequence_parallel=true", "train.seq_len=250"],
+            "train.seq_len=250: must be divisible by parallel.tp=4 with parallel.sequence_parallel",
+        ),
+    ],
+)  # fmt: skip
+def test_impossible_tensor_parallel_layouts(overrides, message):
+    with pytest.raises(UserError) as info:
+        load_config([], overrides)
+    assert message in str(info.value) and "\n" not in str(info.value)
+
+
+def test_possible_tensor_parallel_layouts():
+    # KV heads fewer than tp are replicated; SP with tp=1 is a no-op; the vocab is padded.
+    load_config([], ["parallel.tp=4", "model.attention.n_kv_heads=2", "model.vocab_size=8191"])
+    load_config([], ["parallel.tp=1", "parallel.sequence_parallel=true", "train.seq_len=255"])
+    load_config([str(REPO / "configs/models/tiny/deepseek-v3.yaml")], ["parallel.tp=4"])
 
 
 def test_bad_yaml_names_file_and_line(tmp_path):

@@ -201,6 +201,7 @@ def test_aux_loss_free_bias_balances_a_skewed_router() -> None:
 def _bias_worker(rank: int, world_size: int) -> list[float]:
     torch.manual_seed(0)
     m = _moe(_cfg(num_experts=6, top_k=2, score="sigmoid", bias_update_rate=0.1)).train()
+    m.process_group = torch.distributed.group.WORLD  # the data-parallel ranks (here: all)
     x = torch.randn(world_size, 5, 32, generator=torch.Generator().manual_seed(6)) + 0.5
     m(x[rank : rank + 1])  # each rank routes different tokens
     m.end_of_step()
