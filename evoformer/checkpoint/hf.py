@@ -269,8 +269,10 @@ def rope_from_hf(c: dict[str, Any], family: str) -> PositionConfig:
         raise _unsupported(family, f"partial_rotary_factor={partial}")
     if kind == "default":
         return PositionConfig(kind="rope", rope_theta=theta)
+    if kind == "yarn":
+        return PositionConfig(kind="rope", rope_theta=theta, rope_scaling=_yarn_from_hf(params, c))
     if kind != "llama3":
-        raise _unsupported(family, f"rope_type={kind!r} (supported: default, llama3)")
+        raise _unsupported(family, f"rope_type={kind!r} (supported: default, llama3, yarn)")
     scaling = RopeScalingConfig(
         kind="llama3",
         factor=float(params["factor"]),
@@ -283,6 +285,23 @@ def rope_from_hf(c: dict[str, Any], family: str) -> PositionConfig:
     return PositionConfig(kind="rope", rope_theta=theta, rope_scaling=scaling)
 
 
+def _yarn_from_hf(params: dict[str, Any], c: dict[str, Any]) -> RopeScalingConfig:
+    original = int(params.get("original_max_position_embeddings") or c["max_position_embeddings"])
+    factor = params.get("factor")
+    if factor is None:  # DeepSeek-style files may give only the two context lengths
+        factor = c["max_position_embeddings"] / original
+    attention_factor = params.get("attention_factor")
+    return RopeScalingConfig(
+        kind="yarn", factor=float(factor), original_max_seq_len=original,
+        beta_fast=float(params.get("beta_fast") or 32.0),
+        beta_slow=float(params.get("beta_slow") or 1.0),
+        mscale=float(params.get("mscale") or 0.0),
+        mscale_all_dim=float(params.get("mscale_all_dim") or 0.0),
+        attention_factor=None if attention_factor is None else float(attention_factor),
+        truncate=bool(params.get("truncate", True)),
+    )  # fmt: skip
+
+
 def rope_to_hf(p: PositionConfig) -> dict[str, Any]:
     """HF RoPE keys written in both layouts, so transformers 4 and 5 read the same thing."""
     s = p.rope_scaling
@@ -293,6 +312,17 @@ def rope_to_hf(p: PositionConfig) -> dict[str, Any]:
             "high_freq_factor": s.high_freq_factor,
             "original_max_position_embeddings": s.original_max_seq_len,
         }  # fmt: skip
+    elif s.kind == "yarn":
+        scaling = {
+            "rope_type": "yarn", "factor": s.factor,
+            "original_max_position_embeddings": s.original_max_seq_len,
+            "beta_fast": s.beta_fast, "beta_slow": s.beta_slow, "truncate": s.truncate,
+        }  # fmt: skip
+        for key in ("mscale", "mscale_all_dim"):
+            if getattr(s, key):
+                scaling[key] = getattr(s, key)
+        if s.attention_factor is not None:
+            scaling["attention_factor"] = s.attention_factor
     params = {"rope_type": "default", **(scaling or {}), "rope_theta": p.rope_theta}
     return {"rope_theta": p.rope_theta, "rope_scaling": scaling, "rope_parameters": params}
 

@@ -14,8 +14,8 @@ the table drives import and export). What the MoE families add to the dense ones
 - DeepSeek-V3 MLA: its RoPE rotates interleaved pairs (``rope_interleave``, true in every
   DeepSeek release); ours rotates halves, which is the same function once the rope rows of
   ``q_b_proj``/``q_proj`` and ``kv_a_proj_with_mqa`` are permuted (``Family.transform``; export
-  writes the interleaved layout back). YaRN RoPE (DeepSeek-V3's long-context setting) is refused:
-  the schema has no yarn scaling.
+  writes the interleaved layout back). YaRN RoPE (DeepSeek-V3's long-context setting) maps to
+  ``rope_scaling.kind: yarn``; MLA adds DeepSeek's softmax gain mscale(factor, mscale_all_dim)^2.
 - DeepSeek-V3 MTP: checkpoints store module k as decoder layer ``n_layers + k`` (``enorm``,
   ``hnorm``, ``eh_proj``, ``shared_head.norm``, a full MoE block, and copies of the embedding and
   head). ``num_nextn_predict_layers`` counts the modules, but HF's own model neither builds nor

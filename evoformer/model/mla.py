@@ -29,7 +29,7 @@ from torch import nn
 
 from evoformer.config.schema import ModelConfig
 from evoformer.model.norms import RMSNorm
-from evoformer.model.positions import apply_rope
+from evoformer.model.positions import apply_rope, yarn_mscale
 from evoformer.parallel.context import ParallelContext
 from evoformer.parallel.layers import mark_partial_grad
 
@@ -93,7 +93,7 @@ class MultiHeadLatentAttention(nn.Module):
         self.nope_dim, self.rope_dim = a.qk_nope_head_dim, a.qk_rope_head_dim
         self.v_dim = a.v_head_dim
         self.qk_dim = self.nope_dim + self.rope_dim
-        self.scale = a.scale if a.scale is not None else self.qk_dim**-0.5
+        self.scale = a.scale if a.scale is not None else self.qk_dim**-0.5 * _yarn_softmax_gain(cfg)
         self.dropout = a.dropout
         C, H = cfg.d_model, a.n_heads
         if self.q_lora_rank > 0:
@@ -194,3 +194,12 @@ class MultiHeadLatentAttention(nn.Module):
             q_BHTD, k_BHSD, v_BHSL, attn_mask=mask, scale=self.scale
         )
         return torch.einsum("bhtl,hvl->bhtv", o_BHTL, w_uv_HVL)
+
+
+def _yarn_softmax_gain(cfg: ModelConfig) -> float:
+    """DeepSeek's YaRN also sharpens the softmax by mscale(factor, mscale_all_dim)^2 (on top of
+    the cos/sin attention factor that the rotary tables carry)."""
+    s = cfg.position.rope_scaling
+    if cfg.position.kind != "rope" or s.kind == "none" or not s.mscale_all_dim:
+        return 1.0
+    return yarn_mscale(s.factor, s.mscale_all_dim) ** 2

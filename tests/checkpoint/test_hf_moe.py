@@ -99,11 +99,21 @@ def _deepseek_full_q():
     return transformers.DeepseekV3ForCausalLM(_deepseek_config(None, attention_bias=True))
 
 
+def _deepseek_yarn():
+    # YaRN beyond the original context (16 < 40 tokens): rotary attention factor and DeepSeek's
+    # extra softmax gain mscale(factor, mscale_all_dim)^2 both differ from 1.
+    rope = {"rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0, "mscale": 1.0,
+            "mscale_all_dim": 0.707, "original_max_position_embeddings": 16,
+            "beta_fast": 32, "beta_slow": 1}  # fmt: skip
+    return transformers.DeepseekV3ForCausalLM(_deepseek_config(32, rope_parameters=rope))
+
+
 CASES = {
     "mixtral": _mixtral,
     "qwen3_moe": _qwen3_moe,
     "deepseek_v3_q_lora": _deepseek_q_lora,
     "deepseek_v3_full_q": _deepseek_full_q,
+    "deepseek_v3_yarn": _deepseek_yarn,
 }
 
 
@@ -273,12 +283,9 @@ def test_unsupported_choices_are_named(tmp_path: Path) -> None:
     hf = transformers.DeepseekV3ForCausalLM(_deepseek_config(32))
     hf.save_pretrained(tmp_path / "hf")
     cfg = json.loads((tmp_path / "hf" / "config.json").read_text())
-    cfg["rope_parameters"] = {
-        "rope_type": "yarn", "factor": 40.0, "rope_theta": 10000.0, "mscale": 1.0,
-        "mscale_all_dim": 1.0, "original_max_position_embeddings": 4096,
-    }  # fmt: skip
+    cfg["rope_parameters"] = {"rope_type": "longrope", "rope_theta": 10000.0, "factor": 4.0}
     (tmp_path / "hf" / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(UserError, match="rope_type='yarn'"):
+    with pytest.raises(UserError, match="rope_type='longrope'"):
         import_hf(tmp_path / "hf", tmp_path / "out")
 
     qwen = json.loads(_qwen3_moe().config.to_json_string())
