@@ -206,10 +206,10 @@ def test_refuses_pickled_weights(tmp_path: Path, capsys) -> None:
 def test_unsupported_choices_are_named(tmp_path: Path) -> None:
     hf = _llama_mha_tied()
     cfg = hf.config.to_dict()
-    cfg["rope_parameters"] = {"rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0}
+    cfg["rope_parameters"] = {"rope_type": "longrope", "factor": 4.0, "rope_theta": 10000.0}
     hf.save_pretrained(tmp_path / "hf")
     (tmp_path / "hf" / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(UserError, match="rope_type='yarn'"):
+    with pytest.raises(UserError, match="rope_type='longrope'"):
         import_hf(tmp_path / "hf", tmp_path / "out")
 
     evo = _evo_cfg("llama")
