@@ -169,6 +169,9 @@ class ModelConfig:
         False, "PaLM/GPT-J block: attention and MLP read the same normed input, summed once."
     )
     embed_scale: bool = opt(False, "Multiply token embeddings by sqrt(d_model) (Gemma).")
+    backend: str = opt(
+        "torch", "Layer implementation: torch | te (Transformer Engine; CUDA only, install .[gpu])"
+    )
 
 
 # ---------------------------------------------------------------------------------------------

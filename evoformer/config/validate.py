@@ -15,6 +15,7 @@ CHOICES = {
     "model.mlp.kind": ("gelu", "swiglu", "geglu"),
     "model.moe.score": ("softmax", "sigmoid"),
     "model.mlp.activation": ("default", "gelu", "gelu_tanh", "silu"),
+    "model.backend": ("torch", "te"),
     "data.source": ("default", "files", "synthetic"),
     "optim.schedule": ("cosine", "wsd", "constant"),
     "parallel.pp_schedule": ("gpipe", "1f1b", "interleaved", "zero_bubble"),

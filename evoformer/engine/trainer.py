@@ -94,6 +94,10 @@ class Trainer:
         self.step_hook = step_hook
         self.dims = ParallelDims.from_env(cfg.parallel)
         self.device = pick_device(cfg.run.device, self.dims)
+        if cfg.model.backend == "te":  # fail before any data preparation, with one line
+            from evoformer.parallel.te_backend import import_te
+
+            import_te()
         init_process_group(self.dims, self.device)
         self.groups = self.dims.build(self.device.type)
         if cfg.run.threads:

@@ -118,7 +118,7 @@ class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig, ctx: ParallelContext | None = None) -> None:
         super().__init__()
         self.cfg = cfg
-        self.ctx = ctx = ctx or ParallelContext()
+        self.ctx = ctx = ctx or ParallelContext(backend=cfg.backend)
         V, C = cfg.vocab_size, cfg.d_model
         if ctx.tp == 1:
             self.embed = nn.Embedding(V, C)
@@ -326,7 +326,7 @@ def build_model(
     ``groups`` (``ParallelDims.build()``'s ParallelGroups; ``None``: one process) makes the
     model tensor-parallel over ``groups.tp_group`` (with ``sequence_parallel``); every layout
     starts from the same global weights."""
-    ctx = ParallelContext.from_groups(groups, sequence_parallel)
+    ctx = ParallelContext.from_groups(groups, sequence_parallel, backend=cfg.backend)
     with torch.device("meta"):
         model = Transformer(cfg, ctx)
     model.to_empty(device=device)

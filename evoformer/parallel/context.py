@@ -36,14 +36,17 @@ class ParallelContext:
     tp_group: dist.ProcessGroup | None = None
     sequence_parallel: bool = False
     dp_group: dist.ProcessGroup | None = None
+    backend: str = "torch"  # linear layers: torch | te (Transformer Engine, te_backend.py)
 
     @classmethod
-    def from_groups(cls, groups, sequence_parallel: bool = False) -> ParallelContext:
+    def from_groups(
+        cls, groups, sequence_parallel: bool = False, backend: str = "torch"
+    ) -> ParallelContext:
         """From ``ParallelDims.build()``'s ``ParallelGroups`` (``None``: one process).
         ``sequence_parallel`` with tp = 1 is a no-op."""
         if groups is None:
-            return cls()
-        return cls(groups.tp_group, sequence_parallel, groups.dp_group)
+            return cls(backend=backend)
+        return cls(groups.tp_group, sequence_parallel, groups.dp_group, backend)
 
     @cached_property
     def tp(self) -> int:
@@ -100,7 +103,15 @@ class ParallelContext:
         **kw,
     ) -> nn.Module:
         """``nn.Linear`` at tp = 1, else a ColumnParallelLinear (output dim split) on this
-        context's group; ``explicit_comm``: the caller enters the region (``enter``)."""
+        context's group; ``explicit_comm``: the caller enters the region (``enter``). Backend
+        ``te``: a ``te.Linear`` with the same parameters and communication, at any tp."""
+        if self.backend == "te":
+            from evoformer.parallel.te_backend import TEColumnParallelLinear
+
+            return TEColumnParallelLinear(
+                in_features, out_features, bias, self.tp_group, sequence_parallel=self.sp,
+                explicit_comm=explicit_comm, **kw,
+            )  # fmt: skip
         if self.tp == 1:
             return nn.Linear(in_features, out_features, bias=bias)
         return ColumnParallelLinear(
@@ -112,7 +123,15 @@ class ParallelContext:
         self, in_features: int, out_features: int, bias: bool, explicit_comm: bool = False
     ) -> nn.Module:
         """``nn.Linear`` at tp = 1, else a RowParallelLinear (input dim split) that reduces its
-        output (SP: reduce-scatters it); ``explicit_comm``: the caller reduces (``exit``)."""
+        output (SP: reduce-scatters it); ``explicit_comm``: the caller reduces (``exit``).
+        Backend ``te``: a ``te.Linear`` with the same parameters and communication."""
+        if self.backend == "te":
+            from evoformer.parallel.te_backend import TERowParallelLinear
+
+            return TERowParallelLinear(
+                in_features, out_features, bias, self.tp_group, sequence_parallel=self.sp,
+                explicit_comm=explicit_comm,
+            )  # fmt: skip
         if self.tp == 1:
             return nn.Linear(in_features, out_features, bias=bias)
         return RowParallelLinear(
