@@ -37,6 +37,7 @@ from evoformer.config.schema import (  # noqa: E402
 from evoformer.errors import UserError  # noqa: E402
 from evoformer.model import build_model  # noqa: E402
 from evoformer.model.generate import generate  # noqa: E402
+from tests.checkpoint.hf_testing import randomise, rel_err  # noqa: E402
 
 TOL = 1e-5
 SEQ = 48
@@ -99,25 +100,6 @@ CASES = {
 }  # fmt: skip
 
 
-def _rel_err(ours: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((ours - ref).abs().max() / ref.abs().max()).item()
-
-
-def _randomise(model: torch.nn.Module, seed: int, norm_centre: float) -> None:
-    """Every weight random (norm gains around ``norm_centre``: 1, or 0 for unit-offset norms),
-    so a mis-mapped tensor cannot hide behind an init of ones or zeros."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=g)
-            if p.ndim == 1 and "bias" not in name:
-                p.copy_(norm_centre + 0.2 * noise)
-            elif p.ndim == 1:
-                p.copy_(0.1 * noise)
-            else:
-                p.copy_(0.05 * noise)
-
-
 def _ids(seed: int, shape=(2, SEQ)) -> torch.Tensor:
     return torch.randint(0, VOCAB, shape, generator=torch.Generator().manual_seed(seed))
 
@@ -125,7 +107,7 @@ def _ids(seed: int, shape=(2, SEQ)) -> torch.Tensor:
 def _hf_model(case: str):
     torch.manual_seed(0)
     hf = CASES[case]().eval()
-    _randomise(hf, seed=1, norm_centre=0.0 if case == "gemma3" else 1.0)
+    randomise(hf, seed=1, norm_centre=0.0 if case == "gemma3" else 1.0)
     return hf
 
 
@@ -142,7 +124,7 @@ def test_import_export_round_trip(case: str, tmp_path: Path) -> None:
     out = import_hf(tmp_path / "hf", tmp_path / "ours")
     ours = load_model(out)
     with torch.no_grad():
-        err = _rel_err(ours(ids), ref)
+        err = rel_err(ours(ids), ref)
     assert err <= TOL, f"{case} import: relative logit error {err:.2e}"
     assert load_config([str(out / "config.yaml")]).model == ours.cfg
 
@@ -153,7 +135,7 @@ def test_import_export_round_trip(case: str, tmp_path: Path) -> None:
     back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf2").eval()
     assert type(back) is type(hf)
     with torch.no_grad():
-        err = _rel_err(back(input_ids=ids).logits, ref)
+        err = rel_err(back(input_ids=ids).logits, ref)
     assert err <= TOL, f"{case} export: relative logit error {err:.2e}"
     want = hf.state_dict()
     for name, t in back.state_dict().items():
@@ -209,7 +191,7 @@ def test_kv_cache_decoding_matches_full_forward(case: str) -> None:
     hf_cfg = json.loads(CASES[case]().config.to_json_string())
     cfg = FAMILIES[case].to_model_config(hf_cfg)
     model = build_model(cfg, seed=3).eval()
-    _randomise(model, seed=4, norm_centre=0.0 if cfg.norm.unit_offset else 1.0)
+    randomise(model, seed=4, norm_centre=0.0 if cfg.norm.unit_offset else 1.0)
     _sharpen(model)
     ids = _ids(5, (2, 40))
     with torch.no_grad():
@@ -218,7 +200,7 @@ def test_kv_cache_decoding_matches_full_forward(case: str) -> None:
         caches = model.new_caches(2, 40)
         steps = [model(ids[:, :20], caches), model(ids[:, 20:25], caches)]
         steps += [model(ids[:, t : t + 1], caches) for t in range(25, 40)]
-    err = _rel_err(torch.cat(steps, dim=1), full)
+    err = rel_err(torch.cat(steps, dim=1), full)
     assert err <= TOL, f"{case}: cached logits differ by {err:.2e}"
 
     prompt = ids[0, :16].tolist()
@@ -285,7 +267,7 @@ def test_gemma3_legacy_config_keys() -> None:
 
 def _save_evo(cfg: ModelConfig, run: Path):
     model = build_model(cfg, seed=1).eval()
-    _randomise(model, seed=2, norm_centre=0.0 if cfg.norm.unit_offset else 1.0)
+    randomise(model, seed=2, norm_centre=0.0 if cfg.norm.unit_offset else 1.0)
     full = Config(model=cfg)
     full.train.seq_len = SEQ
     save_checkpoint(run / "checkpoints", 1, model, None, {}, to_yaml(full))
@@ -321,7 +303,7 @@ def test_export_evoformer_gemma_variants(attention: dict, tmp_path: Path) -> Non
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
     ids = _ids(7)
     with torch.no_grad():
-        err = _rel_err(hf(input_ids=ids).logits, model(ids))
+        err = rel_err(hf(input_ids=ids).logits, model(ids))
     assert err <= TOL, f"relative logit error {err:.2e}"
 
 

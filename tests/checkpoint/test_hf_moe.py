@@ -30,29 +30,10 @@ from evoformer.config.schema import (  # noqa: E402
 )
 from evoformer.errors import UserError  # noqa: E402
 from evoformer.model import build_model  # noqa: E402
+from tests.checkpoint.hf_testing import randomise, rel_err  # noqa: E402
 
 TOL = 1e-5
 SEQ = 40
-
-
-def _rel_err(ours: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((ours - ref).abs().max() / ref.abs().max()).item()
-
-
-def _randomise(model: torch.nn.Module, seed: int) -> None:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=g)
-            if p.ndim == 1 and "bias" not in name:  # norm gains: around 1
-                p.copy_(1.0 + 0.2 * noise)
-            elif p.ndim == 1:
-                p.copy_(0.1 * noise)
-            else:
-                p.copy_(0.05 * noise)
-        for name, b in model.named_buffers():
-            if name.endswith("e_score_correction_bias"):
-                b.copy_(0.05 * torch.randn(b.shape, generator=g))
 
 
 def _ids(vocab: int) -> torch.Tensor:
@@ -121,7 +102,7 @@ CASES = {
 def test_import_export_round_trip(case: str, tmp_path: Path) -> None:
     torch.manual_seed(0)
     hf = CASES[case]().eval()
-    _randomise(hf, seed=1)
+    randomise(hf, seed=1)
     hf.save_pretrained(tmp_path / "hf")
     ids = _ids(hf.config.vocab_size)
     with torch.no_grad():
@@ -130,7 +111,7 @@ def test_import_export_round_trip(case: str, tmp_path: Path) -> None:
     out = import_hf(tmp_path / "hf", tmp_path / "ours")
     ours = load_model(out)
     with torch.no_grad():
-        err = _rel_err(ours(ids), ref)
+        err = rel_err(ours(ids), ref)
     assert err <= TOL, f"import: relative logit error {err:.2e}"
     assert ours.cfg.mtp.depth == 0  # DeepSeek's config counts an MTP layer the files lack
 
@@ -138,7 +119,7 @@ def test_import_export_round_trip(case: str, tmp_path: Path) -> None:
     back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf2").eval()
     assert type(back) is type(hf)
     with torch.no_grad():
-        err = _rel_err(back(input_ids=ids).logits, ref)
+        err = rel_err(back(input_ids=ids).logits, ref)
     assert err <= TOL, f"export: relative logit error {err:.2e}"
     # Conversion only renames, slices, stacks and permutes: the weights come back bit-identical.
     want = hf.state_dict()
@@ -180,9 +161,9 @@ def test_deepseek_mtp_matches_hf_mtp_model(tmp_path: Path) -> None:
     hf = transformers.DeepseekV3ForCausalLM(
         _deepseek_config(32, num_nextn_predict_layers=1)
     ).eval()  # fmt: skip
-    _randomise(hf, seed=1)
+    randomise(hf, seed=1)
     mtp = MtpModel(hf, 1).eval()
-    _randomise(mtp.layers, seed=5)
+    randomise(mtp.layers, seed=5)
     hf.save_pretrained(tmp_path / "hf")
     _write_mtp_layer(hf, mtp, tmp_path / "hf" / "model.safetensors")
 
@@ -197,9 +178,9 @@ def test_deepseek_mtp_matches_hf_mtp_model(tmp_path: Path) -> None:
     ours = load_model(out)
     assert ours.cfg.mtp.depth == 1
     with torch.no_grad():
-        assert _rel_err(ours(ids), hf(input_ids=ids).logits) <= TOL
+        assert rel_err(ours(ids), hf(input_ids=ids).logits) <= TOL
         got = ours.mtp.logits(ours.hidden_states(ids), ids, ours)[0]
-    err = _rel_err(got, ref)
+    err = rel_err(got, ref)
     assert err <= TOL, f"MTP: relative logit error {err:.2e}"
 
     # Export carries the MTP layer back bit-identically; HF's causal LM loads the folder.
@@ -214,12 +195,12 @@ def test_deepseek_mtp_matches_hf_mtp_model(tmp_path: Path) -> None:
     )
     back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf2").eval()
     with torch.no_grad():
-        assert _rel_err(back(input_ids=ids).logits, hf(input_ids=ids).logits) <= TOL
+        assert rel_err(back(input_ids=ids).logits, hf(input_ids=ids).logits) <= TOL
 
 
 def test_mtp_copies_must_agree(tmp_path: Path) -> None:
     hf = transformers.DeepseekV3ForCausalLM(_deepseek_config(32)).eval()
-    _randomise(hf, seed=1)
+    randomise(hf, seed=1)
     mtp = transformers.modeling_layers.MtpModel(hf, 1)
     hf.save_pretrained(tmp_path / "hf")
     path = tmp_path / "hf" / "model.safetensors"
@@ -263,7 +244,7 @@ def test_export_evoformer_model(kind: str, tmp_path: Path) -> None:
     training-only settings (aux weight, bias rate, MTP weight) do not block the export."""
     cfg = _deepseek_style_evoformer() if kind == "deepseek_v3" else _mixtral_style_evoformer()
     model = build_model(cfg, seed=7).eval()
-    _randomise(model, seed=3)
+    randomise(model, seed=3)
     full = Config(model=cfg)
     full.train.seq_len = SEQ
     save_checkpoint(tmp_path / "run" / "checkpoints", 1, model, None, {}, to_yaml(full))
@@ -273,9 +254,9 @@ def test_export_evoformer_model(kind: str, tmp_path: Path) -> None:
     ids = _ids(cfg.vocab_size)
     with torch.no_grad():
         ref = model(ids)
-        assert _rel_err(hf(input_ids=ids).logits, ref) <= TOL
+        assert rel_err(hf(input_ids=ids).logits, ref) <= TOL
         again = load_model(import_hf(tmp_path / "hf", tmp_path / "again"))
-        assert _rel_err(again(ids), ref) <= TOL
+        assert rel_err(again(ids), ref) <= TOL
     assert again.cfg.mtp.depth == cfg.mtp.depth
 
 

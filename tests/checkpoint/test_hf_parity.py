@@ -35,26 +35,10 @@ from evoformer.config.schema import (  # noqa: E402
 )
 from evoformer.errors import UserError  # noqa: E402
 from evoformer.model import build_model, lm_loss  # noqa: E402
+from tests.checkpoint.hf_testing import randomise, rel_err  # noqa: E402
 
 TOL = 1e-5
 SEQ = 64
-
-
-def _rel_err(ours: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((ours - ref).abs().max() / ref.abs().max()).item()
-
-
-def _randomise(model: torch.nn.Module, seed: int) -> None:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=g)
-            if p.ndim == 1 and "bias" not in name:  # norm gains: around 1
-                p.copy_(1.0 + 0.2 * noise)
-            elif p.ndim == 1:
-                p.copy_(0.1 * noise)
-            else:
-                p.copy_(0.05 * noise)
 
 
 def _hf_logits(model, ids: torch.Tensor) -> torch.Tensor:
@@ -108,7 +92,7 @@ CASES = {"gpt2": _gpt2, "llama_gqa_llama3rope": _llama_gqa, "llama_mha_tied": _l
 def test_import_export_round_trip(case: str, tmp_path: Path) -> None:
     torch.manual_seed(0)
     hf = CASES[case]().eval()
-    _randomise(hf, seed=1)
+    randomise(hf, seed=1)
     # The GQA case is written sharded to exercise model.safetensors.index.json.
     shard = "40KB" if case == "llama_gqa_llama3rope" else "50GB"
     hf.save_pretrained(tmp_path / "hf", max_shard_size=shard)
@@ -121,7 +105,7 @@ def test_import_export_round_trip(case: str, tmp_path: Path) -> None:
 
     out = import_hf(tmp_path / "hf", tmp_path / "ours")
     ours = load_model(out)
-    err = _rel_err(_our_logits(ours, ids), ref)
+    err = rel_err(_our_logits(ours, ids), ref)
     assert err <= TOL, f"import: relative logit error {err:.2e}"
     # The written config.yaml is a valid full config for training on from this checkpoint.
     assert load_config([str(out / "config.yaml")]).model == ours.cfg
@@ -130,7 +114,7 @@ def test_import_export_round_trip(case: str, tmp_path: Path) -> None:
     export_hf(out, tmp_path / "hf2")
     back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf2").eval()
     assert type(back) is type(hf)
-    err = _rel_err(_hf_logits(back, ids), ref)
+    err = rel_err(_hf_logits(back, ids), ref)
     assert err <= TOL, f"export: relative logit error {err:.2e}"
     # Conversion only renames, splits and transposes: the weights come back bit-identical.
     want = hf.state_dict()
@@ -170,7 +154,7 @@ def test_export_evoformer_model(kind: str, tmp_path: Path, capsys) -> None:
     cfg = _evo_cfg(kind)
     model = build_model(cfg, seed=7).eval()
     if kind == "llama":  # also exercise norms that are not all ones
-        _randomise(model.norm, seed=3)
+        randomise(model.norm, seed=3)
     _save_evo(model, cfg, tmp_path / "run")
     assert export_hf_main([str(tmp_path / "run"), str(tmp_path / "hf")]) == 0
     line = capsys.readouterr().out.strip()
@@ -179,13 +163,13 @@ def test_export_evoformer_model(kind: str, tmp_path: Path, capsys) -> None:
     assert sum(p.numel() for p in hf.parameters()) == model.num_params()
     ids = torch.randint(0, cfg.vocab_size, (2, SEQ), generator=torch.Generator().manual_seed(5))
     ref = _our_logits(model, ids)
-    err = _rel_err(_hf_logits(hf, ids), ref)
+    err = rel_err(_hf_logits(hf, ids), ref)
     assert err <= TOL, f"relative logit error {err:.2e}"
 
     # ...and the CLI import of that export reproduces the same logits.
     assert import_hf_main([str(tmp_path / "hf"), str(tmp_path / "again")]) == 0
     assert capsys.readouterr().out.startswith(f"imported {kind} model")
-    err = _rel_err(_our_logits(load_model(tmp_path / "again"), ids), ref)
+    err = rel_err(_our_logits(load_model(tmp_path / "again"), ids), ref)
     assert err <= TOL
 
 
@@ -226,7 +210,7 @@ def test_training_step_parity(saturated: bool, tmp_path: Path) -> None:
     ignored targets; ``saturated`` scales the head so most target probabilities underflow fp32."""
     torch.manual_seed(0)
     hf = _llama_gqa().train()
-    _randomise(hf, seed=4)
+    randomise(hf, seed=4)
     if saturated:
         with torch.no_grad():
             hf.lm_head.weight.mul_(300.0)
