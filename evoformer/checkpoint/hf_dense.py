@@ -374,21 +374,27 @@ def olmo2_to_hf_config(m: ModelConfig) -> dict[str, Any]:
     }
 
 
+# The attention projections (biases kept only where the model has them) and the gated MLP, named
+# alike in every LLaMA-descended HF family.
+_ATTN_RULES = tuple(
+    _rule(f"model.layers.{{i}}.self_attn.{p}_proj.{t}", f"layers.{{i}}.attn.{p}_proj.{t}")
+    for p in "qkvo"
+    for t in ("weight", "bias")
+)
+_MLP_RULES = tuple(
+    _rule(f"model.layers.{{i}}.mlp.{p}_proj.weight", f"layers.{{i}}.mlp.{p}_proj.weight")
+    for p in ("gate", "up", "down")
+)
+
+
 OLMO2_RULES = (
     _rule("model.embed_tokens.weight", "embed.weight"),
-    *(
-        _rule(f"model.layers.{{i}}.self_attn.{p}_proj.{t}", f"layers.{{i}}.attn.{p}_proj.{t}")
-        for p in "qkvo"
-        for t in ("weight", "bias")
-    ),
+    *_ATTN_RULES,
     *_qk_norm_rules(),
     # reordered: our attn_norm / mlp_norm sit where OLMo 2 has its post-sub-layer norms.
     _rule("model.layers.{i}.post_attention_layernorm.weight", "layers.{i}.attn_norm.weight"),
     _rule("model.layers.{i}.post_feedforward_layernorm.weight", "layers.{i}.mlp_norm.weight"),
-    *(
-        _rule(f"model.layers.{{i}}.mlp.{p}_proj.weight", f"layers.{{i}}.mlp.{p}_proj.weight")
-        for p in ("gate", "up", "down")
-    ),
+    *_MLP_RULES,
     _rule("model.norm.weight", "norm.weight"),
     _rule("lm_head.weight", "head.weight"),
 )
@@ -533,19 +539,12 @@ def gemma3_to_hf_config(m: ModelConfig) -> dict[str, Any]:
 GEMMA3_RULES = (
     _rule("model.embed_tokens.weight", "embed.weight"),
     _rule("model.layers.{i}.input_layernorm.weight", "layers.{i}.attn_norm.weight"),
-    *(
-        _rule(f"model.layers.{{i}}.self_attn.{p}_proj.{t}", f"layers.{{i}}.attn.{p}_proj.{t}")
-        for p in "qkvo"
-        for t in ("weight", "bias")
-    ),
+    *_ATTN_RULES,
     *_qk_norm_rules(),
     _rule("model.layers.{i}.post_attention_layernorm.weight", "layers.{i}.attn_post_norm.weight"),
     _rule("model.layers.{i}.pre_feedforward_layernorm.weight", "layers.{i}.mlp_norm.weight"),
     _rule("model.layers.{i}.post_feedforward_layernorm.weight", "layers.{i}.mlp_post_norm.weight"),
-    *(
-        _rule(f"model.layers.{{i}}.mlp.{p}_proj.weight", f"layers.{{i}}.mlp.{p}_proj.weight")
-        for p in ("gate", "up", "down")
-    ),
+    *_MLP_RULES,
     _rule("model.norm.weight", "norm.weight"),
     _rule("lm_head.weight", "head.weight"),
 )
