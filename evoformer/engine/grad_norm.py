@@ -1,13 +1,14 @@
 """Global gradient-norm clipping that counts every parameter exactly once across TP and DP.
 
 After the data-parallel all-reduce every DP rank holds the same (averaged) gradients, so DP adds
-nothing to the sum. Across the tensor-parallel group a parameter is either *sharded* (tagged
-``param.tp_dim`` by the parallel layers: each rank holds a disjoint slice, so the squared norms
-are summed over TP) or *replicated* (every rank holds the same full gradient, after
-``sync_sequence_parallel_grads`` for the partial ones: counted once, i.e. not summed). Summing
-everything over TP, or only local norms, is the bug class of Megatron issue #7452: the clip
-coefficient, hence every update, then depends on the layout. Vocabulary padding rows of sharded
-tables have zero gradients and add nothing.
+nothing to the sum (under FSDP2 each dp rank holds a disjoint shard of every gradient as a
+DTensor, and the DTensor norm sums the shards once over dp). Across the tensor-parallel group a
+parameter is either *sharded* (tagged ``param.tp_dim`` by the parallel layers: each rank holds a
+disjoint slice, so the squared norms are summed over TP) or *replicated* (every rank holds the
+same full gradient, after ``sync_sequence_parallel_grads`` for the partial ones: counted once,
+i.e. not summed). Summing everything over TP, or only local norms, is the bug class of Megatron
+issue #7452: the clip coefficient, hence every update, then depends on the layout. Vocabulary
+padding rows of sharded tables have zero gradients and add nothing.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from collections.abc import Iterable
 
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor
 
 from evoformer.parallel.collectives import all_reduce_, group_size
 
@@ -44,7 +46,15 @@ def clip_grad_norm_(
     ``torch.nn.utils.clip_grad_norm_``."""
     parameters = list(parameters)
     if group_size(tp_group) == 1:
-        return torch.nn.utils.clip_grad_norm_(parameters, max_norm)
+        grads = [p.grad for p in parameters if p.grad is not None]
+        total = torch.nn.utils.get_total_norm(grads)
+        if isinstance(total, DTensor):
+            # FSDP2: each rank holds disjoint dim-0 shards of every gradient; DTensor's norm
+            # reduces the shards' squares over dp (each element counted once) and comes back
+            # Replicate (full_tensor is then free) or, on other versions, Partial.
+            total = total.full_tensor()
+        torch.nn.utils.clip_grads_with_norm_(parameters, max_norm, total)
+        return total
     total = grad_norm(parameters, tp_group)
     grads = [p.grad for p in parameters if p.grad is not None]
     if grads:

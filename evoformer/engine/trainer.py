@@ -9,7 +9,8 @@ Parallel layout: the process groups are built once (``ParallelDims.build``) and 
 The model is tensor-parallel over the TP group (``parallel.tp``) and wrapped in DDP over the
 data-parallel group only (dp = world / tp); the ranks of one TP group read the same
 micro-batches. After backward, replicated parameters with partial gradients are summed over TP,
-then the global gradient norm counts every parameter once (``engine.grad_norm``).
+then the global gradient norm counts every parameter once (``engine.grad_norm``). With
+``zero.backend: fsdp2`` (tp = 1) the model is sharded over dp by ``engine.fsdp`` instead of DDP.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from evoformer.checkpoint import (
 from evoformer.config import Config, to_yaml
 from evoformer.data import EvalBatches, GlobalBatchSampler, build_datasets, get_batch
 from evoformer.distributed import ParallelDims, init_process_group, pick_device
+from evoformer.engine.fsdp import apply_fsdp2
 from evoformer.engine.grad_norm import clip_grad_norm_
 from evoformer.engine.metrics import MetricsLogger, NullLogger, truncate_metrics
 from evoformer.engine.optim import build_optimizer, lr_at, set_lr
@@ -130,13 +132,18 @@ class Trainer:
         self.model.activation_checkpointing = cfg.activation_checkpointing == "full"
         # Replicated parameters whose gradient each TP rank holds only a share of.
         self.partial_grad_params = sequence_parallel_params(self.model)
+        # FSDP2 replaces the parameters by DTensor shards: it must run before the optimizer sees
+        # them. With one dp rank there is nothing to shard and the model trains as plain torch.
+        self.fsdp = cfg.zero.backend == "fsdp2" and self.dims.dp > 1
+        if self.fsdp:
+            apply_fsdp2(self.model, self.groups.mesh["dp"], cfg.zero.stage)
         self.optimizer = build_optimizer(self.model, cfg.optim)
         self.ddp = (
             DistributedDataParallel(
                 self.model, device_ids=None if self.device.type == "cpu" else [self.device.index],
                 process_group=self.groups.dp_group,
             )
-            if self.dims.dp > 1 else None
+            if self.dims.dp > 1 and not self.fsdp else None
         )  # fmt: skip
         self.tp_mesh = self.groups.mesh["tp"] if self.dims.tp > 1 else None
         self.autocast = (
@@ -275,6 +282,8 @@ class Trainer:
             batch = get_batch(self.data.train, indices).to(self.device, non_blocking=True)
             last = i == len(micro) - 1
             sync = contextlib.nullcontext() if (self.ddp is None or last) else self.ddp.no_sync()
+            if self.fsdp:  # reduce-scatter the accumulated gradients once, on the last one
+                self.model.set_requires_gradient_sync(last)
             with sync:
                 with self.autocast:
                     out = module(batch[:, :-1], targets=batch[:, 1:])
@@ -360,6 +369,8 @@ class Trainer:
     def _banner(self) -> str:
         t, d = self.cfg.train, self.dims
         layout = f"dp {d.dp}"
+        if self.fsdp:
+            layout += f", fsdp2 stage {self.cfg.zero.stage}"
         if d.tp > 1:
             sp = ", sequence parallel" if self.cfg.parallel.sequence_parallel else ""
             layout = f"tp {d.tp} x dp {d.dp}{sp}"
