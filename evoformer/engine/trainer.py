@@ -8,14 +8,13 @@ the step, which is what makes resume bit-exact and results independent of the dp
 Parallel layout: the process groups are built once (``ParallelDims.build``) and passed down.
 The model is tensor-parallel over the TP group (``parallel.tp``) and wrapped in DDP over the
 data-parallel group only (dp = world / tp); the ranks of one TP group read the same
-micro-batches. After backward, replicated parameters with partial gradients are summed over TP,
-then the global gradient norm counts every parameter once (``engine.grad_norm``). With
-``zero.backend: fsdp2`` (tp = 1) the model is sharded over dp by ``engine.fsdp`` instead of DDP.
+micro-batches. How the data-parallel replicas cooperate (DDP, FSDP2, DeepSpeed), precision,
+backward, clipping, the optimizer step and checkpoint state belong to the strategy
+(``engine.strategy``); the loop below does not branch on the backend.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import shutil
@@ -29,26 +28,17 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from omegaconf import OmegaConf
-from torch.nn.parallel import DistributedDataParallel
 
-from evoformer.checkpoint import (
-    list_checkpoints,
-    load_checkpoint,
-    resolve_checkpoint,
-    save_checkpoint,
-    write_text_atomic,
-)
+from evoformer.checkpoint import list_checkpoints, resolve_checkpoint, write_text_atomic
 from evoformer.config import Config, to_yaml
 from evoformer.data import EvalBatches, GlobalBatchSampler, build_datasets, get_batch
 from evoformer.distributed import ParallelDims, init_process_group, pick_device
-from evoformer.engine.fsdp import apply_fsdp2
-from evoformer.engine.grad_norm import clip_grad_norm_
 from evoformer.engine.metrics import MetricsLogger, NullLogger, truncate_metrics
-from evoformer.engine.optim import build_optimizer, lr_at, set_lr
+from evoformer.engine.optim import lr_at
 from evoformer.engine.runtime import tune_glibc_malloc
+from evoformer.engine.strategy import build_strategy
 from evoformer.errors import UserError
 from evoformer.model import Transformer, build_model, lm_loss
-from evoformer.parallel.layers import sequence_parallel_params, sync_sequence_parallel_grads
 
 TOKENIZER_FILE = "tokenizer.model"
 
@@ -130,30 +120,15 @@ class Trainer:
             sequence_parallel=cfg.parallel.sequence_parallel,
         )  # fmt: skip
         self.model.activation_checkpointing = cfg.activation_checkpointing == "full"
-        # Replicated parameters whose gradient each TP rank holds only a share of.
-        self.partial_grad_params = sequence_parallel_params(self.model)
-        # FSDP2 replaces the parameters by DTensor shards: it must run before the optimizer sees
-        # them. With one dp rank there is nothing to shard and the model trains as plain torch.
-        self.fsdp = cfg.zero.backend == "fsdp2" and self.dims.dp > 1
-        if self.fsdp:
-            apply_fsdp2(self.model, self.groups.mesh["dp"], cfg.zero.stage)
-        self.optimizer = build_optimizer(self.model, cfg.optim)
-        self.ddp = (
-            DistributedDataParallel(
-                self.model, device_ids=None if self.device.type == "cpu" else [self.device.index],
-                process_group=self.groups.dp_group,
-            )
-            if self.dims.dp > 1 and not self.fsdp else None
-        )  # fmt: skip
-        self.tp_mesh = self.groups.mesh["tp"] if self.dims.tp > 1 else None
-        self.autocast = (
-            torch.autocast(self.device.type, dtype=torch.bfloat16)
-            if cfg.precision == "bf16"
-            else contextlib.nullcontext()
-        )
+        self.strategy = build_strategy(cfg, self.dims, self.groups, self.device)
+        self.strategy.setup(self.model)
         self.step = 0
         self.stop = StopFlag()
         self.logger: MetricsLogger | NullLogger = NullLogger()
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer:
+        return self.strategy.optimizer
 
     # -- setup -------------------------------------------------------------------------------
 
@@ -186,10 +161,7 @@ class Trainer:
     def _restore(self) -> None:
         if self.resume_from is None:
             return
-        state = load_checkpoint(
-            self.resume_from, self.model, self.optimizer, tp_mesh=self.tp_mesh,
-            rng_rank=self.dims.rank - self.dims.tp_rank,  # one RNG state per TP group
-        )  # fmt: skip
+        state = self.strategy.load_checkpoint(self.resume_from)
         self.step = int(state["step"])
         if "sampler" in state:
             self.sampler.load_state_dict(state["sampler"])
@@ -273,43 +245,31 @@ class Trainer:
         Returns the mean next-token loss (``ce_loss``, comparable across architectures), the
         gradient norm, and the means of the other loss terms (MoE aux, MTP) when present."""
         t = self.cfg.train
-        module = self.ddp or self.model
+        strategy = self.strategy
         dims = self.dims
         micro = self.sampler.micro_batches(step, dims.dp_rank, dims.dp, t.micro_batch_size)
-        set_lr(self.optimizer, lr)
         sums: dict[str, torch.Tensor] = {}
         for i, indices in enumerate(micro):
             batch = get_batch(self.data.train, indices).to(self.device, non_blocking=True)
-            last = i == len(micro) - 1
-            sync = contextlib.nullcontext() if (self.ddp is None or last) else self.ddp.no_sync()
-            if self.fsdp:  # reduce-scatter the accumulated gradients once, on the last one
-                self.model.set_requires_gradient_sync(last)
-            with sync:
-                with self.autocast:
-                    out = module(batch[:, :-1], targets=batch[:, 1:])
-                (out.loss / len(micro)).backward()
+            with strategy.micro_batch(last=i == len(micro) - 1):
+                with strategy.autocast():
+                    out = strategy.module(batch[:, :-1], targets=batch[:, 1:])
+                strategy.backward(out.loss / len(micro))
             for name, value in out.metrics.items():
                 sums[name] = sums.get(name, 0.0) + value.float() / len(micro)
         names = sorted(sums)
         stacked = torch.stack([sums[n] for n in names])
         if self.dims.dp > 1:  # the losses are already the same on the ranks of a TP group
             dist.all_reduce(stacked, op=dist.ReduceOp.AVG, group=self.groups.dp_group)
-        tp_group = self.groups.tp_group
-        sync_sequence_parallel_grads(self.partial_grad_params, tp_group)
-        clip = self.cfg.optim.grad_clip
-        grad_norm = clip_grad_norm_(
-            self.model.parameters(), clip if clip > 0 else float("inf"), tp_group
-        )
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        values = dict(zip(names, stacked.tolist()))
+        result = strategy.step(lr, self.cfg.optim.grad_clip)
+        values = {**dict(zip(names, stacked.tolist())), **result.metrics}
         # Modules with per-step state (MoE load statistics, aux-loss-free router biases) see the
         # whole step's micro-batches before they update and report.
         for m in self.model.modules():
             if hasattr(m, "end_of_step"):
                 values.update(m.end_of_step())
         loss = values.pop("ce_loss")
-        return loss, grad_norm.item(), values
+        return loss, result.grad_norm, values
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -322,7 +282,7 @@ class Trainer:
         acc = torch.zeros(2, dtype=torch.float64, device=self.device)
         for batch in batches[self.dims.dp_rank :: self.dims.dp]:
             batch = batch.to(self.device)
-            with self.autocast:
+            with self.strategy.autocast():
                 logits = self.model(batch[:, :-1])
             n = batch[:, 1:].numel()
             acc += torch.tensor([lm_loss(logits, batch[:, 1:]).item() * n, n],
@@ -339,11 +299,10 @@ class Trainer:
         tok = self.out_dir / TOKENIZER_FILE
         if tok.is_file():
             extra[TOKENIZER_FILE] = tok
-        path = save_checkpoint(
-            self.ckpt_root, self.step, self.model, self.optimizer,
-            trainer_state={"sampler": self.sampler.state_dict()},
+        path = self.strategy.save_checkpoint(
+            self.ckpt_root, self.step, trainer_state={"sampler": self.sampler.state_dict()},
             config_yaml=to_yaml(self.cfg), keep_last=self.cfg.checkpoint.keep_last,
-            extra_files=extra, tp_mesh=self.tp_mesh,
+            extra_files=extra,
         )  # fmt: skip
         self._last_saved = self.step
         self.logger.info(f"saved checkpoint {path}")
@@ -369,8 +328,8 @@ class Trainer:
     def _banner(self) -> str:
         t, d = self.cfg.train, self.dims
         layout = f"dp {d.dp}"
-        if self.fsdp:
-            layout += f", fsdp2 stage {self.cfg.zero.stage}"
+        if self.strategy.describe():
+            layout += f", {self.strategy.describe()}"
         if d.tp > 1:
             sp = ", sequence parallel" if self.cfg.parallel.sequence_parallel else ""
             layout = f"tp {d.tp} x dp {d.dp}{sp}"
