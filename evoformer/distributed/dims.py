@@ -1,11 +1,19 @@
 """The parallel layout: one ParallelDims object, built once, passed explicitly.
 
-Data-parallel size is derived from the world size: dp = world / (tp * pp * ...). Ranks are laid
+Data-parallel size is derived from the world size: dp = world / (tp * pp). Ranks are laid
 out as a ``[pp, dp, tp]`` grid with tp innermost (the Megatron / torchtitan order): adjacent
 ranks form a tensor-parallel group, so on a multi-GPU node the bandwidth-hungry TP all-reduces
-stay on NVLink and data parallelism spans nodes. ``ParallelDims.build()`` creates the
-DeviceMesh and its process groups once; the resulting ``ParallelGroups`` is what layers and the
-trainer receive. Nothing in evoformer keeps process-group globals.
+stay on NVLink and data parallelism spans nodes; pipeline stages are outermost.
+
+Expert parallelism is carved out of data parallelism: ``ep`` divides ``dp``, and the dp index
+splits as ``dp_rank = edp_rank * ep + ep_rank`` (ep innermost). The ``ep`` group holds different
+experts (tokens travel between its ranks by all-to-all); the ``edp`` group (expert data
+parallel, size dp / ep) holds replicas of the same experts. Dense parameters replicate over the
+whole dp group as before.
+
+``ParallelDims.build()`` creates the DeviceMesh and its process groups once; the resulting
+``ParallelGroups`` is what layers and the trainer receive. Nothing in evoformer keeps
+process-group globals.
 """
 
 from __future__ import annotations
@@ -42,6 +50,11 @@ class ParallelDims:
                 f"world size {self.world_size} is not divisible by tp*pp = {self.tp}*{self.pp}"
             )
         self.dp = self.world_size // model_parallel
+        if self.dp % self.ep:
+            raise UserError(
+                f"parallel.ep={self.ep} must divide the data-parallel size {self.dp} "
+                f"(world {self.world_size} / (tp*pp = {model_parallel}))"
+            )
 
     @property
     def tp_rank(self) -> int:
@@ -54,6 +67,19 @@ class ParallelDims:
     @property
     def pp_rank(self) -> int:
         return self.rank // (self.tp * self.dp)
+
+    @property
+    def ep_rank(self) -> int:
+        return self.dp_rank % self.ep
+
+    @property
+    def edp(self) -> int:
+        """Expert-data-parallel size: replicas of each expert shard (dp / ep)."""
+        return self.dp // self.ep
+
+    @property
+    def edp_rank(self) -> int:
+        return self.dp_rank // self.ep
 
     @property
     def is_main(self) -> bool:
@@ -76,17 +102,13 @@ class ParallelDims:
         )
 
     def build(self, device_type: str = "cpu") -> ParallelGroups:
-        """The DeviceMesh (dims ``("dp", "tp")``) and its process groups, created once.
+        """The DeviceMesh (dims ``("pp", "dp", "tp")``, with ``dp`` split into
+        ``("edp", "ep")`` when ep > 1) and its process groups, created once.
 
         Call after ``init_process_group`` on every rank (creating groups is collective). A single
         process needs no process group: its groups are ``None``, which every parallel layer and
         collective reads as "size 1, no communication".
         """
-        if self.pp != 1 or self.ep != 1:
-            raise UserError(
-                f"parallel.pp={self.pp}, parallel.ep={self.ep}: only tensor and data "
-                "parallelism are implemented so far (pp and ep must be 1)"
-            )
         if not self.distributed:
             return ParallelGroups(self, None, None, None, (0,), (0,))
         if not dist.is_initialized():
@@ -98,35 +120,68 @@ class ParallelDims:
             )
         from torch.distributed.device_mesh import init_device_mesh
 
-        # init_device_mesh lays ranks out row-major over (dp, tp): tp is innermost, matching
-        # tp_rank/dp_rank above.
-        mesh = init_device_mesh(device_type, (self.dp, self.tp), mesh_dim_names=("dp", "tp"))
-        tp_group, dp_group = mesh.get_group("tp"), mesh.get_group("dp")
+        # init_device_mesh lays ranks out row-major: tp is innermost, then (edp, ep) = dp, then
+        # pp, matching the *_rank properties above.
+        if self.ep == 1:
+            mesh = init_device_mesh(
+                device_type, (self.pp, self.dp, self.tp), mesh_dim_names=("pp", "dp", "tp")
+            )
+            submeshes = {name: mesh[name] for name in ("pp", "dp", "tp")}
+        else:
+            mesh = init_device_mesh(
+                device_type, (self.pp, self.edp, self.ep, self.tp),
+                mesh_dim_names=("pp", "edp", "ep", "tp"),
+            )  # fmt: skip
+            submeshes = {name: mesh[name] for name in ("pp", "edp", "ep", "tp")}
+            # Keep the flattened mesh itself: slicing a flattened dim from the root is deprecated.
+            submeshes["dp"] = mesh["edp", "ep"]._flatten("dp")
+        tp_group, dp_group = submeshes["tp"].get_group(), submeshes["dp"].get_group()
+        pp_group = submeshes["pp"].get_group()
+
+        def ranks(group: dist.ProcessGroup) -> tuple[int, ...]:
+            return tuple(dist.get_process_group_ranks(group))
+
+        ep_group = edp_group = None
+        if self.ep > 1:
+            ep_group, edp_group = submeshes["ep"].get_group(), submeshes["edp"].get_group()
         return ParallelGroups(
-            self,
-            mesh,
-            tp_group,
-            dp_group,
-            tuple(dist.get_process_group_ranks(tp_group)),
-            tuple(dist.get_process_group_ranks(dp_group)),
-        )
+            self, mesh, tp_group, dp_group, ranks(tp_group), ranks(dp_group),
+            pp_group=pp_group, pp_ranks=ranks(pp_group),
+            ep_group=ep_group, ep_ranks=ranks(ep_group) if ep_group else (self.rank,),
+            edp_group=edp_group, edp_ranks=ranks(edp_group) if edp_group else ranks(dp_group),
+            submeshes=submeshes,
+        )  # fmt: skip
 
 
 @dataclass(frozen=True)
 class ParallelGroups:
     """The process groups of one layout, built by ``ParallelDims.build``; pass it explicitly.
 
-    ``tp_group`` / ``dp_group`` are ``None`` in a single process. ``tp_ranks`` / ``dp_ranks``
-    are the global ranks sharing this rank's group (e.g. world 4, tp 2: rank 1 has tp_ranks
-    (0, 1) and dp_ranks (1, 3)).
+    Groups are ``None`` in a single process (and ``ep_group`` / ``edp_group`` when ep = 1).
+    ``*_ranks`` are the global ranks sharing this rank's group (e.g. world 4, tp 2: rank 1 has
+    tp_ranks (0, 1) and dp_ranks (1, 3)). ``submesh(name)`` gives the 1-D DeviceMesh of one
+    dimension (``pp``, ``dp``, ``tp``, and ``edp`` / ``ep`` when ep > 1).
     """
 
     dims: ParallelDims
-    mesh: object | None  # torch.distributed.device_mesh.DeviceMesh
+    mesh: object | None  # torch.distributed.device_mesh.DeviceMesh (the root mesh)
     tp_group: dist.ProcessGroup | None
     dp_group: dist.ProcessGroup | None
     tp_ranks: tuple[int, ...]
     dp_ranks: tuple[int, ...]
+    pp_group: dist.ProcessGroup | None = None
+    pp_ranks: tuple[int, ...] = (0,)
+    ep_group: dist.ProcessGroup | None = None
+    ep_ranks: tuple[int, ...] = (0,)
+    edp_group: dist.ProcessGroup | None = None
+    edp_ranks: tuple[int, ...] = (0,)
+    submeshes: dict = field(default_factory=dict)
+
+    def submesh(self, name: str):
+        """The 1-D DeviceMesh of dimension ``name`` (distributed runs only)."""
+        if name not in self.submeshes:
+            raise KeyError(f"no {name!r} mesh dimension in this layout ({sorted(self.submeshes)})")
+        return self.submeshes[name]
 
     @property
     def tp(self) -> int:

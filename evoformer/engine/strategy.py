@@ -66,7 +66,7 @@ class Strategy:
         self.model: Transformer | None = None
         self.module: torch.nn.Module | None = None
         self.optimizer: torch.optim.Optimizer | None = None
-        self.tp_mesh = groups.mesh["tp"] if dims.tp > 1 else None
+        self.tp_mesh = groups.submesh("tp") if dims.tp > 1 else None
         self.partial_grad_params: list[torch.nn.Parameter] = []
 
     # -- building ------------------------------------------------------------------------------
@@ -183,7 +183,7 @@ class FSDP2Strategy(Strategy):
         from evoformer.engine.fsdp import apply_fsdp2
 
         # FSDP2 replaces the parameters by DTensor shards: before the optimizer sees them.
-        apply_fsdp2(model, self.groups.mesh["dp"], self.cfg.zero.stage)
+        apply_fsdp2(model, self.groups.submesh("dp"), self.cfg.zero.stage)
         return model
 
     def micro_batch(self, last: bool) -> contextlib.AbstractContextManager:

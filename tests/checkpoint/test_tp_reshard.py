@@ -55,7 +55,7 @@ def _save_tp(rank, world, root):
     net = _net(groups.tp_group)
     opt = _train_step(net)
     cfg_yaml = to_yaml(load_config([str(REPO / "configs/models/tiny/llama.yaml")]))
-    save_checkpoint(root, 1, net, opt, {}, cfg_yaml, tp_mesh=groups.mesh["tp"])
+    save_checkpoint(root, 1, net, opt, {}, cfg_yaml, tp_mesh=groups.submesh("tp"))
     out = {}
     for name, p in net.named_parameters():
         for key, t in (("param", p.detach()), *opt.state[p].items()):
