@@ -62,7 +62,8 @@ def _worker(rank: int, world: int) -> dict:
         "tp_rank": groups.tp_rank, "dp_rank": groups.dp_rank,
         "tp_group_rank": dist.get_rank(groups.tp_group),
         "dp_group_rank": dist.get_rank(groups.dp_group),
-        "mesh": groups.mesh.mesh.tolist(), "pp_ranks": groups.pp_ranks, "tp_sum": tp_sum.item(), "dp_sum": dp_sum.item(),
+        "mesh": groups.mesh.mesh.tolist(), "pp_ranks": groups.pp_ranks,
+        "tp_sum": tp_sum.item(), "dp_sum": dp_sum.item(),
     }  # fmt: skip
 
 
