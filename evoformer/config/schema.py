@@ -286,6 +286,11 @@ class Config:
     precision: str = opt("fp32", "Compute precision: fp32 | bf16.")
     fp8: FP8Config = opt(FP8Config(), "FP8 training.")
     activation_checkpointing: str = opt(
-        "none", "Recompute activations in backward: none | full (every block)."
+        "none",
+        "Recompute activations in backward: none | full (keep only block inputs) | selective "
+        "(keep matmul and attention outputs, recompute norms, activations, RoPE, dropout).",
+    )
+    activation_checkpointing_every: int = opt(
+        1, "Checkpoint every N-th transformer block (blocks 0, N, 2N, ...); 1 = all."
     )
     checkpoint: CheckpointConfig = opt(CheckpointConfig(), "Checkpointing and resume.")

@@ -22,7 +22,7 @@ CHOICES = {
     "zero.backend": ("ddp", "fsdp2", "deepspeed"),
     "precision": ("fp32", "bf16", "fp16"),
     "fp8.backend": ("te", "torchao"),
-    "activation_checkpointing": ("none", "full"),
+    "activation_checkpointing": ("none", "full", "selective"),
     "checkpoint.load": None,  # free text, checked elsewhere
     "run.device": ("auto", "cpu", "cuda"),
     "run.progress": ("auto", "on", "off"),
@@ -33,6 +33,7 @@ POSITIVE = (
     "model.attention.n_heads", "model.mlp.hidden", "data.tokenizer_vocab_size",
     "train.max_steps", "train.global_batch_size", "train.micro_batch_size", "train.seq_len",
     "train.eval_batches", "train.log_every", "parallel.tp", "parallel.pp", "parallel.ep",
+    "activation_checkpointing_every",
 )  # fmt: skip
 
 NON_NEGATIVE = (

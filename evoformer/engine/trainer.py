@@ -119,7 +119,8 @@ class Trainer:
             cfg.model, device=self.device, seed=cfg.run.seed, groups=self.groups,
             sequence_parallel=cfg.parallel.sequence_parallel,
         )  # fmt: skip
-        self.model.activation_checkpointing = cfg.activation_checkpointing == "full"
+        self.model.activation_checkpointing = cfg.activation_checkpointing
+        self.model.activation_checkpointing_every = cfg.activation_checkpointing_every
         self.strategy = build_strategy(cfg, self.dims, self.groups, self.device)
         self.strategy.setup(self.model)
         self.step = 0

@@ -21,10 +21,10 @@ import zlib
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from evoformer.config.schema import ModelConfig, RopeScalingConfig
 from evoformer.model.attention import KVCache, build_attention, is_local_layer
+from evoformer.model.checkpointing import checkpoint_block, is_checkpointed, normalize_mode
 from evoformer.model.loss import lm_loss
 from evoformer.model.mlp import build_ffn
 from evoformer.model.norms import build_norm
@@ -147,7 +147,8 @@ class Transformer(nn.Module):
             from evoformer.model.mtp import MultiTokenPrediction
 
             self.mtp = MultiTokenPrediction(cfg, ctx.without_sp())
-        self.activation_checkpointing = False
+        self.activation_checkpointing: str | bool = "none"  # model.checkpointing.MODES
+        self.activation_checkpointing_every = 1
 
     def _apply(self, fn, recurse: bool = True):
         # .to_empty() from meta builds new Parameter objects: re-apply the TP metadata.
@@ -293,11 +294,14 @@ class Transformer(nn.Module):
             x_BTC = self.ctx.dropout(x_BTC, self.cfg.dropout, self.training)
         rope = self.rope(positions) if self.rope is not None else None
         rope_local = self.rope_local(positions) if self.rope_local is not None else rope
+        # none | full | selective (True = full), every N-th block (model.checkpointing).
+        ckpt_mode = normalize_mode(self.activation_checkpointing)
+        ckpt_every = self.activation_checkpointing_every
         for i, layer in enumerate(self.layers):
             cache = caches[i] if caches else None
             layer_rope = rope_local if layer.is_local else rope
-            if self.activation_checkpointing and self.training and cache is None:
-                x_BTC = checkpoint(layer, x_BTC, layer_rope, use_reentrant=False)
+            if self.training and cache is None and is_checkpointed(ckpt_mode, ckpt_every, i):
+                x_BTC = checkpoint_block(layer, ckpt_mode, x_BTC, layer_rope)
             else:
                 x_BTC = layer(x_BTC, layer_rope, cache)
         return x_BTC
