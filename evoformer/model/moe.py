@@ -4,8 +4,9 @@ grouped GEMMs, optional always-on shared experts, and load balancing.
 One router covers the three published designs: softmax scores (Mixtral, Qwen3-MoE) and sigmoid
 scores with group-limited selection and an aux-loss-free selection bias (DeepSeek-V3). Token
 dispatch (permute by expert -> expert GEMMs -> unpermute and combine) goes through a dispatcher
-object, so an expert-parallel all-to-all can replace :class:`LocalDispatcher` without touching
-the router or the experts.
+object (``parallel/expert.py``): :class:`LocalDispatcher` on one rank, or under expert
+parallelism (``parallel.ep``) an all-to-all to the ranks holding the experts; the router and the
+experts are the same either way (each ep rank holds ``num_experts / ep`` of the stacked experts).
 
 Tensor parallelism: the router is replicated (every rank routes every token of the micro-batch,
 so routing, token counts and the aux loss are those of one process), each expert's hidden dim is
@@ -20,7 +21,6 @@ drops some), G expert groups.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 
 import torch
@@ -32,6 +32,12 @@ from evoformer.config.schema import MLPConfig, ModelConfig
 from evoformer.model.mlp import GatedMLP, _activation, is_moe_layer
 from evoformer.parallel.collectives import group_size
 from evoformer.parallel.context import ParallelContext
+from evoformer.parallel.expert import (
+    LocalDispatcher,
+    build_dispatcher,
+    mark_expert_sharded,
+    tag_expert_parameters,
+)
 from evoformer.parallel.layers import mark_partial_grad, mark_sharded
 
 
@@ -55,20 +61,36 @@ class GroupedExperts(nn.Module):
         self, num_experts: int, d_model: int, hidden: int, act, ctx: ParallelContext | None = None
     ) -> None:
         super().__init__()
-        tp = (ctx or ParallelContext()).tp
+        ctx = ctx or ParallelContext()
+        tp, ep = ctx.tp, ctx.ep
         if hidden % tp:
             raise ValueError(f"tensor parallelism: tp={tp} must divide the expert hidden {hidden}")
+        if num_experts % ep:
+            raise ValueError(
+                f"expert parallelism: parallel.ep={ep} must divide model.moe.num_experts="
+                f"{num_experts}"
+            )
         self.act = act
         local = hidden // tp  # this rank's slice of every expert's hidden dim
-        self.gate_proj = nn.Parameter(torch.empty(num_experts, local, d_model))
-        self.up_proj = nn.Parameter(torch.empty(num_experts, local, d_model))
-        self.down_proj = nn.Parameter(torch.empty(num_experts, d_model, local))
+        n = num_experts // ep  # this rank's experts (all of them without expert parallelism)
+        self.gate_proj = nn.Parameter(torch.empty(n, local, d_model))
+        self.up_proj = nn.Parameter(torch.empty(n, local, d_model))
+        self.down_proj = nn.Parameter(torch.empty(n, d_model, local))
         if tp > 1:
             mark_sharded(self, "gate_proj", 1, hidden)
             mark_sharded(self, "up_proj", 1, hidden)
             mark_sharded(self, "down_proj", 2, hidden)
+        if ep > 1:
+            for name in ("gate_proj", "up_proj", "down_proj"):
+                mark_expert_sharded(self, name, 0, num_experts, ctx.ep_rank)
         # None: torch._grouped_mm where the kernel takes the shapes, else a loop over experts.
         self.use_grouped_mm: bool | None = None
+
+    def _apply(self, fn, recurse: bool = True):
+        # .to_empty() from meta builds new Parameter objects: keep the expert-parallel tags.
+        out = super()._apply(fn, recurse)
+        tag_expert_parameters(self)
+        return out
 
     def forward(self, x_MC: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
         dtype = _compute_dtype(x_MC)
@@ -118,51 +140,6 @@ def _grouped_mm(x_MI: torch.Tensor, w_EOI: torch.Tensor, offs: torch.Tensor) -> 
         # Its backward rejects broadcast gradients (e.g. from y.sum()): make them dense.
         y.register_hook(torch.Tensor.contiguous)
     return y
-
-
-@dataclasses.dataclass
-class Dispatched:
-    """What :meth:`LocalDispatcher.combine` needs to undo a dispatch."""
-
-    order_M: torch.Tensor  # flat (token * K + slot) index of each dispatched copy
-    selected_E: torch.Tensor  # copies each expert was chosen for, before any capacity drop
-
-
-class LocalDispatcher:
-    """Token dispatch on one rank: sort the N x K token copies by expert so each expert's rows
-    are contiguous, and put the expert outputs back, weighted, after the GEMMs.
-
-    The interface is the seam for expert parallelism: a dispatcher that all-to-alls copies to the
-    ranks holding their experts returns the local experts' rows and counts the same way."""
-
-    def __init__(self, num_experts: int) -> None:
-        self.num_experts = num_experts
-
-    def dispatch(
-        self, x_NC: torch.Tensor, experts_NK: torch.Tensor, capacity: int | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor, Dispatched]:
-        """(token copies sorted by expert [M, C], copies per expert [E], undo information).
-        With ``capacity``, each expert keeps only its first ``capacity`` copies (token order)."""
-        K = experts_NK.shape[1]
-        flat = experts_NK.reshape(-1)
-        order = flat.argsort(stable=True)
-        selected = torch.bincount(flat, minlength=self.num_experts)
-        counts = selected
-        if capacity is not None:
-            first_E = selected.cumsum(0) - selected
-            rank_M = torch.arange(order.numel(), device=order.device) - first_E[flat[order]]
-            order = order[rank_M < capacity]
-            counts = selected.clamp(max=capacity)
-        return x_NC[order // K], counts, Dispatched(order, selected)
-
-    def combine(self, y_MC: torch.Tensor, d: Dispatched, weights_NK: torch.Tensor) -> torch.Tensor:
-        """Sum over each token's K expert outputs, weighted [N, C]; dropped copies count 0."""
-        N, K = weights_NK.shape
-        # Scatter back to (token, slot) order, then a batched weighted sum: deterministic, unlike
-        # an index_add over tokens.
-        y_NKC = y_MC.new_zeros(N * K, y_MC.shape[1]).index_copy(0, d.order_M, y_MC)
-        w_N1K = weights_NK.to(y_MC.dtype).unsqueeze(1)
-        return torch.bmm(w_N1K, y_NKC.view(N, K, -1)).squeeze(1)
 
 
 class MoE(nn.Module):
@@ -225,7 +202,8 @@ class MoE(nn.Module):
         )
         hidden = m.expert_hidden or cfg.mlp.hidden
         self.experts = GroupedExperts(E, cfg.d_model, hidden, _activation(cfg.mlp), ctx)
-        self.dispatcher = LocalDispatcher(E)
+        # All-to-all over the ep group under expert parallelism (parallel/expert.py).
+        self.dispatcher: LocalDispatcher = build_dispatcher(E, ctx.ep_group)
         shared = m.shared_hidden or m.num_shared_experts * hidden
         self.shared_experts = None
         if shared:
@@ -288,18 +266,18 @@ class MoE(nn.Module):
         if self.training and self.capacity_factor > 0:
             # Switch/GShard expert capacity, applied in training only.
             capacity = math.ceil(self.capacity_factor * N * self.top_k / self.num_experts)
-        xs_MC, counts_E, d = self.dispatcher.dispatch(x_NC, experts_NK, capacity)
-        out_NC = self.dispatcher.combine(self.experts(xs_MC, counts_E), d, weights_NK)
+        xs_MC, counts_L, d = self.dispatcher.dispatch(x_NC, experts_NK, capacity)
+        out_NC = self.dispatcher.combine(self.experts(xs_MC, counts_L), d, weights_NK)
         if self.shared_experts is not None:
             out_NC = out_NC + self.shared_experts(x_NC)
         self.aux_loss = None
         if self.training and N > 0:
-            self._observe(scores_NE, d.selected_E, counts_E, N)
+            self._observe(scores_NE, d.selected_E, d.kept_E, N)
         if tp > 1:
             return self.ctx.exit(out_NC.view(shape))  # one reduction for all experts
         return out_NC.view(shape)
 
-    def _observe(self, scores_NE, selected_E, counts_E, N: int) -> None:
+    def _observe(self, scores_NE, selected_E, kept_E, N: int) -> None:
         want_grad = self.aux_loss_coef > 0 and torch.is_grad_enabled()
         with torch.set_grad_enabled(want_grad):
             probs_NE = scores_NE
@@ -317,7 +295,7 @@ class MoE(nn.Module):
             if self._stats is None:
                 self._stats = torch.zeros(self.num_experts + 3, device=selected_E.device)
             self._stats[: self.num_experts] += selected_E
-            dropped = (selected_E - counts_E).sum()
+            dropped = (selected_E - kept_E).sum()
             self._stats[self.num_experts :] += torch.stack(
                 [balance.detach(), balance.new_ones(()), dropped.float()]
             )

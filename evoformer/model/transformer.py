@@ -31,6 +31,7 @@ from evoformer.model.norms import build_norm
 from evoformer.model.positions import RotaryEmbedding
 from evoformer.parallel.context import ParallelContext
 from evoformer.parallel.cross_entropy import vocab_parallel_cross_entropy
+from evoformer.parallel.expert import cut_expert_shard, ep_global_shape
 from evoformer.parallel.layers import (
     TensorParallelModule,
     VocabParallelEmbedding,
@@ -311,7 +312,9 @@ def _normal_(t: torch.Tensor, std: float, seed: int, name: str, tp_rank: int = 0
     """Draw ``t`` from N(0, std) with a generator keyed by its name. A tensor-parallel shard
     (``t.tp_dim`` set) is cut from the global tensor drawn exactly as on one device."""
     g = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
-    full = torch.empty(full_shape_of(t), dtype=torch.float32).normal_(0.0, std, generator=g)
+    shape = ep_global_shape(t, full_shape_of(t))  # expert-parallel: all experts drawn
+    full = torch.empty(shape, dtype=torch.float32).normal_(0.0, std, generator=g)
+    full = cut_expert_shard(full, t)
     if getattr(t, "tp_dim", None) is not None:
         full = shard_tensor(full, t.tp_dim, t.shape[t.tp_dim], tp_rank)
     t.copy_(full)

@@ -1,7 +1,8 @@
 """What a model's layers need to know about the parallel layout, in one small object.
 
 ``ParallelContext`` carries the tensor-parallel group, whether sequence parallelism is on, and
-the data-parallel group (for statistics summed over the global batch, e.g. MoE expert loads).
+the data-parallel group (for statistics summed over the global batch, e.g. MoE expert loads), and
+the expert-parallel group (MoE experts split over it, ``parallel/expert.py``).
 The Transformer receives it once and hands it to each block; a block reads ``ctx.tp`` to choose
 its layers (``tp == 1``: the plain ``nn.Linear`` / ``nn.Embedding`` model, unchanged) and calls
 ``ctx.enter`` / ``ctx.exit`` around a tensor-parallel region.
@@ -37,6 +38,9 @@ class ParallelContext:
     sequence_parallel: bool = False
     dp_group: dist.ProcessGroup | None = None
     backend: str = "torch"  # linear layers: torch | te (Transformer Engine, te_backend.py)
+    # Expert parallelism (parallel/expert.py): MoE experts split over this group, tokens
+    # dispatched to them by all-to-all. None: every rank holds all experts.
+    ep_group: dist.ProcessGroup | None = None
 
     @classmethod
     def from_groups(
@@ -46,7 +50,10 @@ class ParallelContext:
         ``sequence_parallel`` with tp = 1 is a no-op."""
         if groups is None:
             return cls(backend=backend)
-        return cls(groups.tp_group, sequence_parallel, groups.dp_group, backend)
+        return cls(
+            groups.tp_group, sequence_parallel, groups.dp_group, backend,
+            ep_group=getattr(groups, "ep_group", None),
+        )  # fmt: skip
 
     @cached_property
     def tp(self) -> int:
@@ -56,6 +63,15 @@ class ParallelContext:
     @cached_property
     def tp_rank(self) -> int:
         return group_rank(self.tp_group)
+
+    @cached_property
+    def ep(self) -> int:
+        """Expert-parallel size."""
+        return group_size(self.ep_group)
+
+    @cached_property
+    def ep_rank(self) -> int:
+        return group_rank(self.ep_group)
 
     @property
     def sp(self) -> bool:
