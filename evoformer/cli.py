@@ -18,6 +18,7 @@ commands:
   config [CONFIG.yaml ...] [key=value ...]  print the resolved config (--help: every key)
   generate CKPT --prompt TEXT               sample text from a checkpoint
   inspect [CONFIG.yaml ...] [key=value ...] parameter counts of a model config
+  plan [CONFIG.yaml ...] [key=value ...] --gpus N   per-rank memory estimate of a layout
   tokenizer train [FILES ...] --out PREFIX  train a sentencepiece BPE tokenizer
   preprocess FILES ... --tokenizer M --out F.tok   tokenise text/jsonl into a token store
   import-hf HF_DIR OUT_DIR                  HuggingFace folder -> evoformer checkpoint
@@ -86,6 +87,30 @@ def cmd_inspect(argv: list[str]) -> int:
 
     files, overrides = split_args(argv)
     print(describe(load_config(files, overrides)))
+    return 0
+
+
+def cmd_plan(argv: list[str]) -> int:
+    from evoformer.config import load_config
+    from evoformer.model.plan import estimate, format_plan
+
+    gpus = 1
+    rest = []
+    it = iter(argv)
+    for arg in it:
+        if arg in ("-h", "--help"):
+            print("usage: evoformer plan [CONFIG.yaml ...] [key=value ...] --gpus N")
+            return 0
+        if arg == "--gpus" or arg.startswith("--gpus="):
+            value = arg.split("=", 1)[1] if "=" in arg else next(it, "")
+            if not value.isdigit() or int(value) < 1:
+                raise UserError(f"--gpus must be a positive integer, got {value!r}")
+            gpus = int(value)
+        else:
+            rest.append(arg)
+    files, overrides = split_args(rest)
+    cfg = load_config(files, overrides)
+    print(format_plan(cfg, estimate(cfg, gpus)))
     return 0
 
 
@@ -158,6 +183,7 @@ COMMANDS = {
     "train": cmd_train,
     "config": cmd_config,
     "inspect": cmd_inspect,
+    "plan": cmd_plan,
     "generate": cmd_generate,
     "tokenizer": cmd_tokenizer,
     "preprocess": cmd_preprocess,

@@ -272,6 +272,11 @@ class RunConfig:
     tune_malloc: bool = opt(
         True, "On CPU, keep freed memory in-process (glibc mallopt): ~10 % faster steps."
     )
+    measure_memory: bool = opt(
+        True,
+        "Measure per-rank parameter, gradient, optimizer and activation bytes on the first step "
+        "and log them (mem_*_bytes) with every metrics line.",
+    )
 
 
 @dataclass

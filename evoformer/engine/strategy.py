@@ -143,7 +143,10 @@ class Strategy:
         return state
 
     def local_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
-        """(kind, tensor) for what this rank holds between steps: ``param`` and ``optim``."""
+        """(kind, tensor) for what this rank holds: ``param`` and ``optim`` (between steps),
+        and ``grad`` while gradients exist (after backward, before the step zeroes them).
+        ``engine.memory`` counts memory through this; a strategy that keeps gradients or
+        parameters elsewhere (flat buffers, another precision) yields those instead."""
         from torch.distributed.tensor import DTensor
 
         def local(t: torch.Tensor) -> torch.Tensor:
@@ -151,6 +154,8 @@ class Strategy:
 
         for p in self.model.parameters():
             yield "param", local(p)
+            if p.grad is not None:
+                yield "grad", local(p.grad)
         for state in self.optimizer.state.values():
             for v in state.values():
                 if torch.is_tensor(v) and v.dim() > 0:

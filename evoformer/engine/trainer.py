@@ -33,6 +33,7 @@ from evoformer.checkpoint import list_checkpoints, resolve_checkpoint, write_tex
 from evoformer.config import Config, to_yaml
 from evoformer.data import EvalBatches, GlobalBatchSampler, build_datasets, get_batch
 from evoformer.distributed import ParallelDims, init_process_group, pick_device
+from evoformer.engine.memory import MemoryMeter
 from evoformer.engine.metrics import MetricsLogger, NullLogger, truncate_metrics
 from evoformer.engine.optim import lr_at
 from evoformer.engine.runtime import tune_glibc_malloc
@@ -123,6 +124,8 @@ class Trainer:
         self.model.activation_checkpointing_every = cfg.activation_checkpointing_every
         self.strategy = build_strategy(cfg, self.dims, self.groups, self.device)
         self.strategy.setup(self.model)
+        # Measures the first step (engine.memory); the numbers go on every metrics line.
+        self.memory = MemoryMeter(self.device, enabled=cfg.run.measure_memory)
         self.step = 0
         self.stop = StopFlag()
         self.logger: MetricsLogger | NullLogger = NullLogger()
@@ -253,7 +256,7 @@ class Trainer:
         for i, indices in enumerate(micro):
             batch = get_batch(self.data.train, indices).to(self.device, non_blocking=True)
             with strategy.micro_batch(last=i == len(micro) - 1):
-                with strategy.autocast():
+                with strategy.autocast(), self.memory.forward(self.model, first=i == 0):
                     out = strategy.module(batch[:, :-1], targets=batch[:, 1:])
                 strategy.backward(out.loss / len(micro))
             for name, value in out.metrics.items():
@@ -262,8 +265,11 @@ class Trainer:
         stacked = torch.stack([sums[n] for n in names])
         if self.dims.dp > 1:  # the losses are already the same on the ranks of a TP group
             dist.all_reduce(stacked, op=dist.ReduceOp.AVG, group=self.groups.dp_group)
+        self.memory.after_backward(strategy)  # gradients at their peak
         result = strategy.step(lr, self.cfg.optim.grad_clip)
         values = {**dict(zip(names, stacked.tolist())), **result.metrics}
+        if self.cfg.run.measure_memory:
+            values.update(self.memory.after_step(strategy))
         # Modules with per-step state (MoE load statistics, aux-loss-free router biases) see the
         # whole step's micro-batches before they update and report.
         for m in self.model.modules():

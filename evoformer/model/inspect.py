@@ -303,6 +303,13 @@ def layer_summary(cfg: ModelConfig) -> str:
     return f"{n} ({', '.join(parts + [kind])})"
 
 
+def _one_process(cfg: Config) -> Config:
+    import dataclasses
+
+    parallel = dataclasses.replace(cfg.parallel, tp=1, pp=1, ep=1)
+    return dataclasses.replace(cfg, parallel=parallel)
+
+
 def describe(cfg: Config) -> str:
     """The table `evoformer inspect` prints: parameters, FLOPs per token, KV cache."""
     m, T = cfg.model, cfg.train.seq_len
@@ -326,6 +333,16 @@ def describe(cfg: Config) -> str:
     ]
     if kv["window_layers"]:
         rows.append(("", f"({kv['window_layers']} layers capped at window {kv['window']})"))
+    # One process (tp = pp = dp = 1); `evoformer plan --gpus N` estimates a layout.
+    from evoformer.model.plan import estimate
+
+    mem = estimate(_one_process(cfg), 1).stages[0]
+    mb = cfg.train.micro_batch_size
+    rows += [
+        ("memory params + grads", _bytes(mem.params + mem.grads)),
+        ("memory optimizer (AdamW)", _bytes(mem.optim)),
+        (f"memory activations ({mb}x{T})", _bytes(mem.activations)),
+    ]
     width = max(len(k) for k, _ in rows)
     head = f"parameters: {p['total']:,} total, {p['non_embedding']:,} non-embedding"
     return "\n".join([head] + [f"{k:<{width}}  {v}" for k, v in rows])

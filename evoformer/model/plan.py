@@ -1,0 +1,311 @@
+"""Memory estimator for a layout: per-rank parameter, gradient, optimizer and activation bytes.
+
+``estimate(cfg, world_size)`` needs the config and the model's shapes only: the model is built
+on the meta device (no allocation, no process groups) and every parameter is assigned to the
+pipeline stage that would hold it, cut by tensor, expert and ZeRO data parallelism the way our
+engines cut it. The numbers are for the busiest rank (tp rank 0, dp rank 0) of each stage.
+
+Model state (what ``engine.memory`` measures as ``mem_params/grads/optim_bytes``):
+
+- tensor parallelism: matrices (2-D and up, the MoE router excepted) are split over ``tp``;
+  vectors (norms, row-layer biases) are replicated. Expert parallelism splits the routed experts
+  over ``ep``.
+- bytes per parameter: our torch strategies keep fp32 parameters (bf16/fp16 compute through
+  autocast or FSDP2's policy), fp32 gradients and AdamW's two fp32 moments: 4 + 4 + 8. DeepSpeed
+  keeps 16-bit parameters and gradients with bf16/fp16 plus an fp32 master copy (counted as
+  optimizer state): 2 + 2 + 12; in fp32 its ZeRO optimizer still keeps a separate master
+  partition: 4 + 4 + 12.
+- ZeRO: ``ddp`` shards nothing; ``fsdp2`` (stages 1-3 alike at rest) shards every parameter, its
+  gradient and its AdamW moments on dim 0 over dp, padded to ``ceil(dim0 / dp)`` rows (rank 0
+  holds the largest shard); ``deepspeed`` partitions flat buffers: stage 1 the optimizer state,
+  stage 2 also gradients, stage 3 also parameters.
+
+Activations (``mem_activations_bytes``: what one micro-batch's forward keeps for backward),
+in elements per token and block, fitted to measured saved tensors of our blocks (fp32; C model
+width, q / kv the query / key-value projection widths, H the MLP width):
+
+- ``none``: attention 4C + 4q (k and v are expanded to q's width for SDPA), feed-forward
+  2C + 4H (gated) or 2C + 2H, an MoE layer 2C + top_k (4H_e + 3C) + E (+ shared experts).
+- ``selective`` (matmul and attention outputs saved): attention 2C + 2q + 2kv, feed-forward
+  C + 2H (gated) or C + H, MoE top_k (2H_e + C) + E (+ shared).
+- ``full``: the block input, C.
+- the head: 3C + V (the logits; V / tp under tensor parallelism).
+
+Under tensor parallelism q, kv, H, E-experts' widths are divided by tp; the C-sized tensors too
+under sequence parallelism. bf16/fp16 halve the bytes (norm statistics and the loss stay fp32;
+ignored). A pipeline stage holds the activations of up to ``pp - stage`` micro-batches in flight
+(1F1B; GPipe: all of them). Measured against ``engine.memory`` on the tiny presets the
+activation estimate is within a factor 1.25 (``tests/engine/test_memory.py``); treat it as an
+estimate, and measure (``mem_activations_bytes`` on the first metrics line) before committing
+hardware.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+
+from evoformer.config.schema import Config, ModelConfig
+from evoformer.model.checkpointing import is_checkpointed, normalize_mode
+from evoformer.model.mlp import is_moe_layer
+
+KINDS = ("params", "grads", "optim", "activations")
+
+
+@dataclasses.dataclass
+class RankEstimate:
+    """Estimated bytes one rank holds (a pipeline stage's busiest rank)."""
+
+    stage: int
+    layers: tuple[int, int]  # [first, last) block indices of the stage
+    params: int = 0
+    grads: int = 0
+    optim: int = 0
+    activations: int = 0
+
+    @property
+    def model_state(self) -> int:
+        return self.params + self.grads + self.optim
+
+    @property
+    def total(self) -> int:
+        return self.model_state + self.activations
+
+
+@dataclasses.dataclass
+class Plan:
+    """The layout derived from the world size and the per-stage estimates."""
+
+    world_size: int
+    tp: int
+    pp: int
+    dp: int
+    ep: int
+    stages: list[RankEstimate]
+    notes: list[str]
+
+    @property
+    def worst(self) -> RankEstimate:
+        return max(self.stages, key=lambda r: r.total)
+
+
+def _stage_layers(n_layers: int, pp: int) -> list[tuple[int, int]]:
+    """Blocks split as evenly as possible, earlier stages taking the remainder."""
+    base, extra = divmod(n_layers, pp)
+    out, start = [], 0
+    for s in range(pp):
+        n = base + (1 if s < extra else 0)
+        out.append((start, start + n))
+        start += n
+    return out
+
+
+def _bytes_per_param(cfg: Config) -> tuple[int, int, int]:
+    """(param, grad, optimizer) bytes per parameter; see the module docstring."""
+    if cfg.zero.backend == "deepspeed":
+        half = cfg.precision in ("bf16", "fp16")
+        return (2, 2, 12) if half else (4, 4, 12)
+    return 4, 4, 8
+
+
+def _owner_stage(name: str, n_layers: int, layers: list[tuple[int, int]], tied: bool) -> list[int]:
+    """Stages holding parameter ``name``: blocks where they fall; the embedding on the first
+    (and on the last with tied embeddings, for the head); the final norm, head, MTP on the
+    last."""
+    last = len(layers) - 1
+    if name.startswith("layers."):
+        i = int(name.split(".")[1])
+        return [s for s, (a, b) in enumerate(layers) if a <= i < b]
+    if name.startswith(("embed.", "pos_embed.")):
+        return sorted({0, last}) if tied and name.startswith("embed.") else [0]
+    return [last]
+
+
+def _local_numel(name: str, shape: tuple[int, ...], tp: int, ep: int) -> tuple[int, ...]:
+    """The shape one tp/ep rank holds (dim 0 split: the output or vocabulary dim for column and
+    vocabulary layers; the split dim does not change the byte count)."""
+    shape = list(shape)
+    if ".experts." in name and ep > 1:
+        shape[0] = math.ceil(shape[0] / ep)
+    if tp > 1 and len(shape) >= 2 and not name.endswith("router.weight"):
+        dim = 1 if ".experts." in name else 0
+        shape[dim] = math.ceil(shape[dim] / tp)
+    return tuple(shape)
+
+
+def _dp_shard_numel(shape: tuple[int, ...], dp: int) -> int:
+    """FSDP2's dim-0 shard on dp rank 0 (padded to ceil(dim0 / dp) rows)."""
+    rows = math.ceil(shape[0] / dp) if shape else 1
+    return rows * math.prod(shape[1:])
+
+
+def _model_state(cfg: Config, stage_params: list[tuple[str, tuple[int, ...]]], tp: int, dp: int,
+                 ep: int) -> tuple[int, int, int]:  # fmt: skip
+    bp, bg, bo = _bytes_per_param(cfg)
+    z = cfg.zero
+    full = sharded = 0
+    for name, shape in stage_params:
+        local = _local_numel(name, shape, tp, ep)
+        # Experts are replicated over dp / ep ranks only (ep is carved out of dp).
+        shard_dp = max(dp // ep, 1) if ".experts." in name else dp
+        full += math.prod(local)
+        sharded += _dp_shard_numel(local, shard_dp) if shard_dp > 1 else math.prod(local)
+    if z.backend == "fsdp2" and dp > 1:
+        return sharded * bp, sharded * bg, sharded * bo
+    if z.backend == "deepspeed" and dp > 1:
+        flat = math.ceil(full / dp)
+        return (
+            (flat if z.stage >= 3 else full) * bp,
+            (flat if z.stage >= 2 else full) * bg,
+            (flat if z.stage >= 1 else full) * bo,
+        )
+    return full * bp, full * bg, full * bo
+
+
+def _attention_widths(m: ModelConfig) -> tuple[int, int]:
+    """(q width, k+v width per k or v) of one block's attention projections."""
+    a = m.attention
+    if a.kind == "mla":
+        return a.n_heads * (a.qk_nope_head_dim + a.qk_rope_head_dim), a.n_heads * a.v_head_dim
+    hd = a.head_dim or m.d_model // a.n_heads
+    return a.n_heads * hd, (a.n_kv_heads or a.n_heads) * hd
+
+
+def activation_elements_per_token(m: ModelConfig, layer_idx: int, mode: str, tp: int = 1,
+                                  sp: bool = False) -> float:  # fmt: skip
+    """Elements one token keeps for backward in block ``layer_idx`` (see the module docstring)."""
+    C = m.d_model / (tp if sp else 1)
+    q, kv = (w / tp for w in _attention_widths(m))
+    if mode == "full":
+        return C
+    gated = m.mlp.kind in ("swiglu", "geglu")
+    moe = m.moe
+    if is_moe_layer(m, layer_idx):
+        he = (moe.expert_hidden or m.mlp.hidden) / tp
+        shared = moe.shared_hidden or moe.num_shared_experts * (moe.expert_hidden or m.mlp.hidden)
+        hs = shared / tp
+        if mode == "selective":
+            ffn = moe.top_k * (2 * he + C) + moe.num_experts + ((2 * hs + C) if hs else 0)
+        else:
+            ffn = 2 * C + moe.top_k * (4 * he + 3 * C) + moe.num_experts
+            ffn += (4 * hs + C) if hs else 0
+    else:
+        h = m.mlp.hidden / tp
+        if mode == "selective":
+            ffn = C + (2 * h if gated else h)
+        else:
+            ffn = 2 * C + (4 * h if gated else 2 * h)
+    attn = 2 * C + 2 * q + 2 * kv if mode == "selective" else 4 * C + 4 * q
+    return attn + ffn
+
+
+def activation_bytes(cfg: Config, layers: tuple[int, int], first: bool, last: bool,
+                     tp: int = 1) -> float:  # fmt: skip
+    """One micro-batch's activations on the stage holding blocks ``layers``."""
+    m, t = cfg.model, cfg.train
+    sp = cfg.parallel.sequence_parallel and tp > 1
+    mode = normalize_mode(cfg.activation_checkpointing)
+    every = cfg.activation_checkpointing_every
+    per_token = 0.0
+    for i in range(*layers):
+        layer_mode = mode if is_checkpointed(mode, every, i - layers[0]) else "none"
+        per_token += activation_elements_per_token(m, i, layer_mode, tp, sp)
+    if last:
+        C = m.d_model / (tp if sp else 1)
+        per_token += 3 * C + m.vocab_size / tp
+        per_token += sum(
+            activation_elements_per_token(m, m.n_layers + k, "none", tp) + 3 * C + m.vocab_size / tp
+            for k in range(m.mtp.depth)
+        )  # fmt: skip
+    width = 2 if cfg.precision in ("bf16", "fp16") else 4
+    return per_token * t.micro_batch_size * t.seq_len * width
+
+
+def _meta_parameters(m: ModelConfig) -> list[tuple[str, tuple[int, ...]]]:
+    from evoformer.model.transformer import Transformer
+
+    with torch.device("meta"):
+        model = Transformer(m)
+    return [(n, tuple(p.shape)) for n, p in model.named_parameters()]
+
+
+def estimate(cfg: Config, world_size: int) -> Plan:
+    """Per-rank memory of ``cfg`` on ``world_size`` ranks (dp = world / (tp * pp))."""
+    from evoformer.errors import UserError
+
+    p = cfg.parallel
+    tp, pp, ep = p.tp, p.pp, p.ep
+    if world_size < 1 or world_size % (tp * pp):
+        raise UserError(
+            f"--gpus {world_size} must be a positive multiple of parallel.tp * parallel.pp = "
+            f"{tp * pp}"
+        )
+    dp = world_size // (tp * pp)
+    if dp % ep:
+        raise UserError(f"parallel.ep={ep} must divide the data-parallel size {dp}")
+    m = cfg.model
+    if m.n_layers < pp:
+        raise UserError(f"parallel.pp={pp} exceeds model.n_layers={m.n_layers}")
+    params = _meta_parameters(m)
+    layers = _stage_layers(m.n_layers, pp)
+    t = cfg.train
+    n_micro = max(t.global_batch_size // (dp * t.micro_batch_size), 1)
+    stages = []
+    for s, span in enumerate(layers):
+        mine = [(n, sh) for n, sh in params if s in _owner_stage(n, m.n_layers, layers,
+                                                                   m.tie_embeddings)]  # fmt: skip
+        pb, gb, ob = _model_state(cfg, mine, tp, dp, ep)
+        act = activation_bytes(cfg, span, s == 0, s == pp - 1, tp)
+        if pp > 1:  # micro-batches in flight on this stage
+            in_flight = n_micro if cfg.parallel.pp_schedule == "gpipe" else min(pp - s, n_micro)
+            act *= in_flight
+        stages.append(RankEstimate(s, span, pb, gb, ob, int(act)))
+    notes = []
+    if cfg.zero.backend == "fsdp2" and dp > 1:
+        notes.append(
+            "fsdp2: at rest; during a block's forward/backward its parameters are gathered "
+            "(stage 3: one or two blocks at a time; stages 1/2: every block from its forward "
+            "to its backward)"
+        )
+    if cfg.zero.backend == "ddp" and dp > 1:
+        notes.append("ddp: plus one gradient-sized copy in DDP's all-reduce buckets")
+    return Plan(world_size, tp, pp, dp, ep, stages, notes)
+
+
+def _fmt(n: float) -> str:
+    for div, name in ((2**40, "TiB"), (2**30, "GiB"), (2**20, "MiB"), (2**10, "KiB")):
+        if n >= div:
+            return f"{n / div:,.2f} {name}"
+    return f"{n:,.0f} B"
+
+
+def format_plan(cfg: Config, plan: Plan) -> str:
+    """The table `evoformer plan` prints."""
+    z = cfg.zero
+    backend = z.backend if plan.dp > 1 else "single (dp = 1)"
+    head = (
+        f"layout: world {plan.world_size} = tp {plan.tp} x pp {plan.pp} x dp {plan.dp}"
+        f" (ep {plan.ep}) | {backend} stage {z.stage} | precision {cfg.precision} | "
+        f"micro batch {cfg.train.micro_batch_size} x seq {cfg.train.seq_len} | "
+        f"activation checkpointing {cfg.activation_checkpointing}"
+        + (
+            f" every {cfg.activation_checkpointing_every}"
+            if cfg.activation_checkpointing_every > 1
+            else ""
+        )  # fmt: skip
+    )
+    cols = ("stage", "blocks", "params", "grads", "optim", "model state", "activations", "total")
+    rows = []
+    for r in plan.stages:
+        rows.append((
+            str(r.stage), f"{r.layers[0]}-{r.layers[1] - 1}", _fmt(r.params), _fmt(r.grads),
+            _fmt(r.optim), _fmt(r.model_state), _fmt(r.activations), _fmt(r.total),
+        ))  # fmt: skip
+    widths = [max(len(c), *(len(row[i]) for row in rows)) for i, c in enumerate(cols)]
+    line = "  ".join(c.rjust(w) for c, w in zip(cols, widths))
+    out = [head, "per rank (busiest rank of each pipeline stage):", line, "-" * len(line)]
+    out += ["  ".join(v.rjust(w) for v, w in zip(row, widths)) for row in rows]
+    out += [f"note: {n}" for n in plan.notes]
+    return "\n".join(out)
