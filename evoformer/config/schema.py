@@ -234,19 +234,80 @@ class ParallelConfig:
     pp: int = opt(1, "Pipeline-parallel size.")
     ep: int = opt(1, "Expert-parallel size.")
     sequence_parallel: bool = opt(False, "Shard norm/dropout regions along the sequence (tp > 1).")
-    pp_schedule: str = opt("1f1b", "Pipeline schedule: gpipe | 1f1b | interleaved | zero_bubble.")
+    pp_schedule: str = opt(
+        "1f1b",
+        "Pipeline schedule: gpipe | 1f1b | interleaved (interleaved 1F1B) | zero_bubble "
+        "(interleaved zero bubble, ZB1P) | zbv (zero bubble, V-shaped stage placement).",
+    )
+    pp_virtual_stages: int = opt(
+        0,
+        "Pipeline stages per pp rank (0 = from the schedule: 1 for gpipe/1f1b, 2 for "
+        "interleaved/zero_bubble/zbv).",
+    )
+    pp_layers: Optional[list[int]] = opt(
+        None,
+        "Layers of each pipeline stage, in stage order, summing to model.n_layers (null = "
+        "balanced by cost, counting embedding and head).",
+    )
 
 
 @dataclass
 class ZeroConfig:
     backend: str = opt("ddp", "Data-parallel strategy: ddp | fsdp2 | deepspeed.")
     stage: int = opt(0, "ZeRO stage 0-3.")
+    replicate: int = opt(
+        1,
+        "fsdp2: HSDP replicas (1 = shard over all of dp). dp splits into replicate x shard: "
+        "parameters are sharded within each group of dp / replicate ranks and gradients "
+        "all-reduced between the replicas.",
+    )
+    offload_optimizer: str = opt(
+        "none", "deepspeed: keep the optimizer state (and its step) on none | cpu | nvme."
+    )
+    offload_param: str = opt(
+        "none", "deepspeed, stage 3: keep the parameters between uses on none | cpu | nvme."
+    )
+    nvme_path: str = opt("", "deepspeed: folder on an NVMe drive (needed by nvme offload).")
+    deepspeed_config: dict[str, Any] = opt(
+        {}, "deepspeed: raw DeepSpeed config keys deep-merged over the generated config (keys "
+        "evoformer derives from its own settings, e.g. batch sizes, clipping, stage, precision, "
+        "may not be changed here)."
+    )
 
 
 @dataclass
 class FP8Config:
     enabled: bool = opt(False, "Train the linear layers in FP8.")
     backend: str = opt("te", "FP8 implementation: te (Transformer Engine) | torchao.")
+    recipe: str = opt(
+        "tensorwise",
+        "Scaling recipe: tensorwise (one dynamic scale per tensor; te: Float8CurrentScaling) | "
+        "rowwise (torchao: one scale per row) | delayed (te: DelayedScaling, amax history) | "
+        "mxfp8 (te: MXFP8BlockScaling, Blackwell) | blockwise (te: Float8BlockScaling).",
+    )
+    keep_first_last: bool = opt(
+        True,
+        "Keep the first and last transformer blocks in higher precision (the LM head, "
+        "embeddings, MoE routers and MTP modules always are).",
+    )
+    fsdp_float8_all_gather: bool = opt(
+        False,
+        "torchao tensorwise with zero.backend=fsdp2: all-gather weights in FP8 (half the bf16 "
+        "traffic).",
+    )
+
+
+@dataclass
+class LossScaleConfig:
+    initial_scale: float = opt(65536.0, "fp16: loss scale at the start (2^16).")
+    growth_interval: int = opt(
+        1000, "fp16: multiply the scale by growth_factor after this many clean steps in a row."
+    )
+    growth_factor: float = opt(2.0, "fp16: scale multiplier after growth_interval clean steps.")
+    backoff_factor: float = opt(
+        0.5, "fp16: scale multiplier on overflow (inf/NaN gradients; the step is skipped)."
+    )
+    min_scale: float = opt(1.0, "fp16: the scale never backs off below this.")
 
 
 @dataclass
@@ -288,7 +349,12 @@ class Config:
     optim: OptimConfig = opt(OptimConfig(), "Optimizer and schedule.")
     parallel: ParallelConfig = opt(ParallelConfig(), "Model parallelism.")
     zero: ZeroConfig = opt(ZeroConfig(), "Data parallelism and ZeRO sharding.")
-    precision: str = opt("fp32", "Compute precision: fp32 | bf16.")
+    precision: str = opt(
+        "fp32",
+        "Compute precision: fp32 | bf16 (autocast; FSDP2: bf16 params, fp32 reduce and master "
+        "weights) | fp16 (the same with fp16, plus dynamic loss scaling: see loss_scale).",
+    )
+    loss_scale: LossScaleConfig = opt(LossScaleConfig(), "Dynamic loss scaling (precision=fp16).")
     fp8: FP8Config = opt(FP8Config(), "FP8 training.")
     activation_checkpointing: str = opt(
         "none",

@@ -5,6 +5,10 @@ from __future__ import annotations
 from evoformer.config.schema import Config
 from evoformer.errors import UserError
 
+# Pipeline schedules and their default stages per pp rank (engine.pipeline maps each name to
+# its torch.distributed.pipelining class).
+PP_SCHEDULE_VIRTUAL_STAGES = {"gpipe": 1, "1f1b": 1, "interleaved": 2, "zero_bubble": 2, "zbv": 2}
+
 CHOICES = {
     "model.norm.kind": ("layernorm", "rmsnorm"),
     "model.norm.placement": ("pre", "post", "reordered", "sandwich"),
@@ -18,10 +22,11 @@ CHOICES = {
     "model.backend": ("torch", "te"),
     "data.source": ("default", "files", "synthetic"),
     "optim.schedule": ("cosine", "wsd", "constant"),
-    "parallel.pp_schedule": ("gpipe", "1f1b", "interleaved", "zero_bubble"),
+    "parallel.pp_schedule": tuple(PP_SCHEDULE_VIRTUAL_STAGES),
     "zero.backend": ("ddp", "fsdp2", "deepspeed"),
     "precision": ("fp32", "bf16", "fp16"),
     "fp8.backend": ("te", "torchao"),
+    "fp8.recipe": ("tensorwise", "rowwise", "delayed", "mxfp8", "blockwise"),
     "activation_checkpointing": ("none", "full", "selective"),
     "checkpoint.load": None,  # free text, checked elsewhere
     "run.device": ("auto", "cpu", "cuda"),
@@ -84,24 +89,97 @@ def validate(cfg: Config) -> None:
     if not 0.0 < cfg.optim.decay_fraction <= 1.0:
         _fail("optim.decay_fraction", cfg.optim.decay_fraction, "must be in (0, 1]")
     validate_parallel(cfg)
+    validate_pipeline(cfg)
+    validate_expert_parallel(cfg)
     validate_zero(cfg)
+    validate_deepspeed(cfg)
+    validate_precision(cfg)
     _not_yet(cfg)
 
 
+def validate_precision(cfg: Config) -> None:
+    """Loss-scale arithmetic and which FP8 recipe each backend offers (engine.fp8)."""
+    ls = cfg.loss_scale
+    if ls.initial_scale <= 0 or ls.min_scale <= 0:
+        _fail("loss_scale.initial_scale", ls.initial_scale, "initial and min scale must be > 0")
+    if ls.growth_factor < 1.0:
+        _fail("loss_scale.growth_factor", ls.growth_factor, "must be >= 1")
+    if not 0.0 < ls.backoff_factor < 1.0:
+        _fail("loss_scale.backoff_factor", ls.backoff_factor, "must be in (0, 1)")
+    if ls.growth_interval < 1:
+        _fail("loss_scale.growth_interval", ls.growth_interval, "must be >= 1")
+    f = cfg.fp8
+    if not f.enabled:
+        return
+    if f.backend == "torchao":
+        if f.recipe not in ("tensorwise", "rowwise"):
+            _fail("fp8.recipe", f.recipe, "fp8.backend=torchao offers tensorwise | rowwise")
+        if cfg.model.backend != "torch":
+            _fail("fp8.backend", f.backend, "torchao swaps torch linears: model.backend=torch")
+        if cfg.parallel.tp != 1:
+            _fail("fp8.backend", f.backend, "torchao FP8 with parallel.tp > 1 is not "
+                  "supported (it expects DTensor TP); use fp8.backend=te or tp=1")  # fmt: skip
+        if f.fsdp_float8_all_gather and (f.recipe != "tensorwise" or cfg.zero.backend != "fsdp2"):
+            _fail("fp8.fsdp_float8_all_gather", True, "needs zero.backend=fsdp2 and "
+                  "fp8.recipe=tensorwise")  # fmt: skip
+    else:
+        if f.recipe == "rowwise":
+            _fail("fp8.recipe", f.recipe, "fp8.backend=te offers tensorwise | delayed | mxfp8 | "
+                  "blockwise (rowwise is torchao's)")  # fmt: skip
+        if cfg.model.backend != "te":
+            _fail("fp8.backend", f.backend, "FP8 through Transformer Engine needs "
+                  "model.backend=te (or use fp8.backend=torchao)")  # fmt: skip
+        if f.fsdp_float8_all_gather:
+            _fail("fp8.fsdp_float8_all_gather", True, "is a torchao option (fp8.backend=torchao)")
+
+
 def validate_zero(cfg: Config) -> None:
-    """ZeRO backend and stage: ddp is stage 0; fsdp2 shards at stages 1-3, over dp only."""
+    """ZeRO backend and stage: ddp is stage 0; fsdp2 shards at stages 1-3 over dp (composed
+    with tp as 2-D FSDP x TP), or as HSDP with ``zero.replicate`` > 1 (replicate must divide dp,
+    which is known at launch: checked by ``ParallelGroups.hsdp_mesh``)."""
     z = cfg.zero
     if z.backend == "ddp" and z.stage != 0:
         _fail("zero.stage", z.stage, "zero.backend=ddp does not shard; use zero.backend=fsdp2")
     if z.backend == "fsdp2":
         if z.stage not in (1, 2, 3):
             _fail("zero.stage", z.stage, "zero.backend=fsdp2 needs zero.stage 1, 2 or 3")
-        if cfg.parallel.tp != 1:
-            _fail("parallel.tp", cfg.parallel.tp, "zero.backend=fsdp2 with tp > 1 (2-D FSDP x TP) "
-                  "is not available in this version yet")  # fmt: skip
-        if cfg.precision != "fp32":
-            _fail("precision", cfg.precision, "zero.backend=fsdp2 runs fp32 only in this version "
-                  "(bf16 mixed-precision policy not available yet)")  # fmt: skip
+    if z.replicate < 1:
+        _fail("zero.replicate", z.replicate, "must be >= 1 (1 = no HSDP)")
+    if z.replicate > 1 and z.backend != "fsdp2":
+        _fail("zero.replicate", z.replicate, "HSDP (replicate > 1) needs zero.backend=fsdp2")
+    if z.replicate > 1 and cfg.parallel.ep > 1:
+        _fail("zero.replicate", z.replicate, "HSDP with parallel.ep > 1 is not supported "
+              "(both split the dp dimension)")  # fmt: skip
+
+
+def validate_deepspeed(cfg: Config) -> None:
+    """zero.backend=deepspeed: stages 0-3 over dp, with our TP as its mpu; no pipeline."""
+    z = cfg.zero
+    offload = ("none", "cpu", "nvme")
+    for key in ("offload_optimizer", "offload_param"):
+        if getattr(z, key) not in offload:
+            _fail(f"zero.{key}", getattr(z, key), f"must be one of {', '.join(offload)}")
+    if z.backend != "deepspeed":
+        for key in ("offload_optimizer", "offload_param"):
+            if getattr(z, key) != "none":
+                _fail(f"zero.{key}", getattr(z, key), "offload needs zero.backend=deepspeed")
+        return
+    if z.stage not in (0, 1, 2, 3):
+        _fail("zero.stage", z.stage, "zero.backend=deepspeed needs zero.stage 0, 1, 2 or 3")
+    if cfg.parallel.pp != 1:
+        _fail("parallel.pp", cfg.parallel.pp, "zero.backend=deepspeed does not run with "
+              "pipeline parallelism; use parallel.pp=1 or zero.backend=ddp/fsdp2")  # fmt: skip
+    if z.offload_param != "none" and z.stage != 3:
+        _fail("zero.offload_param", z.offload_param, f"needs zero.stage=3 (got {z.stage})")
+    if z.offload_optimizer != "none" and z.stage == 0:
+        _fail("zero.offload_optimizer", z.offload_optimizer, "needs zero.stage 1, 2 or 3")
+    if "nvme" in (z.offload_optimizer, z.offload_param) and not z.nvme_path:
+        _fail("zero.nvme_path", z.nvme_path, "nvme offload needs a folder on an NVMe drive")
+    if cfg.parallel.tp > 1 and cfg.parallel.sequence_parallel:
+        _fail("parallel.sequence_parallel", True, "zero.backend=deepspeed with tp > 1 runs "
+              "without sequence parallelism in this version")  # fmt: skip
+    if not isinstance(z.deepspeed_config, dict):
+        _fail("zero.deepspeed_config", z.deepspeed_config, "must be a mapping of DeepSpeed keys")
 
 
 def validate_model(cfg: Config) -> None:
@@ -189,14 +267,62 @@ def validate_parallel(cfg: Config) -> None:
         )  # fmt: skip
 
 
+def validate_pipeline(cfg: Config) -> None:
+    """Pipeline stages the model can be cut into: ``pp x virtual`` stages of >= 1 layer each
+    (``parallel.pp_layers``, when given, one count per stage summing to n_layers); one stage per
+    rank for gpipe/1f1b, exactly two for zbv."""
+    p, m = cfg.parallel, cfg.model
+    if p.pp_virtual_stages < 0:
+        _fail("parallel.pp_virtual_stages", p.pp_virtual_stages, "must be >= 0 (0 = from schedule)")
+    if p.pp == 1:
+        if p.pp_layers:
+            _fail("parallel.pp_layers", p.pp_layers, "needs parallel.pp > 1")
+        return
+    v = p.pp_virtual_stages or PP_SCHEDULE_VIRTUAL_STAGES[p.pp_schedule]
+    if p.pp_schedule in ("gpipe", "1f1b") and v != 1:
+        _fail("parallel.pp_virtual_stages", v, f"pp_schedule={p.pp_schedule} runs one stage per "
+              "rank (virtual stages need interleaved, zero_bubble or zbv)")  # fmt: skip
+    if p.pp_schedule == "zbv" and v != 2:
+        _fail("parallel.pp_virtual_stages", v, "pp_schedule=zbv places exactly 2 stages per rank")
+    S = p.pp * v
+    if p.pp_layers:
+        if len(p.pp_layers) != S or min(p.pp_layers) < 1:
+            _fail("parallel.pp_layers", p.pp_layers, f"needs {S} entries (pp={p.pp} x {v} "
+                  "stages per rank), each >= 1")  # fmt: skip
+        if sum(p.pp_layers) != m.n_layers:
+            _fail("parallel.pp_layers", p.pp_layers,
+                  f"sums to {sum(p.pp_layers)}, model.n_layers={m.n_layers}")  # fmt: skip
+    elif m.n_layers < S:
+        _fail("parallel.pp", p.pp, f"{S} pipeline stages (pp x {v} per rank) need at least as "
+              f"many layers, model.n_layers={m.n_layers}")  # fmt: skip
+    if p.pp_schedule == "zbv" and cfg.zero.backend == "fsdp2" and (
+        m.tie_embeddings or m.mtp.depth > 0
+    ):
+        _fail("parallel.pp_schedule", "zbv", "puts the first and last stage on one rank, "
+              "sharing the embedding (tied head or MTP): not with zero.backend=fsdp2")  # fmt: skip
+
+
+def validate_expert_parallel(cfg: Config) -> None:
+    """``parallel.ep`` splits each MoE layer's routed experts evenly over the ep ranks (the
+    world-size arithmetic, ep dividing dp, is checked by ParallelDims at launch)."""
+    ep, m = cfg.parallel.ep, cfg.model.moe
+    if ep == 1:
+        return
+    if m.num_experts <= 0:
+        _fail("parallel.ep", ep, "expert parallelism needs an MoE model (model.moe.num_experts)")
+    if m.num_experts % ep:
+        _fail("parallel.ep", ep, f"must divide model.moe.num_experts={m.num_experts}")
+    if cfg.zero.backend == "deepspeed":
+        _fail("parallel.ep", ep, "expert parallelism runs with zero.backend=ddp or fsdp2")
+    hsdp = getattr(cfg.zero, "replicate", 1) > 1
+    if cfg.zero.backend == "fsdp2" and (cfg.parallel.tp > 1 or hsdp):
+        _fail("parallel.ep", ep, "expert parallelism with zero.backend=fsdp2 needs parallel.tp=1 "
+              "and no HSDP (zero.replicate=1) in this version")  # fmt: skip
+
+
 def _not_yet(cfg: Config) -> None:
     """Settings that are part of the contract but whose engines have not landed yet."""
     later = {
-        "parallel.pp": (cfg.parallel.pp != 1, "pipeline parallelism"),
-        "parallel.ep": (cfg.parallel.ep != 1, "expert parallelism"),
-        "zero.backend": (cfg.zero.backend == "deepspeed", "the DeepSpeed backend"),
-        "precision": (cfg.precision == "fp16", "fp16 with loss scaling"),
-        "fp8.enabled": (cfg.fp8.enabled, "FP8 training"),
     }
     for key, (bad, what) in later.items():
         if bad:

@@ -183,6 +183,24 @@ class ParallelGroups:
             raise KeyError(f"no {name!r} mesh dimension in this layout ({sorted(self.submeshes)})")
         return self.submeshes[name]
 
+    def hsdp_mesh(self, replicate: int):
+        """The root mesh with ``dp`` split into ``("dp_replicate", "dp_shard")`` for HSDP:
+        ``replicate`` replicas, each sharding over dp / replicate ranks (``dp_shard`` innermost,
+        so a shard group is adjacent dp ranks, on one node where possible). Slice it as
+        ``m["dp_replicate", "dp_shard"]`` (what FSDP2 shards over) or with ``"tp"`` added.
+        Creates process groups: every rank calls it, once."""
+        dp = self.dims.dp
+        if replicate < 1 or dp % replicate:
+            raise UserError(
+                f"config: zero.replicate={replicate} must divide the data-parallel size {dp} "
+                f"(world {self.dims.world_size} / (tp*pp = {self.dims.tp * self.dims.pp}))"
+            )
+        if self.mesh is None or "dp" not in (self.mesh.mesh_dim_names or ()):
+            raise UserError("config: zero.replicate > 1 (HSDP) needs a dp mesh dimension "
+                            "(a distributed run without expert parallelism)")  # fmt: skip
+        return self.mesh._unflatten("dp", (replicate, dp // replicate),
+                                    ("dp_replicate", "dp_shard"))  # fmt: skip
+
     @property
     def tp(self) -> int:
         return self.dims.tp

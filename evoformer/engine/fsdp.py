@@ -16,10 +16,23 @@ Stages, in FSDP2 terms:
 
 Gradient accumulation: non-final micro-batches run with ``set_requires_gradient_sync(False)``,
 so the unsharded gradients accumulate locally and are reduce-scattered once, on the last one.
-Tensor parallelism is not composed with FSDP2 yet (validation requires parallel.tp=1).
+
+2-D (FSDP2 x TP): our TP layers keep plain-tensor TP shards (tagged ``p.tp_dim``); FSDP2 shards
+each rank's TP shard once more over ``dp`` (``Shard(0)``), so a rank holds 1/(tp*dp) of a
+sharded weight. The gathered parameters FSDP2 hands the forward are the plain TP shards, so the
+layers and their explicit TP collectives run unchanged. A vocabulary table whose TP split pads
+(vocab not divisible by tp) is sharded on dim 1 instead, so that its dp shards stay exactly
+describable as slices of the unpadded global table (checkpoints store that; see
+``checkpoint.io``). The TP tags are re-applied to the new DTensor parameters.
+
+HSDP: ``apply_fsdp2`` with a 2-D ``("dp_replicate", "dp_shard")`` mesh shards within groups of
+``dp_shard`` ranks and all-reduces gradients between the ``dp_replicate`` replicas (FSDP2's
+own HSDP); the strategy builds that mesh from ``zero.replicate``.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 from torch.distributed.device_mesh import DeviceMesh
@@ -32,13 +45,37 @@ def reshard_after_forward(stage: int) -> bool:
     return stage == 3
 
 
-def apply_fsdp2(model: torch.nn.Module, dp_mesh: DeviceMesh, stage: int) -> torch.nn.Module:
+def apply_fsdp2(
+    model: torch.nn.Module,
+    dp_mesh: DeviceMesh,
+    stage: int,
+    mp_policy=None,
+    tp_size: int = 1,
+    expert_mesh: DeviceMesh | None = None,
+    expert_grad_divide: int = 1,
+) -> torch.nn.Module:
     """Shard ``model`` in place: one FSDP unit per block in ``model.layers``, then the root.
-    Returns the same module (its class is swapped for an FSDP subclass)."""
+    Returns the same module (its class is swapped for an FSDP subclass). ``mp_policy``: a
+    ``MixedPrecisionPolicy`` for every unit (``engine.precision.fsdp_mp_policy``; None = fp32).
+    ``dp_mesh``: the 1-D ``dp`` mesh, or 2-D ``("dp_replicate", "dp_shard")`` for HSDP.
+    ``tp_size`` > 1: the model's TP-tagged parameters are TP shards (2-D FSDP x TP).
+    ``expert_mesh``: expert parallelism (see ``shard_experts``)."""
     from torch.distributed.fsdp import fully_shard
 
+    from evoformer.parallel.layers import retag_parameters
+
     reshard = reshard_after_forward(stage)
-    layers = list(model.layers)
+    if mp_policy is not None:
+        fully_shard = functools.partial(fully_shard, mp_policy=mp_policy)
+    if tp_size > 1:
+        shard_size = dp_mesh.size(dp_mesh.ndim - 1)
+        placement = tp_shard_placement(tp_size, shard_size)
+        fully_shard = functools.partial(fully_shard, shard_placement_fn=placement)
+    layers = model.layers
+    # A pipeline stage keys its blocks by global layer index (a ModuleDict).
+    layers = list(layers.values() if isinstance(layers, torch.nn.ModuleDict) else layers)
+    if expert_mesh is not None:  # innermost first: the blocks then skip the expert parameters
+        shard_experts(model, expert_mesh, reshard, expert_grad_divide, fully_shard)
     for i, block in enumerate(layers):
         # The last block's parameters are needed again at once by backward: never reshard them.
         fully_shard(block, mesh=dp_mesh, reshard_after_forward=reshard and i < len(layers) - 1)
@@ -51,4 +88,44 @@ def apply_fsdp2(model: torch.nn.Module, dp_mesh: DeviceMesh, stage: int) -> torc
             block.set_modules_to_forward_prefetch([layers[i + 1]])
         if i > 0:
             block.set_modules_to_backward_prefetch([layers[i - 1]])
+    # FSDP2 put new DTensor Parameters in place of the tagged ones; the strategy, clipping and
+    # checkpoints read the TP tags (tp_dim, tp_full_size, sequence_parallel) from them.
+    retag_parameters(model)
     return model
+
+
+def shard_experts(
+    model: torch.nn.Module, edp_mesh: DeviceMesh, reshard: bool, divide: int, fully_shard
+) -> None:
+    """Expert parallelism: one FSDP unit per module holding expert-parallel shards (the stacked
+    experts of an MoE layer), sharded over ``edp_mesh`` -- the ranks holding the same experts --
+    never over the whole dp group, whose ep ranks hold different experts. Their gradients are
+    summed over edp and divided by ``divide`` (the dp size, FSDP2 would divide by edp): the loss
+    is the dp mean and each expert gradient already sums its ep group's tokens (all-to-all
+    backward), so this is what averaging over dp does for dense gradients."""
+    from evoformer.parallel.expert import tag_expert_parameters
+
+    holders = [m for m in model.modules() if "ep_shards" in m.__dict__]
+    for m in holders:
+        fully_shard(m, mesh=edp_mesh, reshard_after_forward=reshard)
+        m.set_gradient_divide_factor(float(divide))
+        tag_expert_parameters(m)  # the new DTensor parameters: clipping and checkpoints
+
+
+def tp_shard_placement(tp_size: int, shard_size: int):
+    """``shard_placement_fn`` for FSDP2 over TP shards: ``Shard(0)`` (FSDP2's default, its
+    fastest all-gather) except for a TP shard padded past the global length along dim 0 (a
+    vocabulary table with vocab % tp != 0), which gets ``Shard(1)`` when its columns divide
+    evenly over the ``shard_size`` ranks (FSDP2 pads only dim 0). Sharding padded rows again on
+    dim 0 would give dp shards that no DTensor placement of the unpadded table describes, and
+    checkpoints store the unpadded table."""
+    from torch.distributed.tensor import Shard
+
+    def placement(p: torch.nn.Parameter):
+        dim = getattr(p, "tp_dim", None)
+        padded = dim == 0 and p.shape[0] * tp_size != p.tp_full_size
+        if padded and p.ndim > 1 and p.shape[1] % shard_size == 0:
+            return Shard(1)
+        return None  # FSDP2's default, Shard(0)
+
+    return placement

@@ -27,24 +27,51 @@ def grad_norm(
 ) -> torch.Tensor:
     """The L2 norm of all gradients of the model whose local parameters are ``parameters``, as
     one process holding the whole model would compute it (fp32). A collective over
-    ``tp_group`` (one all-reduce of a scalar) when tp > 1."""
+    ``tp_group`` (one all-reduce of a scalar) when tp > 1.
+
+    FSDP2 on top of TP (gradients are DTensors holding dim-0 or dim-1 shards of the TP-local
+    gradient): each shard's squares are first summed over the mesh dimensions it is sharded on
+    (``dp``, or ``dp_shard`` under HSDP; never the replicate dimension), then the TP rule above
+    applies to the result."""
     params = [p for p in parameters if p.grad is not None]
     sharded = [p.grad for p in params if _is_sharded(p)]
     replicated = [p.grad for p in params if not _is_sharded(p)]
     device = params[0].grad.device if params else torch.device("cpu")
-    sq_sharded = _sum_of_squares(sharded, device)
+    sq_sharded = _sum_of_squares_over_shards(sharded, device)
     if group_size(tp_group) > 1:
         all_reduce_(sq_sharded, tp_group)
-    return (sq_sharded + _sum_of_squares(replicated, device)).sqrt()
+    return (sq_sharded + _sum_of_squares_over_shards(replicated, device)).sqrt()
 
 
 def clip_grad_norm_(
-    parameters: Iterable[torch.Tensor], max_norm: float, tp_group: dist.ProcessGroup | None
+    parameters: Iterable[torch.Tensor],
+    max_norm: float,
+    tp_group: dist.ProcessGroup | None,
+    ep_group: dist.ProcessGroup | None = None,
+    pp_group: dist.ProcessGroup | None = None,
+    not_counted: Iterable[torch.Tensor] = (),
 ) -> torch.Tensor:
     """Scale the gradients in place so their global norm (``grad_norm``) is at most
     ``max_norm``; returns the norm before clipping. With tp = 1 this is exactly
-    ``torch.nn.utils.clip_grad_norm_``."""
+    ``torch.nn.utils.clip_grad_norm_``. ``ep_group``: expert parallelism (see
+    ``expert_parallel_grad_norm``). ``pp_group``: pipeline parallelism (see
+    ``pipeline_grad_norm``; ``not_counted``: this stage's copies of weights another stage
+    counts, e.g. a tied embedding on the last stage)."""
     parameters = list(parameters)
+    if group_size(pp_group) > 1:
+        total = pipeline_grad_norm(parameters, tp_group, ep_group, pp_group, not_counted)
+        grads = [_local(p.grad) for p in parameters if p.grad is not None]
+        if grads:
+            coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
+            torch._foreach_mul_(grads, coef.to(grads[0].device))
+        return total
+    if group_size(ep_group) > 1:
+        total = expert_parallel_grad_norm(parameters, tp_group, ep_group)
+        grads = [_local(p.grad) for p in parameters if p.grad is not None]
+        if grads:
+            coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
+            torch._foreach_mul_(grads, coef.to(grads[0].device))
+        return total
     if group_size(tp_group) == 1:
         grads = [p.grad for p in parameters if p.grad is not None]
         total = torch.nn.utils.get_total_norm(grads)
@@ -56,7 +83,8 @@ def clip_grad_norm_(
         torch.nn.utils.clip_grads_with_norm_(parameters, max_norm, total)
         return total
     total = grad_norm(parameters, tp_group)
-    grads = [p.grad for p in parameters if p.grad is not None]
+    # FSDP2 DTensor gradients are scaled through their local shards (a plain scalar factor).
+    grads = [_local(p.grad) for p in parameters if p.grad is not None]
     if grads:
         # torch's rule: multiply by min(1, max_norm / (norm + 1e-6)), always (no host sync).
         coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
@@ -73,3 +101,102 @@ def _sum_of_squares(grads: list[torch.Tensor], device: torch.device) -> torch.Te
         return torch.zeros((), dtype=torch.float32, device=device)
     norms = torch._foreach_norm(grads)
     return torch.stack([n.float() for n in norms]).pow(2).sum()
+
+
+def _sum_of_squares_over_shards(grads: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """Sum of squares of ``grads`` counting each element once over the data-parallel mesh:
+    plain tensors as they are; DTensors (FSDP2) from their local shards, all-reduced over each
+    mesh dimension they are sharded on. Buckets are keyed by those dimensions (the same on
+    every rank: FSDP2 gives every parameter a gradient), so every rank issues the same
+    collectives in the same order."""
+    plain = [g for g in grads if not isinstance(g, DTensor)]
+    total = _sum_of_squares(plain, device)
+    buckets: dict[tuple, tuple[list, list[torch.Tensor]]] = {}
+    for g in grads:
+        if isinstance(g, DTensor):
+            mesh = g.device_mesh
+            dims = tuple(i for i, pl in enumerate(g.placements) if pl.is_shard())
+            key = (mesh.mesh_dim_names, dims)
+            groups = [mesh.get_group(i) for i in dims]
+            buckets.setdefault(key, (groups, []))[1].append(g.to_local())
+    for key in sorted(buckets, key=repr):
+        groups, local = buckets[key]
+        sq = _sum_of_squares(local, device)
+        for group in groups:
+            if group_size(group) > 1:
+                all_reduce_(sq, group)
+        total = total + sq
+    return total
+
+
+# -- expert parallelism ------------------------------------------------------------------------
+
+
+def expert_parallel_grad_norm(
+    parameters: Iterable[torch.Tensor],
+    tp_group: dist.ProcessGroup | None,
+    ep_group: dist.ProcessGroup | None,
+) -> torch.Tensor:
+    """The global gradient norm when some parameters are expert-parallel shards (tagged
+    ``p.ep_dim``: each rank of ``ep_group`` holds different experts). Each parameter's squares
+    are summed over exactly the groups whose ranks hold disjoint pieces of it: the ep group
+    (``ep_dim``), the TP group (``tp_dim``) and, for an FSDP2 DTensor, its mesh (dp for dense
+    parameters, edp for experts); over every other group it is replicated and counted once.
+    Parameters are bucketed by that set of groups (the same buckets on every rank, whichever
+    gradients exist, so every rank issues the same collectives)."""
+    params = list(parameters)
+    device = next((p.grad.device for p in params if p.grad is not None), torch.device("cpu"))
+    buckets: dict[tuple, tuple[list, list[torch.Tensor]]] = {}
+    for p in params:
+        groups, key = [], []
+        if isinstance(p, DTensor):
+            mesh = p.device_mesh
+            groups.append(mesh.get_group())
+            key.append(mesh.mesh_dim_names[0] if mesh.mesh_dim_names else "fsdp")
+        if getattr(p, "ep_dim", None) is not None:
+            groups.append(ep_group)
+            key.append("ep")
+        if _is_sharded(p):
+            groups.append(tp_group)
+            key.append("tp")
+        bucket = buckets.setdefault(tuple(key), (groups, []))
+        if p.grad is not None:
+            bucket[1].append(_local(p.grad))
+    total = torch.zeros((), dtype=torch.float32, device=device)
+    for key in sorted(buckets):
+        groups, grads = buckets[key]
+        sq = _sum_of_squares(grads, device)
+        for group in groups:
+            if group_size(group) > 1:
+                all_reduce_(sq, group)
+        total = total + sq
+    return total.sqrt()
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+# -- pipeline parallelism ----------------------------------------------------------------------
+
+
+def pipeline_grad_norm(
+    parameters: Iterable[torch.Tensor],
+    tp_group: dist.ProcessGroup | None,
+    ep_group: dist.ProcessGroup | None,
+    pp_group: dist.ProcessGroup,
+    not_counted: Iterable[torch.Tensor] = (),
+) -> torch.Tensor:
+    """The global gradient norm when each pipeline stage holds different layers: every stage
+    computes the squared norm of its own parameters by the TP / EP / FSDP2 rules above, leaving
+    out ``not_counted`` (weights held by two stages, such as a tied embedding, whose gradient is
+    counted on one of them), and the squares are summed over ``pp_group``."""
+    skip = {id(p) for p in not_counted}
+    counted = [p for p in parameters if id(p) not in skip]
+    if group_size(ep_group) > 1:
+        local = expert_parallel_grad_norm(counted, tp_group, ep_group)
+    else:
+        local = grad_norm(counted, tp_group)
+    sq = local.float().pow(2)
+    all_reduce_(sq, pp_group)
+    return sq.sqrt()

@@ -33,7 +33,10 @@ from evoformer.distributed import ParallelDims
 from evoformer.distributed.dims import ParallelGroups
 from evoformer.engine.grad_norm import clip_grad_norm_
 from evoformer.engine.optim import build_optimizer, set_lr
+from evoformer.engine.precision import LossScaler, found_overflow
+from evoformer.engine.precision import autocast as precision_autocast
 from evoformer.model import Transformer
+from evoformer.parallel.expert import expert_parallel_params, reduce_expert_grads
 from evoformer.parallel.layers import sequence_parallel_params, sync_sequence_parallel_grads
 
 
@@ -67,16 +70,37 @@ class Strategy:
         self.module: torch.nn.Module | None = None
         self.optimizer: torch.optim.Optimizer | None = None
         self.tp_mesh = groups.submesh("tp") if dims.tp > 1 else None
+        # Expert-parallel shards are stored as global tensors over this mesh (checkpoint.io).
+        self.ep_mesh = None
+        if dims.ep > 1:
+            self.ep_mesh = groups.mesh["ep", "tp"] if dims.tp > 1 else groups.submesh("ep")
         self.partial_grad_params: list[torch.nn.Parameter] = []
+        # fp16 only: bf16 and fp32 have the exponent range to need no scaling.
+        self.scaler = LossScaler.from_config(cfg.loss_scale) if cfg.precision == "fp16" else None
+        self.fp8 = None  # engine.fp8.FP8Training once setup converted the model
+        # pp > 1: the engine.pipeline runner (tied gradients and the norm across stages).
+        self.pipeline = None
+        self.parts: list[torch.nn.Module] = []
 
     # -- building ------------------------------------------------------------------------------
 
-    def setup(self, model: Transformer) -> None:
-        """Wrap or shard ``model`` for this strategy and build the optimizer over the result."""
+    def setup(self, model: Transformer, parts: list[torch.nn.Module] | None = None) -> None:
+        """Wrap or shard ``model`` for this strategy and build the optimizer over the result.
+        ``parts`` (pipeline parallelism): the stage modules this rank runs, each sharing
+        ``model``'s submodules; they are wrapped one by one (``self.parts``) instead of
+        ``model``, which keeps the full-model names for the optimizer and checkpoints."""
         self.model = model
         # Replicated parameters whose gradient each TP rank holds only a share of.
         self.partial_grad_params = sequence_parallel_params(model)
-        self.module = self._wrap(model)
+        if self.cfg.fp8.enabled:  # module swaps first: FSDP2 shards the swapped modules
+            from evoformer.engine.fp8 import setup_fp8
+
+            self.fp8 = setup_fp8(model, self.cfg.fp8, self.cfg.zero.backend == "fsdp2")
+        if parts:
+            self.parts = [self._wrap(part) for part in parts]
+            self.module = None
+        else:
+            self.module = self._wrap(model)
         self.optimizer = build_optimizer(model, self.cfg.optim)
 
     def _wrap(self, model: Transformer) -> torch.nn.Module:
@@ -94,11 +118,21 @@ class Strategy:
         return contextlib.nullcontext()
 
     def autocast(self) -> contextlib.AbstractContextManager:
-        if self.cfg.precision == "bf16":
-            return torch.autocast(self.device.type, dtype=torch.bfloat16)
-        return contextlib.nullcontext()
+        """Context of the forward pass: autocast to bf16/fp16 (see ``engine.precision``) and,
+        with ``fp8.backend=te``, Transformer Engine's ``fp8_autocast``."""
+        stack = contextlib.ExitStack()
+        stack.enter_context(self._precision_autocast())
+        if self.fp8 is not None:
+            stack.enter_context(self.fp8.autocast())
+        return stack
+
+    def _precision_autocast(self) -> contextlib.AbstractContextManager:
+        return precision_autocast(self.cfg.precision, self.device)
 
     def backward(self, loss: torch.Tensor) -> None:
+        """Backward of ``loss`` (multiplied by the loss scale under fp16)."""
+        if self.scaler is not None:
+            loss = self.scaler.scale_loss(loss)
         loss.backward()
 
     def step(self, lr: float, max_norm: float) -> StepResult:
@@ -106,22 +140,48 @@ class Strategy:
         the global norm, update with learning rate ``lr``, and zero the gradients."""
         set_lr(self.optimizer, lr)
         sync_sequence_parallel_grads(self.partial_grad_params, self.groups.tp_group)
+        self._sync_expert_grads()
+        pipeline = {}
+        if self.pipeline is not None:  # tied embedding: summed over stages, counted once
+            self.pipeline.sync_tied_grads()
+            pipeline = {"pp_group": self.groups.pp_group, "not_counted": self.pipeline.not_counted}
+        params = list(self.model.parameters())
+        if self.scaler is not None:
+            self.scaler.unscale_(params)  # the norm and the clipping see true gradients
         norm = clip_grad_norm_(
-            self.model.parameters(), max_norm if max_norm > 0 else float("inf"),
-            self.groups.tp_group,
+            params, max_norm if max_norm > 0 else float("inf"), self.groups.tp_group,
+            ep_group=self.groups.ep_group, **pipeline,
         )  # fmt: skip
-        self.optimizer.step()
+        if self.scaler is None:
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            if self.fp8 is not None:
+                self.fp8.after_optimizer_step()
+            return StepResult(grad_norm=norm.item())
+        # fp16: the norm is global (see engine.precision), so every rank skips together.
+        scale = self.scaler.scale
+        overflow = found_overflow(norm, self.groups.tp_group)
+        if not overflow:
+            self.optimizer.step()
+            if self.fp8 is not None:
+                self.fp8.after_optimizer_step()
         self.optimizer.zero_grad(set_to_none=True)
-        return StepResult(grad_norm=norm.item())
+        self.scaler.update(overflow)
+        metrics = {"loss_scale": scale, "skipped_steps": float(self.scaler.skipped_steps)}
+        return StepResult(grad_norm=norm.item(), skipped=overflow, metrics=metrics)
+
+    def _sync_expert_grads(self) -> None:
+        """Reduce the expert-parallel gradients the wrapper leaves alone (DDP ignores them)."""
 
     # -- checkpoints ---------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
         """Strategy state that must survive a resume (JSON-serialisable; e.g. the loss scale)."""
-        return {}
+        return {} if self.scaler is None else {"loss_scaler": self.scaler.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        pass
+        if self.scaler is not None and "loss_scaler" in state:
+            self.scaler.load_state_dict(state["loss_scaler"])
 
     def save_checkpoint(self, ckpt_root: Path, step: int, trainer_state: dict[str, Any],
                         **kwargs: Any) -> Path:  # fmt: skip
@@ -130,13 +190,13 @@ class Strategy:
         trainer_state = {**trainer_state, "strategy": self.state_dict()}
         return save_checkpoint(
             ckpt_root, step, self.model, self.optimizer, trainer_state=trainer_state,
-            tp_mesh=self.tp_mesh, **kwargs,
+            tp_mesh=self.tp_mesh, ep_mesh=self.ep_mesh, **kwargs,
         )  # fmt: skip
 
     def load_checkpoint(self, ckpt: Path) -> dict[str, Any]:
         """Restore model + optimizer + RNG in place; returns the trainer state."""
         state = load_checkpoint(
-            ckpt, self.model, self.optimizer, tp_mesh=self.tp_mesh,
+            ckpt, self.model, self.optimizer, tp_mesh=self.tp_mesh, ep_mesh=self.ep_mesh,
             rng_rank=self.dims.rank - self.dims.tp_rank,  # one RNG state per TP group
         )  # fmt: skip
         self.load_state_dict(state.get("strategy", {}))
@@ -169,11 +229,27 @@ class DDPStrategy(Strategy):
     name = "ddp"
 
     def _wrap(self, model: Transformer) -> torch.nn.Module:
+        # Expert-parallel shards differ between the ranks of an ep group: DDP must neither
+        # broadcast nor average them over dp; _sync_expert_grads reduces them over edp.
+        self.expert_params = expert_parallel_params(model)
+        if self.expert_params:
+            DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
+                model, [name for name, _ in self.expert_params]
+            )
         self.ddp = DistributedDataParallel(
             model, device_ids=None if self.device.type == "cpu" else [self.device.index],
             process_group=self.groups.dp_group,
         )  # fmt: skip
         return self.ddp
+
+    def _sync_expert_grads(self) -> None:
+        if self.expert_params:
+            # The loss is the mean over dp ranks; an expert's gradient already sums every ep
+            # rank's tokens (all-to-all backward), so sum it over its edp replicas and divide
+            # by dp -- what DDP's average does for the dense gradients.
+            reduce_expert_grads(
+                [p for _, p in self.expert_params], self.groups.edp_group, self.dims.dp
+            )
 
     def micro_batch(self, last: bool) -> contextlib.AbstractContextManager:
         return contextlib.nullcontext() if last else self.ddp.no_sync()
@@ -186,10 +262,37 @@ class FSDP2Strategy(Strategy):
 
     def _wrap(self, model: Transformer) -> torch.nn.Module:
         from evoformer.engine.fsdp import apply_fsdp2
+        from evoformer.engine.precision import fsdp_mp_policy
 
+        replicate = self.cfg.zero.replicate
+        if replicate > 1:  # HSDP: dp -> (dp_replicate, dp_shard), FSDP2 on the 2-D mesh
+            root, dp_dims = self.groups.hsdp_mesh(replicate), ("dp_replicate", "dp_shard")
+            fsdp_mesh = root[dp_dims]
+        else:
+            root, dp_dims = self.groups.mesh, ("dp",)
+            fsdp_mesh = self.groups.submesh("dp")
+        expert_mesh = None
+        if self.dims.ep > 1:
+            # Experts are sharded over their replicas (edp) only; checkpoints store them
+            # through (edp, ep) as the global [E, ...] tensors.
+            expert_mesh = self.groups.submesh("edp")
+            self.ep_mesh = root["edp", "ep"]
         # FSDP2 replaces the parameters by DTensor shards: before the optimizer sees them.
-        apply_fsdp2(model, self.groups.submesh("dp"), self.cfg.zero.stage)
+        apply_fsdp2(
+            model, fsdp_mesh, self.cfg.zero.stage,
+            mp_policy=fsdp_mp_policy(self.cfg.precision), tp_size=self.dims.tp,
+            expert_mesh=expert_mesh, expert_grad_divide=self.dims.dp,
+        )  # fmt: skip
+        if self.dims.tp > 1:
+            # The new parameters carry the SP tags again; checkpoints store the dp shards of
+            # TP shards through the (dp..., tp) mesh as slices of the global tensors.
+            self.partial_grad_params = sequence_parallel_params(model)
+            self.tp_mesh = root[(*dp_dims, "tp")]
         return model
+
+    def _precision_autocast(self) -> contextlib.AbstractContextManager:
+        # The mixed-precision policy casts the gathered parameters: no autocast on top.
+        return contextlib.nullcontext()
 
     def micro_batch(self, last: bool) -> contextlib.AbstractContextManager:
         # Reduce-scatter the accumulated gradients once, on the last micro-batch.
@@ -197,7 +300,8 @@ class FSDP2Strategy(Strategy):
         return contextlib.nullcontext()
 
     def describe(self) -> str:
-        return f"fsdp2 stage {self.cfg.zero.stage}"
+        hsdp = f", HSDP {self.cfg.zero.replicate} replicas" if self.cfg.zero.replicate > 1 else ""
+        return f"fsdp2 stage {self.cfg.zero.stage}{hsdp}"
 
 
 def build_strategy(cfg: Config, dims: ParallelDims, groups: ParallelGroups,
@@ -205,6 +309,10 @@ def build_strategy(cfg: Config, dims: ParallelDims, groups: ParallelGroups,
     """The strategy for ``zero.backend``; with one data-parallel rank there is nothing to
     replicate or shard, and the model trains as plain torch."""
     backend = cfg.zero.backend
+    if backend == "deepspeed":  # also at dp = 1: offload, and DeepSpeed's own checkpoints
+        from evoformer.engine.deepspeed import DeepSpeedStrategy
+
+        return DeepSpeedStrategy(cfg, dims, groups, device)
     if dims.dp == 1:
         cls: type[Strategy] = Strategy
     elif backend == "fsdp2":

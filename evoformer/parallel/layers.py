@@ -499,8 +499,12 @@ def sync_sequence_parallel_grads(
     params: list[nn.Parameter], group: dist.ProcessGroup | None
 ) -> None:
     """Sum the partial gradients of sequence-parallel parameters over the TP group, in one
-    coalesced all-reduce (Megatron's ``allreduce_sequence_parallel_grads``)."""
-    grads = [p.grad for p in params if p.grad is not None]
+    coalesced all-reduce (Megatron's ``allreduce_sequence_parallel_grads``).
+
+    Under FSDP2 the gradients are DTensors holding this dp rank's shard, already reduced over
+    dp: the ranks of a TP group hold the same shard of such a replicated parameter, so summing
+    the local shards over TP is the same sum at 1/dp of the traffic."""
+    grads = [_local_tensor(p.grad) for p in params if p.grad is not None]
     if not grads or group_size(group) == 1:
         return
     flat = torch.cat([g.reshape(-1) for g in grads])
@@ -509,3 +513,10 @@ def sync_sequence_parallel_grads(
     for g in grads:
         g.copy_(flat[offset : offset + g.numel()].view_as(g))
         offset += g.numel()
+
+
+def _local_tensor(t: torch.Tensor) -> torch.Tensor:
+    """The local shard of a DTensor (a view: writes reach the DTensor), else ``t`` itself."""
+    from torch.distributed.tensor import DTensor
+
+    return t.to_local() if isinstance(t, DTensor) else t
