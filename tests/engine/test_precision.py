@@ -151,16 +151,17 @@ def _inject_before_reduction(trainer: Trainer) -> None:
     trainer.model.layers[0].mlp.down_proj.register_forward_hook(forward_hook)
 
 
-def _inject_into_local_shard(trainer: Trainer) -> None:
-    """FSDP2: an inf in one element of rank 0's *shard* of one gradient, after the
-    reduce-scatter: only rank 0 holds it, the global norm must carry it to every rank."""
+def _inject_into_local_shard(trainer: Trainer, name: str) -> None:
+    """An inf in one element of rank 0's gradient of parameter ``name`` after the gradients
+    are synchronised: FSDP2, rank 0's *shard* after the reduce-scatter; tp = 2, rank 0's copy
+    of a TP-replicated parameter. Only rank 0 holds it; every rank must still skip."""
     step = trainer.strategy.step
 
     def step_with_inf(lr, max_norm):
         if trainer.step + 1 in OVERFLOW_STEPS:
-            grad = trainer.model.layers[1].mlp.down_proj.weight.grad
-            assert isinstance(grad, DTensor)
-            grad.to_local().view(-1)[0] = torch.inf
+            grad = trainer.model.get_parameter(name).grad
+            local = grad.to_local() if isinstance(grad, DTensor) else grad
+            local.view(-1)[0] = torch.inf
         return step(lr, max_norm)
 
     trainer.strategy.step = step_with_inf
@@ -194,8 +195,13 @@ def _world2(rank: int, world: int, corpus: dict, root: str) -> dict:
     fsdp = Trainer(_cfg(corpus, f"{root}/fsdp2", 10, *SCALER, "zero.backend=fsdp2",
                         "zero.stage=3"))  # fmt: skip
     if rank == 0:
-        _inject_into_local_shard(fsdp)
+        _inject_into_local_shard(fsdp, "layers.1.mlp.down_proj.weight")
     out["fsdp2"] = _run_recorded(fsdp)
+    tp = Trainer(_cfg(corpus, f"{root}/tp2", 10, *SCALER, "parallel.tp=2"))
+    if rank == 0:
+        # The final norm's weight is replicated over TP: its gradient is not all-reduced.
+        _inject_into_local_shard(tp, "norm.weight")
+    out["tp2"] = _run_recorded(tp)
     bf16 = ["precision=bf16", "zero.backend=fsdp2", "zero.stage=3"]
     trainer = Trainer(_cfg(corpus, f"{root}/fsdp2_bf16", 10, *bf16))
     dtypes = set()  # what the linears compute in: the policy's cast, not autocast
@@ -215,7 +221,7 @@ def world2(text_corpus, tmp_path_factory):
     return root, run_distributed(_world2, 2, text_corpus, str(root), timeout=240)
 
 
-@pytest.mark.parametrize("layout", ["ddp", "fsdp2"])
+@pytest.mark.parametrize("layout", ["ddp", "fsdp2", "tp2"])
 def test_fp16_overflow_is_skipped_on_every_rank(world2, layout):
     root, ranks = world2
     for rank, got in enumerate(ranks):
