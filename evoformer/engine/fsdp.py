@@ -52,7 +52,6 @@ def apply_fsdp2(
     mp_policy=None,
     tp_size: int = 1,
     expert_mesh: DeviceMesh | None = None,
-    expert_grad_divide: int = 1,
 ) -> torch.nn.Module:
     """Shard ``model`` in place: one FSDP unit per block in ``model.layers``, then the root.
     Returns the same module (its class is swapped for an FSDP subclass). ``mp_policy``: a
@@ -75,7 +74,7 @@ def apply_fsdp2(
     # A pipeline stage keys its blocks by global layer index (a ModuleDict).
     layers = list(layers.values() if isinstance(layers, torch.nn.ModuleDict) else layers)
     if expert_mesh is not None:  # innermost first: the blocks then skip the expert parameters
-        shard_experts(model, expert_mesh, reshard, expert_grad_divide, fully_shard)
+        shard_experts(model, expert_mesh, reshard, fully_shard)
     for i, block in enumerate(layers):
         # The last block's parameters are needed again at once by backward: never reshard them.
         fully_shard(block, mesh=dp_mesh, reshard_after_forward=reshard and i < len(layers) - 1)
@@ -94,21 +93,19 @@ def apply_fsdp2(
     return model
 
 
-def shard_experts(
-    model: torch.nn.Module, edp_mesh: DeviceMesh, reshard: bool, divide: int, fully_shard
-) -> None:
+def shard_experts(model: torch.nn.Module, edp_mesh: DeviceMesh, reshard: bool, fully_shard) -> None:
     """Expert parallelism: one FSDP unit per module holding expert-parallel shards (the stacked
     experts of an MoE layer), sharded over ``edp_mesh`` -- the ranks holding the same experts --
-    never over the whole dp group, whose ep ranks hold different experts. Their gradients are
-    summed over edp and divided by ``divide`` (the dp size, FSDP2 would divide by edp): the loss
-    is the dp mean and each expert gradient already sums its ep group's tokens (all-to-all
-    backward), so this is what averaging over dp does for dense gradients."""
+    never over the whole dp group, whose ep ranks hold different experts. FSDP2 averages their
+    gradients over edp; the strategy then divides them by ep (``FSDP2Strategy``), since the
+    loss is the dp mean and each expert gradient already sums its ep group's tokens.
+    (``set_gradient_divide_factor(dp)`` would say the same in one place, but it reduces with
+    a pre-multiplied sum, which gloo lacks.)"""
     from evoformer.parallel.expert import tag_expert_parameters
 
     holders = [m for m in model.modules() if "ep_shards" in m.__dict__]
     for m in holders:
         fully_shard(m, mesh=edp_mesh, reshard_after_forward=reshard)
-        m.set_gradient_divide_factor(float(divide))
         tag_expert_parameters(m)  # the new DTensor parameters: clipping and checkpoints
 
 

@@ -281,8 +281,9 @@ class FSDP2Strategy(Strategy):
         apply_fsdp2(
             model, fsdp_mesh, self.cfg.zero.stage,
             mp_policy=fsdp_mp_policy(self.cfg.precision), tp_size=self.dims.tp,
-            expert_mesh=expert_mesh, expert_grad_divide=self.dims.dp,
+            expert_mesh=expert_mesh,
         )  # fmt: skip
+        self.expert_params = [p for _, p in expert_parallel_params(model)]
         if self.dims.tp > 1:
             # The new parameters carry the SP tags again; checkpoints store the dp shards of
             # TP shards through the (dp..., tp) mesh as slices of the global tensors.
@@ -293,6 +294,13 @@ class FSDP2Strategy(Strategy):
     def _precision_autocast(self) -> contextlib.AbstractContextManager:
         # The mixed-precision policy casts the gathered parameters: no autocast on top.
         return contextlib.nullcontext()
+
+    def _sync_expert_grads(self) -> None:
+        # FSDP2 averaged the expert gradients over edp; the dp mean needs a further 1/ep (each
+        # already sums its ep group's tokens: see engine.fsdp.shard_experts).
+        grads = [p.grad.to_local() for p in self.expert_params if p.grad is not None]
+        if grads:
+            torch._foreach_div_(grads, float(self.dims.ep))
 
     def micro_batch(self, last: bool) -> contextlib.AbstractContextManager:
         # Reduce-scatter the accumulated gradients once, on the last micro-batch.

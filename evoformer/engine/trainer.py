@@ -287,7 +287,16 @@ class Trainer:
         batches = list(EvalBatches(self.data.val, self.cfg.train.micro_batch_size,
                                    self.cfg.train.eval_batches))  # fmt: skip
         acc = torch.zeros(2, dtype=torch.float64, device=self.device)
-        for batch in batches[self.dims.dp_rank :: self.dims.dp]:
+        mine = batches[self.dims.dp_rank :: self.dims.dp]
+        if self.dims.ep > 1 and batches:
+            # Expert parallelism all-to-alls in every MoE forward: every rank runs as many
+            # forwards as the busiest one (the extra ones repeat a batch and are not counted).
+            mine += [None] * (-(-len(batches) // self.dims.dp) - len(mine))
+        for batch in mine:
+            if batch is None:
+                with self.strategy.autocast():
+                    self.model(batches[0][:, :-1].to(self.device))
+                continue
             batch = batch.to(self.device)
             with self.strategy.autocast():
                 logits = self.model(batch[:, :-1])

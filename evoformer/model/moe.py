@@ -157,7 +157,14 @@ class MoE(nn.Module):
     number of MoE layers, so the summed term is the mean over layers (HF Mixtral pools all
     layers' statistics before the product; the two agree for one MoE layer). ``end_of_step()``
     moves the bias by ``bias_update_rate * sign(mean load - load)`` from the step's token
-    counts (summed over micro-batches and data-parallel ranks) and reports load statistics.
+    counts (summed over micro-batches and data-parallel ranks, so the bias is bit-identical on
+    every rank, expert-parallel or not) and reports load statistics per layer
+    (``moe/L<i>/share``: each expert's share of the routed copies; ``max_over_mean``; with a
+    capacity ``dropped`` and ``dropped_tokens``; ``aux_loss``; ``bias_min`` / ``bias_max``).
+
+    Expert parallelism (``ctx.ep_group``): this rank holds ``E / ep`` of the stacked experts and
+    the dispatcher all-to-alls the routed copies to their ranks; the router, the shared experts
+    and everything above are unchanged (see ``parallel/expert.py``).
 
     Experts carry no biases (``mlp.bias`` applies to dense layers only).
     """
@@ -329,7 +336,10 @@ class MoE(nn.Module):
         if bias is not None:
             out[f"{p}/bias_min"], out[f"{p}/bias_max"] = bias.min().item(), bias.max().item()
         if self.capacity_factor > 0:
+            # Copies dropped by the capacity limit this step (all micro-batches and dp ranks),
+            # and their fraction of the routed copies.
             out[f"{p}/dropped"] = dropped / total.item()
+            out[f"{p}/dropped_tokens"] = int(dropped)
         return out
 
 
