@@ -169,3 +169,23 @@ def test_hsdp_replicas_must_divide_dp():
     groups = ParallelGroups(dims, None, None, None, (0,), (0,))
     with pytest.raises(UserError, match=r"zero.replicate=3 must divide the data-parallel size 4"):
         groups.hsdp_mesh(3)
+
+
+def test_padded_vocab_shards_are_fsdp_sharded_on_dim_1():
+    """A TP-padded table (vocab 511 over tp 2: 256 rows each, the last padded) must not be
+    dp-sharded on the padded dim; full-length TP shards and replicated tensors keep Shard(0)."""
+    from torch.distributed.tensor import Shard
+
+    from evoformer.engine.fsdp import tp_shard_placement
+
+    def param(shape, tp_dim=None, full=None):
+        p = torch.nn.Parameter(torch.empty(shape))
+        p.tp_dim, p.tp_full_size = tp_dim, full
+        return p
+
+    placement = tp_shard_placement(tp_size=2, shard_size=2)
+    assert placement(param((256, 64), 0, 511)) == Shard(1)
+    assert placement(param((256, 64), 0, 512)) is None  # column / even vocab: Shard(0)
+    assert placement(param((64, 32), 1, 64)) is None  # row-parallel: dims differ already
+    assert placement(param((64,))) is None  # replicated norm
+    assert tp_shard_placement(2, 3)(param((256, 64), 0, 511)) is None  # 64 % 3: cannot
