@@ -2,8 +2,8 @@
 
 Mixtral-tiny (4 experts top-2, softmax, aux loss) and DeepSeek-V3-tiny (8 experts top-2 + 1
 shared, sigmoid, group-limited routing, aux-loss-free bias, an MoE layer inside MTP) under
-ep=2 (dp=2, DDP), and on 4 ranks ep=2 x tp=2, ep=4, ep=2 x edp=2 (DDP reduces the expert
-gradients over the replicas) and, for Mixtral, ep=2 x edp=2 under FSDP2 stage 3: per-step losses
+ep=2 (dp=2, DDP), and on 4 ranks ep=2 x tp=2, ep=4 and ep=2 x edp=2 (two replicas of each
+expert shard: DeepSeek under DDP, Mixtral under FSDP2 stage 3): per-step losses
 within 1e-5 relative of one process, every rank's experts as one process's slice of them, and
 the aux-loss-free router bias bit-identical on every rank (and to one process). A capacity
 limit drops the same copies as one process. Checkpoints: an ep=2 run stopped at step 5 resumes
@@ -52,9 +52,13 @@ LAYOUTS_2 = {"ep2": ["parallel.ep=2"]}
 LAYOUTS_4 = {
     "ep2xtp2": ["parallel.ep=2", "parallel.tp=2"],
     "ep4": ["parallel.ep=4"],
-    "ep2xedp2": ["parallel.ep=2"],
 }
-FSDP_4 = {"ep2xedp2-fsdp2": ["parallel.ep=2", "zero.backend=fsdp2", "zero.stage=3"]}
+# ep=2 on 4 ranks: two replicas of each expert shard (edp=2), reduced by DDP's expert path for
+# one family and by FSDP2 (experts sharded over edp) for the other.
+EDP_4 = {
+    "mixtral": {"ep2xedp2-fsdp2": ["parallel.ep=2", "zero.backend=fsdp2", "zero.stage=3"]},
+    "deepseek-v3": {"ep2xedp2": ["parallel.ep=2"]},
+}
 
 
 def _cfg(family: str, out_dir, *overrides: str):
@@ -141,23 +145,22 @@ def _compare(ref: dict, ranks: list[dict]) -> dict[str, float]:
     return report
 
 
+@pytest.mark.parametrize("world", [2, 4])
 @pytest.mark.parametrize("family", ["mixtral", "deepseek-v3"])
-def test_ep_layouts_train_like_one_process(family, single_runs, tmp_path):
+def test_ep_layouts_train_like_one_process(family, world, single_runs, tmp_path):
     ref = single_runs[family]
-    layouts_4 = LAYOUTS_4 | (FSDP_4 if family == "mixtral" else {})
-    two = run_distributed(_train, 2, family, LAYOUTS_2, str(tmp_path), timeout=180)
-    four = run_distributed(_train, 4, family, layouts_4, str(tmp_path), timeout=240)
-    report = _compare(ref, two) | _compare(ref, four)
-    assert set(report) == set(LAYOUTS_2) | set(layouts_4)
+    layouts = LAYOUTS_2 if world == 2 else LAYOUTS_4 | EDP_4[family]
+    ranks = run_distributed(_train, world, family, layouts, str(tmp_path), timeout=240)
+    report = _compare(ref, ranks)
+    assert set(report) == set(layouts)
     print(f"\n{family}: max relative loss difference vs one process over {STEPS} steps: "
           + ", ".join(f"{k} {v:.1e}" for k, v in report.items()))  # fmt: skip
     assert max(report.values()) <= LOSS_RTOL, report
     # Every rank's experts were compared (tp rank 0 of each ep rank): all experts are covered.
-    for ranks, layouts in ((two, LAYOUTS_2), (four, layouts_4)):
-        for layout in layouts:
-            firsts = {f for r in ranks for f, _, _ in r[layout]["experts"].values()}
-            ep = next(int(o.split("=")[1]) for o in layouts[layout] if o.startswith("parallel.ep"))
-            assert len(firsts) == ep, (layout, firsts)
+    for layout in layouts:
+        firsts = {f for r in ranks for f, _, _ in r[layout]["experts"].values()}
+        ep = next(int(o.split("=")[1]) for o in layouts[layout] if o.startswith("parallel.ep"))
+        assert len(firsts) == ep, (layout, firsts)
 
 
 def test_capacity_drops_the_copies_one_process_drops(single_runs, tmp_path):
