@@ -115,14 +115,23 @@ def tp_shard_placement(tp_size: int, shard_size: int):
     vocabulary table with vocab % tp != 0), which gets ``Shard(1)`` when its columns divide
     evenly over the ``shard_size`` ranks (FSDP2 pads only dim 0). Sharding padded rows again on
     dim 0 would give dp shards that no DTensor placement of the unpadded table describes, and
-    checkpoints store the unpadded table."""
+    checkpoints store the unpadded table; a padded table whose columns do not divide is
+    refused here, before training, rather than at the first checkpoint."""
     from torch.distributed.tensor import Shard
+
+    from evoformer.errors import UserError
 
     def placement(p: torch.nn.Parameter):
         dim = getattr(p, "tp_dim", None)
         padded = dim == 0 and p.shape[0] * tp_size != p.tp_full_size
-        if padded and p.ndim > 1 and p.shape[1] % shard_size == 0:
+        if not padded:
+            return None  # FSDP2's default, Shard(0)
+        if p.ndim > 1 and p.shape[1] % shard_size == 0:
             return Shard(1)
-        return None  # FSDP2's default, Shard(0)
+        raise UserError(
+            f"config: a vocabulary of {p.tp_full_size} is padded over parallel.tp={tp_size} and "
+            f"its {p.shape[1] if p.ndim > 1 else 1} columns do not divide over the "
+            f"{shard_size} FSDP2 shards: use a vocab_size divisible by tp"
+        )
 
     return placement

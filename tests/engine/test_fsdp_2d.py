@@ -188,4 +188,5 @@ def test_padded_vocab_shards_are_fsdp_sharded_on_dim_1():
     assert placement(param((256, 64), 0, 512)) is None  # column / even vocab: Shard(0)
     assert placement(param((64, 32), 1, 64)) is None  # row-parallel: dims differ already
     assert placement(param((64,))) is None  # replicated norm
-    assert tp_shard_placement(2, 3)(param((256, 64), 0, 511)) is None  # 64 % 3: cannot
+    with pytest.raises(UserError, match="vocabulary of 511 is padded over parallel.tp=2"):
+        tp_shard_placement(2, 3)(param((256, 64), 0, 511))  # 64 columns over 3 shards
