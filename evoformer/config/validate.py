@@ -152,6 +152,24 @@ def validate_zero(cfg: Config) -> None:
               "(both split the dp dimension)")  # fmt: skip
 
 
+# DeepSpeed config keys evoformer derives from its own settings (engine.deepspeed): a raw key
+# under zero.deepspeed_config may not set them, or DeepSpeed and the trainer would disagree on
+# the batch arithmetic, the clipping, the stage or the precision.
+DEEPSPEED_OWNED_KEYS = {
+    "train_batch_size": "train.global_batch_size",
+    "train_micro_batch_size_per_gpu": "train.micro_batch_size",
+    "gradient_accumulation_steps": "train.global_batch_size / (dp * train.micro_batch_size)",
+    "gradient_clipping": "optim.grad_clip",
+    "zero_optimization.stage": "zero.stage",
+    "zero_optimization.offload_optimizer.device": "zero.offload_optimizer",
+    "zero_optimization.offload_param.device": "zero.offload_param",
+    "bf16.enabled": "precision",
+    "fp16.enabled": "precision",
+    "optimizer": "optim.* (evoformer's AdamW is the client optimizer)",
+    "scheduler": "optim.schedule (evoformer sets the learning rate every step)",
+}
+
+
 def validate_deepspeed(cfg: Config) -> None:
     """zero.backend=deepspeed: stages 0-3 over dp, with our TP as its mpu; no pipeline."""
     z = cfg.zero
@@ -178,8 +196,26 @@ def validate_deepspeed(cfg: Config) -> None:
     if cfg.parallel.tp > 1 and cfg.parallel.sequence_parallel:
         _fail("parallel.sequence_parallel", True, "zero.backend=deepspeed with tp > 1 runs "
               "without sequence parallelism in this version")  # fmt: skip
-    if not isinstance(z.deepspeed_config, dict):
-        _fail("zero.deepspeed_config", z.deepspeed_config, "must be a mapping of DeepSpeed keys")
+    if cfg.parallel.ep != 1:
+        _fail("parallel.ep", cfg.parallel.ep, "zero.backend=deepspeed does not run expert "
+              "parallelism in this version; use zero.backend=ddp or fsdp2")  # fmt: skip
+    if cfg.fp8.enabled:
+        _fail("fp8.enabled", True, "FP8 with zero.backend=deepspeed is not available in this "
+              "version; use zero.backend=ddp or fsdp2")  # fmt: skip
+    ls = cfg.loss_scale
+    if cfg.precision == "fp16" and (ls.growth_factor != 2.0 or ls.backoff_factor != 0.5):
+        _fail("loss_scale.growth_factor", (ls.growth_factor, ls.backoff_factor),
+              "DeepSpeed's loss scaler grows by 2 and backs off by 0.5 only")  # fmt: skip
+    raw = z.deepspeed_config
+    if not isinstance(raw, dict):
+        _fail("zero.deepspeed_config", raw, "must be a mapping of DeepSpeed keys")
+    for dotted, ours in DEEPSPEED_OWNED_KEYS.items():
+        d = raw
+        for part in dotted.split("."):
+            d = d.get(part) if isinstance(d, dict) else None
+        if d is not None:
+            _fail(f"zero.deepspeed_config.{dotted}", d, f"is set by evoformer from {ours}; "
+                  "set that instead")  # fmt: skip
 
 
 def validate_model(cfg: Config) -> None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import zlib
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -100,10 +101,11 @@ class Block(nn.Module):
         return x_BTC + self._drop(self.mlp_post_norm(self.mlp(self.mlp_norm(x_BTC))))
 
 
-@dataclasses.dataclass
-class ModelOutput:
+class ModelOutput(NamedTuple):
     """What ``forward(..., targets=...)`` returns for training: the loss to backpropagate and
-    detached per-term metrics (``ce_loss`` always; ``aux_loss``, ``mtp_loss`` when present)."""
+    detached per-term metrics (``ce_loss`` always; ``aux_loss``, ``mtp_loss`` when present).
+    A NamedTuple so that wrappers which look for output tensors (DeepSpeed ZeRO-3's backward
+    hooks) find the loss."""
 
     loss: torch.Tensor
     metrics: dict[str, torch.Tensor]

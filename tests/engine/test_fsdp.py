@@ -133,7 +133,6 @@ def test_fsdp2_stage3_checkpoint_resumes_exactly(tmp_path):
     [
         (["zero.backend=fsdp2", "zero.stage=0"], "needs zero.stage 1, 2 or 3"),
         (["zero.stage=3"], "zero.backend=ddp does not shard"),
-        (["zero.backend=deepspeed"], "not available in this version yet"),
     ],
 )
 def test_unsupported_zero_settings_are_refused(overrides, message, tmp_path):

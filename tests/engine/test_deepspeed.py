@@ -1,0 +1,222 @@
+"""ZeRO through DeepSpeed (``zero.backend=deepspeed``) trains like DDP and one process (gloo, fp32).
+
+Tiny LLaMA, 10 steps, global batch 8 of micro-batches of 2 (each of the 2 dp ranks accumulates
+2 micro-batches per step), gradient clipping at 0.5 acting on every step. DeepSpeed stages 1, 2
+and 3, stage 2 with the optimizer offloaded to the CPU and stage 3 with parameters and optimizer
+offloaded give the per-step losses of one process and of DDP within 1e-5 relative, and the
+gradient norm DeepSpeed clips with is one process's. Per-rank model-state bytes: stage 1 holds
+half of DDP's AdamW moments, stage 3 half of its parameters. tp=2 x dp=2 with stage 1 (our TP as
+DeepSpeed's mpu) matches one process. Stopping at step 5 and resuming is bit-exact under stages 1
+and 3, and ``load_model`` reads the weights of a DeepSpeed checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from evoformer.config import load_config
+from evoformer.config.validate import validate
+from evoformer.distributed.testing import run_distributed
+from evoformer.engine import Trainer
+from evoformer.engine.deepspeed import deepspeed_config
+from evoformer.errors import UserError
+from tests.conftest import REPO
+
+STEPS = 10
+LOSS_RTOL = 1e-5
+TINY = str(REPO / "configs/models/tiny/llama.yaml")
+COMMON = [
+    "data.source=synthetic", "train.seq_len=32", "train.global_batch_size=8",
+    "train.micro_batch_size=2", f"train.max_steps={STEPS}", "train.log_every=1",
+    "run.progress=off", "optim.warmup_steps=2", "optim.lr=3e-3", "checkpoint.save_final=false",
+    "optim.grad_clip=0.5",  # below the ~0.85 norms: clipping acts on every step
+]  # fmt: skip
+DS = ["zero.backend=deepspeed"]
+LAYOUTS = {
+    "ddp": [],
+    "ds1": [*DS, "zero.stage=1"],
+    "ds2": [*DS, "zero.stage=2"],
+    "ds3": [*DS, "zero.stage=3"],
+    "ds2-offload-optimizer": [*DS, "zero.stage=2", "zero.offload_optimizer=cpu"],
+    "ds3-offload-param": [*DS, "zero.stage=3", "zero.offload_param=cpu"],
+}
+
+
+def _cfg(out_dir, *overrides: str):
+    return load_config([TINY], [*COMMON, f"run.output_dir={out_dir}", *overrides])
+
+
+def _bytes(trainer: Trainer) -> dict[str, int]:
+    """Bytes per kind of what this rank holds after the last step (storages counted once)."""
+    from evoformer.engine.memory import local_bytes
+
+    return local_bytes(trainer.strategy.local_tensors())
+
+
+def _max_rel(got: dict[int, float], want: dict[int, float]) -> float:
+    assert sorted(got) == sorted(want) == list(range(1, STEPS + 1))
+    return max(abs(got[s] - want[s]) / abs(want[s]) for s in want)
+
+
+def _grad_norms(run_dir) -> list[float]:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [r["grad_norm"] for r in map(json.loads, lines) if "grad_norm" in r]
+
+
+def _train(rank: int, world: int, root: str, layouts: dict[str, list[str]]) -> dict:
+    out = {}
+    for name, overrides in layouts.items():
+        trainer = Trainer(_cfg(f"{root}/{name}", *overrides))
+        result = trainer.train()
+        out[name] = {"losses": result.losses, "bytes": _bytes(trainer)}
+    return out
+
+
+def test_deepspeed_stages_train_like_ddp_and_one_process(tmp_path):
+    ref = Trainer(_cfg(tmp_path / "one")).train().losses
+    ranks = run_distributed(_train, 2, str(tmp_path), LAYOUTS, timeout=300)
+    report = {name: _max_rel(run["losses"], ref) for name, run in ranks[0].items()}
+    report |= {
+        f"{name} vs ddp": _max_rel(run["losses"], ranks[0]["ddp"]["losses"])
+        for name, run in ranks[0].items() if name != "ddp"
+    }  # fmt: skip
+    print("\nmax relative loss difference vs one process over 10 steps: "
+          + ", ".join(f"{k} {v:.1e}" for k, v in report.items()))  # fmt: skip
+    assert max(report.values()) <= LOSS_RTOL, report
+    # The norm DeepSpeed reports (and clips with) is one process's norm.
+    want = _grad_norms(tmp_path / "one")
+    assert len(want) == STEPS
+    for name in LAYOUTS:
+        assert _grad_norms(tmp_path / name) == pytest.approx(want, rel=1e-5), name
+    for name in LAYOUTS:  # the dp ranks report the same (all-reduced) losses
+        assert ranks[1][name]["losses"] == ranks[0][name]["losses"], name
+    for rank_out in ranks:
+        ddp, s1, s3 = (rank_out[k]["bytes"] for k in ("ddp", "ds1", "ds3"))
+        print(f"per-rank bytes ddp {ddp}, deepspeed stage 1 {s1}, stage 3 {s3}")
+        assert ddp["param"] > 0 and ddp["optim"] == 2 * ddp["param"]  # AdamW: m and v
+        # Stage 1: AdamW moments (and the fp32 master copy) of this rank's half only; the
+        # model's weights stay whole. DeepSpeed pads each partition to an alignment: 1 %.
+        assert s1["optim"] / ddp["optim"] == pytest.approx(0.5, abs=0.01), (ddp, s1)
+        assert s1["master"] / ddp["param"] == pytest.approx(0.5, abs=0.01), (ddp, s1)
+        assert s1["param"] == ddp["param"]
+        # Stage 3: the parameters are partitioned too.
+        assert s3["param"] / ddp["param"] == pytest.approx(0.5, abs=0.01), (ddp, s3)
+        assert s3["optim"] / ddp["optim"] == pytest.approx(0.5, abs=0.01), (ddp, s3)
+    total = sum(r["ds3"]["bytes"]["param"] for r in ranks)
+    assert total == pytest.approx(ranks[0]["ddp"]["bytes"]["param"], rel=0.01)
+
+
+def test_deepspeed_tensor_parallel_mpu_matches_one_process(tmp_path):
+    """tp=2 x dp=2: DeepSpeed reduces over our dp group and sums only the TP-sharded
+    parameters' squared norms over the tp group (replicated ones once)."""
+    ref = Trainer(_cfg(tmp_path / "one")).train().losses
+    layouts = {"tp2-ds1": [*DS, "zero.stage=1", "parallel.tp=2"]}
+    ranks = run_distributed(_train, 4, str(tmp_path), layouts, timeout=300)
+    rel = _max_rel(ranks[0]["tp2-ds1"]["losses"], ref)
+    print(f"\ntp2 x dp2 deepspeed stage 1: max relative loss difference {rel:.1e}")
+    assert rel <= LOSS_RTOL
+    want = _grad_norms(tmp_path / "one")
+    assert _grad_norms(tmp_path / "tp2-ds1") == pytest.approx(want, rel=1e-5)
+    assert all(r["tp2-ds1"]["losses"] == ranks[0]["tp2-ds1"]["losses"] for r in ranks)
+
+
+def _stop_and_resume(rank: int, world: int, root: str) -> dict:
+    out = {}
+    for stage in (1, 3):
+        layout = [*DS, f"zero.stage={stage}"]
+        trainer = Trainer(_cfg(f"{root}/full{stage}", *layout, "checkpoint.save_every=5"))
+        full = trainer.train()
+        weights = {k: v.clone() for k, v in trainer.strategy._consolidated_weights().items()}
+        resumed = Trainer(
+            _cfg(f"{root}/resumed{stage}", *layout,
+                 f"checkpoint.load={root}/full{stage}/checkpoints/step_5")
+        ).train()  # fmt: skip
+        out[stage] = {"full": full.losses, "resumed": resumed.losses, "weights": weights}
+    return out
+
+
+def test_deepspeed_checkpoint_resumes_exactly_and_loads_for_inference(tmp_path):
+    from evoformer.checkpoint import load_model
+
+    got = run_distributed(_stop_and_resume, 2, str(tmp_path), timeout=300)[0]
+    for stage, run in got.items():
+        full, resumed = run["full"], run["resumed"]
+        assert sorted(resumed) == list(range(6, STEPS + 1)), stage
+        assert all(resumed[s] == full[s] for s in resumed), (stage, full, resumed)  # bit-exact
+        ckpt = tmp_path / f"full{stage}/checkpoints/step_10"
+        assert (ckpt / "deepspeed").is_dir()
+        # The DCP weights are the trained model (ZeRO-3: consolidated from the partitions).
+        model = load_model(ckpt)
+        state = model.state_dict()
+        for name, want in run["weights"].items():
+            assert torch.equal(state[name], want), (stage, name)
+        logits = model(torch.zeros(1, 4, dtype=torch.long))
+        assert logits.shape == (1, 4, model.cfg.vocab_size)
+
+
+def test_deepspeed_config_is_generated_from_ours(tmp_path):
+    cfg = _cfg(
+        tmp_path, *DS, "zero.stage=3", "zero.offload_optimizer=cpu", "zero.offload_param=nvme",
+        "zero.nvme_path=/nvme", "precision=bf16",
+        "zero.deepspeed_config={zero_optimization: {reduce_bucket_size: 1000}, "
+        "activation_checkpointing: {partition_activations: true}}",
+    )  # fmt: skip
+    validate(cfg)
+    ds = deepspeed_config(cfg, dp=2)
+    assert ds["train_batch_size"] == 8 and ds["train_micro_batch_size_per_gpu"] == 2
+    assert ds["gradient_accumulation_steps"] == 2 and ds["gradient_clipping"] == 0.5
+    zero = ds["zero_optimization"]
+    assert zero["stage"] == 3 and zero["reduce_bucket_size"] == 1000  # raw key merged in
+    assert zero["offload_optimizer"]["device"] == "cpu"
+    assert zero["offload_param"] == {"device": "nvme", "pin_memory": False, "nvme_path": "/nvme"}
+    assert ds["bf16"]["enabled"] and not ds["fp16"]["enabled"]
+    assert ds["activation_checkpointing"] == {"partition_activations": True}
+    assert ds["zero_force_ds_cpu_optimizer"] is False  # our torch AdamW, no compiled ops
+    fp16 = deepspeed_config(_cfg(tmp_path, *DS, "zero.stage=1", "precision=fp16"), dp=4)["fp16"]
+    assert fp16 == {"enabled": True, "loss_scale": 0, "initial_scale_power": 16,
+                    "loss_scale_window": 1000, "min_loss_scale": 1.0, "hysteresis": 1}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ([*DS, "zero.stage=1", "parallel.pp=2"], "does not run with pipeline parallelism"),
+        ([*DS, "zero.stage=2", "zero.offload_param=cpu"], "needs zero.stage=3"),
+        ([*DS, "zero.stage=0", "zero.offload_optimizer=cpu"], "needs zero.stage 1, 2 or 3"),
+        ([*DS, "zero.stage=3", "zero.offload_param=disk"], "must be one of none, cpu, nvme"),
+        ([*DS, "zero.stage=3", "zero.offload_param=nvme"], "needs a folder on an NVMe"),
+        (["zero.offload_optimizer=cpu"], "offload needs zero.backend=deepspeed"),
+        ([*DS, "zero.stage=4"], "needs zero.stage 0, 1, 2 or 3"),
+        ([*DS, "zero.stage=1", "zero.deepspeed_config={gradient_clipping: 2.0}"],
+         "is set by evoformer from optim.grad_clip"),
+        ([*DS, "zero.stage=1", "zero.deepspeed_config={zero_optimization: {stage: 2}}"],
+         "is set by evoformer from zero.stage"),
+        ([*DS, "zero.stage=1", "parallel.tp=2", "parallel.sequence_parallel=true"],
+         "without sequence parallelism"),
+    ],
+)  # fmt: skip
+def test_bad_deepspeed_settings_are_one_line_errors(overrides, message, tmp_path):
+    with pytest.raises(UserError, match=message):
+        validate(_cfg(tmp_path, *overrides))
+
+
+def test_cli_refuses_deepspeed_with_pipeline_in_one_line(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for overrides, fragment in [
+        (["parallel.pp=2"], "pipeline parallelism"),
+        (["zero.stage=1", "zero.offload_param=cpu"], "needs zero.stage=3"),
+    ]:
+        proc = subprocess.run(
+            [sys.executable, "-m", "evoformer", "train", TINY, *DS, *overrides,
+             f"run.output_dir={tmp_path}"],
+            capture_output=True, text=True, cwd=REPO, env=env, timeout=120,
+        )  # fmt: skip
+        assert proc.returncode == 2, proc.stderr
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: ") and fragment in lines[0], lines
