@@ -11,16 +11,20 @@ What is counted (bytes this rank holds, whatever the strategy):
   engine keeps besides ``.grad`` (DDP's gradient buckets: one more gradient-sized copy unless
   ``gradient_as_bucket_view``) are not parameters' gradients and are not included.
 - ``activations``: what one micro-batch's forward leaves for its backward, measured on the first
-  micro-batch of the first step. On CPU: the bytes of every tensor storage created during the
-  forward (seen through a ``TorchDispatchMode``) that is still alive when the forward returns,
-  minus the storages of parameters and buffers (FSDP2's gathered parameters are parameters).
+  micro-batch of the first step. On CPU: the bytes of every new tensor storage created during
+  the forward (seen through a ``TorchDispatchMode``; views, in-place and out= results are not
+  new) that is still alive when the forward returns, parameters' and buffers' storages left out.
   This is exactly what autograd keeps (saved tensors, checkpointed blocks' inputs, the outputs a
   selective-checkpoint policy saves), and it excludes temporaries freed within the forward. On
   CUDA: ``max_memory_allocated`` during the forward minus the memory allocated before it, i.e.
   the forward's peak including its transient temporaries.
+- ``gathered_params``: when that forward returns, the bytes of the unsharded parameters FSDP2
+  keeps gathered for backward (every unit at stages 1/2, the last block at stage 3; 0 without
+  FSDP2). Transient memory that sharding at rest does not show.
 
 The numbers go to ``metrics.jsonl`` as ``mem_params_bytes``, ``mem_grads_bytes``,
-``mem_optim_bytes``, ``mem_activations_bytes`` and ``mem_total_bytes`` (their sum).
+``mem_optim_bytes``, ``mem_activations_bytes``, ``mem_gathered_params_bytes`` and
+``mem_total_bytes`` (their sum).
 """
 
 from __future__ import annotations
@@ -45,6 +49,7 @@ class MemoryStats:
     grads: int = 0
     optim: int = 0
     activations: int = 0
+    gathered_params: int = 0
 
     @property
     def model_state(self) -> int:
@@ -53,7 +58,7 @@ class MemoryStats:
 
     @property
     def total(self) -> int:
-        return self.model_state + self.activations
+        return self.model_state + self.activations + self.gathered_params
 
     def metrics(self) -> dict[str, int]:
         """The ``mem_*_bytes`` fields of a metrics line."""
@@ -62,6 +67,7 @@ class MemoryStats:
             "mem_grads_bytes": self.grads,
             "mem_optim_bytes": self.optim,
             "mem_activations_bytes": self.activations,
+            "mem_gathered_params_bytes": self.gathered_params,
             "mem_total_bytes": self.total,
         }
 
@@ -94,8 +100,13 @@ def local_bytes(pairs: Iterable[tuple[str, torch.Tensor]]) -> dict[str, int]:
     return {kind: tensor_bytes(ts) for kind, ts in by_kind.items()}
 
 
+def _returns_alias(func) -> bool:
+    """Views, in-place and out= ops return (parts of) tensors that already exist."""
+    return any(r.alias_info is not None for r in func._schema.returns)
+
+
 class _LiveStorages(TorchDispatchMode):
-    """Remembers (weakly) the storage of every tensor an op returns."""
+    """Remembers (weakly) the storage of every new tensor an op returns."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -103,6 +114,8 @@ class _LiveStorages(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
+        if _returns_alias(func):
+            return out
         for t in tree_flatten(out)[0]:
             if type(t) is torch.Tensor or type(t) is torch.nn.Parameter:
                 storage = t.untyped_storage()
@@ -113,12 +126,26 @@ class _LiveStorages(TorchDispatchMode):
         return out
 
     def live_bytes(self, exclude: set[int]) -> int:
+        """Bytes of the storages still alive, those in ``exclude`` left out."""
         total = 0
         for cdata, ref in self.refs.items():
-            if cdata in exclude or ref.expired():
-                continue
-            total += torch.UntypedStorage._new_with_weak_ptr(cdata).nbytes()
+            if cdata not in exclude and not ref.expired():
+                total += torch.UntypedStorage._new_with_weak_ptr(cdata).nbytes()
         return total
+
+
+def gathered_param_bytes(module: torch.nn.Module) -> int:
+    """Bytes of the unsharded parameters an FSDP2 model has registered right now (FSDP2 swaps
+    a unit's DTensor shards for full tensors while it keeps the unit gathered); 0 otherwise."""
+    from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.tensor import DTensor
+
+    if not isinstance(module, FSDPModule):
+        return 0
+    gathered = [p for p in module.parameters() if not isinstance(p, DTensor)]
+    keys = {StorageWeakRef(p.untyped_storage()).cdata: p.untyped_storage().nbytes()
+            for p in gathered}  # fmt: skip
+    return sum(keys.values())
 
 
 def _storage_keys(module: torch.nn.Module) -> set[int]:
@@ -131,8 +158,8 @@ def _storage_keys(module: torch.nn.Module) -> set[int]:
 
 @contextlib.contextmanager
 def measure_forward(module: torch.nn.Module, device: torch.device) -> Iterator[list[int]]:
-    """Measure the activation bytes of the forward run inside; the result is appended to the
-    yielded list on exit (see the module docstring for what is counted)."""
+    """Measure the activation bytes of the forward run inside; on exit they are appended to the
+    yielded list, then the gathered-parameter bytes (see the module docstring)."""
     out: list[int] = []
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -140,12 +167,13 @@ def measure_forward(module: torch.nn.Module, device: torch.device) -> Iterator[l
         torch.cuda.reset_peak_memory_stats(device)
         yield out
         torch.cuda.synchronize(device)
-        out.append(max(torch.cuda.max_memory_allocated(device) - before, 0))
+        out += [max(torch.cuda.max_memory_allocated(device) - before, 0)]
+        out.append(gathered_param_bytes(module))
         return
     tracker = _LiveStorages()
     with tracker:
         yield out
-    out.append(tracker.live_bytes(_storage_keys(module)))
+    out += [tracker.live_bytes(_storage_keys(module)), gathered_param_bytes(module)]
 
 
 class MemoryMeter:
@@ -191,5 +219,6 @@ class MemoryMeter:
                 grads=self._grads,
                 optim=held.get("optim", 0) + held.get("master", 0),
                 activations=self._activations[0] if self._activations else 0,
+                gathered_params=self._activations[1] if self._activations else 0,
             )
         return self.stats.metrics()

@@ -102,7 +102,7 @@ def _stage_layers(n_layers: int, pp: int) -> list[tuple[int, int]]:
     return out
 
 
-def _bytes_per_param(cfg: Config) -> tuple[int, int, int]:
+def bytes_per_param(cfg: Config) -> tuple[int, int, int]:
     """(param, grad, optimizer) bytes per parameter; see the module docstring."""
     if cfg.zero.backend == "deepspeed":
         half = cfg.precision in ("bf16", "fp16")
@@ -143,7 +143,7 @@ def _dp_shard_numel(shape: tuple[int, ...], dp: int) -> int:
 
 def _model_state(cfg: Config, stage_params: list[tuple[str, tuple[int, ...]]], tp: int, dp: int,
                  ep: int) -> tuple[int, int, int]:  # fmt: skip
-    bp, bg, bo = _bytes_per_param(cfg)
+    bp, bg, bo = bytes_per_param(cfg)
     z = cfg.zero
     full = sharded = 0
     for name, shape in stage_params:

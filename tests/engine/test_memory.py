@@ -6,6 +6,8 @@ AdamW's moments. At dp = 2 under DDP and FSDP2 stage 3 every rank's measured par
 gradient and optimizer bytes equal the estimator's for the busiest rank within 10 % plus 4 KiB
 (FSDP2 pads dim-0 shards: rank 0 holds the larger half), stage 3 holds half of stage 0, and the
 estimated activations are within a factor 1.25 of the measured ones in every checkpointing mode.
+FSDP2's gathered parameters between forward and backward: stage 2 the whole model, stage 3 the
+last block.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from evoformer.cli import main
 from evoformer.config import load_config
 from evoformer.distributed.testing import run_distributed
 from evoformer.engine import Trainer
+from evoformer.model import build_model
 from evoformer.model.inspect import count_params
 from evoformer.model.plan import estimate
 from tests.conftest import REPO
@@ -63,7 +66,8 @@ def test_one_process_metrics_are_exact_and_logged_every_line(tmp_path):
     assert first["mem_params_bytes"] == 4 * N_PARAMS
     assert first["mem_grads_bytes"] == 4 * N_PARAMS
     assert first["mem_optim_bytes"] == 8 * N_PARAMS
-    assert first["mem_total_bytes"] == sum(first[k] for k in KEYS)
+    assert first["mem_total_bytes"] == sum(first[k] for k in KEYS)  # + 0 gathered
+    assert first["mem_gathered_params_bytes"] == 0
     assert all(train[1][k] == first[k] for k in KEYS)  # measured once, logged on every line
     est = estimate(cfg, 1).stages[0]
     assert (est.params, est.grads, est.optim) == (4 * N_PARAMS, 4 * N_PARAMS, 8 * N_PARAMS)
@@ -74,6 +78,7 @@ LAYOUTS = {
     "ddp": [],
     "ddp-selective": ["activation_checkpointing=selective"],
     "ddp-full": ["activation_checkpointing=full"],
+    "fsdp2-2": ["zero.backend=fsdp2", "zero.stage=2"],
     "fsdp2-3": ["zero.backend=fsdp2", "zero.stage=3"],
 }
 
@@ -85,7 +90,7 @@ def _measure(rank: int, world: int, root: str) -> dict:
         trainer.train()
         s = trainer.memory.stats
         out[name] = {"params": s.params, "grads": s.grads, "optim": s.optim,
-                     "activations": s.activations}  # fmt: skip
+                     "activations": s.activations, "gathered": s.gathered_params}  # fmt: skip
     return out
 
 
@@ -109,6 +114,13 @@ def test_estimator_matches_measured_at_dp2(tmp_path):
         full = ranks[0]["ddp"][kind]
         assert sum(r["fsdp2-3"][kind] for r in ranks) == full, kind
         assert abs(ranks[0]["fsdp2-3"][kind] / full - 0.5) <= 0.05, kind
+    # Between forward and backward FSDP2 keeps gathered: stage 2 every unit (the whole model),
+    # stage 3 only the last block (never resharded: backward needs it at once); DDP nothing.
+    block = 4 * sum(p.numel() for p in build_model(_cfg(tmp_path).model).layers[-1].parameters())
+    for got in ranks:
+        assert got["ddp"]["gathered"] == 0
+        assert got["fsdp2-2"]["gathered"] == 4 * N_PARAMS
+        assert got["fsdp2-3"]["gathered"] == block
     # Checkpointing lowers measured activations, state unchanged.
     acts = [ranks[0][n]["activations"] for n in ("ddp", "ddp-selective", "ddp-full")]
     assert acts[0] > acts[1] > acts[2], acts
