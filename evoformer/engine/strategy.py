@@ -264,13 +264,7 @@ class FSDP2Strategy(Strategy):
         from evoformer.engine.fsdp import apply_fsdp2
         from evoformer.engine.precision import fsdp_mp_policy
 
-        replicate = self.cfg.zero.replicate
-        if replicate > 1:  # HSDP: dp -> (dp_replicate, dp_shard), FSDP2 on the 2-D mesh
-            root, dp_dims = self.groups.hsdp_mesh(replicate), ("dp_replicate", "dp_shard")
-            fsdp_mesh = root[dp_dims]
-        else:
-            root, dp_dims = self.groups.mesh, ("dp",)
-            fsdp_mesh = self.groups.submesh("dp")
+        root, dp_dims, fsdp_mesh = self._fsdp_meshes()
         expert_mesh = None
         if self.dims.ep > 1:
             # Experts are sharded over their replicas (edp) only; checkpoints store them
@@ -285,11 +279,24 @@ class FSDP2Strategy(Strategy):
         )  # fmt: skip
         self.expert_params = [p for _, p in expert_parallel_params(model)]
         if self.dims.tp > 1:
-            # The new parameters carry the SP tags again; checkpoints store the dp shards of
-            # TP shards through the (dp..., tp) mesh as slices of the global tensors.
-            self.partial_grad_params = sequence_parallel_params(model)
+            # The new parameters carry the SP tags again (all of them, from the whole model:
+            # pipeline stages are wrapped one by one); checkpoints store the dp shards of TP
+            # shards through the (dp..., tp) mesh as slices of the global tensors.
+            self.partial_grad_params = sequence_parallel_params(self.model)
             self.tp_mesh = root[(*dp_dims, "tp")]
         return model
+
+    def _fsdp_meshes(self) -> tuple:
+        """(root mesh, its data-parallel dim names, the mesh FSDP2 shards over), built once:
+        ``dp``, or for HSDP (``zero.replicate`` > 1) dp split into (dp_replicate, dp_shard)."""
+        if getattr(self, "_meshes", None) is None:
+            replicate = self.cfg.zero.replicate
+            if replicate > 1:
+                root, dims = self.groups.hsdp_mesh(replicate), ("dp_replicate", "dp_shard")
+                self._meshes = (root, dims, root[dims])
+            else:
+                self._meshes = (self.groups.mesh, ("dp",), self.groups.submesh("dp"))
+        return self._meshes
 
     def _precision_autocast(self) -> contextlib.AbstractContextManager:
         # The mixed-precision policy casts the gathered parameters: no autocast on top.
