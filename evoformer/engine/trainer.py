@@ -338,7 +338,10 @@ class Trainer:
         n = 0
         for p in self.model.parameters():
             dim = getattr(p, "tp_dim", None)
-            n += p.numel() if dim is None else p.numel() // p.shape[dim] * p.tp_full_size
+            count = p.numel() if dim is None else p.numel() // p.shape[dim] * p.tp_full_size
+            if getattr(p, "ep_dim", None) is not None:  # expert parallelism: E / ep experts here
+                count = count // p.shape[p.ep_dim] * p.ep_full_size
+            n += count
         return n
 
     def _banner(self) -> str:
@@ -349,6 +352,8 @@ class Trainer:
         if d.tp > 1:
             sp = ", sequence parallel" if self.cfg.parallel.sequence_parallel else ""
             layout = f"tp {d.tp} x dp {d.dp}{sp}"
+        if d.ep > 1:
+            layout += f", ep {d.ep} (experts over ep, replicated over edp {d.edp})"
         return (
             f"evoformer | {self._global_params():,} parameters | device {self.device} | "
             f"world {d.world_size} ({layout}) | {t.global_batch_size}x{t.seq_len} tokens/step, "
