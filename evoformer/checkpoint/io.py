@@ -229,7 +229,13 @@ def load_checkpoint(
             state = {"model": msd, "optim": osd}
             originals = _wrap_expert_parallel(state, model, ep_mesh)
             originals |= _wrap_tensor_parallel(state, model, tp_mesh)
+            # Param groups hold this rank's parameter names by group index, and the config's
+            # hyperparameters: under another layout (a pipeline stage) the stored lists name
+            # other parameters, so the fresh groups are kept and only the state is loaded.
+            groups = osd.pop("param_groups", None)
             _dcp_load(state, ckpt)
+            if groups is not None:
+                osd["param_groups"] = groups
             _unwrap(state, originals)
             set_state_dict(
                 model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],

@@ -116,14 +116,27 @@ class Trainer:
         # It differs per data-parallel rank, so replicas drop different units, and is the same
         # on the ranks of one TP group, which must drop the same units of replicated tensors.
         torch.manual_seed(cfg.run.seed * 1_000_003 + self.dims.dp_rank)
-        self.model: Transformer = build_model(
-            cfg.model, device=self.device, seed=cfg.run.seed, groups=self.groups,
-            sequence_parallel=cfg.parallel.sequence_parallel,
-        )  # fmt: skip
+        if self.dims.pp > 1:  # this rank's pipeline stages only (engine.pipeline)
+            from evoformer.engine.pipeline import build_pipeline_model
+
+            self.model = build_pipeline_model(cfg, self.dims, self.groups, self.device)
+        else:
+            self.model: Transformer = build_model(
+                cfg.model, device=self.device, seed=cfg.run.seed, groups=self.groups,
+                sequence_parallel=cfg.parallel.sequence_parallel,
+            )  # fmt: skip
         self.model.activation_checkpointing = cfg.activation_checkpointing
         self.model.activation_checkpointing_every = cfg.activation_checkpointing_every
         self.strategy = build_strategy(cfg, self.dims, self.groups, self.device)
-        self.strategy.setup(self.model)
+        self.strategy.setup(self.model, parts=getattr(self.model, "chunks", None))
+        self.pipeline = None  # pp > 1: runs the micro-batches through the pipeline schedule
+        if self.dims.pp > 1:
+            from evoformer.engine.pipeline import PipelineRunner
+
+            self.pipeline = PipelineRunner(
+                cfg, self.dims, self.groups, self.device, self.model, self.strategy,
+                self.grad_accum,
+            )  # fmt: skip
         # Measures the first step (engine.memory); the numbers go on every metrics line.
         self.memory = MemoryMeter(self.device, enabled=cfg.run.measure_memory)
         self.step = 0
@@ -253,6 +266,11 @@ class Trainer:
         dims = self.dims
         micro = self.sampler.micro_batches(step, dims.dp_rank, dims.dp, t.micro_batch_size)
         sums: dict[str, torch.Tensor] = {}
+        if self.pipeline is not None:
+            batches = [get_batch(self.data.train, ix).to(self.device) for ix in micro]
+            with strategy.autocast():
+                sums = self.pipeline.forward_backward(batches)
+            micro = []
         for i, indices in enumerate(micro):
             batch = get_batch(self.data.train, indices).to(self.device, non_blocking=True)
             with strategy.micro_batch(last=i == len(micro) - 1):
@@ -272,9 +290,13 @@ class Trainer:
             values.update(self.memory.after_step(strategy))
         # Modules with per-step state (MoE load statistics, aux-loss-free router biases) see the
         # whole step's micro-batches before they update and report.
+        stats: dict = {}
         for m in self.model.modules():
             if hasattr(m, "end_of_step"):
-                values.update(m.end_of_step())
+                stats.update(m.end_of_step())
+        if self.pipeline is not None:  # every stage's modules, on every rank
+            stats = self.pipeline.merge_stage_metrics(stats)
+        values.update(stats)
         loss = values.pop("ce_loss")
         return loss, result.grad_norm, values
 
@@ -299,10 +321,12 @@ class Trainer:
                 continue
             batch = batch.to(self.device)
             with self.strategy.autocast():
-                logits = self.model(batch[:, :-1])
+                if self.pipeline is not None:
+                    loss = self.pipeline.evaluate_loss(batch).item()
+                else:
+                    loss = lm_loss(self.model(batch[:, :-1]), batch[:, 1:]).item()
             n = batch[:, 1:].numel()
-            acc += torch.tensor([lm_loss(logits, batch[:, 1:]).item() * n, n],
-                                dtype=torch.float64, device=self.device)  # fmt: skip
+            acc += torch.tensor([loss * n, n], dtype=torch.float64, device=self.device)
         if self.dims.dp > 1:
             dist.all_reduce(acc, group=self.groups.dp_group)
         self.model.train()
@@ -338,9 +362,10 @@ class Trainer:
         n = 0
         for p in self.model.parameters():
             dim = getattr(p, "tp_dim", None)
-            count = p.numel() if dim is None else p.numel() // p.shape[dim] * p.tp_full_size
+            shape = getattr(p, "ds_shape", p.shape)  # DeepSpeed ZeRO-3: the unpartitioned shape
+            count = shape.numel() if dim is None else shape.numel() // shape[dim] * p.tp_full_size
             if getattr(p, "ep_dim", None) is not None:  # expert parallelism: E / ep experts here
-                count = count // p.shape[p.ep_dim] * p.ep_full_size
+                count = count // shape[p.ep_dim] * p.ep_full_size
             n += count
         return n
 
@@ -352,6 +377,8 @@ class Trainer:
         if d.tp > 1:
             sp = ", sequence parallel" if self.cfg.parallel.sequence_parallel else ""
             layout = f"tp {d.tp} x dp {d.dp}{sp}"
+        if d.pp > 1:
+            layout = f"pp {d.pp} ({self.cfg.parallel.pp_schedule}) x {layout}"
         if d.ep > 1:
             layout += f", ep {d.ep} (experts over ep, replicated over edp {d.edp})"
         return (
