@@ -2,8 +2,8 @@
 
 Tolerances (max relative per-step loss difference; tiny LLaMA on the small real corpus, lr 3e-3):
 
-- 50 steps, one process, vs fp32: bf16 (autocast) measured 1.6e-3 -> allowed 6e-3; fp16
-  (autocast + loss scale 2^16) measured 7.4e-5 -> allowed 5e-4.
+- 50 steps, one process, vs fp32: bf16 (autocast) measured 1.6e-3 (H100: 1.0e-3) -> allowed
+  6e-3; fp16 (autocast + loss scale 2^16) measured 7.4e-5 (H100: 3.6e-4) -> allowed 1e-3.
 - 10 steps, bf16 under FSDP2 (dp 2: bf16 parameters and activations, fp32 reduce and master
   weights) vs one process's bf16 autocast (fp32 residual stream), measured 7.0e-5 ->
   allowed 1e-3.
@@ -30,7 +30,7 @@ from evoformer.errors import UserError
 from tests.conftest import REPO
 
 TINY = str(REPO / "configs/models/tiny/llama.yaml")
-BF16_RTOL, FP16_RTOL, FSDP_BF16_RTOL = 6e-3, 5e-4, 1e-3
+BF16_RTOL, FP16_RTOL, FSDP_BF16_RTOL = 6e-3, 1e-3, 1e-3
 
 
 def _cfg(corpus: dict, out_dir, steps: int, *overrides: str):
@@ -146,7 +146,9 @@ def _inject_before_reduction(trainer: Trainer) -> None:
 
     def forward_hook(module, args, out):
         if trainer.step + 1 in OVERFLOW_STEPS:
-            out.register_hook(lambda g: g.index_fill(0, torch.tensor([0]), torch.inf))
+            out.register_hook(
+                lambda g: g.index_fill(0, torch.tensor([0], device=g.device), torch.inf)
+            )
 
     trainer.model.layers[0].mlp.down_proj.register_forward_hook(forward_hook)
 
