@@ -227,6 +227,8 @@ class DeepSpeedStrategy(Strategy):
                 "accelerator has no fp16); use precision=bf16 or fp32 on CPU"
             )
         deepspeed = _import_deepspeed(self.device)
+        # DeepSpeed insists on a launcher's LOCAL_RANK; a plain single-process run has none.
+        os.environ.setdefault("LOCAL_RANK", str(self.dims.local_rank))
         if not dist.is_initialized():
             # One process: DeepSpeed still talks through torch.distributed; an in-memory store
             # gives it a world of one without opening a port.

@@ -1,13 +1,14 @@
 """ZeRO through DeepSpeed (``zero.backend=deepspeed``) trains like DDP and one process (gloo, fp32).
 
 Tiny LLaMA, 10 steps, global batch 8 of micro-batches of 2 (each of the 2 dp ranks accumulates
-2 micro-batches per step), gradient clipping at 0.5 acting on every step. DeepSpeed stages 1, 2
-and 3, stage 2 with the optimizer offloaded to the CPU and stage 3 with parameters and optimizer
-offloaded give the per-step losses of one process and of DDP within 1e-5 relative, and the
-gradient norm DeepSpeed clips with is one process's. Per-rank model-state bytes: stage 1 holds
-half of DDP's AdamW moments, stage 3 half of its parameters. tp=2 x dp=2 with stage 1 (our TP as
-DeepSpeed's mpu) matches one process. Stopping at step 5 and resuming is bit-exact under stages 1
-and 3, and ``load_model`` reads the weights of a DeepSpeed checkpoint.
+2 micro-batches per step), gradient clipping at 0.5 acting on every step. DeepSpeed stages 0-3,
+stage 2 with the optimizer offloaded to the CPU and stage 3 with parameters offloaded give the
+per-step losses of one process and of DDP within 1e-5 relative, and the gradient norm DeepSpeed
+clips with is one process's (stage 0, DeepSpeed's plain data parallelism, clips with ours).
+Per-rank model-state bytes: stage 1 holds half of DDP's AdamW moments, stage 3 half of its
+parameters. tp=2 x dp=2 with stages 1 and 3 (our TP as DeepSpeed's mpu) matches one process.
+Stopping at step 5 and resuming is bit-exact under stages 1 and 3, and ``load_model`` reads the
+weights of a DeepSpeed checkpoint.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ COMMON = [
 DS = ["zero.backend=deepspeed"]
 LAYOUTS = {
     "ddp": [],
+    "ds0": [*DS, "zero.stage=0"],
     "ds1": [*DS, "zero.stage=1"],
     "ds2": [*DS, "zero.stage=2"],
     "ds3": [*DS, "zero.stage=3"],
@@ -116,14 +118,15 @@ def test_deepspeed_tensor_parallel_mpu_matches_one_process(tmp_path):
     """tp=2 x dp=2: DeepSpeed reduces over our dp group and sums only the TP-sharded
     parameters' squared norms over the tp group (replicated ones once)."""
     ref = Trainer(_cfg(tmp_path / "one")).train().losses
-    layouts = {"tp2-ds1": [*DS, "zero.stage=1", "parallel.tp=2"]}
-    ranks = run_distributed(_train, 4, str(tmp_path), layouts, timeout=300)
-    rel = _max_rel(ranks[0]["tp2-ds1"]["losses"], ref)
-    print(f"\ntp2 x dp2 deepspeed stage 1: max relative loss difference {rel:.1e}")
-    assert rel <= LOSS_RTOL
     want = _grad_norms(tmp_path / "one")
-    assert _grad_norms(tmp_path / "tp2-ds1") == pytest.approx(want, rel=1e-5)
-    assert all(r["tp2-ds1"]["losses"] == ranks[0]["tp2-ds1"]["losses"] for r in ranks)
+    layouts = {f"tp2-ds{s}": [*DS, f"zero.stage={s}", "parallel.tp=2"] for s in (1, 3)}
+    ranks = run_distributed(_train, 4, str(tmp_path), layouts, timeout=300)
+    for name in layouts:
+        rel = _max_rel(ranks[0][name]["losses"], ref)
+        print(f"\n{name} (tp 2 x dp 2): max relative loss difference {rel:.1e}")
+        assert rel <= LOSS_RTOL, name
+        assert _grad_norms(tmp_path / name) == pytest.approx(want, rel=1e-5), name
+        assert all(r[name]["losses"] == ranks[0][name]["losses"] for r in ranks), name
 
 
 def _stop_and_resume(rank: int, world: int, root: str) -> dict:
