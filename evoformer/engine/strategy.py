@@ -231,11 +231,11 @@ class DDPStrategy(Strategy):
     def _wrap(self, model: Transformer) -> torch.nn.Module:
         # Expert-parallel shards differ between the ranks of an ep group: DDP must neither
         # broadcast nor average them over dp; _sync_expert_grads reduces them over edp.
-        self.expert_params = expert_parallel_params(model)
-        if self.expert_params:
-            DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
-                model, [name for name, _ in self.expert_params]
-            )
+        ignore = [name for name, _ in expert_parallel_params(model)]  # names inside `model`
+        if ignore:
+            DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, ignore)
+        # From the whole model: pipeline stages are wrapped one by one.
+        self.expert_params = [p for _, p in expert_parallel_params(self.model)]
         self.ddp = DistributedDataParallel(
             model, device_ids=None if self.device.type == "cpu" else [self.device.index],
             process_group=self.groups.dp_group,
@@ -247,9 +247,7 @@ class DDPStrategy(Strategy):
             # The loss is the mean over dp ranks; an expert's gradient already sums every ep
             # rank's tokens (all-to-all backward), so sum it over its edp replicas and divide
             # by dp -- what DDP's average does for the dense gradients.
-            reduce_expert_grads(
-                [p for _, p in self.expert_params], self.groups.edp_group, self.dims.dp
-            )
+            reduce_expert_grads(self.expert_params, self.groups.edp_group, self.dims.dp)
 
     def micro_batch(self, last: bool) -> contextlib.AbstractContextManager:
         return contextlib.nullcontext() if last else self.ddp.no_sync()
@@ -277,7 +275,8 @@ class FSDP2Strategy(Strategy):
             mp_policy=fsdp_mp_policy(self.cfg.precision), tp_size=self.dims.tp,
             expert_mesh=expert_mesh,
         )  # fmt: skip
-        self.expert_params = [p for _, p in expert_parallel_params(model)]
+        # From the whole model (pipeline stages are wrapped one by one; the last call sees all).
+        self.expert_params = [p for _, p in expert_parallel_params(self.model)]
         if self.dims.tp > 1:
             # The new parameters carry the SP tags again (all of them, from the whole model:
             # pipeline stages are wrapped one by one); checkpoints store the dp shards of TP
