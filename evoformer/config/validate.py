@@ -111,6 +111,9 @@ def validate_precision(cfg: Config) -> None:
     f = cfg.fp8
     if not f.enabled:
         return
+    if cfg.zero.backend == "deepspeed":
+        _fail("fp8.enabled", True, "FP8 with zero.backend=deepspeed is not supported; use "
+              "zero.backend=ddp or fsdp2")  # fmt: skip
     if f.backend == "torchao":
         if f.recipe not in ("tensorwise", "rowwise"):
             _fail("fp8.recipe", f.recipe, "fp8.backend=torchao offers tensorwise | rowwise")

@@ -145,11 +145,25 @@ def test_router_mtp_head_and_odd_shapes_stay_high_precision():
         (["fp8.backend=te"], "needs model.backend=te"),
         (["fp8.backend=te", "model.backend=te", "fp8.recipe=rowwise"], "rowwise is torchao's"),
         (["fp8.recipe=e4m3"], "must be one of tensorwise, rowwise, delayed, mxfp8, blockwise"),
+        (["zero.backend=deepspeed", "zero.stage=2"], "FP8 with zero.backend=deepspeed"),
     ],
 )
 def test_fp8_settings_are_validated(overrides, message):
     with pytest.raises(UserError, match=message):
         validate(load_config([TINY], [*TORCHAO, *overrides]))
+
+
+def test_torchao_fp8_checkpoint_resumes_exactly(text_corpus, tmp_path):
+    full = Trainer(_cfg(text_corpus, tmp_path / "full", 6, *TORCHAO, "checkpoint.save_every=3"))
+    full_losses = full.train().losses
+    ckpt = tmp_path / "full/checkpoints/step_3"
+    resumed = Trainer(
+        _cfg(text_corpus, tmp_path / "resumed", 6, *TORCHAO, f"checkpoint.load={ckpt}")
+    )
+    assert type(resumed.model.get_submodule("layers.1.mlp.up_proj")) is Float8Linear
+    losses = resumed.train().losses
+    assert sorted(losses) == [4, 5, 6]
+    assert all(losses[s] == full_losses[s] for s in losses), (full_losses, losses)  # bit-exact
 
 
 # -- FP8 under FSDP2 ---------------------------------------------------------------------------
