@@ -195,6 +195,43 @@ def test_deepspeed_config_is_generated_from_ours(tmp_path):
                     "loss_scale_window": 1000, "min_loss_scale": 1.0, "hysteresis": 1}  # fmt: skip
 
 
+def test_deepspeed_recipe_validates(tmp_path):
+    recipe = REPO / "configs/parallel/deepspeed-zero3-offload.yaml"
+    cfg = load_config([TINY, str(recipe)], [f"run.output_dir={tmp_path}"])
+    validate(cfg)
+    zero = deepspeed_config(cfg, dp=8)["zero_optimization"]
+    assert zero["stage"] == 3 and zero["overlap_comm"] is True
+    assert zero["offload_param"]["device"] == zero["offload_optimizer"]["device"] == "cpu"
+
+
+def _refuse_foreign_checkpoints(rank: int, world: int, root: str) -> list[str]:
+    from evoformer.engine.deepspeed import DeepSpeedStrategy
+
+    trainer = Trainer(_cfg(f"{root}/ddp", "train.max_steps=1", "checkpoint.save_final=true"))
+    ckpt = trainer.train().output_dir / "checkpoints/step_1"
+    ds = DeepSpeedStrategy(_cfg(root, *DS), trainer.dims, trainer.groups, trainer.device)
+    errors = []
+    for make_deepspeed_like in (False, True):
+        if make_deepspeed_like and rank == 0:  # a DeepSpeed folder, but saved at another dp
+            (ckpt / "deepspeed").mkdir()
+            state = json.loads((ckpt / "trainer.json").read_text())
+            state["strategy"] = {"backend": "deepspeed", "stage": 1, "dp": 4}
+            (ckpt / "trainer.json").write_text(json.dumps(state))
+        torch.distributed.barrier()
+        try:
+            ds.load_checkpoint(ckpt)  # both refusals come before DeepSpeed is touched
+        except UserError as err:
+            errors.append(str(err))
+    return errors
+
+
+def test_deepspeed_refuses_foreign_checkpoints_in_one_line(tmp_path):
+    errors = run_distributed(_refuse_foreign_checkpoints, 2, str(tmp_path), timeout=120)[0]
+    assert len(errors) == 2, errors
+    assert "not saved with zero.backend=deepspeed" in errors[0]
+    assert "saved at dp=4 cannot resume at dp=2" in errors[1]
+
+
 @pytest.mark.parametrize(
     "overrides, message",
     [
