@@ -3,7 +3,8 @@
 One process: for a dense model (tiny LLaMA, 4 blocks, residual dropout on so recomputed dropout
 must draw the same masks) and MoE models (Mixtral-tiny; DeepSeek-V3-tiny with MLA, shared
 experts and MTP), the loss and every gradient of full, selective and every-2 checkpointing equal
-those without checkpointing (bitwise here; the bound asserted is 1e-6). The activation bytes a
+those without checkpointing (bitwise here; the bound asserted is 1e-6), and so do the MoE load
+statistics (observed again by the recompute, but reported as ratios). The activation bytes a
 forward keeps for backward (``engine.memory.measure_forward``) fall none > selective > full.
 Under the real trainer, tp=2 with sequence parallelism and dropout, and FSDP2 stage 3 at dp=2,
 train 3 steps to the same losses in every mode.
@@ -50,17 +51,24 @@ def _loss_and_grads(cfg, mode: str, every: int, ids: torch.Tensor):
     out = model(ids[:, :-1], targets=ids[:, 1:])
     out.loss.backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-    return out.loss.detach(), grads
+    # MoE load statistics see the recompute too; every reported number is a ratio over calls.
+    stats = {}
+    for m in model.modules():
+        if hasattr(m, "end_of_step"):
+            stats.update(m.end_of_step())
+    return out.loss.detach(), grads, stats
 
 
 @pytest.mark.parametrize("name", list(MODELS))
 def test_checkpointing_gives_the_same_loss_and_gradients(name):
     cfg = _model_cfg(name)
     ids = torch.randint(0, cfg.vocab_size, (2, 33), generator=torch.Generator().manual_seed(0))
-    ref_loss, ref_grads = _loss_and_grads(cfg, "none", 1, ids)
+    ref_loss, ref_grads, ref_stats = _loss_and_grads(cfg, "none", 1, ids)
     assert len(ref_grads) == sum(1 for _ in build_model(cfg, seed=3).parameters())
+    assert bool(ref_stats) == (cfg.moe.num_experts > 0)
     for label, (mode, every) in MODES.items():
-        loss, grads = _loss_and_grads(cfg, mode, every, ids)
+        loss, grads, stats = _loss_and_grads(cfg, mode, every, ids)
+        assert stats == ref_stats, label
         assert abs(loss.item() - ref_loss.item()) <= TOL * abs(ref_loss.item()), label
         assert grads.keys() == ref_grads.keys(), label
         worst = max((grads[n] - g).abs().max().item() for n, g in ref_grads.items())
