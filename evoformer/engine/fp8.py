@@ -26,7 +26,7 @@ What stays in higher precision (the compute dtype of ``precision``), and why:
   activations are least normalised and FP8 error does the most damage (as in DeepSeek-V3's and
   Nemotron's FP8 recipes),
 - torchao only: linears whose in/out features are not multiples of 16 (FP8 GEMM kernels need
-  it); they are skipped by the filter and counted in the start-up line.
+  it); the filter skips them (``FP8Training.converted`` lists what runs in FP8).
 """
 
 from __future__ import annotations
