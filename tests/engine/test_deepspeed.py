@@ -256,16 +256,15 @@ def test_bad_deepspeed_settings_are_one_line_errors(overrides, message, tmp_path
 
 
 def test_cli_refuses_deepspeed_with_pipeline_in_one_line(tmp_path):
+    # One subprocess (a Python + torch start-up); the other refusals share the validation path
+    # tested above.
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    for overrides, fragment in [
-        (["parallel.pp=2"], "pipeline parallelism"),
-        (["zero.stage=1", "zero.offload_param=cpu"], "needs zero.stage=3"),
-    ]:
-        proc = subprocess.run(
-            [sys.executable, "-m", "evoformer", "train", TINY, *DS, *overrides,
-             f"run.output_dir={tmp_path}"],
-            capture_output=True, text=True, cwd=REPO, env=env, timeout=120,
-        )  # fmt: skip
-        assert proc.returncode == 2, proc.stderr
-        lines = proc.stderr.strip().splitlines()
-        assert len(lines) == 1 and lines[0].startswith("error: ") and fragment in lines[0], lines
+    proc = subprocess.run(
+        [sys.executable, "-m", "evoformer", "train", TINY, *DS, "zero.stage=1", "parallel.pp=2",
+         f"run.output_dir={tmp_path}"],
+        capture_output=True, text=True, cwd=REPO, env=env, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), lines
+    assert "parallel.pp=2" in lines[0] and "pipeline parallelism" in lines[0], lines
