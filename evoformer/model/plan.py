@@ -2,8 +2,8 @@
 
 ``estimate(cfg, world_size)`` needs the config and the model's shapes only: the model is built
 on the meta device (no allocation, no process groups) and every parameter is assigned to the
-pipeline stage that would hold it, cut by tensor, expert and ZeRO data parallelism the way our
-engines cut it. The numbers are for the busiest rank (tp rank 0, dp rank 0) of each stage.
+pipeline rank that would hold it, cut by tensor, expert and ZeRO data parallelism the way our
+engines cut it. The numbers are for the busiest rank (tp rank 0, dp rank 0) of each pp rank.
 
 Model state (what ``engine.memory`` measures as ``mem_params/grads/optim_bytes``):
 
@@ -33,11 +33,13 @@ width, q / kv the query / key-value projection widths, H the MLP width):
 
 Under tensor parallelism q, kv, H, E-experts' widths are divided by tp; the C-sized tensors too
 under sequence parallelism. bf16/fp16 halve the bytes (norm statistics and the loss stay fp32;
-ignored). A pipeline stage holds the activations of up to ``pp - stage`` micro-batches in flight
-(1F1B; GPipe: all of them). Measured against ``engine.memory`` on the tiny presets the
-activation estimate is within a factor 1.25 (``tests/engine/test_memory.py``); treat it as an
-estimate, and measure (``mem_activations_bytes`` on the first metrics line) before committing
-hardware.
+ignored). Pipeline ranks hold the stages ``model.stages`` assigns them (cost-balanced, virtual
+stages, V placement for zbv) and the activations of up to ``pp - rank`` micro-batches in flight
+(1F1B; GPipe: all of them; interleaved schedules are counted like 1F1B). Measured against
+``engine.memory`` the activation estimate is within 1 % on the tiny and CPU-benchmark LLaMA
+shapes (the test allows a factor 1.25: ``tests/engine/test_memory.py``); other block kinds are
+looser. Treat it as an estimate, and measure (``mem_activations_bytes`` on the first metrics
+line) before committing hardware.
 """
 
 from __future__ import annotations
@@ -58,8 +60,8 @@ KINDS = ("params", "grads", "optim", "activations")
 class RankEstimate:
     """Estimated bytes one rank holds (a pipeline stage's busiest rank)."""
 
-    stage: int
-    layers: tuple[int, int]  # [first, last) block indices of the stage
+    stage: int  # pipeline rank
+    layers: str  # its blocks, e.g. "0-3" or "0-1,6-7" (interleaved stages)
     params: int = 0
     grads: int = 0
     optim: int = 0
@@ -91,14 +93,26 @@ class Plan:
         return max(self.stages, key=lambda r: r.total)
 
 
-def _stage_layers(n_layers: int, pp: int) -> list[tuple[int, int]]:
-    """Blocks split as evenly as possible, earlier stages taking the remainder."""
-    base, extra = divmod(n_layers, pp)
-    out, start = [], 0
-    for s in range(pp):
-        n = base + (1 if s < extra else 0)
-        out.append((start, start + n))
-        start += n
+def rank_layers(cfg: Config) -> list[tuple[list[int], bool, bool]]:
+    """For each pp rank: its blocks (global indices), whether it holds the first stage
+    (embedding) and whether it holds the last (final norm, head, MTP). The split and placement
+    are the pipeline engine's (``model.stages``): cost-balanced or ``parallel.pp_layers``,
+    ``pp_virtual_stages`` per rank, looped or V-shaped (zbv)."""
+    from evoformer.config.validate import PP_SCHEDULE_VIRTUAL_STAGES
+    from evoformer.model.stages import split_layers, stage_ranks
+
+    p = cfg.parallel
+    if p.pp == 1:
+        return [(list(range(cfg.model.n_layers)), True, True)]
+    v = p.pp_virtual_stages or PP_SCHEDULE_VIRTUAL_STAGES[p.pp_schedule]
+    S = p.pp * v
+    stages = split_layers(cfg.model, S, cfg.train.seq_len, p.pp_layers)
+    placement = stage_ranks(S, p.pp, "v" if p.pp_schedule == "zbv" else "loop")
+    out = []
+    for r in range(p.pp):
+        mine = [s for s in range(S) if placement[s] == r]
+        layers = sorted(i for s in mine for i in stages[s])
+        out.append((layers, 0 in mine, S - 1 in mine))
     return out
 
 
@@ -110,17 +124,17 @@ def bytes_per_param(cfg: Config) -> tuple[int, int, int]:
     return 4, 4, 8
 
 
-def _owner_stage(name: str, n_layers: int, layers: list[tuple[int, int]], tied: bool) -> list[int]:
-    """Stages holding parameter ``name``: blocks where they fall; the embedding on the first
-    (and on the last with tied embeddings, for the head); the final norm, head, MTP on the
-    last."""
-    last = len(layers) - 1
+def _held_by(name: str, layers: set[int], first: bool, last: bool, tied: bool) -> bool:
+    """Whether a rank with these blocks / first / last stage holds parameter ``name``: blocks
+    where they fall; the embedding on the first stage (and on the last with tied embeddings,
+    for the head); the final norm, head and MTP modules on the last."""
     if name.startswith("layers."):
-        i = int(name.split(".")[1])
-        return [s for s, (a, b) in enumerate(layers) if a <= i < b]
-    if name.startswith(("embed.", "pos_embed.")):
-        return sorted({0, last}) if tied and name.startswith("embed.") else [0]
-    return [last]
+        return int(name.split(".")[1]) in layers
+    if name.startswith("embed."):
+        return first or (last and tied)
+    if name.startswith("pos_embed."):
+        return first
+    return last
 
 
 def _local_numel(name: str, shape: tuple[int, ...], tp: int, ep: int) -> tuple[int, ...]:
@@ -201,16 +215,16 @@ def activation_elements_per_token(m: ModelConfig, layer_idx: int, mode: str, tp:
     return attn + ffn
 
 
-def activation_bytes(cfg: Config, layers: tuple[int, int], first: bool, last: bool,
-                     tp: int = 1) -> float:  # fmt: skip
-    """One micro-batch's activations on the stage holding blocks ``layers``."""
+def activation_bytes(cfg: Config, layers: list[int], last: bool, tp: int = 1) -> float:
+    """One micro-batch's activations on a rank holding blocks ``layers`` (global indices) and,
+    with ``last``, the head."""
     m, t = cfg.model, cfg.train
     sp = cfg.parallel.sequence_parallel and tp > 1
     mode = normalize_mode(cfg.activation_checkpointing)
     every = cfg.activation_checkpointing_every
     per_token = 0.0
-    for i in range(*layers):
-        layer_mode = mode if is_checkpointed(mode, every, i - layers[0]) else "none"
+    for i in layers:
+        layer_mode = mode if is_checkpointed(mode, every, i) else "none"
         per_token += activation_elements_per_token(m, i, layer_mode, tp, sp)
     if last:
         C = m.d_model / (tp if sp else 1)
@@ -221,6 +235,18 @@ def activation_bytes(cfg: Config, layers: tuple[int, int], first: bool, last: bo
         )  # fmt: skip
     width = 2 if cfg.precision in ("bf16", "fp16") else 4
     return per_token * t.micro_batch_size * t.seq_len * width
+
+
+def _ranges(layers: list[int]) -> str:
+    """[0, 1, 2, 6, 7] -> "0-2,6-7"."""
+    parts, start = [], None
+    for k, i in enumerate(layers):
+        if start is None:
+            start = i
+        if k + 1 == len(layers) or layers[k + 1] != i + 1:
+            parts.append(f"{start}-{i}" if i > start else str(i))
+            start = None
+    return ",".join(parts)
 
 
 def _meta_parameters(m: ModelConfig) -> list[tuple[str, tuple[int, ...]]]:
@@ -249,19 +275,22 @@ def estimate(cfg: Config, world_size: int) -> Plan:
     if m.n_layers < pp:
         raise UserError(f"parallel.pp={pp} exceeds model.n_layers={m.n_layers}")
     params = _meta_parameters(m)
-    layers = _stage_layers(m.n_layers, pp)
     t = cfg.train
     n_micro = max(t.global_batch_size // (dp * t.micro_batch_size), 1)
     stages = []
-    for s, span in enumerate(layers):
-        mine = [(n, sh) for n, sh in params if s in _owner_stage(n, m.n_layers, layers,
-                                                                   m.tie_embeddings)]  # fmt: skip
+    try:
+        placement = rank_layers(cfg)
+    except ValueError as err:  # a pp_layers list or a split the layers cannot fill
+        raise UserError(f"config: parallel: {err}") from None
+    for r, (layers, first, last) in enumerate(placement):
+        held = set(layers)
+        mine = [(n, sh) for n, sh in params if _held_by(n, held, first, last, m.tie_embeddings)]
         pb, gb, ob = _model_state(cfg, mine, tp, dp, ep)
-        act = activation_bytes(cfg, span, s == 0, s == pp - 1, tp)
-        if pp > 1:  # micro-batches in flight on this stage
-            in_flight = n_micro if cfg.parallel.pp_schedule == "gpipe" else min(pp - s, n_micro)
+        act = activation_bytes(cfg, layers, last, tp)
+        if pp > 1:  # micro-batches in flight on this rank (1F1B: pp - r; GPipe: all)
+            in_flight = n_micro if cfg.parallel.pp_schedule == "gpipe" else min(pp - r, n_micro)
             act *= in_flight
-        stages.append(RankEstimate(s, span, pb, gb, ob, int(act)))
+        stages.append(RankEstimate(r, _ranges(layers), pb, gb, ob, int(act)))
     notes = []
     if cfg.zero.backend == "fsdp2" and dp > 1:
         notes.append(
@@ -296,16 +325,17 @@ def format_plan(cfg: Config, plan: Plan) -> str:
             else ""
         )  # fmt: skip
     )
-    cols = ("stage", "blocks", "params", "grads", "optim", "model state", "activations", "total")
+    cols = ("pp rank", "blocks", "params", "grads", "optim", "model state", "activations", "total")
     rows = []
     for r in plan.stages:
         rows.append((
-            str(r.stage), f"{r.layers[0]}-{r.layers[1] - 1}", _fmt(r.params), _fmt(r.grads),
+            str(r.stage), r.layers, _fmt(r.params), _fmt(r.grads),
             _fmt(r.optim), _fmt(r.model_state), _fmt(r.activations), _fmt(r.total),
         ))  # fmt: skip
     widths = [max(len(c), *(len(row[i]) for row in rows)) for i, c in enumerate(cols)]
     line = "  ".join(c.rjust(w) for c, w in zip(cols, widths))
-    out = [head, "per rank (busiest rank of each pipeline stage):", line, "-" * len(line)]
+    out = [head, "per rank, one row per pipeline rank (its tp rank 0, dp rank 0):", line,
+           "-" * len(line)]  # fmt: skip
     out += ["  ".join(v.rjust(w) for v, w in zip(row, widths)) for row in rows]
     out += [f"note: {n}" for n in plan.notes]
     return "\n".join(out)

@@ -142,7 +142,7 @@ def test_plan_command_prints_a_table_per_stage(capsys):
     assert "fsdp2 stage 3" in stdout
     lines = stdout.splitlines()
     header = next(line for line in lines if "model state" in line)
-    assert header.split() == ["stage", "blocks", "params", "grads", "optim", "model", "state",
+    assert header.split() == ["pp", "rank", "blocks", "params", "grads", "optim", "model", "state",
                               "activations", "total"]  # fmt: skip
     # dp = 4: every dim 0 divides by 4, so a quarter of 632,064 B of fp32 weights: 154.31 KiB.
     row = lines[lines.index(header) + 2].split()
