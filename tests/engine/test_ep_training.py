@@ -121,6 +121,11 @@ def single_runs(tmp_path_factory) -> dict:
     return runs
 
 
+def _grad_norms(path) -> list[float]:
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    return [line["grad_norm"] for line in lines if "grad_norm" in line]
+
+
 def _max_rel(got: dict[int, float], want: dict[int, float]) -> float:
     assert sorted(got) == sorted(want) == list(range(1, STEPS + 1))
     return max(abs(got[s] - want[s]) / abs(want[s]) for s in want)
@@ -156,6 +161,13 @@ def test_ep_layouts_train_like_one_process(family, world, single_runs, tmp_path)
     print(f"\n{family}: max relative loss difference vs one process over {STEPS} steps: "
           + ", ".join(f"{k} {v:.1e}" for k, v in report.items()))  # fmt: skip
     assert max(report.values()) <= LOSS_RTOL, report
+    # The clipped-to norm counts every expert once (summed over ep, tp, the FSDP2 mesh): the
+    # logged gradient norms are one process's. optim.grad_clip=0.5 clips every step here.
+    want = _grad_norms(ref["metrics"])
+    assert min(want) > 0.5
+    for layout in layouts:
+        got = _grad_norms(tmp_path / layout / "metrics.jsonl")
+        assert got == pytest.approx(want, rel=LOSS_RTOL), layout
     # Every rank's experts were compared (tp rank 0 of each ep rank): all experts are covered.
     for layout in layouts:
         firsts = {f for r in ranks for f, _, _ in r[layout]["experts"].values()}
