@@ -213,6 +213,12 @@ class PipelineRunner:
             merged.update(part or {})
         return merged
 
+    def sum_over_stages(self, n: int) -> int:
+        """``n`` summed over the pp ranks (e.g. parameter counts; collective over pp)."""
+        t = torch.tensor([n], dtype=torch.int64, device=self.device)
+        dist.all_reduce(t, group=self.pp_group)
+        return int(t.item())
+
     # -- tied weights and clipping ------------------------------------------------------------
 
     def _tied_params(self) -> tuple[list[nn.Parameter], dist.ProcessGroup | None, list]:

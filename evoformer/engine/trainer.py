@@ -360,14 +360,18 @@ class Trainer:
     def _global_params(self) -> int:
         """Parameters of the whole model (a TP rank holds only its shards)."""
         n = 0
+        # Pipeline: this stage's share; a weight two stages hold (tied embedding) counts once.
+        shared = {id(p) for p in self.pipeline.not_counted} if self.pipeline else set()
         for p in self.model.parameters():
+            if id(p) in shared:
+                continue
             dim = getattr(p, "tp_dim", None)
             shape = getattr(p, "ds_shape", p.shape)  # DeepSpeed ZeRO-3: the unpartitioned shape
             count = shape.numel() if dim is None else shape.numel() // shape[dim] * p.tp_full_size
             if getattr(p, "ep_dim", None) is not None:  # expert parallelism: E / ep experts here
                 count = count // shape[p.ep_dim] * p.ep_full_size
             n += count
-        return n
+        return n if self.pipeline is None else self.pipeline.sum_over_stages(n)
 
     def _banner(self) -> str:
         t, d = self.cfg.train, self.dims
