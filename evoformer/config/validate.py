@@ -196,9 +196,6 @@ def validate_deepspeed(cfg: Config) -> None:
         _fail("zero.offload_optimizer", z.offload_optimizer, "needs zero.stage 1, 2 or 3")
     if "nvme" in (z.offload_optimizer, z.offload_param) and not z.nvme_path:
         _fail("zero.nvme_path", z.nvme_path, "nvme offload needs a folder on an NVMe drive")
-    if cfg.parallel.tp > 1 and cfg.parallel.sequence_parallel:
-        _fail("parallel.sequence_parallel", True, "zero.backend=deepspeed with tp > 1 runs "
-              "without sequence parallelism in this version")  # fmt: skip
     if cfg.parallel.ep != 1:
         _fail("parallel.ep", cfg.parallel.ep, "zero.backend=deepspeed does not run expert "
               "parallelism in this version; use zero.backend=ddp or fsdp2")  # fmt: skip

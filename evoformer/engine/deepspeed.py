@@ -186,6 +186,23 @@ def _import_deepspeed(device: torch.device):
     return deepspeed
 
 
+def _sum_partial_grads_over_tp(params: list[torch.nn.Parameter], group) -> None:
+    """Sequence parallelism: replicated parameters used on sequence shards (norm weights) get a
+    partial gradient on each TP rank. DeepSpeed reduces and partitions gradients inside its own
+    hooks, before our ``step`` could sum them, so each micro-batch's contribution is summed over
+    TP by a tensor hook, which runs before the gradient is accumulated and handed to DeepSpeed.
+    (Summing per micro-batch is the same sum; it costs one small all-reduce per such parameter
+    and micro-batch instead of one coalesced all-reduce per step.)"""
+
+    def tp_sum(grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.clone()
+        dist.all_reduce(grad, group=group)
+        return grad
+
+    for p in params:
+        p.register_hook(tp_sum)
+
+
 def _prepare_zero3(model: Transformer) -> None:
     """ZeRO-3 gathers a module's own parameters around its forward. Where our modules read a
     child's weight without calling the child (the LM head's matmul in the root's forward, the
@@ -243,6 +260,8 @@ class DeepSpeedStrategy(Strategy):
             # others on tp rank 0 only: exactly engine.grad_norm's rule.
             if getattr(p, "tp_dim", None) is not None:
                 p.tensor_model_parallel = True
+        if self.dims.tp > 1:
+            _sum_partial_grads_over_tp(self.partial_grad_params, self.groups.tp_group)
         if self.cfg.zero.stage == 3:
             _prepare_zero3(model)
         optimizer = build_optimizer(model, self.cfg.optim)
