@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from evoformer.checkpoint import load_checkpoint, save_checkpoint
+from evoformer.checkpoint import load_checkpoint, read_trainer_state, save_checkpoint
 from evoformer.config import Config
 from evoformer.distributed import ParallelDims
 from evoformer.distributed.dims import ParallelGroups
@@ -35,6 +35,7 @@ from evoformer.engine.grad_norm import clip_grad_norm_
 from evoformer.engine.optim import build_optimizer, set_lr
 from evoformer.engine.precision import LossScaler, found_overflow
 from evoformer.engine.precision import autocast as precision_autocast
+from evoformer.errors import UserError
 from evoformer.model import Transformer
 from evoformer.parallel.expert import expert_parallel_params, reduce_expert_grads
 from evoformer.parallel.layers import sequence_parallel_params, sync_sequence_parallel_grads
@@ -195,6 +196,11 @@ class Strategy:
 
     def load_checkpoint(self, ckpt: Path) -> dict[str, Any]:
         """Restore model + optimizer + RNG in place; returns the trainer state."""
+        if read_trainer_state(ckpt).get("strategy", {}).get("backend") == "deepspeed":
+            raise UserError(
+                f"checkpoint {ckpt} holds DeepSpeed's optimizer state (zero.backend=deepspeed); "
+                "resume it with zero.backend=deepspeed (load_model / export-hf read its weights)"
+            )
         state = load_checkpoint(
             ckpt, self.model, self.optimizer, tp_mesh=self.tp_mesh, ep_mesh=self.ep_mesh,
             rng_rank=self.dims.rank - self.dims.tp_rank,  # one RNG state per TP group

@@ -229,14 +229,19 @@ def _refuse_foreign_checkpoints(rank: int, world: int, root: str) -> list[str]:
             ds.load_checkpoint(ckpt)  # both refusals come before DeepSpeed is touched
         except UserError as err:
             errors.append(str(err))
+    try:  # and the other way round: DDP does not take a DeepSpeed checkpoint for its own
+        trainer.strategy.load_checkpoint(ckpt)
+    except UserError as err:
+        errors.append(str(err))
     return errors
 
 
 def test_deepspeed_refuses_foreign_checkpoints_in_one_line(tmp_path):
     errors = run_distributed(_refuse_foreign_checkpoints, 2, str(tmp_path), timeout=120)[0]
-    assert len(errors) == 2, errors
+    assert len(errors) == 3, errors
     assert "not saved with zero.backend=deepspeed" in errors[0]
     assert "saved at dp=4 cannot resume at dp=2" in errors[1]
+    assert "resume it with zero.backend=deepspeed" in errors[2]
 
 
 @pytest.mark.parametrize(
