@@ -3,7 +3,8 @@
 Mixtral-tiny (4 experts top-2, softmax, aux loss) and DeepSeek-V3-tiny (8 experts top-2 + 1
 shared, sigmoid, group-limited routing, aux-loss-free bias, an MoE layer inside MTP) under
 ep=2 (dp=2, DDP), and on 4 ranks ep=2 x tp=2, ep=4 and ep=2 x edp=2 (two replicas of each
-expert shard: DeepSeek under DDP, Mixtral under FSDP2 stage 3): per-step losses
+expert shard: DeepSeek under DDP, Mixtral under FSDP2 stage 3) and, for Mixtral, ep=2 x pp=2
+(one MoE layer per pipeline stage): per-step losses
 within 1e-5 relative of one process, every rank's experts as one process's slice of them, and
 the aux-loss-free router bias bit-identical on every rank (and to one process). A capacity
 limit drops the same copies as one process. Checkpoints: an ep=2 run stopped at step 5 resumes
@@ -56,7 +57,11 @@ LAYOUTS_4 = {
 # ep=2 on 4 ranks: two replicas of each expert shard (edp=2), reduced by DDP's expert path for
 # one family and by FSDP2 (experts sharded over edp) for the other.
 EDP_4 = {
-    "mixtral": {"ep2xedp2-fsdp2": ["parallel.ep=2", "zero.backend=fsdp2", "zero.stage=3"]},
+    "mixtral": {
+        "ep2xedp2-fsdp2": ["parallel.ep=2", "zero.backend=fsdp2", "zero.stage=3"],
+        # Two pipeline stages of one MoE layer each, experts over ep within each stage.
+        "ep2xpp2": ["parallel.ep=2", "parallel.pp=2"],
+    },
     "deepseek-v3": {"ep2xedp2": ["parallel.ep=2"]},
 }
 
