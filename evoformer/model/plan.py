@@ -32,14 +32,19 @@ width, q / kv the query / key-value projection widths, H the MLP width):
 - the head: 3C + V (the logits; V / tp under tensor parallelism).
 
 Under tensor parallelism q, kv, H, E-experts' widths are divided by tp; the C-sized tensors too
-under sequence parallelism. bf16/fp16 halve the bytes (norm statistics and the loss stay fp32;
-ignored). Pipeline ranks hold the stages ``model.stages`` assigns them (cost-balanced, virtual
-stages, V placement for zbv) and the activations of up to ``pp - rank`` micro-batches in flight
-(1F1B; GPipe: all of them; interleaved schedules are counted like 1F1B). Measured against
-``engine.memory`` the activation estimate is within 1 % on the tiny and CPU-benchmark LLaMA
-shapes (the test allows a factor 1.25: ``tests/engine/test_memory.py``); other block kinds are
-looser. Treat it as an estimate, and measure (``mem_activations_bytes`` on the first metrics
-line) before committing hardware.
+under sequence parallelism. Bytes per element: fp32 4; bf16/fp16 with 16-bit parameters (FSDP2's
+policy, DeepSpeed) 2; bf16/fp16 through autocast (one process, DDP) 4 for the C-sized tensors
+(residual stream and norms stay fp32) and 2 for the rest, plus autocast's 16-bit copy of every
+matmul weight. The head's logits and loss are fp32 in every case. Pipeline ranks hold the
+stages ``model.stages`` assigns them (cost-balanced, virtual stages, V placement for zbv) and
+the activations of up to ``pp - rank`` micro-batches in flight (1F1B; GPipe: all of them;
+interleaved schedules are counted like 1F1B). Measured against ``engine.memory`` on the tiny
+and CPU-benchmark LLaMA shapes the activation estimate is within 1 % in fp32 and 5 % in bf16
+(autocast and FSDP2's policy; the test allows a factor 1.25: ``tests/engine/test_memory.py``);
+other block kinds are looser. Treat it as an estimate, and measure (``mem_activations_bytes``
+on the first metrics line) before committing hardware. On CUDA the measured number is the
+allocator's peak during the forward, temporaries included, so it exceeds this estimate of what
+is kept (H100, the CPU-benchmark model, fp32: 1.5x without checkpointing, 1.8x with full).
 """
 
 from __future__ import annotations
@@ -188,12 +193,13 @@ def _attention_widths(m: ModelConfig) -> tuple[int, int]:
 
 
 def activation_elements_per_token(m: ModelConfig, layer_idx: int, mode: str, tp: int = 1,
-                                  sp: bool = False) -> float:  # fmt: skip
-    """Elements one token keeps for backward in block ``layer_idx`` (see the module docstring)."""
+                                  sp: bool = False) -> tuple[float, float]:  # fmt: skip
+    """Elements one token keeps for backward in block ``layer_idx`` (see the module docstring):
+    (residual-width tensors, the others: projections, MLP and expert intermediates)."""
     C = m.d_model / (tp if sp else 1)
     q, kv = (w / tp for w in _attention_widths(m))
     if mode == "full":
-        return C
+        return C, 0.0
     gated = m.mlp.kind in ("swiglu", "geglu")
     moe = m.moe
     if is_moe_layer(m, layer_idx):
@@ -201,40 +207,57 @@ def activation_elements_per_token(m: ModelConfig, layer_idx: int, mode: str, tp:
         shared = moe.shared_hidden or moe.num_shared_experts * (moe.expert_hidden or m.mlp.hidden)
         hs = shared / tp
         if mode == "selective":
-            ffn = moe.top_k * (2 * he + C) + moe.num_experts + ((2 * hs + C) if hs else 0)
+            c = moe.top_k * C + (C if hs else 0)
+            other = moe.top_k * 2 * he + moe.num_experts + 2 * hs
         else:
-            ffn = 2 * C + moe.top_k * (4 * he + 3 * C) + moe.num_experts
-            ffn += (4 * hs + C) if hs else 0
+            c = 2 * C + moe.top_k * 3 * C + (C if hs else 0)
+            other = moe.top_k * 4 * he + moe.num_experts + 4 * hs
     else:
         h = m.mlp.hidden / tp
         if mode == "selective":
-            ffn = C + (2 * h if gated else h)
+            c, other = C, (2 * h if gated else h)
         else:
-            ffn = 2 * C + (4 * h if gated else 2 * h)
-    attn = 2 * C + 2 * q + 2 * kv if mode == "selective" else 4 * C + 4 * q
-    return attn + ffn
+            c, other = 2 * C, (4 * h if gated else 2 * h)
+    if mode == "selective":
+        return c + 2 * C, other + 2 * q + 2 * kv
+    return c + 4 * C, other + 4 * q
 
 
-def activation_bytes(cfg: Config, layers: list[int], last: bool, tp: int = 1) -> float:
+def _activation_widths(cfg: Config) -> tuple[int, int, bool]:
+    """Bytes per element of (residual-width tensors, the others), and whether an autocast
+    weight cache exists. fp32: 4, 4. bf16/fp16 with parameters in 16 bits (FSDP2's policy,
+    DeepSpeed): 2, 2. bf16/fp16 through autocast (one process, DDP): the residual stream and
+    norms stay fp32 (4), matmul outputs are 16-bit (2), and autocast caches a 16-bit copy of
+    every matmul weight for the step."""
+    if cfg.precision not in ("bf16", "fp16"):
+        return 4, 4, False
+    if cfg.zero.backend in ("fsdp2", "deepspeed"):
+        return 2, 2, False
+    return 4, 2, True
+
+
+def activation_bytes(cfg: Config, layers: list[int], last: bool, tp: int = 1,
+                     matmul_weights: int = 0) -> float:  # fmt: skip
     """One micro-batch's activations on a rank holding blocks ``layers`` (global indices) and,
-    with ``last``, the head."""
+    with ``last``, the head; ``matmul_weights``: the rank's matmul weight elements (autocast's
+    16-bit weight cache)."""
     m, t = cfg.model, cfg.train
     sp = cfg.parallel.sequence_parallel and tp > 1
     mode = normalize_mode(cfg.activation_checkpointing)
     every = cfg.activation_checkpointing_every
+    wc, wo, cache = _activation_widths(cfg)
     per_token = 0.0
     for i in layers:
         layer_mode = mode if is_checkpointed(mode, every, i) else "none"
-        per_token += activation_elements_per_token(m, i, layer_mode, tp, sp)
-    if last:
+        c, other = activation_elements_per_token(m, i, layer_mode, tp, sp)
+        per_token += c * wc + other * wo
+    if last:  # norm, logits and the loss: fp32 whatever the precision
         C = m.d_model / (tp if sp else 1)
-        per_token += 3 * C + m.vocab_size / tp
-        per_token += sum(
-            activation_elements_per_token(m, m.n_layers + k, "none", tp) + 3 * C + m.vocab_size / tp
-            for k in range(m.mtp.depth)
-        )  # fmt: skip
-    width = 2 if cfg.precision in ("bf16", "fp16") else 4
-    return per_token * t.micro_batch_size * t.seq_len * width
+        per_token += 4 * (3 * C + m.vocab_size / tp)
+        for k in range(m.mtp.depth):
+            c, other = activation_elements_per_token(m, m.n_layers + k, "none", tp)
+            per_token += c * wc + other * wo + 4 * (3 * C + m.vocab_size / tp)
+    return per_token * t.micro_batch_size * t.seq_len + (2 * matmul_weights if cache else 0)
 
 
 def _ranges(layers: list[int]) -> str:
@@ -286,7 +309,11 @@ def estimate(cfg: Config, world_size: int) -> Plan:
         held = set(layers)
         mine = [(n, sh) for n, sh in params if _held_by(n, held, first, last, m.tie_embeddings)]
         pb, gb, ob = _model_state(cfg, mine, tp, dp, ep)
-        act = activation_bytes(cfg, layers, last, tp)
+        matmul = sum(
+            math.prod(_local_numel(n, sh, tp, ep)) for n, sh in mine
+            if len(sh) >= 2 and not n.startswith(("embed.", "pos_embed."))
+        )  # fmt: skip
+        act = activation_bytes(cfg, layers, last, tp, matmul)
         if pp > 1:  # micro-batches in flight on this rank (1F1B: pp - r; GPipe: all)
             in_flight = n_micro if cfg.parallel.pp_schedule == "gpipe" else min(pp - r, n_micro)
             act *= in_flight

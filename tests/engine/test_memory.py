@@ -5,7 +5,8 @@ the measured model state is exact: 4 bytes per parameter for weights and for gra
 AdamW's moments. At dp = 2 under DDP and FSDP2 stage 3 every rank's measured parameter,
 gradient and optimizer bytes equal the estimator's for the busiest rank within 10 % plus 4 KiB
 (FSDP2 pads dim-0 shards: rank 0 holds the larger half), stage 3 holds half of stage 0, and the
-estimated activations are within a factor 1.25 of the measured ones in every checkpointing mode.
+estimated activations are within a factor 1.25 of the measured ones in every checkpointing mode
+and in bf16 (autocast on one process, FSDP2's mixed-precision policy at dp = 2).
 FSDP2's gathered parameters between forward and backward: stage 2 the whole model, stage 3 the
 last block.
 """
@@ -72,6 +73,13 @@ def test_one_process_metrics_are_exact_and_logged_every_line(tmp_path):
     est = estimate(cfg, 1).stages[0]
     assert (est.params, est.grads, est.optim) == (4 * N_PARAMS, 4 * N_PARAMS, 8 * N_PARAMS)
     _assert_activations(first["mem_activations_bytes"], est.activations, "one process")
+    # bf16 through autocast: fp32 residual stream, 16-bit matmul outputs and weight copies.
+    bf16 = _cfg(tmp_path / "bf16", "precision=bf16")
+    trainer = Trainer(bf16)
+    trainer.train()
+    _assert_activations(
+        trainer.memory.stats.activations, estimate(bf16, 1).stages[0].activations, "bf16"
+    )
 
 
 LAYOUTS = {
@@ -80,6 +88,7 @@ LAYOUTS = {
     "ddp-full": ["activation_checkpointing=full"],
     "fsdp2-2": ["zero.backend=fsdp2", "zero.stage=2"],
     "fsdp2-3": ["zero.backend=fsdp2", "zero.stage=3"],
+    "fsdp2-3-bf16": ["zero.backend=fsdp2", "zero.stage=3", "precision=bf16"],
 }
 
 
