@@ -22,6 +22,9 @@ What is counted (bytes this rank holds, whatever the strategy):
   keeps gathered for backward (every unit at stages 1/2, the last block at stage 3; 0 without
   FSDP2). Transient memory that sharding at rest does not show.
 
+Under pipeline parallelism the schedule runs the micro-batches (no single forward to measure):
+``mem_activations_bytes`` is left out there; ``evoformer plan`` estimates it.
+
 The numbers go to ``metrics.jsonl`` as ``mem_params_bytes``, ``mem_grads_bytes``,
 ``mem_optim_bytes``, ``mem_activations_bytes``, ``mem_gathered_params_bytes`` and
 ``mem_total_bytes`` (their sum).
@@ -48,7 +51,7 @@ class MemoryStats:
     params: int = 0
     grads: int = 0
     optim: int = 0
-    activations: int = 0
+    activations: int | None = 0  # None: no forward was measured (e.g. a pipeline schedule)
     gathered_params: int = 0
 
     @property
@@ -58,11 +61,11 @@ class MemoryStats:
 
     @property
     def total(self) -> int:
-        return self.model_state + self.activations + self.gathered_params
+        return self.model_state + (self.activations or 0) + self.gathered_params
 
     def metrics(self) -> dict[str, int]:
-        """The ``mem_*_bytes`` fields of a metrics line."""
-        return {
+        """The ``mem_*_bytes`` fields of a metrics line (activations only when measured)."""
+        out = {
             "mem_params_bytes": self.params,
             "mem_grads_bytes": self.grads,
             "mem_optim_bytes": self.optim,
@@ -70,6 +73,7 @@ class MemoryStats:
             "mem_gathered_params_bytes": self.gathered_params,
             "mem_total_bytes": self.total,
         }
+        return {k: v for k, v in out.items() if v is not None}
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
@@ -218,7 +222,7 @@ class MemoryMeter:
                 params=held.get("param", 0),
                 grads=self._grads,
                 optim=held.get("optim", 0) + held.get("master", 0),
-                activations=self._activations[0] if self._activations else 0,
+                activations=self._activations[0] if self._activations else None,
                 gathered_params=self._activations[1] if self._activations else 0,
             )
         return self.stats.metrics()

@@ -8,7 +8,7 @@ gradient and optimizer bytes equal the estimator's for the busiest rank within 1
 estimated activations are within a factor 1.25 of the measured ones in every checkpointing mode
 and in bf16 (autocast on one process, FSDP2's mixed-precision policy at dp = 2).
 FSDP2's gathered parameters between forward and backward: stage 2 the whole model, stage 3 the
-last block.
+last block. Under pp = 2 each pipeline rank's parameters are exactly the estimate's.
 """
 
 from __future__ import annotations
@@ -133,6 +133,24 @@ def test_estimator_matches_measured_at_dp2(tmp_path):
     # Checkpointing lowers measured activations, state unchanged.
     acts = [ranks[0][n]["activations"] for n in ("ddp", "ddp-selective", "ddp-full")]
     assert acts[0] > acts[1] > acts[2], acts
+
+
+def _pipeline_rank(rank: int, world: int, root: str) -> dict:
+    trainer = Trainer(_cfg(root, "parallel.pp=2", "train.micro_batch_size=1"))
+    trainer.train()
+    return trainer.memory.stats.metrics()
+
+
+def test_estimator_matches_each_pipeline_rank(tmp_path):
+    """pp = 2: each rank holds its stage's blocks plus the embedding (rank 0) or the final norm
+    and head (rank 1), exactly as the estimate places them."""
+    ranks = run_distributed(_pipeline_rank, 2, str(tmp_path), timeout=120)
+    est = estimate(_cfg(tmp_path, "parallel.pp=2", "train.micro_batch_size=1"), 2).stages
+    assert [r["mem_params_bytes"] for r in ranks] == [e.params for e in est]
+    assert [r["mem_optim_bytes"] for r in ranks] == [e.optim for e in est]
+    assert sum(r["mem_params_bytes"] for r in ranks) == 4 * N_PARAMS
+    # The schedule runs the forwards: no single forward to measure, so no activation field.
+    assert all("mem_activations_bytes" not in r for r in ranks)
 
 
 def _plan(capsys, *args: str) -> tuple[int, str, str]:
