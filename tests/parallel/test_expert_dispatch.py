@@ -77,7 +77,25 @@ def _check(rank: int, world: int, kind: str, capacity: int | None, grouped: bool
     ref = _run(LocalDispatcher(E), ref_experts, x_NC, experts_NK, w_NK, capacity)
     dispatcher = build_dispatcher(E, group)
     assert isinstance(dispatcher, AllToAllDispatcher) and dispatcher.num_local_experts == E // 2
-    got = _run(dispatcher, ep_experts, x_NC, experts_NK, w_NK, capacity)
+    calls = []
+    real = dist.all_to_all_single
+
+    def recording(output, input, *args, **kwargs):
+        calls.append((input.dtype, tuple(input.shape)))
+        return real(output, input, *args, **kwargs)
+
+    dist.all_to_all_single = recording
+    try:
+        got = _run(dispatcher, ep_experts, x_NC, experts_NK, w_NK, capacity)
+    finally:
+        dist.all_to_all_single = real
+    # Counts first (E integers), then the rows; the combine's rows back; backward: the two row
+    # exchanges reversed. Nothing padded: exactly the kept copies travel.
+    sent = int(ref[4].kept_E.sum())
+    assert calls[0] == (torch.int64, (E,))
+    assert calls[1] == (torch.float32, (sent, C))
+    assert [c[0] for c in calls[2:]] == [torch.float32] * 3 and len(calls) == 5
+    assert calls[-1][1] == (sum(got[4].recv_splits), C)  # dispatch's backward, reversed
 
     torch.testing.assert_close(got[0], ref[0], **TOL)  # outputs
     torch.testing.assert_close(got[1], ref[1], **TOL)  # d input
