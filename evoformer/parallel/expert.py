@@ -216,10 +216,9 @@ class AllToAllDispatcher(LocalDispatcher):
         # Counts first: recv_PL[s, l] = copies source rank s sends to my local expert l.
         recv_PL = torch.empty(P, L, dtype=kept_E.dtype, device=kept_E.device)
         dist.all_to_all_single(recv_PL, kept_E.contiguous(), group=self.group)
-        # One host sync for the splits (the all-to-all needs them on the host anyway).
-        send = kept_E.view(P, L).sum(1).tolist()
-        recv_rows = recv_PL.sum(1)
-        recv = recv_rows.tolist()
+        # One host sync for both splits (the all-to-all needs them on the host anyway).
+        splits = torch.cat([kept_E.view(P, L).sum(1), recv_PL.sum(1)]).tolist()
+        send, recv = splits[:P], splits[P:]
         got_MC = all_to_all(xs_MC, send, recv, self.group)
         # Arrived grouped by (source, local expert): regroup by (local expert, source).
         local_id = torch.arange(L, device=recv_PL.device).repeat(P)
