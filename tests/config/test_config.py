@@ -44,7 +44,7 @@ def test_resolved_yaml_round_trips(tmp_path):
         ("model.attention.n_kv_heads=3", "must divide n_heads=4"),
         ("train.micro_batch_size=3", "must be a multiple of train.micro_batch_size=3"),
         ("train.max_steps=0", "train.max_steps=0: must be > 0"),
-        ("parallel.pp=2", "pipeline parallelism is not available"),
+        ("parallel.pp_layers=[2]", "parallel.pp_layers=[2]: needs parallel.pp > 1"),
         ("noequals", "is not of the form key=value"),
     ],
 )
