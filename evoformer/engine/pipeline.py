@@ -30,6 +30,7 @@ import dataclasses
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from evoformer.config import Config
 from evoformer.config.validate import PP_SCHEDULE_VIRTUAL_STAGES
@@ -38,6 +39,7 @@ from evoformer.distributed.dims import ParallelGroups
 from evoformer.errors import UserError
 from evoformer.model.mlp import is_moe_layer
 from evoformer.model.stages import TransformerStage, build_stage_model, split_layers, stage_ranks
+from evoformer.parallel.expert import expert_parallel_params
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,14 +50,15 @@ class ScheduleSpec:
     cls_name: str
     multi: bool
     placement: str = "loop"
+    split_backward: bool = False  # zero bubble: input- and weight-gradient passes apart
 
 
 SCHEDULES = {
     "gpipe": ScheduleSpec("ScheduleGPipe", False),
     "1f1b": ScheduleSpec("Schedule1F1B", False),
     "interleaved": ScheduleSpec("ScheduleInterleaved1F1B", True),
-    "zero_bubble": ScheduleSpec("ScheduleInterleavedZeroBubble", True),
-    "zbv": ScheduleSpec("ScheduleZBVZeroBubble", True, "v"),
+    "zero_bubble": ScheduleSpec("ScheduleInterleavedZeroBubble", True, split_backward=True),
+    "zbv": ScheduleSpec("ScheduleZBVZeroBubble", True, "v", split_backward=True),
 }
 
 
@@ -125,6 +128,15 @@ class PipelineRunner:
                 "parallel.pp_schedule=zbv with dp > 1 and a tied embedding or MTP is not "
                 "supported (use interleaved or zero_bubble)"
             )
+        # DDP reduces when the last backward's hooks fire, but a zero-bubble schedule computes
+        # the weight gradients in a later pass: run those stages unwrapped and average the
+        # gradients over dp after the step instead (FSDP2 reduces in the schedule's final
+        # REDUCE_GRAD action, after every weight pass).
+        self._dp_average: list[nn.Parameter] = []
+        if spec.split_backward and any(isinstance(p, DistributedDataParallel) for p in parts):
+            parts = [p.module if isinstance(p, DistributedDataParallel) else p for p in parts]
+            ignored = {id(p) for _, p in expert_parallel_params(model)}  # reduced over edp
+            self._dp_average = [p for p in model.parameters() if id(p) not in ignored]
         # Static shapes: no metadata-inference forward (it would run the modules on dummy
         # data, which MoE statistics and the metrics would see).
         self.stages = [
@@ -191,7 +203,18 @@ class PipelineRunner:
             tokens[:, :-1].contiguous(), tokens=tokens,
             target=tokens if self.has_last else None, losses=losses, return_outputs=False,
         )  # fmt: skip
+        if self._dp_average:
+            self._average_over_dp()
         return self._reduce_metrics()
+
+    def _average_over_dp(self) -> None:
+        """What DDP does for the other schedules: each gradient divided by dp, then summed
+        over the data-parallel group (one flat buffer)."""
+        grads = [p.grad for p in self._dp_average if p.grad is not None]
+        flat = torch._utils._flatten_dense_tensors(grads).div_(self.dims.dp)
+        dist.all_reduce(flat, group=self.groups.dp_group)
+        for g, synced in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
+            g.copy_(synced)
 
     def _reduce_metrics(self) -> dict[str, torch.Tensor]:
         sums = torch.zeros(len(self.metric_names), device=self.device)

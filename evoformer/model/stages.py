@@ -183,7 +183,10 @@ class StageChunk(nn.Module):
         self.__dict__["_model"] = model  # not a submodule: its parameters are not ours
         self.stage_index, self.num_stages = stage_index, num_stages
         self.is_first, self.is_last = stage_index == 0, stage_index == num_stages - 1
-        self.embed = model.embed if (self.is_first or self.is_last) else None
+        # The last stage uses the embedding for a tied head or MTP only (otherwise, on a rank
+        # that also holds the first stage, it must not appear in two DP-wrapped chunks).
+        shares = model.cfg.tie_embeddings or model.mtp is not None
+        self.embed = model.embed if (self.is_first or (self.is_last and shares)) else None
         self.pos_embed = model.pos_embed if self.is_first else None
         self.rope, self.rope_local = model.rope, model.rope_local
         self.layers = nn.ModuleDict({str(i): model.layers[str(i)] for i in layer_ids})

@@ -8,8 +8,8 @@ the tied embedding's two users on one rank) give the per-step losses of one proc
 relative, the loss terms and MoE statistics of every stage, and the same final weights under
 full-model parameter names; selective activation checkpointing inside the stages changes no
 number, and fp16 loss scaling pipelines like one process. World 4: pp=2 x tp=2 (sequence
-parallel), pp=2 x dp=2 with FSDP2 and with DDP, pp=4. Checkpoints: stop at step 5 under pp=2 and
-resume bit-exact; the pp=2 checkpoint also resumes on one process.
+parallel), pp=2 x dp=2 with FSDP2 and with DDP (1F1B, zero bubble), pp=4. Checkpoints: stop
+at step 5 under pp=2 and resume bit-exact; the pp=2 checkpoint also resumes on one process.
 
 Micro-batches of 2 sequences, global batch 8: 4 micro-batches per step at dp=1, 2 at dp=2.
 """
@@ -48,7 +48,12 @@ SCHEDULES = {
 }
 PP2 = "parallel.pp=2"
 LAYOUTS_4 = {
-    "llama": {"pp2xtp2-sp": [PP2, "parallel.tp=2", "parallel.sequence_parallel=true"]},
+    # Zero bubble under DDP: weight gradients come after the last input backward, so the engine
+    # averages over dp itself.
+    "llama": {
+        "pp2xtp2-sp": [PP2, "parallel.tp=2", "parallel.sequence_parallel=true"],
+        "pp2xdp2-zero_bubble": [PP2, "parallel.pp_schedule=zero_bubble"],
+    },
     # pp=4: the tied embedding's first/last-stage pair is its own group, not the pp group.
     "gpt2": {
         "pp2xdp2-fsdp2": [PP2, "zero.backend=fsdp2", "zero.stage=3"],
