@@ -43,8 +43,9 @@ class NormConfig:
 @dataclass
 class RopeScalingConfig:
     kind: str = opt(
-        "none", "RoPE frequency scaling: none | linear (positions / factor) | llama3 (Llama-3.1 "
-        "wavelength bands) | yarn (NTK-by-parts + attention temperature; DeepSeek, Qwen)."
+        "none",
+        "RoPE frequency scaling: none | linear (positions / factor) | llama3 (Llama-3.1 "
+        "wavelength bands) | yarn (NTK-by-parts + attention temperature; DeepSeek, Qwen).",
     )
     factor: float = opt(8.0, "Context extension factor.")
     low_freq_factor: float = opt(1.0, "llama3: wavelengths above original/low_freq_factor scale.")
@@ -54,8 +55,9 @@ class RopeScalingConfig:
     beta_slow: float = opt(1.0, "yarn: rotations below which dimensions are interpolated.")
     mscale: float = opt(0.0, "yarn: attention temperature numerator scale (0 = unset).")
     mscale_all_dim: float = opt(
-        0.0, "yarn: attention temperature denominator scale; DeepSeek also scales the softmax "
-        "by mscale(factor, mscale_all_dim)^2 (0 = unset)."
+        0.0,
+        "yarn: attention temperature denominator scale; DeepSeek also scales the softmax "
+        "by mscale(factor, mscale_all_dim)^2 (0 = unset).",
     )
     attention_factor: Optional[float] = opt(
         None, "yarn: cos/sin multiplier (null = derived from factor, mscale, mscale_all_dim)."
@@ -85,8 +87,9 @@ class AttentionConfig:
     qkv_bias: Optional[bool] = opt(None, "Bias on q/k/v only (null = bias; Qwen2: true).")
     dropout: float = opt(0.0, "Dropout on attention probabilities.")
     qk_norm: str = opt(
-        "none", "Normalise q and k: none | head (per head, Qwen3/Gemma 3) | full (over the whole "
-        "projection, OLMo 2)."
+        "none",
+        "Normalise q and k: none | head (per head, Qwen3/Gemma 3) | full (over the whole "
+        "projection, OLMo 2).",
     )
     sliding_window: Optional[int] = opt(
         None, "Attend to at most this many previous tokens (Mistral; Gemma 3 local layers)."
@@ -269,9 +272,10 @@ class ZeroConfig:
     )
     nvme_path: str = opt("", "deepspeed: folder on an NVMe drive (needed by nvme offload).")
     deepspeed_config: dict[str, Any] = opt(
-        {}, "deepspeed: raw DeepSpeed config keys deep-merged over the generated config (keys "
+        {},
+        "deepspeed: raw DeepSpeed config keys deep-merged over the generated config (keys "
         "evoformer derives from its own settings, e.g. batch sizes, clipping, stage, precision, "
-        "may not be changed here)."
+        "may not be changed here).",
     )
 
 

@@ -331,8 +331,10 @@ def validate_pipeline(cfg: Config) -> None:
     elif m.n_layers < S:
         _fail("parallel.pp", p.pp, f"{S} pipeline stages (pp x {v} per rank) need at least as "
               f"many layers, model.n_layers={m.n_layers}")  # fmt: skip
-    if p.pp_schedule == "zbv" and cfg.zero.backend == "fsdp2" and (
-        m.tie_embeddings or m.mtp.depth > 0
+    if (
+        p.pp_schedule == "zbv"
+        and cfg.zero.backend == "fsdp2"
+        and (m.tie_embeddings or m.mtp.depth > 0)
     ):
         _fail("parallel.pp_schedule", "zbv", "puts the first and last stage on one rank, "
               "sharing the embedding (tied head or MTP): not with zero.backend=fsdp2")  # fmt: skip
@@ -358,8 +360,7 @@ def validate_expert_parallel(cfg: Config) -> None:
 
 def _not_yet(cfg: Config) -> None:
     """Settings that are part of the contract but whose engines have not landed yet."""
-    later = {
-    }
+    later = {}
     for key, (bad, what) in later.items():
         if bad:
             _fail(key, get(cfg, key), f"{what} is not available in this version yet")
