@@ -25,7 +25,6 @@ import torch
 from torch import nn
 
 from evoformer.config.schema import ModelConfig
-from evoformer.model.checkpointing import checkpoint_block, is_checkpointed, normalize_mode
 from evoformer.model.inspect import _attention_flops, block_params, mtp_module_params
 from evoformer.model.transformer import Transformer
 from evoformer.parallel.context import ParallelContext
@@ -200,26 +199,10 @@ class StageChunk(nn.Module):
         m = self._model
         T = tokens.shape[1] - 1
         positions = torch.arange(T, device=tokens.device)
-        if self.is_first:
-            x_BTC = m.embed_tokens(x)
-            if self.pos_embed is not None:
-                first, n = m.ctx.seq_shard(T)
-                x_BTC = x_BTC + self.pos_embed(positions[first : first + n])
-            if m.cfg.dropout:
-                x_BTC = m.ctx.dropout(x_BTC, m.cfg.dropout, self.training)
-        else:
-            x_BTC = x
-        rope = self.rope(positions) if self.rope is not None else None
-        rope_local = self.rope_local(positions) if self.rope_local is not None else rope
-        # Activation checkpointing as the whole model does it, by global layer index.
-        ckpt_mode = normalize_mode(m.activation_checkpointing)
-        ckpt_every = getattr(m, "activation_checkpointing_every", 1)
-        for key, layer in self.layers.items():
-            layer_rope = rope_local if layer.is_local else rope
-            if self.training and is_checkpointed(ckpt_mode, ckpt_every, int(key)):
-                x_BTC = checkpoint_block(layer, ckpt_mode, x_BTC, layer_rope)
-            else:
-                x_BTC = layer(x_BTC, layer_rope)
+        x_BTC = m.embed_input(x, positions) if self.is_first else x
+        ropes = m.rotary(positions)
+        for key, layer in self.layers.items():  # checkpointed as the whole model, by global index
+            x_BTC = m.run_block(int(key), layer, x_BTC, ropes)
         if not self.is_last:
             aux = self._aux_losses()
             if aux is not None:

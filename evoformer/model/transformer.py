@@ -289,25 +289,40 @@ class Transformer(nn.Module):
         if start + T > self.cfg.max_seq_len:
             raise ValueError(f"sequence of {start + T} exceeds max_seq_len={self.cfg.max_seq_len}")
         positions = torch.arange(start, start + T, device=input_ids.device)
+        x_BTC = self.embed_input(input_ids, positions)
+        ropes = self.rotary(positions)
+        for i, layer in enumerate(self.layers):
+            x_BTC = self.run_block(i, layer, x_BTC, ropes, caches[i] if caches else None)
+        return x_BTC
+
+    def embed_input(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """The start of the residual stream: token (+ learned position) embeddings and
+        embedding dropout; under sequence parallelism this rank's slice of the sequence."""
         x_BTC = self.embed_tokens(input_ids)
         if self.pos_embed is not None:
-            first, n = self.ctx.seq_shard(T)
+            first, n = self.ctx.seq_shard(positions.numel())
             x_BTC = x_BTC + self.pos_embed(positions[first : first + n])
         if self.cfg.dropout:
             x_BTC = self.ctx.dropout(x_BTC, self.cfg.dropout, self.training)
+        return x_BTC
+
+    def rotary(self, positions: torch.Tensor) -> tuple:
+        """(global, local) rotary tables for ``positions`` (``None`` without RoPE); local
+        blocks of a local/global model use their own base."""
         rope = self.rope(positions) if self.rope is not None else None
         rope_local = self.rope_local(positions) if self.rope_local is not None else rope
-        # none | full | selective (True = full), every N-th block (model.checkpointing).
-        ckpt_mode = normalize_mode(self.activation_checkpointing)
-        ckpt_every = self.activation_checkpointing_every
-        for i, layer in enumerate(self.layers):
-            cache = caches[i] if caches else None
-            layer_rope = rope_local if layer.is_local else rope
-            if self.training and cache is None and is_checkpointed(ckpt_mode, ckpt_every, i):
-                x_BTC = checkpoint_block(layer, ckpt_mode, x_BTC, layer_rope)
-            else:
-                x_BTC = layer(x_BTC, layer_rope, cache)
-        return x_BTC
+        return rope, rope_local
+
+    def run_block(self, index: int, layer: nn.Module, x_BTC: torch.Tensor, ropes: tuple,
+                  cache=None) -> torch.Tensor:  # fmt: skip
+        """Block ``index`` (its global number, also inside a pipeline stage), with activation
+        checkpointing as configured: none | full | selective, every N-th block."""
+        layer_rope = ropes[1] if layer.is_local else ropes[0]
+        mode = normalize_mode(self.activation_checkpointing)
+        every = getattr(self, "activation_checkpointing_every", 1)
+        if self.training and cache is None and is_checkpointed(mode, every, index):
+            return checkpoint_block(layer, mode, x_BTC, layer_rope)
+        return layer(x_BTC, layer_rope, cache)
 
 
 def _normal_(t: torch.Tensor, std: float, seed: int, name: str, tp_rank: int = 0) -> None:

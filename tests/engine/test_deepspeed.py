@@ -29,6 +29,7 @@ from evoformer.engine import Trainer
 from evoformer.engine.deepspeed import deepspeed_config
 from evoformer.errors import UserError
 from tests.conftest import REPO
+from tests.engine.parity import grad_norms, max_rel
 
 STEPS = 10
 LOSS_RTOL = 1e-5
@@ -67,16 +68,6 @@ def _bytes(trainer: Trainer) -> dict[str, int]:
     return local_bytes(trainer.strategy.local_tensors())
 
 
-def _max_rel(got: dict[int, float], want: dict[int, float]) -> float:
-    assert sorted(got) == sorted(want) == list(range(1, STEPS + 1))
-    return max(abs(got[s] - want[s]) / abs(want[s]) for s in want)
-
-
-def _grad_norms(run_dir) -> list[float]:
-    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    return [r["grad_norm"] for r in map(json.loads, lines) if "grad_norm" in r]
-
-
 def _train(rank: int, world: int, root: str, layouts: dict[str, list[str]]) -> dict:
     out = {}
     for name, overrides in layouts.items():
@@ -89,22 +80,22 @@ def _train(rank: int, world: int, root: str, layouts: dict[str, list[str]]) -> d
 def test_deepspeed_stages_train_like_ddp_and_one_process(tmp_path):
     ref = Trainer(_cfg(tmp_path / "one")).train().losses
     ranks = run_distributed(_train, 2, str(tmp_path), LAYOUTS | BF16, timeout=300)
-    bf16 = _max_rel(ranks[0].pop("ds2-bf16")["losses"], ref)
+    bf16 = max_rel(ranks[0].pop("ds2-bf16")["losses"], ref)
     print(f"\ndeepspeed stage 2 bf16 vs fp32 one process: {bf16:.1e}")
     assert bf16 <= BF16_RTOL
-    report = {name: _max_rel(run["losses"], ref) for name, run in ranks[0].items()}
+    report = {name: max_rel(run["losses"], ref) for name, run in ranks[0].items()}
     report |= {
-        f"{name} vs ddp": _max_rel(run["losses"], ranks[0]["ddp"]["losses"])
+        f"{name} vs ddp": max_rel(run["losses"], ranks[0]["ddp"]["losses"])
         for name, run in ranks[0].items() if name != "ddp"
     }  # fmt: skip
     print("\nmax relative loss difference vs one process over 10 steps: "
           + ", ".join(f"{k} {v:.1e}" for k, v in report.items()))  # fmt: skip
     assert max(report.values()) <= LOSS_RTOL, report
     # The norm DeepSpeed reports (and clips with) is one process's norm.
-    want = _grad_norms(tmp_path / "one")
+    want = grad_norms(tmp_path / "one")
     assert len(want) == STEPS
     for name in LAYOUTS:
-        assert _grad_norms(tmp_path / name) == pytest.approx(want, rel=1e-5), name
+        assert grad_norms(tmp_path / name) == pytest.approx(want, rel=1e-5), name
     for name in LAYOUTS:  # the dp ranks report the same (all-reduced) losses
         assert ranks[1][name]["losses"] == ranks[0][name]["losses"], name
     for rank_out in ranks:
@@ -129,7 +120,7 @@ def test_deepspeed_tensor_parallel_mpu_matches_one_process(tmp_path):
     parameters' squared norms over the tp group (replicated ones once); with sequence
     parallelism too."""
     ref = Trainer(_cfg(tmp_path / "one")).train().losses
-    want = _grad_norms(tmp_path / "one")
+    want = grad_norms(tmp_path / "one")
     layouts = {
         "tp2-ds1": [*DS, "zero.stage=1", "parallel.tp=2"],
         # SP: the norm weights' partial gradients are summed over TP before DeepSpeed sees them
@@ -138,10 +129,10 @@ def test_deepspeed_tensor_parallel_mpu_matches_one_process(tmp_path):
     }
     ranks = run_distributed(_train, 4, str(tmp_path), layouts, timeout=300)
     for name in layouts:
-        rel = _max_rel(ranks[0][name]["losses"], ref)
+        rel = max_rel(ranks[0][name]["losses"], ref)
         print(f"\n{name} (tp 2 x dp 2): max relative loss difference {rel:.1e}")
         assert rel <= LOSS_RTOL, name
-        assert _grad_norms(tmp_path / name) == pytest.approx(want, rel=1e-5), name
+        assert grad_norms(tmp_path / name) == pytest.approx(want, rel=1e-5), name
         assert all(r[name]["losses"] == ranks[0][name]["losses"] for r in ranks), name
 
 

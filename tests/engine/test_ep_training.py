@@ -30,6 +30,7 @@ from evoformer.distributed.testing import run_distributed
 from evoformer.engine import Trainer
 from evoformer.errors import UserError
 from tests.conftest import REPO
+from tests.engine.parity import grad_norms, max_rel, router_biases
 
 STEPS = 10
 LOSS_RTOL = 1e-5
@@ -91,10 +92,6 @@ def _experts(model) -> dict[str, tuple[int, int | None, torch.Tensor]]:
     return out
 
 
-def _router_biases(model) -> dict[str, torch.Tensor]:
-    return {n: b.clone() for n, b in model.named_buffers() if n.endswith("e_score_correction_bias")}
-
-
 def _train(rank: int, world: int, family: str, layouts: dict, root: str) -> dict:
     out = {}
     for name, overrides in layouts.items():
@@ -105,7 +102,7 @@ def _train(rank: int, world: int, family: str, layouts: dict, root: str) -> dict
             "losses": result.losses,
             # Under tp=2 the experts' hidden dim is split too: compare tp rank 0's experts only.
             "experts": _experts(trainer.model) if tp_rank == 0 else {},
-            "bias": _router_biases(trainer.model),
+            "bias": router_biases(trainer.model),
         }
     return out
 
@@ -120,20 +117,10 @@ def single_runs(tmp_path_factory) -> dict:
         runs[family] = {
             "losses": result.losses,
             "experts": _experts(trainer.model),
-            "bias": _router_biases(trainer.model),
+            "bias": router_biases(trainer.model),
             "metrics": out / "metrics.jsonl",
         }
     return runs
-
-
-def _grad_norms(path) -> list[float]:
-    lines = [json.loads(line) for line in path.read_text().splitlines()]
-    return [line["grad_norm"] for line in lines if "grad_norm" in line]
-
-
-def _max_rel(got: dict[int, float], want: dict[int, float]) -> float:
-    assert sorted(got) == sorted(want) == list(range(1, STEPS + 1))
-    return max(abs(got[s] - want[s]) / abs(want[s]) for s in want)
 
 
 def _compare(ref: dict, ranks: list[dict]) -> dict[str, float]:
@@ -141,7 +128,7 @@ def _compare(ref: dict, ranks: list[dict]) -> dict[str, float]:
     for layout in ranks[0]:
         for rank_out in ranks:
             run = rank_out[layout]
-            report[layout] = max(report.get(layout, 0.0), _max_rel(run["losses"], ref["losses"]))
+            report[layout] = max(report.get(layout, 0.0), max_rel(run["losses"], ref["losses"]))
             # Aux-loss-free bias: moved by globally reduced loads, so bit-identical everywhere.
             assert run["bias"].keys() == ref["bias"].keys()
             for name, bias in ref["bias"].items():
@@ -168,10 +155,10 @@ def test_ep_layouts_train_like_one_process(family, world, single_runs, tmp_path)
     assert max(report.values()) <= LOSS_RTOL, report
     # The clipped-to norm counts every expert once (summed over ep, tp, the FSDP2 mesh): the
     # logged gradient norms are one process's. optim.grad_clip=0.5 clips every step here.
-    want = _grad_norms(ref["metrics"])
+    want = grad_norms(ref["metrics"].parent)
     assert min(want) > 0.5
     for layout in layouts:
-        got = _grad_norms(tmp_path / layout / "metrics.jsonl")
+        got = grad_norms(tmp_path / layout)
         assert got == pytest.approx(want, rel=LOSS_RTOL), layout
     # Every rank's experts were compared (tp rank 0 of each ep rank): all experts are covered.
     for layout in layouts:
@@ -212,7 +199,7 @@ def test_ep_checkpoint_resumes_exactly_and_on_one_process(backend, single_runs, 
     full, resumed = got["full"], got["resumed"]
     assert sorted(resumed) == list(range(6, STEPS + 1))
     assert all(resumed[s] == full[s] for s in resumed), (full, resumed)  # bit-exact
-    assert _max_rel(full, single_runs["deepseek-v3"]["losses"]) <= LOSS_RTOL
+    assert max_rel(full, single_runs["deepseek-v3"]["losses"]) <= LOSS_RTOL
 
     # The ep=2 checkpoint holds all 8 experts of each layer: it resumes at ep=1.
     ckpt = tmp_path / "full/checkpoints/step_5"

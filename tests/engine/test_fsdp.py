@@ -9,11 +9,7 @@ rank holds half of the parameter and AdamW-state bytes.
 
 from __future__ import annotations
 
-import json
-
 import pytest
-import torch
-from torch.distributed.tensor import DTensor
 
 from evoformer.config import load_config
 from evoformer.config.validate import validate
@@ -21,6 +17,7 @@ from evoformer.distributed.testing import run_distributed
 from evoformer.engine import Trainer
 from evoformer.errors import UserError
 from tests.conftest import REPO
+from tests.engine.parity import grad_norms, max_rel, model_state_bytes
 
 STEPS = 10
 LOSS_RTOL = 1e-5
@@ -45,58 +42,31 @@ def _cfg(out_dir, *overrides: str):
     )
 
 
-def _local_bytes(t: torch.Tensor) -> int:
-    t = t.to_local() if isinstance(t, DTensor) else t
-    return t.numel() * t.element_size()
-
-
-def _model_state_bytes(trainer: Trainer) -> dict[str, int]:
-    """What this rank holds at rest between steps: parameters and AdamW moments."""
-    params = sum(_local_bytes(p) for p in trainer.model.parameters())
-    optim = sum(
-        _local_bytes(v)
-        for state in trainer.optimizer.state.values()
-        for v in state.values()
-        if torch.is_tensor(v) and v.dim() > 0
-    )
-    return {"params": params, "optim": optim}
-
-
 def _train(rank: int, world: int, root: str) -> dict:
     out = {}
     for name, overrides in LAYOUTS.items():
         trainer = Trainer(_cfg(f"{root}/{name}", *overrides))
         result = trainer.train()
-        out[name] = {"losses": result.losses, "bytes": _model_state_bytes(trainer)}
+        out[name] = {"losses": result.losses, "bytes": model_state_bytes(trainer)}
     return out
-
-
-def _max_rel(got: dict[int, float], want: dict[int, float]) -> float:
-    assert sorted(got) == sorted(want) == list(range(1, STEPS + 1))
-    return max(abs(got[s] - want[s]) / abs(want[s]) for s in want)
-
-
-def _grad_norms(run_dir) -> list[float]:
-    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    return [r["grad_norm"] for r in map(json.loads, lines) if "grad_norm" in r]
 
 
 def test_fsdp2_stages_train_like_ddp_and_one_process(tmp_path):
     ref = Trainer(_cfg(tmp_path / "one")).train().losses
     ranks = run_distributed(_train, 2, str(tmp_path), timeout=120)
-    report = {name: _max_rel(run["losses"], ref) for name, run in ranks[0].items()}
+    report = {name: max_rel(run["losses"], ref) for name, run in ranks[0].items()}
     report |= {
-        f"{name} vs ddp": _max_rel(run["losses"], ranks[0]["ddp"]["losses"])
+        f"{name} vs ddp": max_rel(run["losses"], ranks[0]["ddp"]["losses"])
         for name, run in ranks[0].items() if name != "ddp"
     }  # fmt: skip
     print("\nmax relative loss difference vs one process over 10 steps: "
           + ", ".join(f"{k} {v:.1e}" for k, v in report.items()))  # fmt: skip
     assert max(report.values()) <= LOSS_RTOL, report
     # The logged norm (before clipping) counts every sharded gradient element once.
-    want = _grad_norms(tmp_path / "one")
+    want = grad_norms(tmp_path / "one")
     assert len(want) == STEPS
     for name in LAYOUTS:
-        assert _grad_norms(tmp_path / name) == pytest.approx(want, rel=1e-5), name
+        assert grad_norms(tmp_path / name) == pytest.approx(want, rel=1e-5), name
     # The dp ranks report the same (all-reduced) losses.
     for name in LAYOUTS:
         assert ranks[1][name]["losses"] == ranks[0][name]["losses"], name

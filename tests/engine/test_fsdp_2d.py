@@ -11,11 +11,8 @@ the global, unpadded tensors) and continues with the uninterrupted run's losses 
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
-from torch.distributed.tensor import DTensor
 
 from evoformer.config import load_config
 from evoformer.config.validate import validate
@@ -25,6 +22,7 @@ from evoformer.distributed.testing import run_distributed
 from evoformer.engine import Trainer
 from evoformer.errors import UserError
 from tests.conftest import REPO
+from tests.engine.parity import grad_norms, max_rel, model_state_bytes
 
 STEPS = 10
 LOSS_RTOL = 1e-5
@@ -52,47 +50,20 @@ def _cfg(out_dir, *overrides: str):
     )
 
 
-def _local_bytes(t: torch.Tensor) -> int:
-    t = t.to_local() if isinstance(t, DTensor) else t
-    return t.numel() * t.element_size()
-
-
-def _model_state_bytes(trainer: Trainer) -> dict[str, int]:
-    """What this rank holds at rest between steps: parameters and AdamW moments."""
-    params = sum(_local_bytes(p) for p in trainer.model.parameters())
-    optim = sum(
-        _local_bytes(v)
-        for state in trainer.optimizer.state.values()
-        for v in state.values()
-        if torch.is_tensor(v) and v.dim() > 0
-    )
-    return {"params": params, "optim": optim}
-
-
-def _max_rel(got: dict[int, float], want: dict[int, float]) -> float:
-    assert sorted(got) == sorted(want)
-    return max(abs(got[s] - want[s]) / abs(want[s]) for s in want)
-
-
-def _grad_norms(run_dir) -> list[float]:
-    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    return [r["grad_norm"] for r in map(json.loads, lines) if "grad_norm" in r]
-
-
 @pytest.fixture(scope="module")
 def one_process(tmp_path_factory) -> dict:
     """The reference: one process, 4 micro-batches per step; bytes of its model state."""
     out = tmp_path_factory.mktemp("one")
     trainer = Trainer(_cfg(out, "checkpoint.save_every=5"))
     result = trainer.train()
-    return {"losses": result.losses, "dir": out, "bytes": _model_state_bytes(trainer)}
+    return {"losses": result.losses, "dir": out, "bytes": model_state_bytes(trainer)}
 
 
 def _train(rank: int, world: int, root: str) -> dict:
     out = {}
     for name, overrides in LAYOUTS.items():
         trainer = Trainer(_cfg(f"{root}/{name}", *overrides))
-        out[name] = {"losses": trainer.train().losses, "bytes": _model_state_bytes(trainer)}
+        out[name] = {"losses": trainer.train().losses, "bytes": model_state_bytes(trainer)}
     return out
 
 
@@ -100,7 +71,7 @@ def test_fsdp2_2d_and_hsdp_train_like_one_process(one_process, tmp_path):
     ranks = run_distributed(_train, 4, str(tmp_path), timeout=240)
     ref = one_process["losses"]
     assert sorted(ref) == list(range(1, STEPS + 1))
-    report = {name: _max_rel(run["losses"], ref) for name, run in ranks[0].items()}
+    report = {name: max_rel(run["losses"], ref) for name, run in ranks[0].items()}
     print("\nmax relative loss difference vs one process over 10 steps: "
           + ", ".join(f"{k} {v:.1e}" for k, v in report.items()))  # fmt: skip
     assert max(report.values()) <= LOSS_RTOL, report
@@ -110,10 +81,10 @@ def test_fsdp2_2d_and_hsdp_train_like_one_process(one_process, tmp_path):
             assert rank_out[name]["losses"] == ranks[0][name]["losses"], name
     # The logged norm (before clipping) counts each element once across dp shards, tp shards
     # and replicated parameters: a double count or a missing reduction moves it by >= 10 %.
-    want = _grad_norms(one_process["dir"])
+    want = grad_norms(one_process["dir"])
     assert len(want) == STEPS
     for name in LAYOUTS:
-        assert _grad_norms(tmp_path / name) == pytest.approx(want, rel=1e-5), name
+        assert grad_norms(tmp_path / name) == pytest.approx(want, rel=1e-5), name
     # Stage 3 at tp2 x dp2: a rank holds a dp half of a TP half of each sharded weight and a dp
     # half of each replicated one (norms), so ~1/4 of one process's bytes; the 4 ranks together
     # hold exactly one copy of the TP-sharded model (replicated tensors twice: one per TP rank).
@@ -148,8 +119,8 @@ def test_fsdp2_2d_checkpoint_resumes_exactly_and_loads_on_one_process(one_proces
     one = Trainer(_cfg(tmp_path / "one-from-2d", f"checkpoint.load={ckpt}")).train().losses
     assert sorted(one) == list(range(6, STEPS + 1))
     assert abs(one[6] - full[6]) / full[6] <= LOSS_RTOL, (one[6], full[6])
-    assert _max_rel(one, {s: full[s] for s in one}) <= LOSS_RTOL
-    assert _max_rel(one, {s: one_process["losses"][s] for s in one}) <= LOSS_RTOL
+    assert max_rel(one, {s: full[s] for s in one}) <= LOSS_RTOL
+    assert max_rel(one, {s: one_process["losses"][s] for s in one}) <= LOSS_RTOL
 
 
 @pytest.mark.parametrize(

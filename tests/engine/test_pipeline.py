@@ -27,6 +27,7 @@ from evoformer.distributed.testing import run_distributed
 from evoformer.engine import Trainer
 from evoformer.parallel.layers import gather_full_params
 from tests.conftest import REPO
+from tests.engine.parity import max_rel, router_biases
 
 STEPS = 10
 LOSS_RTOL = 1e-5
@@ -93,10 +94,6 @@ def _full_weights(trainer: Trainer) -> dict[str, torch.Tensor]:
     }
 
 
-def _router_biases(model) -> dict[str, torch.Tensor]:
-    return {n: b.clone() for n, b in model.named_buffers() if n.endswith("e_score_correction_bias")}
-
-
 def _train(rank: int, world: int, family: str, layouts: dict, root: str) -> dict:
     out = {}
     for name, overrides in layouts.items():
@@ -105,7 +102,7 @@ def _train(rank: int, world: int, family: str, layouts: dict, root: str) -> dict
         out[name] = {
             "losses": result.losses,
             "weights": _full_weights(trainer),
-            "bias": _router_biases(trainer.model),
+            "bias": router_biases(trainer.model),
             "metrics": _metrics(f"{root}/{name}") if rank == 0 else None,
         }
     return out
@@ -121,15 +118,10 @@ def single_runs(tmp_path_factory) -> dict:
         runs[family] = {
             "losses": result.losses,
             "weights": {n: p.detach() for n, p in trainer.model.named_parameters()},
-            "bias": _router_biases(trainer.model),
+            "bias": router_biases(trainer.model),
             "metrics": _metrics(out),
         }
     return runs
-
-
-def _max_rel(got: dict[int, float], want: dict[int, float]) -> float:
-    assert sorted(got) == sorted(want) == list(range(1, STEPS + 1))
-    return max(abs(got[s] - want[s]) / abs(want[s]) for s in want)
 
 
 def _check(family: str, ranks: list[dict], ref: dict) -> dict[str, float]:
@@ -137,7 +129,7 @@ def _check(family: str, ranks: list[dict], ref: dict) -> dict[str, float]:
     for layout in ranks[0]:
         # Every rank reports the loss (broadcast from the last stage) ...
         for rank_out in ranks:
-            report[layout] = max(report.get(layout, 0), _max_rel(rank_out[layout]["losses"],
+            report[layout] = max(report.get(layout, 0), max_rel(rank_out[layout]["losses"],
                                                                  ref["losses"]))  # fmt: skip
         # ... the loss terms and MoE statistics of every stage ...
         got_m, want_m = ranks[0][layout]["metrics"], ref["metrics"]
@@ -174,7 +166,7 @@ def test_pp2_schedules_and_layouts_train_like_one_process(family, single_runs, t
     report |= _check(family, [{k: v for k, v in r.items() if k not in held} for r in four], ref)
     for layout, run in held.items():
         want = tp_ref[TP_REFERENCE[layout]]
-        report[layout] = _max_rel(run["losses"], want["losses"])
+        report[layout] = max_rel(run["losses"], want["losses"])
         for key in STAGE_METRICS:
             for s, line in want["metrics"].items():
                 got = run["metrics"][s][key]

@@ -22,6 +22,7 @@ from evoformer.distributed.testing import run_distributed
 from evoformer.engine import Trainer
 from evoformer.parallel.layers import gather_full_params
 from tests.conftest import REPO
+from tests.engine.parity import max_rel, router_biases
 
 STEPS = 10
 LOSS_RTOL = 1e-5
@@ -73,14 +74,9 @@ def _train(rank: int, world: int, family: str, layouts: dict, root: str) -> dict
         out[name] = {
             "losses": result.losses,
             "weights": weights if rank == 0 else None,
-            "bias": _router_biases(trainer.model),
+            "bias": router_biases(trainer.model),
         }
     return out
-
-
-def _router_biases(model) -> dict[str, torch.Tensor]:
-    """The aux-loss-free selection biases (DeepSeek-V3), updated from each step's loads."""
-    return {n: b.clone() for n, b in model.named_buffers() if n.endswith("e_score_correction_bias")}
 
 
 @pytest.fixture(scope="module")
@@ -92,14 +88,9 @@ def single_runs(tmp_path_factory) -> dict:
         runs[family] = {
             "losses": result.losses,
             "model": trainer.model,
-            "bias": _router_biases(trainer.model),
+            "bias": router_biases(trainer.model),
         }
     return runs
-
-
-def _max_rel(got: dict[int, float], want: dict[int, float]) -> float:
-    assert sorted(got) == sorted(want) == list(range(1, STEPS + 1))
-    return max(abs(got[s] - want[s]) / abs(want[s]) for s in want)
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
@@ -117,7 +108,7 @@ def test_tp_and_dp_layouts_train_like_one_process(family, single_runs, tmp_path)
     runs = two[0] | four[0]
     report = {}
     for layout, run in runs.items():
-        report[layout] = _max_rel(run["losses"], ref["losses"])
+        report[layout] = max_rel(run["losses"], ref["losses"])
         for name, p in ref["model"].named_parameters():
             got, want = run["weights"][name], p.detach()
             torch.testing.assert_close(got, want, **WEIGHT_TOL, msg=f"{layout} {name}")
@@ -129,7 +120,7 @@ def test_tp_and_dp_layouts_train_like_one_process(family, single_runs, tmp_path)
           + ", ".join(f"{k} {v:.1e}" for k, v in report.items()))  # fmt: skip
     assert max(report.values()) <= LOSS_RTOL, report
     # Sequence parallelism on and off agree with each other as closely as with one process.
-    assert _max_rel(runs["tp2-sp"]["losses"], runs["tp2"]["losses"]) <= LOSS_RTOL
+    assert max_rel(runs["tp2-sp"]["losses"], runs["tp2"]["losses"]) <= LOSS_RTOL
 
 
 # -- checkpoints ----------------------------------------------------------------------------
@@ -175,7 +166,7 @@ def test_dropout_and_a_one_process_checkpoint_under_tp2_sp(tmp_path):
     ref = one.train().losses
     ckpt = str(tmp_path / "one/checkpoints/step_5")
     got = run_distributed(_resume_on_tp2, 2, str(tmp_path), ckpt, timeout=120)[0]
-    assert _max_rel(got["fresh"], ref) <= LOSS_RTOL
+    assert max_rel(got["fresh"], ref) <= LOSS_RTOL
     assert sorted(got["resumed"]) == list(range(6, STEPS + 1))
     for s, loss in got["resumed"].items():
         assert loss == pytest.approx(ref[s], rel=LOSS_RTOL), s
