@@ -8,7 +8,7 @@ clips with is one process's (stage 0, DeepSpeed's plain data parallelism, clips 
 Per-rank model-state bytes: stage 1 holds half of DDP's AdamW moments, stage 3 half of its
 parameters. tp=2 x dp=2 with stage 1, and with stage 3 + sequence parallelism (our TP as
 DeepSpeed's mpu), matches one process.
-Stopping at step 5 and resuming is bit-exact under stages 1 and 3, and ``load_model`` reads the
+Stopping at step 5 and resuming is bit-exact under stages 1, 2 and 3, and ``load_model`` reads the
 weights of a DeepSpeed checkpoint.
 """
 
@@ -138,7 +138,7 @@ def test_deepspeed_tensor_parallel_mpu_matches_one_process(tmp_path):
 
 def _stop_and_resume(rank: int, world: int, root: str) -> dict:
     out = {}
-    for stage in (1, 3):
+    for stage in (1, 2, 3):
         layout = [*DS, f"zero.stage={stage}"]
         trainer = Trainer(_cfg(f"{root}/full{stage}", *layout, "checkpoint.save_every=5"))
         full = trainer.train()

@@ -3,7 +3,7 @@
 Tiny LLaMA, 10 steps, global batch 8 of micro-batches of 2: one process accumulates 4
 micro-batches per step, each of the 2 dp ranks 2 (so ``set_requires_gradient_sync(False)`` is
 exercised on every step). Stages 1, 2 and 3 give the per-step losses of one process and of DDP
-within 1e-5 relative; a stage-3 run stopped at step 5 resumes bit-exactly; under stage 3 each
+within 1e-5 relative; runs stopped at step 5 resume bit-exactly at every stage; under stage 3 each
 rank holds half of the parameter and AdamW-state bytes.
 """
 
@@ -83,19 +83,24 @@ def test_fsdp2_stages_train_like_ddp_and_one_process(tmp_path):
 
 
 def _stop_and_resume(rank: int, world: int, root: str) -> dict:
-    stage3 = LAYOUTS["fsdp2-3"]
-    full = Trainer(_cfg(f"{root}/full", *stage3, "checkpoint.save_every=5")).train()
-    resumed = Trainer(
-        _cfg(f"{root}/resumed", *stage3, f"checkpoint.load={root}/full/checkpoints/step_5")
-    ).train()
-    return {"full": full.losses, "resumed": resumed.losses}
+    out = {}
+    for stage in (1, 2, 3):
+        layout = LAYOUTS[f"fsdp2-{stage}"]
+        full = Trainer(_cfg(f"{root}/full{stage}", *layout, "checkpoint.save_every=5")).train()
+        resumed = Trainer(
+            _cfg(f"{root}/resumed{stage}", *layout,
+                 f"checkpoint.load={root}/full{stage}/checkpoints/step_5")
+        ).train()  # fmt: skip
+        out[stage] = {"full": full.losses, "resumed": resumed.losses}
+    return out
 
 
-def test_fsdp2_stage3_checkpoint_resumes_exactly(tmp_path):
-    got = run_distributed(_stop_and_resume, 2, str(tmp_path), timeout=120)[0]
-    full, resumed = got["full"], got["resumed"]
-    assert sorted(resumed) == list(range(6, STEPS + 1))
-    assert all(resumed[s] == full[s] for s in resumed), (full, resumed)  # bit-exact
+def test_fsdp2_checkpoints_resume_exactly_at_every_stage(tmp_path):
+    got = run_distributed(_stop_and_resume, 2, str(tmp_path), timeout=240)[0]
+    for stage, run in got.items():
+        full, resumed = run["full"], run["resumed"]
+        assert sorted(resumed) == list(range(6, STEPS + 1)), stage
+        assert all(resumed[s] == full[s] for s in resumed), (stage, full, resumed)  # exact
 
 
 @pytest.mark.parametrize(
