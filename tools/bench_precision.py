@@ -7,8 +7,9 @@
 fp32 and of torchao FP8 (tensorwise, rowwise) against bf16. ``speed`` prints the median
 tokens/s over the late steps and the MFU against the H100 SXM bf16 peak (989 TFLOP/s), with
 FLOPs per token = 6 x (parameters without the embedding table) + causal attention counted once
-(6 x layers x seq x d_model). ``--compile`` compiles every transformer block (torchao's FP8
-casts are only fused under torch.compile; eager FP8 is slower than bf16).
+(6 x layers x seq x d_model). ``--compile`` sets ``train.compile=true``, which compiles every
+transformer block (torchao's FP8 casts are only fused under torch.compile; eager FP8 is slower
+than bf16).
 """
 
 from __future__ import annotations
@@ -36,12 +37,10 @@ def run(name: str, overrides: list[str], steps: int, out: Path, compile_blocks: 
     cfg = load_config(
         [str(REPO / "configs/models/tiny/llama.yaml")],
         ["train.log_every=1", "run.progress=off", "checkpoint.save_final=false",
-         f"train.max_steps={steps}", f"run.output_dir={out / name}", *overrides],
+         f"train.max_steps={steps}", f"run.output_dir={out / name}",
+         f"train.compile={str(compile_blocks).lower()}", *overrides],
     )  # fmt: skip
     trainer = Trainer(cfg)
-    if compile_blocks:
-        for block in trainer.model.layers:
-            block.compile()
     losses = trainer.train().losses
     rows = [json.loads(line) for line in open(out / name / "metrics.jsonl") if '"loss"' in line]
     return trainer, losses, rows

@@ -229,6 +229,11 @@ class TrainConfig:
     eval_every: int = opt(0, "Evaluate on the validation split every N steps (0 = never).")
     eval_batches: int = opt(8, "Micro-batches per evaluation.")
     log_every: int = opt(10, "Write a metrics line every N steps.")
+    compile: bool = opt(
+        False,
+        "Compile each transformer block with torch.compile (names and checkpoints unchanged; "
+        "fuses elementwise work and torchao's FP8 casts; the first steps pay the compile time).",
+    )
 
 
 @dataclass

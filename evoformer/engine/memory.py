@@ -187,9 +187,12 @@ class MemoryMeter:
     ``after_backward(strategy)`` once all micro-batches are done, ``after_step(strategy)`` after
     the optimizer step (returns the metrics to log)."""
 
-    def __init__(self, device: torch.device, enabled: bool = True) -> None:
+    def __init__(self, device: torch.device, enabled: bool = True, compiled: bool = False) -> None:
         self.device = device
         self.enabled = enabled
+        # The CPU tracker is a TorchDispatchMode, under which dynamo declines to trace a frame
+        # and then never compiles it: compiled runs on CPU report no activation bytes.
+        self.trace_activations = not (compiled and device.type == "cpu")
         self.stats: MemoryStats | None = None
         self._grads = 0
         self._activations: list[int] = []
@@ -199,7 +202,7 @@ class MemoryMeter:
         return self.enabled and self.stats is None
 
     def forward(self, model: torch.nn.Module, first: bool) -> contextlib.AbstractContextManager:
-        if not (self.measuring and first):
+        if not (self.measuring and first and self.trace_activations):
             return contextlib.nullcontext()
         cm = measure_forward(model, self.device)
 

@@ -39,7 +39,7 @@ from evoformer.engine.optim import lr_at
 from evoformer.engine.runtime import tune_glibc_malloc
 from evoformer.engine.strategy import build_strategy
 from evoformer.errors import UserError
-from evoformer.model import Transformer, build_model, lm_loss
+from evoformer.model import Block, Transformer, build_model, lm_loss
 
 TOKENIZER_FILE = "tokenizer.model"
 
@@ -127,6 +127,13 @@ class Trainer:
             )  # fmt: skip
         self.model.activation_checkpointing = cfg.activation_checkpointing
         self.model.activation_checkpointing_every = cfg.activation_checkpointing_every
+        if t.compile:
+            # Lazy: blocks are traced at their first forward, after the strategy's module swaps
+            # (FP8) and wrapping, so compiling before setup composes with both. In place, so
+            # parameter names (and checkpoints) do not change.
+            for block in self.model.modules():
+                if isinstance(block, Block):
+                    block.compile()
         self.strategy = build_strategy(cfg, self.dims, self.groups, self.device)
         self.strategy.setup(self.model, parts=getattr(self.model, "chunks", None))
         self.pipeline = None  # pp > 1: runs the micro-batches through the pipeline schedule
@@ -138,7 +145,7 @@ class Trainer:
                 self.grad_accum,
             )  # fmt: skip
         # Measures the first step (engine.memory); the numbers go on every metrics line.
-        self.memory = MemoryMeter(self.device, enabled=cfg.run.measure_memory)
+        self.memory = MemoryMeter(self.device, enabled=cfg.run.measure_memory, compiled=t.compile)
         self.step = 0
         self.stop = StopFlag()
         self.logger: MetricsLogger | NullLogger = NullLogger()
