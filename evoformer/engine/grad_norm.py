@@ -119,9 +119,17 @@ def _sum_of_squares_over_shards(grads: list[torch.Tensor], device: torch.device)
             key = (mesh.mesh_dim_names, dims)
             groups = [mesh.get_group(i) for i in dims]
             buckets.setdefault(key, (groups, []))[1].append(g.to_local())
+    return total + _reduce_buckets(buckets, device)
+
+
+def _reduce_buckets(buckets: dict[tuple, tuple[list, list[torch.Tensor]]],
+                    device: torch.device) -> torch.Tensor:  # fmt: skip
+    """Sum of squares of every bucket's gradients, each all-reduced over its bucket's groups;
+    buckets in a fixed key order, so every rank issues the same collectives."""
+    total = torch.zeros((), dtype=torch.float32, device=device)
     for key in sorted(buckets, key=repr):
-        groups, local = buckets[key]
-        sq = _sum_of_squares(local, device)
+        groups, grads = buckets[key]
+        sq = _sum_of_squares(grads, device)
         for group in groups:
             if group_size(group) > 1:
                 all_reduce_(sq, group)
@@ -162,15 +170,7 @@ def expert_parallel_grad_norm(
         bucket = buckets.setdefault(tuple(key), (groups, []))
         if p.grad is not None:
             bucket[1].append(_local(p.grad))
-    total = torch.zeros((), dtype=torch.float32, device=device)
-    for key in sorted(buckets):
-        groups, grads = buckets[key]
-        sq = _sum_of_squares(grads, device)
-        for group in groups:
-            if group_size(group) > 1:
-                all_reduce_(sq, group)
-        total = total + sq
-    return total.sqrt()
+    return _reduce_buckets(buckets, device).sqrt()
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:

@@ -26,7 +26,7 @@ from torch import nn
 
 from evoformer.config.schema import ModelConfig
 from evoformer.model.inspect import _attention_flops, block_params, mtp_module_params
-from evoformer.model.transformer import Transformer
+from evoformer.model.transformer import Transformer, materialise
 from evoformer.parallel.context import ParallelContext
 
 # -- layout ----------------------------------------------------------------------------------
@@ -274,11 +274,6 @@ def build_stage_model(
     ctx = ParallelContext.from_groups(groups, sequence_parallel, backend=cfg.backend)
     with torch.device("meta"):
         model = TransformerStage(cfg, ctx, layer_ids, 0 in my_stages, S - 1 in my_stages)
-    model.to_empty(device=device)
-    for rope in (model.rope, model.rope_local):
-        if rope is not None:
-            rope.reset_parameters()
-    if seed is not None:
-        model.init_weights(seed)
+    materialise(model, device, seed)
     model.chunks = [StageChunk(model, s, S, stages[s]) for s in sorted(my_stages)]
     return model

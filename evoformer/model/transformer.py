@@ -353,6 +353,12 @@ def build_model(
     ctx = ParallelContext.from_groups(groups, sequence_parallel, backend=cfg.backend)
     with torch.device("meta"):
         model = Transformer(cfg, ctx)
+    return materialise(model, device, seed)
+
+
+def materialise(model: Transformer, device: str | torch.device, seed: int | None) -> Transformer:
+    """Allocate a meta-device model on ``device``, rebuild its RoPE tables, and initialise its
+    weights per parameter name from ``seed`` (``None``: leave the memory uninitialised)."""
     model.to_empty(device=device)
     for rope in (model.rope, model.rope_local):
         if rope is not None:
