@@ -139,9 +139,16 @@ def cmd_generate(argv: list[str]) -> int:
     if not prompt:
         raise UserError("--prompt encodes to no tokens")
     new = generate(
-        model, prompt, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
-        use_cache=not args.no_cache, stop_id=tokenizer.eod_id, seed=args.seed,
-    )  # fmt: skip
+        model,
+        prompt,
+        args.max_new_tokens,
+        args.temperature,
+        args.top_k,
+        args.top_p,
+        use_cache=not args.no_cache,
+        stop_id=tokenizer.eod_id,
+        seed=args.seed,
+    )
     print(args.prompt + tokenizer.decode([t for t in new if t != tokenizer.eod_id]))
     return 0
 

@@ -17,8 +17,12 @@ def run_cli(*args: str, cwd=None) -> subprocess.CompletedProcess:
     env = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
     return subprocess.run(
         [sys.executable, "-m", "evoformer", *args],
-        capture_output=True, text=True, cwd=cwd or REPO, env=env, timeout=300,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        cwd=cwd or REPO,
+        env=env,
+        timeout=300,
+    )
 
 
 def assert_clean_error(proc: subprocess.CompletedProcess, fragment: str) -> None:
@@ -38,13 +42,24 @@ def test_bad_inputs_are_one_line_errors(tmp_path):
         (["train", str(tmp_path / "bad.yaml")], "invalid YAML"),
         (["train", TINY, "train.max_step=3"], "did you mean 'train.max_steps'"),
         (["train", TINY, "train.max_steps=lots"], "bad value for 'train.max_steps'"),
-        (["train", TINY, "data.source=files", f"data.paths=[{tmp_path}/nope.txt]", out],
-         "nope.txt"),
-        (["train", TINY, "data.source=files", f"data.paths=[{tmp_path}/empty.txt]",
-          "data.tokenizer=" + str(tmp_path / "none.model"), out], "none.model"),
+        (
+            ["train", TINY, "data.source=files", f"data.paths=[{tmp_path}/nope.txt]", out],
+            "nope.txt",
+        ),
+        (
+            [
+                "train",
+                TINY,
+                "data.source=files",
+                f"data.paths=[{tmp_path}/empty.txt]",
+                "data.tokenizer=" + str(tmp_path / "none.model"),
+                out,
+            ],
+            "none.model",
+        ),
         (["generate", str(tmp_path)], "is not a checkpoint"),
         (["bogus"], "unknown command 'bogus'"),
-    ]  # fmt: skip
+    ]
     for args, fragment in cases:
         assert_clean_error(run_cli(*args), fragment)
 
@@ -60,10 +75,17 @@ def test_help_lists_config_keys():
 def test_train_then_generate_end_to_end(tmp_path):
     out = tmp_path / "run"
     proc = run_cli(
-        "train", TINY, "data.source=default", "data.tokenizer_vocab_size=512",
-        "model.vocab_size=512", "train.max_steps=4", "train.seq_len=32", "train.log_every=2",
-        f"run.output_dir={out}", f"data.cache_dir={tmp_path / 'cache'}",
-    )  # fmt: skip
+        "train",
+        TINY,
+        "data.source=default",
+        "data.tokenizer_vocab_size=512",
+        "model.vocab_size=512",
+        "train.max_steps=4",
+        "train.seq_len=32",
+        "train.log_every=2",
+        f"run.output_dir={out}",
+        f"data.cache_dir={tmp_path / 'cache'}",
+    )
     assert proc.returncode == 0, proc.stderr
     assert "step      4/4" in proc.stdout
     assert (out / "checkpoints/step_4/tokenizer.model").is_file()
@@ -97,8 +119,9 @@ def test_tokenizer_preprocess_and_train_on_files(tmp_path):
     src = tmp_path / "docs.jsonl"
     lib = [p for p in (REPO / "evoformer").rglob("*.py")]
     src.write_text("".join(__import__("json").dumps({"text": p.read_text()}) + "\n" for p in lib))
-    proc = run_cli("tokenizer", "train", str(src), "--out", str(tmp_path / "tok"),
-                   "--vocab-size", "400")  # fmt: skip
+    proc = run_cli(
+        "tokenizer", "train", str(src), "--out", str(tmp_path / "tok"), "--vocab-size", "400"
+    )
     assert proc.returncode == 0, proc.stderr
     model = tmp_path / "tok.model"
     assert model.is_file()
@@ -107,14 +130,24 @@ def test_tokenizer_preprocess_and_train_on_files(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert store.stat().st_size > 1000
     out = tmp_path / "run"
-    base = [TINY, "data.source=files", f"data.paths=[{store}]", "train.seq_len=32",
-            "train.max_steps=2", f"run.output_dir={out}"]  # fmt: skip
+    base = [
+        TINY,
+        "data.source=files",
+        f"data.paths=[{store}]",
+        "train.seq_len=32",
+        "train.max_steps=2",
+        f"run.output_dir={out}",
+    ]
     proc = run_cli("train", *base)
     assert proc.returncode == 0, proc.stderr
     # An empty corpus is refused with one line.
     (tmp_path / "empty.txt").write_text("")
-    empty = ["data.source=files", f"data.paths=[{tmp_path / 'empty.txt'}]",
-             f"data.tokenizer={model}", f"run.output_dir={tmp_path / 'run2'}"]  # fmt: skip
+    empty = [
+        "data.source=files",
+        f"data.paths=[{tmp_path / 'empty.txt'}]",
+        f"data.tokenizer={model}",
+        f"run.output_dir={tmp_path / 'run2'}",
+    ]
     proc = run_cli("train", TINY, "train.seq_len=32", *empty)
     assert_clean_error(proc, "empty.txt")
     # A truncated token store too.
@@ -130,11 +163,24 @@ def test_sigint_saves_a_checkpoint_and_exits_cleanly(tmp_path):
     out = tmp_path / "run"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "evoformer", "train", TINY, "data.source=synthetic",
-         "train.seq_len=32", "train.max_steps=100000", "train.log_every=1",
-         f"run.output_dir={out}"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "evoformer",
+            "train",
+            TINY,
+            "data.source=synthetic",
+            "train.seq_len=32",
+            "train.max_steps=100000",
+            "train.log_every=1",
+            f"run.output_dir={out}",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        cwd=REPO,
+    )
     deadline = time.time() + 120
     for line in proc.stdout:
         if line.startswith("step ") and "/100000" in line and "step      3/" in line:
@@ -147,8 +193,14 @@ def test_sigint_saves_a_checkpoint_and_exits_cleanly(tmp_path):
     latest = (out / "checkpoints/latest").read_text().strip()
     step = int(latest.removeprefix("step_"))
     assert step >= 3
-    resumed = run_cli("train", TINY, "data.source=synthetic", "train.seq_len=32",
-                      f"train.max_steps={step + 2}", f"run.output_dir={out}",
-                      "checkpoint.load=auto")  # fmt: skip
+    resumed = run_cli(
+        "train",
+        TINY,
+        "data.source=synthetic",
+        "train.seq_len=32",
+        f"train.max_steps={step + 2}",
+        f"run.output_dir={out}",
+        "checkpoint.load=auto",
+    )
     assert resumed.returncode == 0, resumed.stderr
     assert f"resumed from {out / 'checkpoints' / latest} at step {step}" in resumed.stdout

@@ -32,9 +32,18 @@ CONTEXT = 32_768  # long-context length of the KV and inference columns
 TRAIN_SEQ = 4_096  # training sequence length of the FLOPs column
 
 PRESETS = [
-    "llama2-7b", "llama3-8b", "mistral-7b", "qwen3-8b", "olmo2-7b", "gemma3-27b",
-    "llama3.1-405b", "mixtral-8x7b", "qwen3-235b-a22b", "deepseek-v2-lite", "deepseek-v3-671b",
-]  # fmt: skip
+    "llama2-7b",
+    "llama3-8b",
+    "mistral-7b",
+    "qwen3-8b",
+    "olmo2-7b",
+    "gemma3-27b",
+    "llama3.1-405b",
+    "mixtral-8x7b",
+    "qwen3-235b-a22b",
+    "deepseek-v2-lite",
+    "deepseek-v3-671b",
+]
 
 # One 7B shape (Llama 2 7B: d 4096, 32 layers, 32 query heads of 128) with only the attention
 # swapped; MLA takes DeepSeek-V2-Lite's per-head dims (no q low-rank, latent 512, RoPE key 64).
@@ -44,19 +53,33 @@ SYNTHETIC = [
     ("MHA (32 KV heads)", []),
     ("GQA-8", ["model.attention.n_kv_heads=8"]),
     ("MQA (1 KV head)", ["model.attention.n_kv_heads=1"]),
-    ("MLA (latent 512 + RoPE 64)", [
-        "model.attention.kind=mla", "model.attention.q_lora_rank=0",
-        "model.attention.kv_lora_rank=512", "model.attention.qk_nope_head_dim=128",
-        "model.attention.qk_rope_head_dim=64", "model.attention.v_head_dim=128",
-    ]),
-    ("GQA-8 + window 4096 (all layers)", [
-        "model.attention.n_kv_heads=8", "model.attention.sliding_window=4096",
-    ]),
-    ("GQA-8 + 5:1 local:global, window 1024", [
-        "model.attention.n_kv_heads=8", "model.attention.sliding_window=1024",
-        "model.attention.global_every=6",
-    ]),
-]  # fmt: skip
+    (
+        "MLA (latent 512 + RoPE 64)",
+        [
+            "model.attention.kind=mla",
+            "model.attention.q_lora_rank=0",
+            "model.attention.kv_lora_rank=512",
+            "model.attention.qk_nope_head_dim=128",
+            "model.attention.qk_rope_head_dim=64",
+            "model.attention.v_head_dim=128",
+        ],
+    ),
+    (
+        "GQA-8 + window 4096 (all layers)",
+        [
+            "model.attention.n_kv_heads=8",
+            "model.attention.sliding_window=4096",
+        ],
+    ),
+    (
+        "GQA-8 + 5:1 local:global, window 1024",
+        [
+            "model.attention.n_kv_heads=8",
+            "model.attention.sliding_window=1024",
+            "model.attention.global_every=6",
+        ],
+    ),
+]
 
 
 def _load(name: str, overrides: list[str] = ()) -> ModelConfig:

@@ -77,8 +77,11 @@ def make_optimizer(model: torch.nn.Module, cfg: Config, impl: str) -> torch.opti
     kwargs = {"fused": True} if impl == "fused" else {"foreach": impl == "foreach"}
     return torch.optim.AdamW(
         param_groups(model, o.weight_decay),
-        lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, **kwargs,
-    )  # fmt: skip
+        lr=o.lr,
+        betas=(o.beta1, o.beta2),
+        eps=o.eps,
+        **kwargs,
+    )
 
 
 def build_pair(cfg: Config):
@@ -253,13 +256,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=3, help="untimed steps per model first")
     p.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
     p.add_argument(
-        "--optimizer", default="default", choices=["default", "foreach", "for-loop", "fused"],
+        "--optimizer",
+        default="default",
+        choices=["default", "foreach", "for-loop", "fused"],
         help="AdamW kernels for both models (default: the trainer's build_optimizer)",
-    )  # fmt: skip
+    )
     p.add_argument(
-        "--tune-malloc", action="store_true",
+        "--tune-malloc",
+        action="store_true",
         help="reuse freed memory instead of re-mmapping it (see tune_glibc_malloc)",
-    )  # fmt: skip
+    )
     p.add_argument("--json", type=Path, help="also write the raw results here")
     args = p.parse_args(argv)
     if min(args.repeats, args.steps, args.warmup, args.threads) < 1:

@@ -31,10 +31,19 @@ CONFIG = REPO / "configs/bench/moe-ep.yaml"
 def run_once(ep: int, steps: int, out_dir: Path) -> list[dict]:
     """One 2-rank training run; returns its metrics.jsonl training lines."""
     cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-        "-m", "evoformer", "train", str(CONFIG), f"parallel.ep={ep}",
-        f"train.max_steps={steps}", f"run.output_dir={out_dir}",
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "evoformer",
+        "train",
+        str(CONFIG),
+        f"parallel.ep={ep}",
+        f"train.max_steps={steps}",
+        f"run.output_dir={out_dir}",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     subprocess.run(cmd, check=True, env=env, cwd=REPO, capture_output=True, text=True)
     lines = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
@@ -68,8 +77,10 @@ def main(argv: list[str] | None = None) -> int:
                 lines = run_once(ep, args.steps, Path(tmp) / f"ep{ep}-{r}")
                 rates[ep] += [x["tokens_per_s"] for x in lines if x["step"] > args.warmup]
                 final[ep] = lines[-1]["loss"]
-                print(f"repeat {r} ep={ep}: {time.perf_counter() - t0:.0f} s wall, median "
-                      f"{statistics.median(rates[ep]):,.0f} tokens/s so far")  # fmt: skip
+                print(
+                    f"repeat {r} ep={ep}: {time.perf_counter() - t0:.0f} s wall, median "
+                    f"{statistics.median(rates[ep]):,.0f} tokens/s so far"
+                )
     load.append(os.getloadavg()[0])
     result = {
         ep: {
@@ -84,10 +95,14 @@ def main(argv: list[str] | None = None) -> int:
     print("| setting | tokens/s (median, min-max) | expert bytes per rank | final loss |")
     print("|---|---:|---:|---:|")
     for ep, r in result.items():
-        print(f"| ep={ep} (dp=2) | {r['tokens_per_s']:,.0f} ({r['min']:,.0f}-{r['max']:,.0f}) | "
-              f"{r['expert_bytes_per_rank']:,} | {r['final_loss']:.4f} |")  # fmt: skip
-    print(f"ratio ep2/ep1: {result[2]['tokens_per_s'] / result[1]['tokens_per_s']:.3f}; "
-          f"load average before / after: {load[0]:.2f} / {load[1]:.2f}")  # fmt: skip
+        print(
+            f"| ep={ep} (dp=2) | {r['tokens_per_s']:,.0f} ({r['min']:,.0f}-{r['max']:,.0f}) | "
+            f"{r['expert_bytes_per_rank']:,} | {r['final_loss']:.4f} |"
+        )
+    print(
+        f"ratio ep2/ep1: {result[2]['tokens_per_s'] / result[1]['tokens_per_s']:.3f}; "
+        f"load average before / after: {load[0]:.2f} / {load[1]:.2f}"
+    )
     if args.json:
         args.json.write_text(json.dumps({"results": result, "load": load}, indent=1))
     return 0

@@ -30,15 +30,24 @@ VIRTUAL = {"gpipe": 1, "1f1b": 1, "interleaved": 2, "zero_bubble": 2, "zbv": 2}
 
 def _overrides(args, out: str) -> list[str]:
     return [
-        "data.source=synthetic", f"train.seq_len={args.seq_len}",
+        "data.source=synthetic",
+        f"train.seq_len={args.seq_len}",
         f"train.micro_batch_size={args.micro_batch}",
         f"train.global_batch_size={args.micro_batch * args.micro_batches}",
-        f"train.max_steps={args.steps}", "train.log_every=1", "run.progress=off",
-        "checkpoint.save_final=false", f"model.n_layers={args.layers}",
-        f"model.d_model={args.d_model}", f"model.mlp.hidden={args.d_model * 8 // 3 // 8 * 8}",
-        "model.vocab_size=4096", "model.attention.n_heads=4", "model.attention.n_kv_heads=2",
-        "run.threads=1", "run.device=cpu", f"run.output_dir={out}",
-    ]  # fmt: skip
+        f"train.max_steps={args.steps}",
+        "train.log_every=1",
+        "run.progress=off",
+        "checkpoint.save_final=false",
+        f"model.n_layers={args.layers}",
+        f"model.d_model={args.d_model}",
+        f"model.mlp.hidden={args.d_model * 8 // 3 // 8 * 8}",
+        "model.vocab_size=4096",
+        "model.attention.n_heads=4",
+        "model.attention.n_kv_heads=2",
+        "run.threads=1",
+        "run.device=cpu",
+        f"run.output_dir={out}",
+    ]
 
 
 def _tokens_per_s(out: str) -> float:
@@ -77,9 +86,11 @@ def main() -> None:
             theory = (p - 1) / (v * m + p - 1)
             speedup = rate / one
             rows.append((f"pp=2 {name}", rate, speedup, f"{1 - speedup / p:.0%}", f"{theory:.0%}"))
-    print(f"\n{args.layers} layers, d {args.d_model}, seq {args.seq_len}, micro-batch "
-          f"{args.micro_batch}, m={m} micro-batches/step, {args.steps} steps, 1 thread/rank "
-          f"({time.time() - t0:.0f} s)\n")  # fmt: skip
+    print(
+        f"\n{args.layers} layers, d {args.d_model}, seq {args.seq_len}, micro-batch "
+        f"{args.micro_batch}, m={m} micro-batches/step, {args.steps} steps, 1 thread/rank "
+        f"({time.time() - t0:.0f} s)\n"
+    )
     print("| run | tokens/s | speed-up | measured idle | textbook bubble |")
     print("|---|---:|---:|---:|---:|")
     for label, rate, speedup, idle, theory in rows:

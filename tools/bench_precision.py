@@ -26,20 +26,34 @@ REPO = Path(__file__).resolve().parent.parent
 PEAK_BF16 = 989e12
 TORCHAO = ["precision=bf16", "fp8.enabled=true", "fp8.backend=torchao"]
 SPEED_MODEL = [
-    "model.vocab_size=32768", "model.d_model=2048", "model.n_layers=12",
-    "model.attention.n_heads=16", "model.attention.n_kv_heads=8", "model.mlp.hidden=5632",
-    "model.max_seq_len=2048", "data.source=synthetic", "train.seq_len=2048",
-    "train.global_batch_size=8", "train.micro_batch_size=4", "optim.warmup_steps=5",
-]  # fmt: skip
+    "model.vocab_size=32768",
+    "model.d_model=2048",
+    "model.n_layers=12",
+    "model.attention.n_heads=16",
+    "model.attention.n_kv_heads=8",
+    "model.mlp.hidden=5632",
+    "model.max_seq_len=2048",
+    "data.source=synthetic",
+    "train.seq_len=2048",
+    "train.global_batch_size=8",
+    "train.micro_batch_size=4",
+    "optim.warmup_steps=5",
+]
 
 
 def run(name: str, overrides: list[str], steps: int, out: Path, compile_blocks: bool = False):
     cfg = load_config(
         [str(REPO / "configs/models/tiny/llama.yaml")],
-        ["train.log_every=1", "run.progress=off", "checkpoint.save_final=false",
-         f"train.max_steps={steps}", f"run.output_dir={out / name}",
-         f"train.compile={str(compile_blocks).lower()}", *overrides],
-    )  # fmt: skip
+        [
+            "train.log_every=1",
+            "run.progress=off",
+            "checkpoint.save_final=false",
+            f"train.max_steps={steps}",
+            f"run.output_dir={out / name}",
+            f"train.compile={str(compile_blocks).lower()}",
+            *overrides,
+        ],
+    )
     trainer = Trainer(cfg)
     losses = trainer.train().losses
     rows = [json.loads(line) for line in open(out / name / "metrics.jsonl") if '"loss"' in line]
@@ -53,17 +67,29 @@ def rel(got: dict[int, float], want: dict[int, float]) -> tuple[float, float]:
 
 def track(out: Path) -> None:
     common = [
-        "data.source=default", "data.tokenizer_vocab_size=512", "model.n_layers=4",
-        "train.seq_len=128", "train.global_batch_size=16", "train.micro_batch_size=16",
-        "optim.warmup_steps=10", "optim.lr=3e-3",
-    ]  # fmt: skip
+        "data.source=default",
+        "data.tokenizer_vocab_size=512",
+        "model.n_layers=4",
+        "train.seq_len=128",
+        "train.global_batch_size=16",
+        "train.micro_batch_size=16",
+        "optim.warmup_steps=10",
+        "optim.lr=3e-3",
+    ]
     runs = {
-        "fp32": [], "bf16": ["precision=bf16"], "fp16": ["precision=fp16"],
-        "fp8_tensorwise": TORCHAO, "fp8_rowwise": [*TORCHAO, "fp8.recipe=rowwise"],
-    }  # fmt: skip
+        "fp32": [],
+        "bf16": ["precision=bf16"],
+        "fp16": ["precision=fp16"],
+        "fp8_tensorwise": TORCHAO,
+        "fp8_rowwise": [*TORCHAO, "fp8.recipe=rowwise"],
+    }
     losses = {name: run(name, common + ov, 100, out)[1] for name, ov in runs.items()}
-    for name, ref in [("bf16", "fp32"), ("fp16", "fp32"), ("fp8_tensorwise", "bf16"),
-                      ("fp8_rowwise", "bf16")]:  # fmt: skip
+    for name, ref in [
+        ("bf16", "fp32"),
+        ("fp16", "fp32"),
+        ("fp8_tensorwise", "bf16"),
+        ("fp8_rowwise", "bf16"),
+    ]:
         mx, mean = rel(losses[name], losses[ref])
         print(f"{name} vs {ref}, 100 steps: max {mx:.1e}, mean {mean:.1e}")
 

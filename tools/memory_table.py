@@ -33,13 +33,22 @@ from evoformer.model.inspect import count_params  # noqa: E402
 from evoformer.model.plan import bytes_per_param, estimate  # noqa: E402
 
 MODEL = [
-    "model.vocab_size=8192", "model.d_model=256", "model.n_layers=4",
-    "model.attention.n_heads=4", "model.attention.n_kv_heads=2", "model.mlp.hidden=688",
-]  # fmt: skip
+    "model.vocab_size=8192",
+    "model.d_model=256",
+    "model.n_layers=4",
+    "model.attention.n_heads=4",
+    "model.attention.n_kv_heads=2",
+    "model.mlp.hidden=688",
+]
 COMMON = [
-    "data.source=synthetic", "train.seq_len=32", "train.max_steps=1", "train.log_every=1",
-    "run.progress=off", "checkpoint.save_final=false", "optim.warmup_steps=1",
-]  # fmt: skip
+    "data.source=synthetic",
+    "train.seq_len=32",
+    "train.max_steps=1",
+    "train.log_every=1",
+    "run.progress=off",
+    "checkpoint.save_final=false",
+    "optim.warmup_steps=1",
+]
 LAYOUTS = {
     "ddp (stage 0)": ["zero.backend=ddp", "zero.stage=0"],
     "fsdp2 stage 1": ["zero.backend=fsdp2", "zero.stage=1"],
@@ -75,8 +84,12 @@ def _measure(rank: int, world: int, root: str, layouts: dict[str, list[str]]) ->
             trainer = Trainer(_cfg(f"{root}/{name.replace(' ', '-')}", world, *overrides))
             trainer.train()
             s = trainer.memory.stats
-            out[name] = {"params": s.params, "grads": s.grads, "optim": s.optim,
-                         "gathered": s.gathered_params}  # fmt: skip
+            out[name] = {
+                "params": s.params,
+                "grads": s.grads,
+                "optim": s.optim,
+                "gathered": s.gathered_params,
+            }
         except Exception as err:  # an optional backend that does not run here: say why
             out[name] = {"error": f"{type(err).__name__}: {str(err).splitlines()[0][:80]}"}
     return out

@@ -20,8 +20,18 @@ from pathlib import Path
 SHARE = re.compile(r"^moe/L(\d+)/share$")
 PANEL_W, PANEL_H, MARGIN = 640, 200, 48
 # Tableau 10: distinguishable lines for up to 10 experts, then repeating.
-COLOURS = ["#4e79a7", "#f28e2b", "#e15759", "#76b7b2", "#59a14f",
-           "#edc948", "#b07aa1", "#ff9da7", "#9c755f", "#bab0ac"]  # fmt: skip
+COLOURS = [
+    "#4e79a7",
+    "#f28e2b",
+    "#e15759",
+    "#76b7b2",
+    "#59a14f",
+    "#edc948",
+    "#b07aa1",
+    "#ff9da7",
+    "#9c755f",
+    "#bab0ac",
+]
 
 
 def read_loads(path: Path) -> dict[int, dict]:
@@ -109,8 +119,10 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     layers = read_loads(args.metrics)
     if not layers:
-        print(f"error: {args.metrics} has no moe/L<i>/share metrics (not an MoE run?)",
-              file=sys.stderr)  # fmt: skip
+        print(
+            f"error: {args.metrics} has no moe/L<i>/share metrics (not an MoE run?)",
+            file=sys.stderr,
+        )
         return 1
     args.out.write_text(render_svg(layers, f"expert load: {args.metrics}"))
     print(f"wrote {args.out} ({len(layers)} MoE layers)")

@@ -11,6 +11,12 @@ from evoformer.checkpoint.io import (
 from evoformer.checkpoint.model_io import checkpoint_config, load_model
 
 __all__ = [
-    "checkpoint_config", "list_checkpoints", "load_checkpoint", "load_model",
-    "read_trainer_state", "resolve_checkpoint", "save_checkpoint", "write_text_atomic",
-]  # fmt: skip
+    "checkpoint_config",
+    "list_checkpoints",
+    "load_checkpoint",
+    "load_model",
+    "read_trainer_state",
+    "resolve_checkpoint",
+    "save_checkpoint",
+    "write_text_atomic",
+]

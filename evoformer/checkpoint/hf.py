@@ -119,12 +119,24 @@ def _unsupported(family: str, what: str) -> UserError:
 # -- GPT-2 ------------------------------------------------------------------------------------
 
 GPT2_DEFAULTS: dict[str, Any] = {
-    "vocab_size": 50257, "n_positions": 1024, "n_embd": 768, "n_layer": 12, "n_head": 12,
-    "n_inner": None, "activation_function": "gelu_new", "resid_pdrop": 0.1, "embd_pdrop": 0.1,
-    "attn_pdrop": 0.1, "layer_norm_epsilon": 1e-5, "initializer_range": 0.02,
-    "scale_attn_weights": True, "scale_attn_by_inverse_layer_idx": False,
-    "reorder_and_upcast_attn": False, "add_cross_attention": False, "tie_word_embeddings": True,
-}  # fmt: skip
+    "vocab_size": 50257,
+    "n_positions": 1024,
+    "n_embd": 768,
+    "n_layer": 12,
+    "n_head": 12,
+    "n_inner": None,
+    "activation_function": "gelu_new",
+    "resid_pdrop": 0.1,
+    "embd_pdrop": 0.1,
+    "attn_pdrop": 0.1,
+    "layer_norm_epsilon": 1e-5,
+    "initializer_range": 0.02,
+    "scale_attn_weights": True,
+    "scale_attn_by_inverse_layer_idx": False,
+    "reorder_and_upcast_attn": False,
+    "add_cross_attention": False,
+    "tie_word_embeddings": True,
+}
 
 # HF activation name -> ours. gelu_new / gelu_pytorch_tanh are both the tanh approximation.
 GPT2_ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu"}
@@ -182,12 +194,16 @@ def gpt2_to_hf_config(m: ModelConfig) -> dict[str, Any]:
         (m.mlp.kind != "gelu", f"model.mlp.kind={m.mlp.kind} (needs gelu)"),
         (not m.mlp.bias, "model.mlp.bias=false (GPT-2 MLPs have biases)"),
         (not a.bias, "model.attention.bias=false (GPT-2 attention has biases)"),
-        ((a.n_kv_heads or a.n_heads) != a.n_heads, f"model.attention.n_kv_heads={a.n_kv_heads} "
-         "(GPT-2 has no grouped-query attention)"),
-        (a.head_dim not in (None, m.d_model // a.n_heads),
-         f"model.attention.head_dim={a.head_dim} (GPT-2 needs d_model / n_heads)"),
+        (
+            (a.n_kv_heads or a.n_heads) != a.n_heads,
+            f"model.attention.n_kv_heads={a.n_kv_heads} (GPT-2 has no grouped-query attention)",
+        ),
+        (
+            a.head_dim not in (None, m.d_model // a.n_heads),
+            f"model.attention.head_dim={a.head_dim} (GPT-2 needs d_model / n_heads)",
+        ),
         (act not in _invert(GPT2_ACTIVATIONS), f"model.mlp.activation={act}"),
-    ]  # fmt: skip
+    ]
     for bad, what in checks:
         if bad:
             raise _unsupported("gpt2", what)
@@ -242,17 +258,31 @@ GPT2_RULES = (
 # -- LLaMA ------------------------------------------------------------------------------------
 
 LLAMA_DEFAULTS: dict[str, Any] = {
-    "vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 11008,
-    "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": None,
-    "head_dim": None, "hidden_act": "silu", "max_position_embeddings": 2048,
-    "initializer_range": 0.02, "rms_norm_eps": 1e-6, "tie_word_embeddings": False,
-    "rope_theta": 10000.0, "attention_bias": False, "attention_dropout": 0.0, "mlp_bias": False,
-}  # fmt: skip
+    "vocab_size": 32000,
+    "hidden_size": 4096,
+    "intermediate_size": 11008,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "num_key_value_heads": None,
+    "head_dim": None,
+    "hidden_act": "silu",
+    "max_position_embeddings": 2048,
+    "initializer_range": 0.02,
+    "rms_norm_eps": 1e-6,
+    "tie_word_embeddings": False,
+    "rope_theta": 10000.0,
+    "attention_bias": False,
+    "attention_dropout": 0.0,
+    "mlp_bias": False,
+}
 
 LLAMA_ACTIVATIONS = {
-    "silu": "silu", "swish": "silu", "gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh",
+    "silu": "silu",
+    "swish": "silu",
+    "gelu": "gelu",
+    "gelu_pytorch_tanh": "gelu_tanh",
     "gelu_new": "gelu_tanh",
-}  # fmt: skip
+}
 
 
 def rope_from_hf(c: dict[str, Any], family: str) -> PositionConfig:
@@ -292,14 +322,16 @@ def _yarn_from_hf(params: dict[str, Any], c: dict[str, Any]) -> RopeScalingConfi
         factor = c["max_position_embeddings"] / original
     attention_factor = params.get("attention_factor")
     return RopeScalingConfig(
-        kind="yarn", factor=float(factor), original_max_seq_len=original,
+        kind="yarn",
+        factor=float(factor),
+        original_max_seq_len=original,
         beta_fast=float(params.get("beta_fast") or 32.0),
         beta_slow=float(params.get("beta_slow") or 1.0),
         mscale=float(params.get("mscale") or 0.0),
         mscale_all_dim=float(params.get("mscale_all_dim") or 0.0),
         attention_factor=None if attention_factor is None else float(attention_factor),
         truncate=bool(params.get("truncate", True)),
-    )  # fmt: skip
+    )
 
 
 def rope_to_hf(p: PositionConfig) -> dict[str, Any]:
@@ -308,16 +340,21 @@ def rope_to_hf(p: PositionConfig) -> dict[str, Any]:
     scaling = None
     if s.kind == "llama3":
         scaling = {
-            "rope_type": "llama3", "factor": s.factor, "low_freq_factor": s.low_freq_factor,
+            "rope_type": "llama3",
+            "factor": s.factor,
+            "low_freq_factor": s.low_freq_factor,
             "high_freq_factor": s.high_freq_factor,
             "original_max_position_embeddings": s.original_max_seq_len,
-        }  # fmt: skip
+        }
     elif s.kind == "yarn":
         scaling = {
-            "rope_type": "yarn", "factor": s.factor,
+            "rope_type": "yarn",
+            "factor": s.factor,
             "original_max_position_embeddings": s.original_max_seq_len,
-            "beta_fast": s.beta_fast, "beta_slow": s.beta_slow, "truncate": s.truncate,
-        }  # fmt: skip
+            "beta_fast": s.beta_fast,
+            "beta_slow": s.beta_slow,
+            "truncate": s.truncate,
+        }
         for key in ("mscale", "mscale_all_dim"):
             if getattr(s, key):
                 scaling[key] = getattr(s, key)
@@ -372,10 +409,12 @@ def llama_to_hf_config(m: ModelConfig) -> dict[str, Any]:
         (m.norm.placement != "pre", f"model.norm.placement={m.norm.placement} (needs pre)"),
         (m.mlp.kind != "swiglu", f"model.mlp.kind={m.mlp.kind} (needs swiglu)"),
         (m.dropout != 0, f"model.dropout={m.dropout} (LLaMA has no residual dropout)"),
-        (m.position.rope_scaling.kind not in ("none", "llama3"),
-         f"model.position.rope_scaling.kind={m.position.rope_scaling.kind}"),
+        (
+            m.position.rope_scaling.kind not in ("none", "llama3"),
+            f"model.position.rope_scaling.kind={m.position.rope_scaling.kind}",
+        ),
         (act not in _invert(LLAMA_ACTIVATIONS), f"model.mlp.activation={act}"),
-    ]  # fmt: skip
+    ]
     for bad, what in checks:
         if bad:
             raise _unsupported("llama", what)
@@ -455,18 +494,30 @@ FAMILIES: dict[str, Family] = {
 _INACTIVE: list[tuple[str, Callable[[ModelConfig], bool], tuple[str, ...] | None]] = [
     ("init", lambda m: True, ("std", "scaled_residual")),  # initialisation is not the function
     ("position", lambda m: m.position.kind != "rope", ("rope_theta", "rope_scaling")),
-    ("position.rope_scaling", lambda m: m.position.rope_scaling.kind == "none",
-     ("factor", "low_freq_factor", "high_freq_factor", "original_max_seq_len")),
+    (
+        "position.rope_scaling",
+        lambda m: m.position.rope_scaling.kind == "none",
+        ("factor", "low_freq_factor", "high_freq_factor", "original_max_seq_len"),
+    ),
     ("norm", lambda m: m.norm.kind == "rmsnorm", ("bias",)),
-    ("attention", lambda m: getattr(m.attention, "kind", "mha") != "mla",
-     ("q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim")),
-    ("attention", lambda m: getattr(m.attention, "sliding_window", None) is None,
-     ("global_every",)),
-    ("position", lambda m: getattr(m.attention, "sliding_window", None) is None,
-     ("local_rope_theta",)),
+    (
+        "attention",
+        lambda m: getattr(m.attention, "kind", "mha") != "mla",
+        ("q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"),
+    ),
+    (
+        "attention",
+        lambda m: getattr(m.attention, "sliding_window", None) is None,
+        ("global_every",),
+    ),
+    (
+        "position",
+        lambda m: getattr(m.attention, "sliding_window", None) is None,
+        ("local_rope_theta",),
+    ),
     ("moe", lambda m: m.moe.num_experts == 0, None),
     ("mtp", lambda m: m.mtp.depth == 0, None),
-]  # fmt: skip
+]
 
 DEFAULT_ACTIVATION = {"swiglu": "silu", "gelu": "gelu_tanh", "geglu": "gelu_tanh"}
 
@@ -547,11 +598,15 @@ def _expand(rules: Sequence[WeightRule], n_layers: int, have: set[str]) -> list[
     for rule in rules:
         layers = range(n_layers) if any("{i}" in n for n in (rule.hf, *rule.ours)) else [None]
         for i in layers:
-            r = rule if i is None else dataclasses.replace(
-                rule,
-                hf=rule.hf.replace("{i}", str(i)),
-                ours=tuple(n.replace("{i}", str(i)) for n in rule.ours),
-            )  # fmt: skip
+            r = (
+                rule
+                if i is None
+                else dataclasses.replace(
+                    rule,
+                    hf=rule.hf.replace("{i}", str(i)),
+                    ours=tuple(n.replace("{i}", str(i)) for n in rule.ours),
+                )
+            )
             present = [n in have for n in r.ours]
             if all(present):
                 out.append(r)
@@ -778,9 +833,13 @@ def _import_hf(hf_dir: Path, out_dir: Path) -> tuple[Path, Family, int]:
     config_yaml = to_yaml(cfg)
     out_dir.mkdir(parents=True, exist_ok=True)
     save_checkpoint(
-        out_dir / "checkpoints", step=0, model=model, optimizer=None,
-        trainer_state={"source": "hf"}, config_yaml=config_yaml,
-    )  # fmt: skip
+        out_dir / "checkpoints",
+        step=0,
+        model=model,
+        optimizer=None,
+        trainer_state={"source": "hf"},
+        config_yaml=config_yaml,
+    )
     write_text_atomic(out_dir / "config.yaml", config_yaml)
     return out_dir, family, model.num_params()
 

@@ -95,10 +95,12 @@ def _rope_dict(p: PositionConfig) -> dict[str, Any]:
         out.update(rope_type="linear", factor=s.factor)
     elif s.kind == "llama3":
         out.update(
-            rope_type="llama3", factor=s.factor, low_freq_factor=s.low_freq_factor,
+            rope_type="llama3",
+            factor=s.factor,
+            low_freq_factor=s.low_freq_factor,
             high_freq_factor=s.high_freq_factor,
             original_max_position_embeddings=s.original_max_seq_len,
-        )  # fmt: skip
+        )
     return out
 
 
@@ -127,9 +129,10 @@ def window_layout(
             return window, every
     short = "".join("S" if x else "F" for x in local)
     raise _unsupported(
-        family, f"layer_types={short} (S sliding, F full): evoformer's local layers are all "
-        "layers, or all but every N-th (attention.global_every)"
-    )  # fmt: skip
+        family,
+        f"layer_types={short} (S sliding, F full): evoformer's local layers are all "
+        "layers, or all but every N-th (attention.global_every)",
+    )
 
 
 def layer_types(m: ModelConfig) -> list[str]:
@@ -191,15 +194,20 @@ def _base(family: str, c: dict[str, Any], **attention: Any) -> ModelConfig:
 
 
 def _base_checks(family: str, m: ModelConfig, placement: str = "pre") -> None:
-    _check(family, [
-        (m.position.kind != "rope", f"model.position.kind={m.position.kind} (needs rope)"),
-        (m.norm.kind != "rmsnorm", f"model.norm.kind={m.norm.kind} (needs rmsnorm)"),
-        (m.norm.placement != placement,
-         f"model.norm.placement={m.norm.placement} (needs {placement})"),
-        (m.mlp.kind != "swiglu", f"model.mlp.kind={m.mlp.kind} (needs swiglu)"),
-        (m.mlp.bias, "model.mlp.bias=true"),
-        (m.dropout != 0, f"model.dropout={m.dropout} (no residual dropout)"),
-    ])  # fmt: skip
+    _check(
+        family,
+        [
+            (m.position.kind != "rope", f"model.position.kind={m.position.kind} (needs rope)"),
+            (m.norm.kind != "rmsnorm", f"model.norm.kind={m.norm.kind} (needs rmsnorm)"),
+            (
+                m.norm.placement != placement,
+                f"model.norm.placement={m.norm.placement} (needs {placement})",
+            ),
+            (m.mlp.kind != "swiglu", f"model.mlp.kind={m.mlp.kind} (needs swiglu)"),
+            (m.mlp.bias, "model.mlp.bias=true"),
+            (m.dropout != 0, f"model.dropout={m.dropout} (no residual dropout)"),
+        ],
+    )
 
 
 def _base_to_hf(family: str, arch: str, m: ModelConfig, head_dim_field: bool) -> dict[str, Any]:
@@ -243,12 +251,22 @@ _ROTARY = (r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq",)
 # ---------------------------------------------------------------------------------------------
 
 MISTRAL_DEFAULTS: dict[str, Any] = {
-    "vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 14336,
-    "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
-    "head_dim": None, "hidden_act": "silu", "max_position_embeddings": 4096 * 32,
-    "initializer_range": 0.02, "rms_norm_eps": 1e-6, "tie_word_embeddings": False,
-    "rope_theta": 10000.0, "sliding_window": 4096, "attention_dropout": 0.0,
-}  # fmt: skip
+    "vocab_size": 32000,
+    "hidden_size": 4096,
+    "intermediate_size": 14336,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "head_dim": None,
+    "hidden_act": "silu",
+    "max_position_embeddings": 4096 * 32,
+    "initializer_range": 0.02,
+    "rms_norm_eps": 1e-6,
+    "tie_word_embeddings": False,
+    "rope_theta": 10000.0,
+    "sliding_window": 4096,
+    "attention_dropout": 0.0,
+}
 
 
 def mistral_to_model_config(hf: dict[str, Any]) -> ModelConfig:
@@ -271,13 +289,24 @@ def mistral_to_hf_config(m: ModelConfig) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------
 
 QWEN2_DEFAULTS: dict[str, Any] = {
-    "vocab_size": 151936, "hidden_size": 4096, "intermediate_size": 22016,
-    "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 32,
-    "hidden_act": "silu", "max_position_embeddings": 32768, "initializer_range": 0.02,
-    "rms_norm_eps": 1e-6, "tie_word_embeddings": False, "rope_theta": 10000.0,
-    "use_sliding_window": False, "sliding_window": 4096, "max_window_layers": 28,
-    "layer_types": None, "attention_dropout": 0.0,
-}  # fmt: skip
+    "vocab_size": 151936,
+    "hidden_size": 4096,
+    "intermediate_size": 22016,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 32,
+    "hidden_act": "silu",
+    "max_position_embeddings": 32768,
+    "initializer_range": 0.02,
+    "rms_norm_eps": 1e-6,
+    "tie_word_embeddings": False,
+    "rope_theta": 10000.0,
+    "use_sliding_window": False,
+    "sliding_window": 4096,
+    "max_window_layers": 28,
+    "layer_types": None,
+    "attention_dropout": 0.0,
+}
 
 QWEN3_DEFAULTS: dict[str, Any] = {**QWEN2_DEFAULTS, "head_dim": 128, "attention_bias": False}
 
@@ -328,9 +357,13 @@ def qwen3_to_model_config(hf: dict[str, Any]) -> ModelConfig:
     c = _hf_defaults(hf, QWEN3_DEFAULTS)
     window, every = _qwen_window("qwen3", c)
     return _base(
-        "qwen3", c, bias=bool(c["attention_bias"]), qk_norm="head", sliding_window=window,
+        "qwen3",
+        c,
+        bias=bool(c["attention_bias"]),
+        qk_norm="head",
+        sliding_window=window,
         global_every=every,
-    )  # fmt: skip
+    )
 
 
 def qwen3_to_hf_config(m: ModelConfig) -> dict[str, Any]:
@@ -348,12 +381,21 @@ def qwen3_to_hf_config(m: ModelConfig) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------
 
 OLMO2_DEFAULTS: dict[str, Any] = {
-    "vocab_size": 50304, "hidden_size": 4096, "intermediate_size": 11008,
-    "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": None,
-    "hidden_act": "silu", "max_position_embeddings": 2048, "initializer_range": 0.02,
-    "tie_word_embeddings": False, "rope_theta": 10000.0, "attention_bias": False,
-    "attention_dropout": 0.0, "rms_norm_eps": 1e-5,
-}  # fmt: skip
+    "vocab_size": 50304,
+    "hidden_size": 4096,
+    "intermediate_size": 11008,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "num_key_value_heads": None,
+    "hidden_act": "silu",
+    "max_position_embeddings": 2048,
+    "initializer_range": 0.02,
+    "tie_word_embeddings": False,
+    "rope_theta": 10000.0,
+    "attention_bias": False,
+    "attention_dropout": 0.0,
+    "rms_norm_eps": 1e-5,
+}
 
 
 def olmo2_to_model_config(hf: dict[str, Any]) -> ModelConfig:
@@ -404,15 +446,27 @@ OLMO2_RULES = (
 # ---------------------------------------------------------------------------------------------
 
 GEMMA3_DEFAULTS: dict[str, Any] = {
-    "vocab_size": 262_208, "hidden_size": 2304, "intermediate_size": 9216,
-    "num_hidden_layers": 26, "num_attention_heads": 8, "num_key_value_heads": 4,
-    "head_dim": 256, "hidden_activation": "gelu_pytorch_tanh",
-    "max_position_embeddings": 131_072, "initializer_range": 0.02, "rms_norm_eps": 1e-6,
-    "tie_word_embeddings": True, "attention_bias": False, "attention_dropout": 0.0,
-    "query_pre_attn_scalar": 256, "sliding_window": 4096, "layer_types": None,
-    "final_logit_softcapping": None, "attn_logit_softcapping": None,
+    "vocab_size": 262_208,
+    "hidden_size": 2304,
+    "intermediate_size": 9216,
+    "num_hidden_layers": 26,
+    "num_attention_heads": 8,
+    "num_key_value_heads": 4,
+    "head_dim": 256,
+    "hidden_activation": "gelu_pytorch_tanh",
+    "max_position_embeddings": 131_072,
+    "initializer_range": 0.02,
+    "rms_norm_eps": 1e-6,
+    "tie_word_embeddings": True,
+    "attention_bias": False,
+    "attention_dropout": 0.0,
+    "query_pre_attn_scalar": 256,
+    "sliding_window": 4096,
+    "layer_types": None,
+    "final_logit_softcapping": None,
+    "attn_logit_softcapping": None,
     "use_bidirectional_attention": False,
-}  # fmt: skip
+}
 
 
 def _gemma3_rope(c: dict[str, Any], has_local: bool) -> PositionConfig:
@@ -492,13 +546,19 @@ def gemma3_to_hf_config(m: ModelConfig) -> dict[str, Any]:
     """ModelConfig -> Gemma 3 text ``config.json``; UserError names any choice Gemma 3 lacks."""
     a = m.attention
     head_dim = a.head_dim or m.d_model // a.n_heads
-    _check("gemma3", [
-        (m.position.kind != "rope", f"model.position.kind={m.position.kind} (needs rope)"),
-        (m.norm.kind != "rmsnorm", f"model.norm.kind={m.norm.kind} (needs rmsnorm)"),
-        (m.mlp.kind != "geglu", f"model.mlp.kind={m.mlp.kind} (needs geglu)"),
-        (m.d_model % a.n_heads, f"model.attention.n_heads={a.n_heads} (HF Gemma 3 needs it to "
-         f"divide d_model={m.d_model})"),
-    ])  # fmt: skip
+    _check(
+        "gemma3",
+        [
+            (m.position.kind != "rope", f"model.position.kind={m.position.kind} (needs rope)"),
+            (m.norm.kind != "rmsnorm", f"model.norm.kind={m.norm.kind} (needs rmsnorm)"),
+            (m.mlp.kind != "geglu", f"model.mlp.kind={m.mlp.kind} (needs geglu)"),
+            (
+                m.d_model % a.n_heads,
+                f"model.attention.n_heads={a.n_heads} (HF Gemma 3 needs it to "
+                f"divide d_model={m.d_model})",
+            ),
+        ],
+    )
     scalar = head_dim if a.scale is None else round(a.scale**-2)
     if a.scale is not None and abs(scalar * a.scale**2 - 1) > 1e-6:
         raise _unsupported(

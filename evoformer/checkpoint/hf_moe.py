@@ -95,10 +95,13 @@ def _skeleton(family: str, c: dict[str, Any], attention: AttentionConfig) -> Mod
         norm=NormConfig(kind="rmsnorm", eps=float(c["rms_norm_eps"]), bias=False),
         position=rope_from_hf(c, family),
         attention=attention,
-        mlp=MLPConfig(kind="swiglu", hidden=c["intermediate_size"],
-                      activation=_activation(family, c["hidden_act"])),
+        mlp=MLPConfig(
+            kind="swiglu",
+            hidden=c["intermediate_size"],
+            activation=_activation(family, c["hidden_act"]),
+        ),
         init=InitConfig(std=float(c["initializer_range"]), scaled_residual=False),
-    )  # fmt: skip
+    )
 
 
 def _gqa(c: dict[str, Any], **extra: Any) -> AttentionConfig:
@@ -114,18 +117,25 @@ def _gqa(c: dict[str, Any], **extra: Any) -> AttentionConfig:
 
 
 def _skeleton_checks(family: str, m: ModelConfig, attention_kind: str) -> None:
-    _check(family, [
-        (m.attention.kind != attention_kind,
-         f"model.attention.kind={m.attention.kind} (needs {attention_kind})"),
-        (m.position.kind != "rope", f"model.position.kind={m.position.kind} (needs rope)"),
-        (m.norm.kind != "rmsnorm", f"model.norm.kind={m.norm.kind} (needs rmsnorm)"),
-        (m.norm.placement != "pre", f"model.norm.placement={m.norm.placement} (needs pre)"),
-        (m.mlp.kind != "swiglu", f"model.mlp.kind={m.mlp.kind} (needs swiglu)"),
-        (m.dropout != 0, f"model.dropout={m.dropout} (no residual dropout)"),
-        (m.moe.num_experts <= 0, "model.moe.num_experts=0 (a dense model)"),
-        (m.moe.bias_update_rate > 0 and m.moe.score == "softmax",
-         "model.moe.bias_update_rate>0 with softmax scores (no router bias)"),
-    ])  # fmt: skip
+    _check(
+        family,
+        [
+            (
+                m.attention.kind != attention_kind,
+                f"model.attention.kind={m.attention.kind} (needs {attention_kind})",
+            ),
+            (m.position.kind != "rope", f"model.position.kind={m.position.kind} (needs rope)"),
+            (m.norm.kind != "rmsnorm", f"model.norm.kind={m.norm.kind} (needs rmsnorm)"),
+            (m.norm.placement != "pre", f"model.norm.placement={m.norm.placement} (needs pre)"),
+            (m.mlp.kind != "swiglu", f"model.mlp.kind={m.mlp.kind} (needs swiglu)"),
+            (m.dropout != 0, f"model.dropout={m.dropout} (no residual dropout)"),
+            (m.moe.num_experts <= 0, "model.moe.num_experts=0 (a dense model)"),
+            (
+                m.moe.bias_update_rate > 0 and m.moe.score == "softmax",
+                "model.moe.bias_update_rate>0 with softmax scores (no router bias)",
+            ),
+        ],
+    )
 
 
 def _skeleton_to_hf(family: str, arch: str, m: ModelConfig) -> dict[str, Any]:
@@ -219,14 +229,27 @@ def canonical_moe(m: ModelConfig) -> None:
 # ---------------------------------------------------------------------------------------------
 
 MIXTRAL_DEFAULTS: dict[str, Any] = {
-    "vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 14336,
-    "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
-    "head_dim": None, "hidden_act": "silu", "max_position_embeddings": 4096 * 32,
-    "initializer_range": 0.02, "rms_norm_eps": 1e-5, "tie_word_embeddings": False,
-    "rope_theta": 1e6, "sliding_window": None, "attention_dropout": 0.0,
-    "num_experts_per_tok": 2, "num_local_experts": 8, "output_router_logits": False,
-    "router_aux_loss_coef": 0.001, "router_jitter_noise": 0.0,
-}  # fmt: skip
+    "vocab_size": 32000,
+    "hidden_size": 4096,
+    "intermediate_size": 14336,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "head_dim": None,
+    "hidden_act": "silu",
+    "max_position_embeddings": 4096 * 32,
+    "initializer_range": 0.02,
+    "rms_norm_eps": 1e-5,
+    "tie_word_embeddings": False,
+    "rope_theta": 1e6,
+    "sliding_window": None,
+    "attention_dropout": 0.0,
+    "num_experts_per_tok": 2,
+    "num_local_experts": 8,
+    "output_router_logits": False,
+    "router_aux_loss_coef": 0.001,
+    "router_jitter_noise": 0.0,
+}
 
 
 def mixtral_to_model_config(hf_cfg: dict[str, Any]) -> ModelConfig:
@@ -237,10 +260,13 @@ def mixtral_to_model_config(hf_cfg: dict[str, Any]) -> ModelConfig:
         raise _unsupported("mixtral", f"router_jitter_noise={c['router_jitter_noise']}")
     m = _skeleton("mixtral", c, _gqa(c, sliding_window=c["sliding_window"]))
     m.moe = MoEConfig(
-        num_experts=c["num_local_experts"], top_k=c["num_experts_per_tok"],
-        expert_hidden=c["intermediate_size"], score="softmax", norm_topk_prob=True,
+        num_experts=c["num_local_experts"],
+        top_k=c["num_experts_per_tok"],
+        expert_hidden=c["intermediate_size"],
+        score="softmax",
+        norm_topk_prob=True,
         aux_loss_coef=_aux_from_hf(c),
-    )  # fmt: skip
+    )
     return m
 
 
@@ -248,17 +274,22 @@ def mixtral_to_hf_config(m: ModelConfig) -> dict[str, Any]:
     """ModelConfig -> Mixtral ``config.json``; UserError names any choice Mixtral lacks."""
     _skeleton_checks("mixtral", m, "mha")
     moe = m.moe
-    _check("mixtral", [
-        (moe.first_k_dense or moe.layer_freq != 1,
-         f"model.moe.first_k_dense={moe.first_k_dense}, layer_freq={moe.layer_freq} "
-         "(every Mixtral layer is MoE)"),
-        (moe.score != "softmax", f"model.moe.score={moe.score} (needs softmax)"),
-        (not moe.norm_topk_prob, "model.moe.norm_topk_prob=false"),
-        (moe.routed_scaling != 1, f"model.moe.routed_scaling={moe.routed_scaling}"),
-        (moe.n_groups > 1, f"model.moe.n_groups={moe.n_groups}"),
-        (moe.shared_hidden or moe.num_shared_experts, "shared experts"),
-        (m.mtp.depth, f"model.mtp.depth={m.mtp.depth}"),
-    ])  # fmt: skip
+    _check(
+        "mixtral",
+        [
+            (
+                moe.first_k_dense or moe.layer_freq != 1,
+                f"model.moe.first_k_dense={moe.first_k_dense}, layer_freq={moe.layer_freq} "
+                "(every Mixtral layer is MoE)",
+            ),
+            (moe.score != "softmax", f"model.moe.score={moe.score} (needs softmax)"),
+            (not moe.norm_topk_prob, "model.moe.norm_topk_prob=false"),
+            (moe.routed_scaling != 1, f"model.moe.routed_scaling={moe.routed_scaling}"),
+            (moe.n_groups > 1, f"model.moe.n_groups={moe.n_groups}"),
+            (moe.shared_hidden or moe.num_shared_experts, "shared experts"),
+            (m.mtp.depth, f"model.mtp.depth={m.mtp.depth}"),
+        ],
+    )
     return {
         **_skeleton_to_hf("mixtral", "MixtralForCausalLM", m),
         **_gqa_to_hf(m),
@@ -292,16 +323,32 @@ def mixtral_expert_rules(m: ModelConfig) -> tuple[WeightRule, ...]:
 # ---------------------------------------------------------------------------------------------
 
 QWEN3_MOE_DEFAULTS: dict[str, Any] = {
-    "vocab_size": 151936, "hidden_size": 2048, "intermediate_size": 6144,
-    "num_hidden_layers": 24, "num_attention_heads": 32, "num_key_value_heads": 4,
-    "head_dim": None, "hidden_act": "silu", "max_position_embeddings": 32768,
-    "initializer_range": 0.02, "rms_norm_eps": 1e-6, "tie_word_embeddings": False,
-    "rope_theta": 10000.0, "attention_bias": False, "use_sliding_window": False,
-    "sliding_window": None, "attention_dropout": 0.0, "decoder_sparse_step": 1,
-    "moe_intermediate_size": 768, "num_experts_per_tok": 8, "num_experts": 128,
-    "norm_topk_prob": False, "output_router_logits": False, "router_aux_loss_coef": 0.001,
+    "vocab_size": 151936,
+    "hidden_size": 2048,
+    "intermediate_size": 6144,
+    "num_hidden_layers": 24,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 4,
+    "head_dim": None,
+    "hidden_act": "silu",
+    "max_position_embeddings": 32768,
+    "initializer_range": 0.02,
+    "rms_norm_eps": 1e-6,
+    "tie_word_embeddings": False,
+    "rope_theta": 10000.0,
+    "attention_bias": False,
+    "use_sliding_window": False,
+    "sliding_window": None,
+    "attention_dropout": 0.0,
+    "decoder_sparse_step": 1,
+    "moe_intermediate_size": 768,
+    "num_experts_per_tok": 8,
+    "num_experts": 128,
+    "norm_topk_prob": False,
+    "output_router_logits": False,
+    "router_aux_loss_coef": 0.001,
     "mlp_only_layers": [],
-}  # fmt: skip
+}
 
 
 def _qwen_moe_layers(n_layers: int, step: int, mlp_only: list[int]) -> list[int]:
@@ -322,16 +369,21 @@ def qwen3_moe_to_model_config(hf_cfg: dict[str, Any]) -> ModelConfig:
     if not theirs:
         return m  # no MoE layer: a dense model
     m.moe = MoEConfig(
-        num_experts=n_experts, top_k=c["num_experts_per_tok"],
-        expert_hidden=c["moe_intermediate_size"], score="softmax",
-        norm_topk_prob=bool(c["norm_topk_prob"]), first_k_dense=theirs[0], layer_freq=step,
+        num_experts=n_experts,
+        top_k=c["num_experts_per_tok"],
+        expert_hidden=c["moe_intermediate_size"],
+        score="softmax",
+        norm_topk_prob=bool(c["norm_topk_prob"]),
+        first_k_dense=theirs[0],
+        layer_freq=step,
         aux_loss_coef=_aux_from_hf(c),
-    )  # fmt: skip
+    )
     if [i for i in range(m.n_layers) if is_moe_layer(m, i)] != theirs:
         raise _unsupported(
-            "qwen3_moe", f"MoE layers {theirs} (decoder_sparse_step={step}, mlp_only_layers="
-            f"{mlp_only}): evoformer's are every layer_freq-th from first_k_dense on"
-        )  # fmt: skip
+            "qwen3_moe",
+            f"MoE layers {theirs} (decoder_sparse_step={step}, mlp_only_layers="
+            f"{mlp_only}): evoformer's are every layer_freq-th from first_k_dense on",
+        )
     return m
 
 
@@ -342,16 +394,21 @@ def qwen3_moe_to_hf_config(m: ModelConfig) -> dict[str, Any]:
     ours = [i for i in range(m.n_layers) if is_moe_layer(m, i)]
     step = moe.layer_freq
     mlp_only = [i for i in range(m.n_layers) if i not in ours and (i + 1) % step == 0]
-    _check("qwen3_moe", [
-        (_qwen_moe_layers(m.n_layers, step, mlp_only) != ours,
-         f"model.moe.first_k_dense={moe.first_k_dense}, layer_freq={step} (Qwen3-MoE's MoE "
-         "layers are those with (i + 1) % decoder_sparse_step == 0)"),
-        (moe.score != "softmax", f"model.moe.score={moe.score} (needs softmax)"),
-        (moe.routed_scaling != 1, f"model.moe.routed_scaling={moe.routed_scaling}"),
-        (moe.n_groups > 1, f"model.moe.n_groups={moe.n_groups}"),
-        (moe.shared_hidden or moe.num_shared_experts, "shared experts"),
-        (m.mtp.depth, f"model.mtp.depth={m.mtp.depth}"),
-    ])  # fmt: skip
+    _check(
+        "qwen3_moe",
+        [
+            (
+                _qwen_moe_layers(m.n_layers, step, mlp_only) != ours,
+                f"model.moe.first_k_dense={moe.first_k_dense}, layer_freq={step} (Qwen3-MoE's MoE "
+                "layers are those with (i + 1) % decoder_sparse_step == 0)",
+            ),
+            (moe.score != "softmax", f"model.moe.score={moe.score} (needs softmax)"),
+            (moe.routed_scaling != 1, f"model.moe.routed_scaling={moe.routed_scaling}"),
+            (moe.n_groups > 1, f"model.moe.n_groups={moe.n_groups}"),
+            (moe.shared_hidden or moe.num_shared_experts, "shared experts"),
+            (m.mtp.depth, f"model.mtp.depth={m.mtp.depth}"),
+        ],
+    )
     a = m.attention
     return {
         **_skeleton_to_hf("qwen3_moe", "Qwen3MoeForCausalLM", m),
@@ -395,16 +452,36 @@ def qwen3_moe_expert_rules(m: ModelConfig) -> tuple[WeightRule, ...]:
 # ---------------------------------------------------------------------------------------------
 
 DEEPSEEK_V3_DEFAULTS: dict[str, Any] = {
-    "vocab_size": 129280, "hidden_size": 7168, "intermediate_size": 18432,
-    "moe_intermediate_size": 2048, "num_hidden_layers": 61, "num_attention_heads": 128,
-    "n_shared_experts": 1, "n_routed_experts": 256, "routed_scaling_factor": 2.5,
-    "kv_lora_rank": 512, "q_lora_rank": 1536, "qk_rope_head_dim": 64, "v_head_dim": 128,
-    "qk_nope_head_dim": 128, "n_group": 8, "topk_group": 4, "num_experts_per_tok": 8,
-    "first_k_dense_replace": 3, "norm_topk_prob": True, "hidden_act": "silu",
-    "max_position_embeddings": 4096, "initializer_range": 0.02, "rms_norm_eps": 1e-6,
-    "tie_word_embeddings": False, "rope_theta": 10000.0, "rope_interleave": True,
-    "attention_bias": False, "attention_dropout": 0.0, "num_nextn_predict_layers": 1,
-}  # fmt: skip
+    "vocab_size": 129280,
+    "hidden_size": 7168,
+    "intermediate_size": 18432,
+    "moe_intermediate_size": 2048,
+    "num_hidden_layers": 61,
+    "num_attention_heads": 128,
+    "n_shared_experts": 1,
+    "n_routed_experts": 256,
+    "routed_scaling_factor": 2.5,
+    "kv_lora_rank": 512,
+    "q_lora_rank": 1536,
+    "qk_rope_head_dim": 64,
+    "v_head_dim": 128,
+    "qk_nope_head_dim": 128,
+    "n_group": 8,
+    "topk_group": 4,
+    "num_experts_per_tok": 8,
+    "first_k_dense_replace": 3,
+    "norm_topk_prob": True,
+    "hidden_act": "silu",
+    "max_position_embeddings": 4096,
+    "initializer_range": 0.02,
+    "rms_norm_eps": 1e-6,
+    "tie_word_embeddings": False,
+    "rope_theta": 10000.0,
+    "rope_interleave": True,
+    "attention_bias": False,
+    "attention_dropout": 0.0,
+    "num_nextn_predict_layers": 1,
+}
 
 
 def deepseek_v3_to_model_config(hf_cfg: dict[str, Any]) -> ModelConfig:
@@ -413,12 +490,20 @@ def deepseek_v3_to_model_config(hf_cfg: dict[str, Any]) -> ModelConfig:
     c = _hf_defaults(hf_cfg, DEEPSEEK_V3_DEFAULTS)
     # Keys of DeepSeek's own modeling code that HF's class does not read; refuse the values
     # HF would silently compute differently from the checkpoint's intent.
-    _check("deepseek_v3", [
-        (hf_cfg.get("scoring_func", "sigmoid") != "sigmoid",
-         f"scoring_func={hf_cfg.get('scoring_func')!r}"),
-        (hf_cfg.get("moe_layer_freq", 1) != 1, f"moe_layer_freq={hf_cfg.get('moe_layer_freq')}"),
-        (not c["n_shared_experts"], "n_shared_experts=0 (HF's DeepSeek-V3 always has them)"),
-    ])  # fmt: skip
+    _check(
+        "deepseek_v3",
+        [
+            (
+                hf_cfg.get("scoring_func", "sigmoid") != "sigmoid",
+                f"scoring_func={hf_cfg.get('scoring_func')!r}",
+            ),
+            (
+                hf_cfg.get("moe_layer_freq", 1) != 1,
+                f"moe_layer_freq={hf_cfg.get('moe_layer_freq')}",
+            ),
+            (not c["n_shared_experts"], "n_shared_experts=0 (HF's DeepSeek-V3 always has them)"),
+        ],
+    )
     attention = AttentionConfig(
         kind="mla",
         n_heads=c["num_attention_heads"],
@@ -433,12 +518,17 @@ def deepseek_v3_to_model_config(hf_cfg: dict[str, Any]) -> ModelConfig:
     )
     m = _skeleton("deepseek_v3", c, attention)
     m.moe = MoEConfig(
-        num_experts=c["n_routed_experts"], top_k=c["num_experts_per_tok"],
-        expert_hidden=c["moe_intermediate_size"], num_shared_experts=c["n_shared_experts"],
-        score="sigmoid", norm_topk_prob=bool(c["norm_topk_prob"]),
-        routed_scaling=float(c["routed_scaling_factor"]), n_groups=c["n_group"] or 1,
-        topk_groups=c["topk_group"] or 1, first_k_dense=c["first_k_dense_replace"] or 0,
-    )  # fmt: skip
+        num_experts=c["n_routed_experts"],
+        top_k=c["num_experts_per_tok"],
+        expert_hidden=c["moe_intermediate_size"],
+        num_shared_experts=c["n_shared_experts"],
+        score="sigmoid",
+        norm_topk_prob=bool(c["norm_topk_prob"]),
+        routed_scaling=float(c["routed_scaling_factor"]),
+        n_groups=c["n_group"] or 1,
+        topk_groups=c["topk_group"] or 1,
+        first_k_dense=c["first_k_dense_replace"] or 0,
+    )
     m.mtp = MTPConfig(depth=c["num_nextn_predict_layers"] or 0)
     return m
 
@@ -457,16 +547,26 @@ def deepseek_v3_to_hf_config(m: ModelConfig) -> dict[str, Any]:
     moe, a = m.moe, m.attention
     expert = moe.expert_hidden or m.mlp.hidden
     shared = moe.shared_hidden or moe.num_shared_experts * expert
-    _check("deepseek_v3", [
-        (moe.layer_freq != 1 and moe.first_k_dense < m.n_layers,
-         f"model.moe.layer_freq={moe.layer_freq} (DeepSeek-V3: every layer after the dense ones)"),
-        (moe.first_k_dense > m.n_layers and m.mtp.depth,
-         f"model.moe.first_k_dense={moe.first_k_dense} with MTP (HF's MTP blocks are MoE)"),
-        (moe.score != "sigmoid", f"model.moe.score={moe.score} (needs sigmoid)"),
-        (not shared or shared % expert,
-         f"shared experts of width {shared} (needs a positive multiple of {expert})"),
-        (a.scale is not None, f"model.attention.scale={a.scale}"),
-    ])  # fmt: skip
+    _check(
+        "deepseek_v3",
+        [
+            (
+                moe.layer_freq != 1 and moe.first_k_dense < m.n_layers,
+                f"model.moe.layer_freq={moe.layer_freq} "
+                "(DeepSeek-V3: every layer after the dense ones)",
+            ),
+            (
+                moe.first_k_dense > m.n_layers and m.mtp.depth,
+                f"model.moe.first_k_dense={moe.first_k_dense} with MTP (HF's MTP blocks are MoE)",
+            ),
+            (moe.score != "sigmoid", f"model.moe.score={moe.score} (needs sigmoid)"),
+            (
+                not shared or shared % expert,
+                f"shared experts of width {shared} (needs a positive multiple of {expert})",
+            ),
+            (a.scale is not None, f"model.attention.scale={a.scale}"),
+        ],
+    )
     return {
         **_skeleton_to_hf("deepseek_v3", "DeepseekV3ForCausalLM", m),
         "num_key_value_heads": a.n_heads,

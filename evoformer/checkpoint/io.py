@@ -164,9 +164,10 @@ def list_checkpoints(ckpt_root: str | Path) -> list[Path]:
     if not root.is_dir():
         return []
     found = [
-        p for p in root.iterdir()
-        if p.is_dir() and p.name.startswith(STEP_PREFIX) and p.name[len(STEP_PREFIX):].isdigit()
-    ]  # fmt: skip
+        p
+        for p in root.iterdir()
+        if p.is_dir() and p.name.startswith(STEP_PREFIX) and p.name[len(STEP_PREFIX) :].isdigit()
+    ]
     return sorted(found, key=lambda p: int(p.name[len(STEP_PREFIX) :]))
 
 
@@ -238,9 +239,12 @@ def load_checkpoint(
                 osd["param_groups"] = groups
             _unwrap(state, originals)
             set_state_dict(
-                model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
+                model,
+                optimizer,
+                model_state_dict=state["model"],
+                optim_state_dict=state["optim"],
                 options=StateDictOptions(strict=True),
-            )  # fmt: skip
+            )
     except UserError:
         raise
     except (Exception, dcp.api.CheckpointException) as err:
@@ -288,9 +292,13 @@ def _wrap_tensor_parallel(state: dict[str, Any], model: torch.nn.Module, tp_mesh
         shape[dim] = length
         stride = torch.empty(shape, device="meta").stride()
         return DTensor.from_local(
-            t.narrow(dim, 0, valid), tp_mesh, [Shard(dim)], run_check=False,
-            shape=torch.Size(shape), stride=stride,
-        )  # fmt: skip
+            t.narrow(dim, 0, valid),
+            tp_mesh,
+            [Shard(dim)],
+            run_check=False,
+            shape=torch.Size(shape),
+            stride=stride,
+        )
 
     originals: dict[tuple, torch.Tensor] = {}
     msd = state["model"]
@@ -379,13 +387,16 @@ def _fsdp_tp_dtensor(t: Any, dim: int, length: int, mesh: Any) -> Any:
 
     names = tuple(mesh.mesh_dim_names or ())
     if names[:-1] != tuple(t.device_mesh.mesh_dim_names or ()):
-        raise RuntimeError(f"checkpoint mesh {names} does not extend the FSDP2 mesh "
-                           f"{t.device_mesh.mesh_dim_names} by tp")  # fmt: skip
+        raise RuntimeError(
+            f"checkpoint mesh {names} does not extend the FSDP2 mesh "
+            f"{t.device_mesh.mesh_dim_names} by tp"
+        )
     tp, tp_rank = mesh.size(mesh.ndim - 1), mesh.get_local_rank(mesh.ndim - 1)
     tp_len = t.shape[dim]
     local = t.detach().to_local()
-    size, offset = (list(x) for x in compute_local_shape_and_global_offset(
-        t.shape, t.device_mesh, t.placements))  # fmt: skip
+    size, offset = (
+        list(x) for x in compute_local_shape_and_global_offset(t.shape, t.device_mesh, t.placements)
+    )
     if list(local.shape) != size:
         raise RuntimeError(f"FSDP2 shard {tuple(local.shape)} is not DTensor's {size}")
     offset[dim] += tp_rank * tp_len
@@ -404,9 +415,13 @@ def _fsdp_tp_dtensor(t: Any, dim: int, length: int, mesh: Any) -> Any:
         )
     stride = torch.empty(shape, device="meta").stride()
     return DTensor.from_local(
-        local.narrow(dim, 0, size[dim]), mesh, placements, run_check=False,
-        shape=torch.Size(shape), stride=stride,
-    )  # fmt: skip
+        local.narrow(dim, 0, size[dim]),
+        mesh,
+        placements,
+        run_check=False,
+        shape=torch.Size(shape),
+        stride=stride,
+    )
 
 
 def _unwrap(state: dict[str, Any], originals: dict) -> None:
@@ -422,9 +437,11 @@ def _dcp_load(state: dict[str, Any], ckpt: Path) -> None:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
         dcp.load(
-            state, storage_reader=SafeFileSystemReader(str(ckpt)), planner=SafeLoadPlanner(),
+            state,
+            storage_reader=SafeFileSystemReader(str(ckpt)),
+            planner=SafeLoadPlanner(),
             no_dist=not _dist(),
-        )  # fmt: skip
+        )
 
 
 def restore_rng_state(ckpt: Path, rank: int) -> None:

@@ -16,7 +16,19 @@ from evoformer.config.schema import (
 )
 
 __all__ = [
-    "AttentionConfig", "CheckpointConfig", "Config", "DataConfig", "MLPConfig", "ModelConfig",
-    "NormConfig", "OptimConfig", "PositionConfig", "RunConfig", "TrainConfig",
-    "config_help", "load_config", "parse_override", "to_yaml",
-]  # fmt: skip
+    "AttentionConfig",
+    "CheckpointConfig",
+    "Config",
+    "DataConfig",
+    "MLPConfig",
+    "ModelConfig",
+    "NormConfig",
+    "OptimConfig",
+    "PositionConfig",
+    "RunConfig",
+    "TrainConfig",
+    "config_help",
+    "load_config",
+    "parse_override",
+    "to_yaml",
+]

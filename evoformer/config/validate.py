@@ -34,17 +34,36 @@ CHOICES = {
 }
 
 POSITIVE = (
-    "model.vocab_size", "model.d_model", "model.n_layers", "model.max_seq_len",
-    "model.attention.n_heads", "model.mlp.hidden", "data.tokenizer_vocab_size",
-    "train.max_steps", "train.global_batch_size", "train.micro_batch_size", "train.seq_len",
-    "train.eval_batches", "train.log_every", "parallel.tp", "parallel.pp", "parallel.ep",
+    "model.vocab_size",
+    "model.d_model",
+    "model.n_layers",
+    "model.max_seq_len",
+    "model.attention.n_heads",
+    "model.mlp.hidden",
+    "data.tokenizer_vocab_size",
+    "train.max_steps",
+    "train.global_batch_size",
+    "train.micro_batch_size",
+    "train.seq_len",
+    "train.eval_batches",
+    "train.log_every",
+    "parallel.tp",
+    "parallel.pp",
+    "parallel.ep",
     "activation_checkpointing_every",
-)  # fmt: skip
+)
 
 NON_NEGATIVE = (
-    "train.eval_every", "checkpoint.save_every", "checkpoint.keep_last", "optim.warmup_steps",
-    "optim.lr", "optim.weight_decay", "optim.grad_clip", "run.threads", "zero.stage",
-)  # fmt: skip
+    "train.eval_every",
+    "checkpoint.save_every",
+    "checkpoint.keep_last",
+    "optim.warmup_steps",
+    "optim.lr",
+    "optim.weight_decay",
+    "optim.grad_clip",
+    "run.threads",
+    "zero.stage",
+)
 
 
 def get(cfg: object, key: str):
@@ -75,9 +94,10 @@ def validate(cfg: Config) -> None:
     t = cfg.train
     if t.global_batch_size % t.micro_batch_size:
         _fail(
-            "train.global_batch_size", t.global_batch_size,
+            "train.global_batch_size",
+            t.global_batch_size,
             f"must be a multiple of train.micro_batch_size={t.micro_batch_size}",
-        )  # fmt: skip
+        )
     if t.seq_len > cfg.model.max_seq_len:
         _fail("train.seq_len", t.seq_len, f"exceeds model.max_seq_len={cfg.model.max_seq_len}")
     if not 0.0 <= cfg.data.val_fraction < 1.0:
@@ -112,26 +132,44 @@ def validate_precision(cfg: Config) -> None:
     if not f.enabled:
         return
     if cfg.zero.backend == "deepspeed":
-        _fail("fp8.enabled", True, "FP8 with zero.backend=deepspeed is not supported; use "
-              "zero.backend=ddp or fsdp2")  # fmt: skip
+        _fail(
+            "fp8.enabled",
+            True,
+            "FP8 with zero.backend=deepspeed is not supported; use zero.backend=ddp or fsdp2",
+        )
     if f.backend == "torchao":
         if f.recipe not in ("tensorwise", "rowwise"):
             _fail("fp8.recipe", f.recipe, "fp8.backend=torchao offers tensorwise | rowwise")
         if cfg.model.backend != "torch":
             _fail("fp8.backend", f.backend, "torchao swaps torch linears: model.backend=torch")
         if cfg.parallel.tp != 1:
-            _fail("fp8.backend", f.backend, "torchao FP8 with parallel.tp > 1 is not "
-                  "supported (it expects DTensor TP); use fp8.backend=te or tp=1")  # fmt: skip
+            _fail(
+                "fp8.backend",
+                f.backend,
+                "torchao FP8 with parallel.tp > 1 is not "
+                "supported (it expects DTensor TP); use fp8.backend=te or tp=1",
+            )
         if f.fsdp_float8_all_gather and (f.recipe != "tensorwise" or cfg.zero.backend != "fsdp2"):
-            _fail("fp8.fsdp_float8_all_gather", True, "needs zero.backend=fsdp2 and "
-                  "fp8.recipe=tensorwise")  # fmt: skip
+            _fail(
+                "fp8.fsdp_float8_all_gather",
+                True,
+                "needs zero.backend=fsdp2 and fp8.recipe=tensorwise",
+            )
     else:
         if f.recipe == "rowwise":
-            _fail("fp8.recipe", f.recipe, "fp8.backend=te offers tensorwise | delayed | mxfp8 | "
-                  "blockwise (rowwise is torchao's)")  # fmt: skip
+            _fail(
+                "fp8.recipe",
+                f.recipe,
+                "fp8.backend=te offers tensorwise | delayed | mxfp8 | "
+                "blockwise (rowwise is torchao's)",
+            )
         if cfg.model.backend != "te":
-            _fail("fp8.backend", f.backend, "FP8 through Transformer Engine needs "
-                  "model.backend=te (or use fp8.backend=torchao)")  # fmt: skip
+            _fail(
+                "fp8.backend",
+                f.backend,
+                "FP8 through Transformer Engine needs "
+                "model.backend=te (or use fp8.backend=torchao)",
+            )
         if f.fsdp_float8_all_gather:
             _fail("fp8.fsdp_float8_all_gather", True, "is a torchao option (fp8.backend=torchao)")
 
@@ -151,8 +189,11 @@ def validate_zero(cfg: Config) -> None:
     if z.replicate > 1 and z.backend != "fsdp2":
         _fail("zero.replicate", z.replicate, "HSDP (replicate > 1) needs zero.backend=fsdp2")
     if z.replicate > 1 and cfg.parallel.ep > 1:
-        _fail("zero.replicate", z.replicate, "HSDP with parallel.ep > 1 is not supported "
-              "(both split the dp dimension)")  # fmt: skip
+        _fail(
+            "zero.replicate",
+            z.replicate,
+            "HSDP with parallel.ep > 1 is not supported (both split the dp dimension)",
+        )
 
 
 # DeepSpeed config keys evoformer derives from its own settings (engine.deepspeed): a raw key
@@ -188,8 +229,12 @@ def validate_deepspeed(cfg: Config) -> None:
     if z.stage not in (0, 1, 2, 3):
         _fail("zero.stage", z.stage, "zero.backend=deepspeed needs zero.stage 0, 1, 2 or 3")
     if cfg.parallel.pp != 1:
-        _fail("parallel.pp", cfg.parallel.pp, "zero.backend=deepspeed does not run with "
-              "pipeline parallelism; use parallel.pp=1 or zero.backend=ddp/fsdp2")  # fmt: skip
+        _fail(
+            "parallel.pp",
+            cfg.parallel.pp,
+            "zero.backend=deepspeed does not run with "
+            "pipeline parallelism; use parallel.pp=1 or zero.backend=ddp/fsdp2",
+        )
     if z.offload_param != "none" and z.stage != 3:
         _fail("zero.offload_param", z.offload_param, f"needs zero.stage=3 (got {z.stage})")
     if z.offload_optimizer != "none" and z.stage == 0:
@@ -197,15 +242,26 @@ def validate_deepspeed(cfg: Config) -> None:
     if "nvme" in (z.offload_optimizer, z.offload_param) and not z.nvme_path:
         _fail("zero.nvme_path", z.nvme_path, "nvme offload needs a folder on an NVMe drive")
     if cfg.parallel.ep != 1:
-        _fail("parallel.ep", cfg.parallel.ep, "zero.backend=deepspeed does not run expert "
-              "parallelism in this version; use zero.backend=ddp or fsdp2")  # fmt: skip
+        _fail(
+            "parallel.ep",
+            cfg.parallel.ep,
+            "zero.backend=deepspeed does not run expert "
+            "parallelism in this version; use zero.backend=ddp or fsdp2",
+        )
     if cfg.fp8.enabled:
-        _fail("fp8.enabled", True, "FP8 with zero.backend=deepspeed is not available in this "
-              "version; use zero.backend=ddp or fsdp2")  # fmt: skip
+        _fail(
+            "fp8.enabled",
+            True,
+            "FP8 with zero.backend=deepspeed is not available in this "
+            "version; use zero.backend=ddp or fsdp2",
+        )
     ls = cfg.loss_scale
     if cfg.precision == "fp16" and (ls.growth_factor != 2.0 or ls.backoff_factor != 0.5):
-        _fail("loss_scale.growth_factor", (ls.growth_factor, ls.backoff_factor),
-              "DeepSpeed's loss scaler grows by 2 and backs off by 0.5 only")  # fmt: skip
+        _fail(
+            "loss_scale.growth_factor",
+            (ls.growth_factor, ls.backoff_factor),
+            "DeepSpeed's loss scaler grows by 2 and backs off by 0.5 only",
+        )
     raw = z.deepspeed_config
     if not isinstance(raw, dict):
         _fail("zero.deepspeed_config", raw, "must be a mapping of DeepSpeed keys")
@@ -214,8 +270,11 @@ def validate_deepspeed(cfg: Config) -> None:
         for part in dotted.split("."):
             d = d.get(part) if isinstance(d, dict) else None
         if d is not None:
-            _fail(f"zero.deepspeed_config.{dotted}", d, f"is set by evoformer from {ours}; "
-                  "set that instead")  # fmt: skip
+            _fail(
+                f"zero.deepspeed_config.{dotted}",
+                d,
+                f"is set by evoformer from {ours}; set that instead",
+            )
 
 
 def validate_model(cfg: Config) -> None:
@@ -233,14 +292,16 @@ def validate_model(cfg: Config) -> None:
         _fail("model.attention.sliding_window", a.sliding_window, "must be > 0 (null = no window)")
     if a.global_every < 0 or a.global_every == 1:
         _fail(
-            "model.attention.global_every", a.global_every,
+            "model.attention.global_every",
+            a.global_every,
             "must be 0 (every layer local) or >= 2 (1 would make every layer global)",
-        )  # fmt: skip
+        )
     if a.global_every and a.sliding_window is None:
         _fail(
-            "model.attention.global_every", a.global_every,
+            "model.attention.global_every",
+            a.global_every,
             "needs model.attention.sliding_window (the window of the local layers)",
-        )  # fmt: skip
+        )
     if a.scale is not None and a.scale <= 0:
         _fail("model.attention.scale", a.scale, "must be > 0 (null = 1/sqrt(head_dim))")
     if a.kind == "mla" and m.position.kind == "alibi":
@@ -263,9 +324,10 @@ def validate_model(cfg: Config) -> None:
         _fail("model.norm.unit_offset", True, "only RMSNorm has a unit offset")
     if m.parallel_block and m.norm.placement != "pre":
         _fail(
-            "model.parallel_block", True,
+            "model.parallel_block",
+            True,
             f"a parallel block has one pre-norm (model.norm.placement={m.norm.placement})",
-        )  # fmt: skip
+        )
 
 
 def validate_parallel(cfg: Config) -> None:
@@ -282,10 +344,11 @@ def validate_parallel(cfg: Config) -> None:
         _fail("model.attention.n_heads", a.n_heads, why + " (heads are split over TP)")
     if a.kind != "mla" and kv % tp and tp % kv:
         _fail(
-            "model.attention.n_kv_heads", kv,
+            "model.attention.n_kv_heads",
+            kv,
             f"must divide or be divisible by parallel.tp={tp} (KV heads are split, or "
             "replicated when fewer than tp)",
-        )  # fmt: skip
+        )
     dense = m.moe.num_experts <= 0 or m.moe.first_k_dense > 0 or m.moe.layer_freq > 1
     if dense and m.mlp.hidden % tp:
         _fail("model.mlp.hidden", m.mlp.hidden, why)
@@ -298,9 +361,10 @@ def validate_parallel(cfg: Config) -> None:
             _fail("model.moe.shared_hidden", shared, why)
     if cfg.parallel.sequence_parallel and cfg.train.seq_len % tp:
         _fail(
-            "train.seq_len", cfg.train.seq_len,
+            "train.seq_len",
+            cfg.train.seq_len,
             f"{why} with parallel.sequence_parallel (the sequence is split over TP)",
-        )  # fmt: skip
+        )
 
 
 def validate_pipeline(cfg: Config) -> None:
@@ -316,28 +380,46 @@ def validate_pipeline(cfg: Config) -> None:
         return
     v = p.pp_virtual_stages or PP_SCHEDULE_VIRTUAL_STAGES[p.pp_schedule]
     if p.pp_schedule in ("gpipe", "1f1b") and v != 1:
-        _fail("parallel.pp_virtual_stages", v, f"pp_schedule={p.pp_schedule} runs one stage per "
-              "rank (virtual stages need interleaved, zero_bubble or zbv)")  # fmt: skip
+        _fail(
+            "parallel.pp_virtual_stages",
+            v,
+            f"pp_schedule={p.pp_schedule} runs one stage per "
+            "rank (virtual stages need interleaved, zero_bubble or zbv)",
+        )
     if p.pp_schedule == "zbv" and v != 2:
         _fail("parallel.pp_virtual_stages", v, "pp_schedule=zbv places exactly 2 stages per rank")
     S = p.pp * v
     if p.pp_layers:
         if len(p.pp_layers) != S or min(p.pp_layers) < 1:
-            _fail("parallel.pp_layers", p.pp_layers, f"needs {S} entries (pp={p.pp} x {v} "
-                  "stages per rank), each >= 1")  # fmt: skip
+            _fail(
+                "parallel.pp_layers",
+                p.pp_layers,
+                f"needs {S} entries (pp={p.pp} x {v} stages per rank), each >= 1",
+            )
         if sum(p.pp_layers) != m.n_layers:
-            _fail("parallel.pp_layers", p.pp_layers,
-                  f"sums to {sum(p.pp_layers)}, model.n_layers={m.n_layers}")  # fmt: skip
+            _fail(
+                "parallel.pp_layers",
+                p.pp_layers,
+                f"sums to {sum(p.pp_layers)}, model.n_layers={m.n_layers}",
+            )
     elif m.n_layers < S:
-        _fail("parallel.pp", p.pp, f"{S} pipeline stages (pp x {v} per rank) need at least as "
-              f"many layers, model.n_layers={m.n_layers}")  # fmt: skip
+        _fail(
+            "parallel.pp",
+            p.pp,
+            f"{S} pipeline stages (pp x {v} per rank) need at least as "
+            f"many layers, model.n_layers={m.n_layers}",
+        )
     if (
         p.pp_schedule == "zbv"
         and cfg.zero.backend == "fsdp2"
         and (m.tie_embeddings or m.mtp.depth > 0)
     ):
-        _fail("parallel.pp_schedule", "zbv", "puts the first and last stage on one rank, "
-              "sharing the embedding (tied head or MTP): not with zero.backend=fsdp2")  # fmt: skip
+        _fail(
+            "parallel.pp_schedule",
+            "zbv",
+            "puts the first and last stage on one rank, "
+            "sharing the embedding (tied head or MTP): not with zero.backend=fsdp2",
+        )
 
 
 def validate_expert_parallel(cfg: Config) -> None:
@@ -354,8 +436,12 @@ def validate_expert_parallel(cfg: Config) -> None:
         _fail("parallel.ep", ep, "expert parallelism runs with zero.backend=ddp or fsdp2")
     hsdp = getattr(cfg.zero, "replicate", 1) > 1
     if cfg.zero.backend == "fsdp2" and (cfg.parallel.tp > 1 or hsdp):
-        _fail("parallel.ep", ep, "expert parallelism with zero.backend=fsdp2 needs parallel.tp=1 "
-              "and no HSDP (zero.replicate=1) in this version")  # fmt: skip
+        _fail(
+            "parallel.ep",
+            ep,
+            "expert parallelism with zero.backend=fsdp2 needs parallel.tp=1 "
+            "and no HSDP (zero.replicate=1) in this version",
+        )
 
 
 def _not_yet(cfg: Config) -> None:

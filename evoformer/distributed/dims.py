@@ -129,9 +129,10 @@ class ParallelDims:
             submeshes = {name: mesh[name] for name in ("pp", "dp", "tp")}
         else:
             mesh = init_device_mesh(
-                device_type, (self.pp, self.edp, self.ep, self.tp),
+                device_type,
+                (self.pp, self.edp, self.ep, self.tp),
                 mesh_dim_names=("pp", "edp", "ep", "tp"),
-            )  # fmt: skip
+            )
             submeshes = {name: mesh[name] for name in ("pp", "edp", "ep", "tp")}
             # Keep the flattened mesh itself: slicing a flattened dim from the root is deprecated.
             submeshes["dp"] = mesh["edp", "ep"]._flatten("dp")
@@ -145,12 +146,20 @@ class ParallelDims:
         if self.ep > 1:
             ep_group, edp_group = submeshes["ep"].get_group(), submeshes["edp"].get_group()
         return ParallelGroups(
-            self, mesh, tp_group, dp_group, ranks(tp_group), ranks(dp_group),
-            pp_group=pp_group, pp_ranks=ranks(pp_group),
-            ep_group=ep_group, ep_ranks=ranks(ep_group) if ep_group else (self.rank,),
-            edp_group=edp_group, edp_ranks=ranks(edp_group) if edp_group else ranks(dp_group),
+            self,
+            mesh,
+            tp_group,
+            dp_group,
+            ranks(tp_group),
+            ranks(dp_group),
+            pp_group=pp_group,
+            pp_ranks=ranks(pp_group),
+            ep_group=ep_group,
+            ep_ranks=ranks(ep_group) if ep_group else (self.rank,),
+            edp_group=edp_group,
+            edp_ranks=ranks(edp_group) if edp_group else ranks(dp_group),
             submeshes=submeshes,
-        )  # fmt: skip
+        )
 
 
 @dataclass(frozen=True)
@@ -196,10 +205,13 @@ class ParallelGroups:
                 f"(world {self.dims.world_size} / (tp*pp = {self.dims.tp * self.dims.pp}))"
             )
         if self.mesh is None or "dp" not in (self.mesh.mesh_dim_names or ()):
-            raise UserError("config: zero.replicate > 1 (HSDP) needs a dp mesh dimension "
-                            "(a distributed run without expert parallelism)")  # fmt: skip
-        return self.mesh._unflatten("dp", (replicate, dp // replicate),
-                                    ("dp_replicate", "dp_shard"))  # fmt: skip
+            raise UserError(
+                "config: zero.replicate > 1 (HSDP) needs a dp mesh dimension "
+                "(a distributed run without expert parallelism)"
+            )
+        return self.mesh._unflatten(
+            "dp", (replicate, dp // replicate), ("dp_replicate", "dp_shard")
+        )
 
     @property
     def tp(self) -> int:

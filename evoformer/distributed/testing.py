@@ -60,9 +60,12 @@ def _worker(
             _HOST, port, world_size, is_master=False, timeout=timedelta(seconds=timeout)
         )
         dist.init_process_group(
-            backend, store=store, rank=rank, world_size=world_size,
+            backend,
+            store=store,
+            rank=rank,
+            world_size=world_size,
             timeout=timedelta(seconds=timeout),
-        )  # fmt: skip
+        )
         try:
             value = fn(rank, world_size, *args)
         finally:
@@ -101,9 +104,13 @@ def run_distributed(
     """
     ctx = _context()
     store = dist.TCPStore(
-        _HOST, 0, world_size, is_master=True, timeout=timedelta(seconds=timeout),
+        _HOST,
+        0,
+        world_size,
+        is_master=True,
+        timeout=timedelta(seconds=timeout),
         wait_for_workers=False,
-    )  # fmt: skip
+    )
     results = ctx.Queue()
     procs = [
         ctx.Process(

@@ -180,9 +180,10 @@ def _import_deepspeed(device: torch.device):
             deepspeed.ops.__compatible_ops__[op] = False
     # DeepSpeed still calls torch's older collective names; the deprecation is not ours to fix.
     warnings.filterwarnings(
-        "ignore", message=r".*(all_gather_into_tensor|reduce_scatter_tensor).*deprecated",
+        "ignore",
+        message=r".*(all_gather_into_tensor|reduce_scatter_tensor).*deprecated",
         category=FutureWarning,
-    )  # fmt: skip
+    )
     return deepspeed
 
 
@@ -227,8 +228,9 @@ class DeepSpeedStrategy(Strategy):
 
     name = "deepspeed"
 
-    def __init__(self, cfg: Config, dims: ParallelDims, groups: ParallelGroups,
-                 device: torch.device) -> None:  # fmt: skip
+    def __init__(
+        self, cfg: Config, dims: ParallelDims, groups: ParallelGroups, device: torch.device
+    ) -> None:
         super().__init__(cfg, dims, groups, device)
         self.engine = None
         self._skipped = 0
@@ -251,8 +253,10 @@ class DeepSpeedStrategy(Strategy):
             # gives it a world of one without opening a port.
             dist.init_process_group(
                 "gloo" if self.device.type == "cpu" else "nccl",
-                store=dist.HashStore(), rank=0, world_size=1,
-            )  # fmt: skip
+                store=dist.HashStore(),
+                rank=0,
+                world_size=1,
+            )
         self.model = model
         self.partial_grad_params = sequence_parallel_params(model)
         for p in model.parameters():
@@ -266,9 +270,12 @@ class DeepSpeedStrategy(Strategy):
             _prepare_zero3(model)
         optimizer = build_optimizer(model, self.cfg.optim)
         self.engine, _, _, _ = deepspeed.initialize(
-            model=model, optimizer=optimizer, config=deepspeed_config(self.cfg, self.dims.dp),
-            mpu=ModelParallelUnit(self.groups), dist_init_required=False,
-        )  # fmt: skip
+            model=model,
+            optimizer=optimizer,
+            config=deepspeed_config(self.cfg, self.dims.dp),
+            mpu=ModelParallelUnit(self.groups),
+            dist_init_required=False,
+        )
         # The client optimizer: ZeRO replaced its parameters by this rank's flat fp32 partitions,
         # so its groups carry our lr and its state is this rank's (sharded) AdamW state.
         self.optimizer = optimizer
@@ -276,8 +283,11 @@ class DeepSpeedStrategy(Strategy):
 
     def describe(self) -> str:
         z = self.cfg.zero
-        offload = [f"{k} {v}" for k, v in (("optimizer", z.offload_optimizer),
-                                          ("params", z.offload_param)) if v != "none"]  # fmt: skip
+        offload = [
+            f"{k} {v}"
+            for k, v in (("optimizer", z.offload_optimizer), ("params", z.offload_param))
+            if v != "none"
+        ]
         return f"deepspeed stage {z.stage}" + (f", offload {', '.join(offload)}" if offload else "")
 
     # -- one step ------------------------------------------------------------------------------
@@ -302,9 +312,10 @@ class DeepSpeedStrategy(Strategy):
         if stage == 0:
             # DeepSpeed all-reduced the gradients on the boundary backward; clip as one process.
             norm = clip_grad_norm_(
-                self.model.parameters(), max_norm if max_norm > 0 else float("inf"),
+                self.model.parameters(),
+                max_norm if max_norm > 0 else float("inf"),
                 self.groups.tp_group,
-            ).item()  # fmt: skip
+            ).item()
         elif max_norm != self.cfg.optim.grad_clip:
             raise ValueError(
                 f"deepspeed clips at optim.grad_clip={self.cfg.optim.grad_clip} (fixed at setup), "
@@ -328,8 +339,9 @@ class DeepSpeedStrategy(Strategy):
     def state_dict(self) -> dict[str, Any]:
         return {"backend": "deepspeed", "stage": self.cfg.zero.stage, "dp": self.dims.dp}
 
-    def save_checkpoint(self, ckpt_root: Path, step: int, trainer_state: dict[str, Any],
-                        **kwargs: Any) -> Path:  # fmt: skip
+    def save_checkpoint(
+        self, ckpt_root: Path, step: int, trainer_state: dict[str, Any], **kwargs: Any
+    ) -> Path:
         """One atomic checkpoint folder: DCP model weights (full, consolidated from the ZeRO-3
         partitions; what ``load_model`` and ``export-hf`` read, TP shards as global tensors)
         plus DeepSpeed's own checkpoint of its partitioned master weights and optimizer state
@@ -341,10 +353,16 @@ class DeepSpeedStrategy(Strategy):
             self.engine.save_checkpoint(str(tmp), tag=DS_TAG, save_latest=False)
 
         return save_checkpoint(
-            ckpt_root, step, self.model, None, trainer_state=trainer_state,
-            tp_mesh=self.tp_mesh, model_state_dict=weights, write_extra=write_engine_state,
+            ckpt_root,
+            step,
+            self.model,
+            None,
+            trainer_state=trainer_state,
+            tp_mesh=self.tp_mesh,
+            model_state_dict=weights,
+            write_extra=write_engine_state,
             **kwargs,
-        )  # fmt: skip
+        )
 
     def _consolidated_weights(self) -> dict[str, torch.Tensor]:
         if self.cfg.zero.stage < 3:
@@ -369,8 +387,11 @@ class DeepSpeedStrategy(Strategy):
                 f"dp={self.dims.dp} (DeepSpeed checkpoints are per dp partition)"
             )
         path, _ = self.engine.load_checkpoint(
-            str(ckpt), tag=DS_TAG, load_optimizer_states=True, load_lr_scheduler_states=False,
-        )  # fmt: skip
+            str(ckpt),
+            tag=DS_TAG,
+            load_optimizer_states=True,
+            load_lr_scheduler_states=False,
+        )
         if path is None:
             raise UserError(f"checkpoint {ckpt}: DeepSpeed could not load {ckpt / DS_TAG}")
         restore_rng_state(ckpt, self.dims.rank - self.dims.tp_rank)

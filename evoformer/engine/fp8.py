@@ -82,8 +82,15 @@ class FP8Training:
     """What the strategy needs from FP8 once the model is prepared: a forward context and a
     hook after each optimizer step. ``converted`` names the modules that compute in FP8."""
 
-    def __init__(self, model: nn.Module, cfg: FP8Config, converted: list[str], te=None,
-                 recipe=None, fsdp_all_gather: bool = False) -> None:  # fmt: skip
+    def __init__(
+        self,
+        model: nn.Module,
+        cfg: FP8Config,
+        converted: list[str],
+        te=None,
+        recipe=None,
+        fsdp_all_gather: bool = False,
+    ) -> None:
         self.model = model
         self.cfg = cfg
         self.converted = converted
@@ -173,9 +180,10 @@ def _setup_te(model: nn.Module, cfg: FP8Config, n_layers: int) -> FP8Training:
     if model.mtp is not None:
         _disable_fp8_in(model.mtp, te)
     converted = [
-        n for n, m in model.named_modules()
+        n
+        for n, m in model.named_modules()
         if isinstance(m, te.Linear) and not keeps_high_precision(n, n_layers, cfg.keep_first_last)
-    ]  # fmt: skip
+    ]
     return FP8Training(model, cfg, converted, te=te, recipe=recipe)
 
 

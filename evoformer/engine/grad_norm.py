@@ -122,8 +122,9 @@ def _sum_of_squares_over_shards(grads: list[torch.Tensor], device: torch.device)
     return total + _reduce_buckets(buckets, device)
 
 
-def _reduce_buckets(buckets: dict[tuple, tuple[list, list[torch.Tensor]]],
-                    device: torch.device) -> torch.Tensor:  # fmt: skip
+def _reduce_buckets(
+    buckets: dict[tuple, tuple[list, list[torch.Tensor]]], device: torch.device
+) -> torch.Tensor:
     """Sum of squares of every bucket's gradients, each all-reduced over its bucket's groups;
     buckets in a fixed key order, so every rank issues the same collectives."""
     total = torch.zeros((), dtype=torch.float32, device=device)

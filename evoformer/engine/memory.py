@@ -147,8 +147,9 @@ def gathered_param_bytes(module: torch.nn.Module) -> int:
     if not isinstance(module, FSDPModule):
         return 0
     gathered = [p for p in module.parameters() if not isinstance(p, DTensor)]
-    keys = {StorageWeakRef(p.untyped_storage()).cdata: p.untyped_storage().nbytes()
-            for p in gathered}  # fmt: skip
+    keys = {
+        StorageWeakRef(p.untyped_storage()).cdata: p.untyped_storage().nbytes() for p in gathered
+    }
     return sum(keys.values())
 
 

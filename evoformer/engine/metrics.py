@@ -58,9 +58,12 @@ class MetricsLogger:
             import wandb
 
             self.wandb = wandb.init(
-                project=run.wandb_project, dir=str(out_dir), config=config_dict,
-                name=out_dir.name, resume="allow",
-            )  # fmt: skip
+                project=run.wandb_project,
+                dir=str(out_dir),
+                config=config_dict,
+                name=out_dir.name,
+                resume="allow",
+            )
         self.tb = None
         if run.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
@@ -94,9 +97,10 @@ class MetricsLogger:
             if self.bar is not None:
                 self.bar.n = step
                 self.bar.set_postfix(
-                    loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}",
+                    loss=f"{record['loss']:.3f}",
+                    tok_s=f"{record['tokens_per_s']:.0f}",
                     refresh=False,
-                )  # fmt: skip
+                )
                 self.bar.refresh()
             if echo:
                 self.info(self._line(record))

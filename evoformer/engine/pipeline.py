@@ -83,9 +83,14 @@ def build_pipeline_model(
     placement = stage_ranks(S, p.pp, SCHEDULES[p.pp_schedule].placement)
     mine = [s for s in range(S) if placement[s] == dims.pp_rank]
     model = build_stage_model(
-        cfg.model, stages, mine, device=device, seed=cfg.run.seed, groups=groups,
+        cfg.model,
+        stages,
+        mine,
+        device=device,
+        seed=cfg.run.seed,
+        groups=groups,
         sequence_parallel=p.sequence_parallel,
-    )  # fmt: skip
+    )
     model.pp_stages, model.pp_placement = stages, placement
     return model
 
@@ -200,9 +205,12 @@ class PipelineRunner:
         tokens = torch.cat(batches)
         losses: list[torch.Tensor] | None = [] if self.has_last else None
         self.schedule.step(
-            tokens[:, :-1].contiguous(), tokens=tokens,
-            target=tokens if self.has_last else None, losses=losses, return_outputs=False,
-        )  # fmt: skip
+            tokens[:, :-1].contiguous(),
+            tokens=tokens,
+            target=tokens if self.has_last else None,
+            losses=losses,
+            return_outputs=False,
+        )
         if self._dp_average:
             self._average_over_dp()
         return self._reduce_metrics()
@@ -313,8 +321,9 @@ class PipelineRunner:
             else:
                 x = out.float()
                 if self.placement[s + 1] != me:
-                    dist.send(x.contiguous(), self.pp_ranks[self.placement[s + 1]],
-                              group=self.pp_group)  # fmt: skip
+                    dist.send(
+                        x.contiguous(), self.pp_ranks[self.placement[s + 1]], group=self.pp_group
+                    )
         for chunk, mode in zip(self.chunks, was_training):
             chunk.train(mode)
         dist.broadcast(loss, self.pp_ranks[self.placement[-1]], group=self.pp_group)

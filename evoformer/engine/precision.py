@@ -99,9 +99,12 @@ class LossScaler:
     @classmethod
     def from_config(cls, cfg: LossScaleConfig) -> LossScaler:
         return cls(
-            cfg.initial_scale, cfg.growth_interval, cfg.growth_factor, cfg.backoff_factor,
+            cfg.initial_scale,
+            cfg.growth_interval,
+            cfg.growth_factor,
+            cfg.backoff_factor,
             cfg.min_scale,
-        )  # fmt: skip
+        )
 
     def scale_loss(self, loss: torch.Tensor) -> torch.Tensor:
         return loss * self.scale
@@ -129,9 +132,10 @@ class LossScaler:
 
     def state_dict(self) -> dict[str, Any]:
         return {
-            "scale": self.scale, "clean_steps": self.clean_steps,
+            "scale": self.scale,
+            "clean_steps": self.clean_steps,
             "skipped_steps": self.skipped_steps,
-        }  # fmt: skip
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.scale = float(state["scale"])

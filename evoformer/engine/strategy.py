@@ -61,8 +61,9 @@ class Strategy:
 
     name = "single"
 
-    def __init__(self, cfg: Config, dims: ParallelDims, groups: ParallelGroups,
-                 device: torch.device) -> None:  # fmt: skip
+    def __init__(
+        self, cfg: Config, dims: ParallelDims, groups: ParallelGroups, device: torch.device
+    ) -> None:
         self.cfg = cfg
         self.dims = dims
         self.groups = groups
@@ -150,9 +151,12 @@ class Strategy:
         if self.scaler is not None:
             self.scaler.unscale_(params)  # the norm and the clipping see true gradients
         norm = clip_grad_norm_(
-            params, max_norm if max_norm > 0 else float("inf"), self.groups.tp_group,
-            ep_group=self.groups.ep_group, **pipeline,
-        )  # fmt: skip
+            params,
+            max_norm if max_norm > 0 else float("inf"),
+            self.groups.tp_group,
+            ep_group=self.groups.ep_group,
+            **pipeline,
+        )
         if self.scaler is None:
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
@@ -184,15 +188,22 @@ class Strategy:
         if self.scaler is not None and "loss_scaler" in state:
             self.scaler.load_state_dict(state["loss_scaler"])
 
-    def save_checkpoint(self, ckpt_root: Path, step: int, trainer_state: dict[str, Any],
-                        **kwargs: Any) -> Path:  # fmt: skip
+    def save_checkpoint(
+        self, ckpt_root: Path, step: int, trainer_state: dict[str, Any], **kwargs: Any
+    ) -> Path:
         """Save model + optimizer (+ this strategy's state) atomically; see
         ``checkpoint.save_checkpoint`` for ``kwargs``."""
         trainer_state = {**trainer_state, "strategy": self.state_dict()}
         return save_checkpoint(
-            ckpt_root, step, self.model, self.optimizer, trainer_state=trainer_state,
-            tp_mesh=self.tp_mesh, ep_mesh=self.ep_mesh, **kwargs,
-        )  # fmt: skip
+            ckpt_root,
+            step,
+            self.model,
+            self.optimizer,
+            trainer_state=trainer_state,
+            tp_mesh=self.tp_mesh,
+            ep_mesh=self.ep_mesh,
+            **kwargs,
+        )
 
     def load_checkpoint(self, ckpt: Path) -> dict[str, Any]:
         """Restore model + optimizer + RNG in place; returns the trainer state."""
@@ -202,9 +213,13 @@ class Strategy:
                 "resume it with zero.backend=deepspeed (load_model / export-hf read its weights)"
             )
         state = load_checkpoint(
-            ckpt, self.model, self.optimizer, tp_mesh=self.tp_mesh, ep_mesh=self.ep_mesh,
+            ckpt,
+            self.model,
+            self.optimizer,
+            tp_mesh=self.tp_mesh,
+            ep_mesh=self.ep_mesh,
             rng_rank=self.dims.rank - self.dims.tp_rank,  # one RNG state per TP group
-        )  # fmt: skip
+        )
         self.load_state_dict(state.get("strategy", {}))
         return state
 
@@ -243,9 +258,10 @@ class DDPStrategy(Strategy):
         # From the whole model: pipeline stages are wrapped one by one.
         self.expert_params = [p for _, p in expert_parallel_params(self.model)]
         self.ddp = DistributedDataParallel(
-            model, device_ids=None if self.device.type == "cpu" else [self.device.index],
+            model,
+            device_ids=None if self.device.type == "cpu" else [self.device.index],
             process_group=self.groups.dp_group,
-        )  # fmt: skip
+        )
         return self.ddp
 
     def _sync_expert_grads(self) -> None:
@@ -277,10 +293,13 @@ class FSDP2Strategy(Strategy):
             self.ep_mesh = root["edp", "ep"]
         # FSDP2 replaces the parameters by DTensor shards: before the optimizer sees them.
         apply_fsdp2(
-            model, fsdp_mesh, self.cfg.zero.stage,
-            mp_policy=fsdp_mp_policy(self.cfg.precision), tp_size=self.dims.tp,
+            model,
+            fsdp_mesh,
+            self.cfg.zero.stage,
+            mp_policy=fsdp_mp_policy(self.cfg.precision),
+            tp_size=self.dims.tp,
             expert_mesh=expert_mesh,
-        )  # fmt: skip
+        )
         # From the whole model (pipeline stages are wrapped one by one; the last call sees all).
         self.expert_params = [p for _, p in expert_parallel_params(self.model)]
         if self.dims.tp > 1:
@@ -324,8 +343,9 @@ class FSDP2Strategy(Strategy):
         return f"fsdp2 stage {self.cfg.zero.stage}{hsdp}"
 
 
-def build_strategy(cfg: Config, dims: ParallelDims, groups: ParallelGroups,
-                   device: torch.device) -> Strategy:  # fmt: skip
+def build_strategy(
+    cfg: Config, dims: ParallelDims, groups: ParallelGroups, device: torch.device
+) -> Strategy:
     """The strategy for ``zero.backend``; with one data-parallel rank there is nothing to
     replicate or shard, and the model trains as plain torch."""
     backend = cfg.zero.backend

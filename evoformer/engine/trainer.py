@@ -122,9 +122,12 @@ class Trainer:
             self.model = build_pipeline_model(cfg, self.dims, self.groups, self.device)
         else:
             self.model: Transformer = build_model(
-                cfg.model, device=self.device, seed=cfg.run.seed, groups=self.groups,
+                cfg.model,
+                device=self.device,
+                seed=cfg.run.seed,
+                groups=self.groups,
                 sequence_parallel=cfg.parallel.sequence_parallel,
-            )  # fmt: skip
+            )
         self.model.activation_checkpointing = cfg.activation_checkpointing
         self.model.activation_checkpointing_every = cfg.activation_checkpointing_every
         if t.compile:
@@ -141,9 +144,14 @@ class Trainer:
             from evoformer.engine.pipeline import PipelineRunner
 
             self.pipeline = PipelineRunner(
-                cfg, self.dims, self.groups, self.device, self.model, self.strategy,
+                cfg,
+                self.dims,
+                self.groups,
+                self.device,
+                self.model,
+                self.strategy,
                 self.grad_accum,
-            )  # fmt: skip
+            )
         # Measures the first step (engine.memory); the numbers go on every metrics line.
         self.memory = MemoryMeter(self.device, enabled=cfg.run.measure_memory, compiled=t.compile)
         self.step = 0
@@ -223,11 +231,17 @@ class Trainer:
                 losses[self.step] = loss
                 if self.step % t.log_every == 0 or self.step in (1, t.max_steps):
                     elapsed = time.perf_counter() - window_start
-                    self.logger.log({
-                        "step": self.step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
-                        "tokens_per_s": tokens_per_step * window_steps / max(elapsed, 1e-9),
-                        "tokens": self.step * tokens_per_step, **extra,
-                    })  # fmt: skip
+                    self.logger.log(
+                        {
+                            "step": self.step,
+                            "loss": loss,
+                            "lr": lr,
+                            "grad_norm": grad_norm,
+                            "tokens_per_s": tokens_per_step * window_steps / max(elapsed, 1e-9),
+                            "tokens": self.step * tokens_per_step,
+                            **extra,
+                        }
+                    )
                     window_start, window_steps = time.perf_counter(), 0
                 if t.eval_every and (self.step % t.eval_every == 0 or self.step == t.max_steps):
                     val_losses[self.step] = self.evaluate()
@@ -313,8 +327,9 @@ class Trainer:
         if self.data.val is None:
             return float("nan")
         self.model.eval()
-        batches = list(EvalBatches(self.data.val, self.cfg.train.micro_batch_size,
-                                   self.cfg.train.eval_batches))  # fmt: skip
+        batches = list(
+            EvalBatches(self.data.val, self.cfg.train.micro_batch_size, self.cfg.train.eval_batches)
+        )
         acc = torch.zeros(2, dtype=torch.float64, device=self.device)
         mine = batches[self.dims.dp_rank :: self.dims.dp]
         if self.dims.ep > 1 and batches:
@@ -347,10 +362,13 @@ class Trainer:
         if tok.is_file():
             extra[TOKENIZER_FILE] = tok
         path = self.strategy.save_checkpoint(
-            self.ckpt_root, self.step, trainer_state={"sampler": self.sampler.state_dict()},
-            config_yaml=to_yaml(self.cfg), keep_last=self.cfg.checkpoint.keep_last,
+            self.ckpt_root,
+            self.step,
+            trainer_state={"sampler": self.sampler.state_dict()},
+            config_yaml=to_yaml(self.cfg),
+            keep_last=self.cfg.checkpoint.keep_last,
             extra_files=extra,
-        )  # fmt: skip
+        )
         self._last_saved = self.step
         self.logger.info(f"saved checkpoint {path}")
         return path

@@ -104,9 +104,15 @@ def _shared_mask(T: int, S: int, window: int | None, device, _inference: bool) -
 
 @functools.lru_cache(maxsize=4)
 def _shared_alibi(
-    n_heads: int, heads: tuple[int, int], T: int, S: int, window: int | None, dtype, device,
+    n_heads: int,
+    heads: tuple[int, int],
+    T: int,
+    S: int,
+    window: int | None,
+    dtype,
+    device,
     _inference: bool,
-) -> torch.Tensor:  # fmt: skip
+) -> torch.Tensor:
     return alibi_bias(n_heads, T, S, window, dtype, device, heads)
 
 
@@ -167,8 +173,10 @@ class Attention(nn.Module):
             if tp > 1:
                 # Full norm: the gain is sharded like the projection; per-head norm (and the
                 # full k norm over replicated KV heads): one gain, used for this rank's heads.
-                for norm, sharded, width in ((self.q_norm, a.qk_norm == "full", q_dim),
-                                             (self.k_norm, k_sharded, k_dim)):  # fmt: skip
+                for norm, sharded, width in (
+                    (self.q_norm, a.qk_norm == "full", q_dim),
+                    (self.k_norm, k_sharded, k_dim),
+                ):
                     if sharded:
                         mark_sharded(norm, "weight", 0, width)
                     else:

@@ -37,11 +37,18 @@ MODES = ("none", "full", "selective")
 def _save_ops() -> frozenset:
     aten = torch.ops.aten
     names = [
-        "mm", "addmm", "bmm", "baddbmm", "_grouped_mm",
-        "_scaled_dot_product_flash_attention", "_scaled_dot_product_flash_attention_for_cpu",
-        "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention",
-        "_flash_attention_forward", "_efficient_attention_forward",
-    ]  # fmt: skip
+        "mm",
+        "addmm",
+        "bmm",
+        "baddbmm",
+        "_grouped_mm",
+        "_scaled_dot_product_flash_attention",
+        "_scaled_dot_product_flash_attention_for_cpu",
+        "_scaled_dot_product_efficient_attention",
+        "_scaled_dot_product_cudnn_attention",
+        "_flash_attention_forward",
+        "_efficient_attention_forward",
+    ]
     ops = set()
     for name in names:
         packet = getattr(aten, name, None)  # some kernels exist only in some builds

@@ -206,10 +206,11 @@ def flops_per_token(cfg: ModelConfig, seq_len: int) -> dict[str, float]:
     attention = sum(_attention_flops(cfg, i, seq_len) for i in range(cfg.n_layers))
     # Each MTP module runs its projection and block, then the shared head once more.
     mtp = sum(
-        2 * mtp_module_params(cfg, k).matmul + 2 * d * V
+        2 * mtp_module_params(cfg, k).matmul
+        + 2 * d * V
         + _attention_flops(cfg, cfg.n_layers + k, seq_len)
         for k in range(cfg.mtp.depth)
-    )  # fmt: skip
+    )
     forward = matmul + attention
     return {
         "training": 3 * (forward + mtp),

@@ -160,8 +160,9 @@ def _dp_shard_numel(shape: tuple[int, ...], dp: int) -> int:
     return rows * math.prod(shape[1:])
 
 
-def _model_state(cfg: Config, stage_params: list[tuple[str, tuple[int, ...]]], tp: int, dp: int,
-                 ep: int) -> tuple[int, int, int]:  # fmt: skip
+def _model_state(
+    cfg: Config, stage_params: list[tuple[str, tuple[int, ...]]], tp: int, dp: int, ep: int
+) -> tuple[int, int, int]:
     bp, bg, bo = bytes_per_param(cfg)
     z = cfg.zero
     full = sharded = 0
@@ -192,8 +193,9 @@ def _attention_widths(m: ModelConfig) -> tuple[int, int]:
     return a.n_heads * hd, (a.n_kv_heads or a.n_heads) * hd
 
 
-def activation_elements_per_token(m: ModelConfig, layer_idx: int, mode: str, tp: int = 1,
-                                  sp: bool = False) -> tuple[float, float]:  # fmt: skip
+def activation_elements_per_token(
+    m: ModelConfig, layer_idx: int, mode: str, tp: int = 1, sp: bool = False
+) -> tuple[float, float]:
     """Elements one token keeps for backward in block ``layer_idx`` (see the module docstring):
     (residual-width tensors, the others: projections, MLP and expert intermediates)."""
     C = m.d_model / (tp if sp else 1)
@@ -236,8 +238,9 @@ def _activation_widths(cfg: Config) -> tuple[int, int, bool]:
     return 4, 2, True
 
 
-def activation_bytes(cfg: Config, layers: list[int], last: bool, tp: int = 1,
-                     matmul_weights: int = 0) -> float:  # fmt: skip
+def activation_bytes(
+    cfg: Config, layers: list[int], last: bool, tp: int = 1, matmul_weights: int = 0
+) -> float:
     """One micro-batch's activations on a rank holding blocks ``layers`` (global indices) and,
     with ``last``, the head; ``matmul_weights``: the rank's matmul weight elements (autocast's
     16-bit weight cache)."""
@@ -310,9 +313,10 @@ def estimate(cfg: Config, world_size: int) -> Plan:
         mine = [(n, sh) for n, sh in params if _held_by(n, held, first, last, m.tie_embeddings)]
         pb, gb, ob = _model_state(cfg, mine, tp, dp, ep)
         matmul = sum(
-            math.prod(_local_numel(n, sh, tp, ep)) for n, sh in mine
+            math.prod(_local_numel(n, sh, tp, ep))
+            for n, sh in mine
             if len(sh) >= 2 and not n.startswith(("embed.", "pos_embed."))
-        )  # fmt: skip
+        )
         act = activation_bytes(cfg, layers, last, tp, matmul)
         if pp > 1:  # micro-batches in flight on this rank (1F1B: pp - r; GPipe: all)
             in_flight = n_micro if cfg.parallel.pp_schedule == "gpipe" else min(pp - r, n_micro)
@@ -350,19 +354,31 @@ def format_plan(cfg: Config, plan: Plan) -> str:
             f" every {cfg.activation_checkpointing_every}"
             if cfg.activation_checkpointing_every > 1
             else ""
-        )  # fmt: skip
+        )
     )
     cols = ("pp rank", "blocks", "params", "grads", "optim", "model state", "activations", "total")
     rows = []
     for r in plan.stages:
-        rows.append((
-            str(r.stage), r.layers, _fmt(r.params), _fmt(r.grads),
-            _fmt(r.optim), _fmt(r.model_state), _fmt(r.activations), _fmt(r.total),
-        ))  # fmt: skip
+        rows.append(
+            (
+                str(r.stage),
+                r.layers,
+                _fmt(r.params),
+                _fmt(r.grads),
+                _fmt(r.optim),
+                _fmt(r.model_state),
+                _fmt(r.activations),
+                _fmt(r.total),
+            )
+        )
     widths = [max(len(c), *(len(row[i]) for row in rows)) for i, c in enumerate(cols)]
     line = "  ".join(c.rjust(w) for c, w in zip(cols, widths))
-    out = [head, "per rank, one row per pipeline rank (its tp rank 0, dp rank 0):", line,
-           "-" * len(line)]  # fmt: skip
+    out = [
+        head,
+        "per rank, one row per pipeline rank (its tp rank 0, dp rank 0):",
+        line,
+        "-" * len(line),
+    ]
     out += ["  ".join(v.rjust(w) for v, w in zip(row, widths)) for row in rows]
     out += [f"note: {n}" for n in plan.notes]
     return "\n".join(out)

@@ -43,10 +43,11 @@ def layer_costs(cfg: ModelConfig, seq_len: int) -> tuple[list[float], float, flo
         for i in range(cfg.n_layers)
     ]
     head = 2 * d * V + sum(
-        2 * mtp_module_params(cfg, k).matmul + 2 * d * V
+        2 * mtp_module_params(cfg, k).matmul
+        + 2 * d * V
         + _attention_flops(cfg, cfg.n_layers + k, seq_len)
         for k in range(cfg.mtp.depth)
-    )  # fmt: skip
+    )
     return blocks, float(d * V), float(head)
 
 

@@ -170,9 +170,10 @@ class Transformer(nn.Module):
         if cfg.position.local_rope_theta is not None:
             # Gemma 3: local layers use their own base and no context-extension scaling.
             local_cfg = dataclasses.replace(
-                cfg.position, rope_theta=cfg.position.local_rope_theta,
+                cfg.position,
+                rope_theta=cfg.position.local_rope_theta,
                 rope_scaling=RopeScalingConfig(),
-            )  # fmt: skip
+            )
             local = RotaryEmbedding(head_dim, cfg.max_seq_len, local_cfg)
         return rope, local
 
@@ -313,8 +314,9 @@ class Transformer(nn.Module):
         rope_local = self.rope_local(positions) if self.rope_local is not None else rope
         return rope, rope_local
 
-    def run_block(self, index: int, layer: nn.Module, x_BTC: torch.Tensor, ropes: tuple,
-                  cache=None) -> torch.Tensor:  # fmt: skip
+    def run_block(
+        self, index: int, layer: nn.Module, x_BTC: torch.Tensor, ropes: tuple, cache=None
+    ) -> torch.Tensor:
         """Block ``index`` (its global number, also inside a pipeline stage), with activation
         checkpointing as configured: none | full | selective, every N-th block."""
         layer_rope = ropes[1] if layer.is_local else ropes[0]

@@ -51,9 +51,12 @@ class ParallelContext:
         if groups is None:
             return cls(backend=backend)
         return cls(
-            groups.tp_group, sequence_parallel, groups.dp_group, backend,
+            groups.tp_group,
+            sequence_parallel,
+            groups.dp_group,
+            backend,
             ep_group=getattr(groups, "ep_group", None),
-        )  # fmt: skip
+        )
 
     @cached_property
     def tp(self) -> int:
@@ -125,15 +128,25 @@ class ParallelContext:
             from evoformer.parallel.te_backend import TEColumnParallelLinear
 
             return TEColumnParallelLinear(
-                in_features, out_features, bias, self.tp_group, sequence_parallel=self.sp,
-                explicit_comm=explicit_comm, **kw,
-            )  # fmt: skip
+                in_features,
+                out_features,
+                bias,
+                self.tp_group,
+                sequence_parallel=self.sp,
+                explicit_comm=explicit_comm,
+                **kw,
+            )
         if self.tp == 1:
             return nn.Linear(in_features, out_features, bias=bias)
         return ColumnParallelLinear(
-            in_features, out_features, bias, self.tp_group, sequence_parallel=self.sp,
-            explicit_comm=explicit_comm, **kw,
-        )  # fmt: skip
+            in_features,
+            out_features,
+            bias,
+            self.tp_group,
+            sequence_parallel=self.sp,
+            explicit_comm=explicit_comm,
+            **kw,
+        )
 
     def row(
         self, in_features: int, out_features: int, bias: bool, explicit_comm: bool = False
@@ -145,15 +158,23 @@ class ParallelContext:
             from evoformer.parallel.te_backend import TERowParallelLinear
 
             return TERowParallelLinear(
-                in_features, out_features, bias, self.tp_group, sequence_parallel=self.sp,
+                in_features,
+                out_features,
+                bias,
+                self.tp_group,
+                sequence_parallel=self.sp,
                 explicit_comm=explicit_comm,
-            )  # fmt: skip
+            )
         if self.tp == 1:
             return nn.Linear(in_features, out_features, bias=bias)
         return RowParallelLinear(
-            in_features, out_features, bias, self.tp_group, sequence_parallel=self.sp,
+            in_features,
+            out_features,
+            bias,
+            self.tp_group,
+            sequence_parallel=self.sp,
             explicit_comm=explicit_comm,
-        )  # fmt: skip
+        )
 
     def dropout(self, x_BTC: torch.Tensor, p: float, training: bool) -> torch.Tensor:
         """Dropout of an activation outside the TP regions. Replicated (no SP): every TP rank

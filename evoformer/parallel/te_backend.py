@@ -99,11 +99,17 @@ def _linear_class(te) -> type:
             # A row layer under our collectives adds its bias after the reduction.
             self.bias_after = mode == "row" and bias and tp > 1 and not self.te_comm
             te.Linear.__init__(
-                self, te_in, te_out, bias=bias,
-                tp_group=group if tp > 1 else None, tp_size=tp,
-                parallel_mode=mode if self.te_comm else None, sequence_parallel=False,
-                return_bias=self.bias_after, device=_te_device(),
-            )  # fmt: skip
+                self,
+                te_in,
+                te_out,
+                bias=bias,
+                tp_group=group if tp > 1 else None,
+                tp_size=tp,
+                parallel_mode=mode if self.te_comm else None,
+                sequence_parallel=False,
+                return_bias=self.bias_after,
+                device=_te_device(),
+            )
             self.group, self.tp_size, self.tp_rank = group, tp, group_rank(group)
             self.mode, self.sp, self.explicit_comm = mode, sp, explicit_comm
             self.gather_output = gather_output
@@ -157,10 +163,15 @@ def TEColumnParallelLinear(
     """``te.Linear`` as a ColumnParallelLinear: ``weight [out/tp, in]``, same arguments."""
     cls = _linear_class(import_te())
     return cls(
-        in_features, out_features, bias, group, "column",
-        sequence_parallel=sequence_parallel, explicit_comm=explicit_comm,
+        in_features,
+        out_features,
+        bias,
+        group,
+        "column",
+        sequence_parallel=sequence_parallel,
+        explicit_comm=explicit_comm,
         gather_output=gather_output,
-    )  # fmt: skip
+    )
 
 
 def TERowParallelLinear(
@@ -175,9 +186,14 @@ def TERowParallelLinear(
     replicated bias added after the reduction."""
     cls = _linear_class(import_te())
     return cls(
-        in_features, out_features, bias, group, "row",
-        sequence_parallel=sequence_parallel, explicit_comm=explicit_comm,
-    )  # fmt: skip
+        in_features,
+        out_features,
+        bias,
+        group,
+        "row",
+        sequence_parallel=sequence_parallel,
+        explicit_comm=explicit_comm,
+    )
 
 
 __all__ = ["MISSING", "TEColumnParallelLinear", "TERowParallelLinear", "import_te"]

@@ -47,39 +47,63 @@ SMALL = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, max_positio
 
 def _mistral():
     cfg = transformers.MistralConfig(
-        **SMALL, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        rms_norm_eps=3e-5, rope_theta=5000.0, sliding_window=10, tie_word_embeddings=False,
-    )  # fmt: skip
+        **SMALL,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        rms_norm_eps=3e-5,
+        rope_theta=5000.0,
+        sliding_window=10,
+        tie_word_embeddings=False,
+    )
     return transformers.MistralForCausalLM(cfg)
 
 
 def _qwen2():
     # Window on the first of every two layers: layer_types maps onto global_every=2.
     cfg = transformers.Qwen2Config(
-        **SMALL, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
-        rms_norm_eps=2e-5, rope_theta=20000.0, use_sliding_window=True, sliding_window=12,
-        max_window_layers=0, layer_types=["sliding_attention", "full_attention"] * 2,
+        **SMALL,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        rms_norm_eps=2e-5,
+        rope_theta=20000.0,
+        use_sliding_window=True,
+        sliding_window=12,
+        max_window_layers=0,
+        layer_types=["sliding_attention", "full_attention"] * 2,
         tie_word_embeddings=True,
-    )  # fmt: skip
+    )
     return transformers.Qwen2ForCausalLM(cfg)
 
 
 def _qwen3():
     # head_dim * heads != hidden_size, MQA, biases on all projections, linear RoPE scaling.
     cfg = transformers.Qwen3Config(
-        **SMALL, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=1, head_dim=24,
-        rms_norm_eps=4e-6, attention_bias=True,
+        **SMALL,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        head_dim=24,
+        rms_norm_eps=4e-6,
+        attention_bias=True,
         rope_parameters={"rope_type": "linear", "factor": 3.0, "rope_theta": 30000.0},
-    )  # fmt: skip
+    )
     return transformers.Qwen3ForCausalLM(cfg)
 
 
 def _olmo2():
     cfg = transformers.Olmo2Config(
-        **SMALL, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        rms_norm_eps=1e-5, rope_theta=40000.0, attention_bias=False, pad_token_id=0,
+        **SMALL,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        rms_norm_eps=1e-5,
+        rope_theta=40000.0,
+        attention_bias=False,
+        pad_token_id=0,
         eos_token_id=1,
-    )  # fmt: skip
+    )
     return transformers.Olmo2ForCausalLM(cfg)
 
 
@@ -87,17 +111,28 @@ def _gemma3():
     # 6 layers = 5 local (window 8, RoPE base 5000) + 1 global (base 50000, linear scaling x2);
     # query_pre_attn_scalar differs from head_dim; heads * head_dim != hidden_size.
     cfg = transformers.Gemma3TextConfig(
-        **SMALL, num_hidden_layers=6, num_attention_heads=4, num_key_value_heads=2, head_dim=24,
-        rms_norm_eps=1e-5, rope_theta=50000.0, rope_local_base_freq=5000.0,
-        rope_scaling={"rope_type": "linear", "factor": 2.0}, sliding_window=8,
+        **SMALL,
+        num_hidden_layers=6,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=24,
+        rms_norm_eps=1e-5,
+        rope_theta=50000.0,
+        rope_local_base_freq=5000.0,
+        rope_scaling={"rope_type": "linear", "factor": 2.0},
+        sliding_window=8,
         query_pre_attn_scalar=20,
-    )  # fmt: skip
+    )
     return transformers.Gemma3ForCausalLM(cfg)
 
 
 CASES = {
-    "mistral": _mistral, "qwen2": _qwen2, "qwen3": _qwen3, "olmo2": _olmo2, "gemma3": _gemma3,
-}  # fmt: skip
+    "mistral": _mistral,
+    "qwen2": _qwen2,
+    "qwen3": _qwen3,
+    "olmo2": _olmo2,
+    "gemma3": _gemma3,
+}
 
 
 def _ids(seed: int, shape=(2, SEQ)) -> torch.Tensor:
@@ -224,9 +259,13 @@ def test_window_layouts() -> None:
 
 def test_qwen_first_layers_full_is_refused() -> None:
     cfg = transformers.Qwen2Config(
-        **SMALL, num_hidden_layers=4, num_attention_heads=4, use_sliding_window=True,
-        sliding_window=8, max_window_layers=2,
-    )  # fmt: skip
+        **SMALL,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        use_sliding_window=True,
+        sliding_window=8,
+        max_window_layers=2,
+    )
     hf_cfg = json.loads(cfg.to_json_string())
     with pytest.raises(UserError, match=r"qwen2: layer_types=FFSS.*cannot be expressed"):
         FAMILIES["qwen2"].to_model_config(hf_cfg)
@@ -237,9 +276,12 @@ def test_qwen_first_layers_full_is_refused() -> None:
 
 @pytest.mark.parametrize(
     "key, value",
-    [("final_logit_softcapping", 30.0), ("attn_logit_softcapping", 50.0),
-     ("use_bidirectional_attention", True)],
-)  # fmt: skip
+    [
+        ("final_logit_softcapping", 30.0),
+        ("attn_logit_softcapping", 50.0),
+        ("use_bidirectional_attention", True),
+    ],
+)
 def test_gemma3_refuses_what_it_cannot_compute(key: str, value, tmp_path: Path) -> None:
     hf = _gemma3()
     hf.save_pretrained(tmp_path / "hf")
@@ -253,12 +295,21 @@ def test_gemma3_refuses_what_it_cannot_compute(key: str, value, tmp_path: Path) 
 def test_gemma3_legacy_config_keys() -> None:
     # transformers 4 files: rope_theta / rope_local_base_freq / sliding_window_pattern.
     legacy = {
-        "model_type": "gemma3_text", "vocab_size": VOCAB, "hidden_size": 64,
-        "intermediate_size": 96, "num_hidden_layers": 8, "num_attention_heads": 4,
-        "num_key_value_heads": 1, "head_dim": 16, "max_position_embeddings": SEQ,
-        "rope_theta": 80000.0, "rope_local_base_freq": 8000.0, "sliding_window_pattern": 4,
-        "sliding_window": 12, "query_pre_attn_scalar": 16,
-    }  # fmt: skip
+        "model_type": "gemma3_text",
+        "vocab_size": VOCAB,
+        "hidden_size": 64,
+        "intermediate_size": 96,
+        "num_hidden_layers": 8,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 1,
+        "head_dim": 16,
+        "max_position_embeddings": SEQ,
+        "rope_theta": 80000.0,
+        "rope_local_base_freq": 8000.0,
+        "sliding_window_pattern": 4,
+        "sliding_window": 12,
+        "query_pre_attn_scalar": 16,
+    }
     m = FAMILIES["gemma3"].to_model_config(legacy)
     assert (m.attention.sliding_window, m.attention.global_every) == (12, 4)
     assert (m.position.rope_theta, m.position.local_rope_theta) == (80000.0, 8000.0)
@@ -276,14 +327,19 @@ def _save_evo(cfg: ModelConfig, run: Path):
 
 def _gemma_like(**attention) -> ModelConfig:
     return ModelConfig(
-        vocab_size=VOCAB, d_model=64, n_layers=3, max_seq_len=SEQ, tie_embeddings=True,
+        vocab_size=VOCAB,
+        d_model=64,
+        n_layers=3,
+        max_seq_len=SEQ,
+        tie_embeddings=True,
         norm=NormConfig(kind="rmsnorm", eps=1e-6, placement="sandwich", unit_offset=True),
         position=PositionConfig(
             kind="rope", rope_theta=10000.0, rope_scaling=RopeScalingConfig("linear", 4.0)
         ),
         attention=AttentionConfig(n_heads=4, n_kv_heads=2, qk_norm="head", **attention),
-        mlp=MLPConfig(kind="geglu", hidden=128), embed_scale=True,
-    )  # fmt: skip
+        mlp=MLPConfig(kind="geglu", hidden=128),
+        embed_scale=True,
+    )
 
 
 @pytest.mark.parametrize(

@@ -42,34 +42,65 @@ def _ids(vocab: int) -> torch.Tensor:
 
 def _mixtral():
     cfg = transformers.MixtralConfig(
-        vocab_size=256, hidden_size=64, intermediate_size=48, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, num_local_experts=6,
-        num_experts_per_tok=3, max_position_embeddings=64, rms_norm_eps=1e-5,
-    )  # fmt: skip
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_local_experts=6,
+        num_experts_per_tok=3,
+        max_position_embeddings=64,
+        rms_norm_eps=1e-5,
+    )
     return transformers.MixtralForCausalLM(cfg)
 
 
 def _qwen3_moe():
     # Layer 0 dense (mlp_only_layers), unnormalised top-k probabilities, explicit head_dim.
     cfg = transformers.Qwen3MoeConfig(
-        vocab_size=256, hidden_size=64, intermediate_size=96, moe_intermediate_size=32,
-        num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, head_dim=24,
-        num_experts=6, num_experts_per_tok=2, mlp_only_layers=[0], norm_topk_prob=False,
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=96,
+        moe_intermediate_size=32,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=24,
+        num_experts=6,
+        num_experts_per_tok=2,
+        mlp_only_layers=[0],
+        norm_topk_prob=False,
         max_position_embeddings=64,
-    )  # fmt: skip
+    )
     return transformers.Qwen3MoeForCausalLM(cfg)
 
 
 def _deepseek_config(q_lora_rank: int | None, **extra) -> transformers.DeepseekV3Config:
     # 8 experts in 2 groups (1 kept per token), 3 per token, first layer dense, interleaved RoPE.
     return transformers.DeepseekV3Config(
-        vocab_size=256, hidden_size=64, intermediate_size=96, moe_intermediate_size=32,
-        num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=4, n_routed_experts=8,
-        num_experts_per_tok=3, n_group=2, topk_group=1, first_k_dense_replace=1,
-        q_lora_rank=q_lora_rank, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=16,
-        v_head_dim=12, routed_scaling_factor=2.5, max_position_embeddings=64,
-        rope_interleave=True, **extra,
-    )  # fmt: skip
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=96,
+        moe_intermediate_size=32,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        n_routed_experts=8,
+        num_experts_per_tok=3,
+        n_group=2,
+        topk_group=1,
+        first_k_dense_replace=1,
+        q_lora_rank=q_lora_rank,
+        kv_lora_rank=16,
+        qk_rope_head_dim=8,
+        qk_nope_head_dim=16,
+        v_head_dim=12,
+        routed_scaling_factor=2.5,
+        max_position_embeddings=64,
+        rope_interleave=True,
+        **extra,
+    )
 
 
 def _deepseek_q_lora():
@@ -83,9 +114,16 @@ def _deepseek_full_q():
 def _deepseek_yarn():
     # YaRN beyond the original context (16 < 40 tokens): rotary attention factor and DeepSeek's
     # extra softmax gain mscale(factor, mscale_all_dim)^2 both differ from 1.
-    rope = {"rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0, "mscale": 1.0,
-            "mscale_all_dim": 0.707, "original_max_position_embeddings": 16,
-            "beta_fast": 32, "beta_slow": 1}  # fmt: skip
+    rope = {
+        "rope_type": "yarn",
+        "factor": 4.0,
+        "rope_theta": 10000.0,
+        "mscale": 1.0,
+        "mscale_all_dim": 0.707,
+        "original_max_position_embeddings": 16,
+        "beta_fast": 32,
+        "beta_slow": 1,
+    }
     return transformers.DeepseekV3ForCausalLM(_deepseek_config(32, rope_parameters=rope))
 
 
@@ -158,9 +196,7 @@ def test_deepseek_mtp_matches_hf_mtp_model(tmp_path: Path) -> None:
     from transformers.modeling_layers import MtpModel
 
     torch.manual_seed(0)
-    hf = transformers.DeepseekV3ForCausalLM(
-        _deepseek_config(32, num_nextn_predict_layers=1)
-    ).eval()  # fmt: skip
+    hf = transformers.DeepseekV3ForCausalLM(_deepseek_config(32, num_nextn_predict_layers=1)).eval()
     randomise(hf, seed=1)
     mtp = MtpModel(hf, 1).eval()
     randomise(mtp.layers, seed=5)
@@ -214,28 +250,49 @@ def test_mtp_copies_must_agree(tmp_path: Path) -> None:
 
 def _deepseek_style_evoformer() -> ModelConfig:
     return ModelConfig(
-        vocab_size=128, d_model=64, n_layers=2, max_seq_len=SEQ, tie_embeddings=False,
+        vocab_size=128,
+        d_model=64,
+        n_layers=2,
+        max_seq_len=SEQ,
+        tie_embeddings=False,
         attention=AttentionConfig(
-            kind="mla", n_heads=4, q_lora_rank=16, kv_lora_rank=16, qk_nope_head_dim=8,
-            qk_rope_head_dim=8, v_head_dim=8,
+            kind="mla",
+            n_heads=4,
+            q_lora_rank=16,
+            kv_lora_rank=16,
+            qk_nope_head_dim=8,
+            qk_rope_head_dim=8,
+            v_head_dim=8,
         ),
         mlp=MLPConfig(kind="swiglu", hidden=80),
         moe=MoEConfig(
-            num_experts=4, top_k=2, expert_hidden=16, shared_hidden=32, score="sigmoid",
-            n_groups=2, topk_groups=2, first_k_dense=1, routed_scaling=1.5,
-            bias_update_rate=0.001, aux_loss_coef=0.01,
+            num_experts=4,
+            top_k=2,
+            expert_hidden=16,
+            shared_hidden=32,
+            score="sigmoid",
+            n_groups=2,
+            topk_groups=2,
+            first_k_dense=1,
+            routed_scaling=1.5,
+            bias_update_rate=0.001,
+            aux_loss_coef=0.01,
         ),
         mtp=MTPConfig(depth=1, loss_weight=0.5),
-    )  # fmt: skip
+    )
 
 
 def _mixtral_style_evoformer() -> ModelConfig:
     # expert_hidden left 0: the experts take mlp.hidden, which no dense layer uses.
     return ModelConfig(
-        vocab_size=128, d_model=64, n_layers=2, max_seq_len=SEQ,
+        vocab_size=128,
+        d_model=64,
+        n_layers=2,
+        max_seq_len=SEQ,
         attention=AttentionConfig(n_heads=4, n_kv_heads=2),
-        mlp=MLPConfig(kind="swiglu", hidden=32), moe=MoEConfig(num_experts=4, top_k=2),
-    )  # fmt: skip
+        mlp=MLPConfig(kind="swiglu", hidden=32),
+        moe=MoEConfig(num_experts=4, top_k=2),
+    )
 
 
 @pytest.mark.parametrize("kind", ["deepseek_v3", "mixtral"])

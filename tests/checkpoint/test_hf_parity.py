@@ -53,9 +53,15 @@ def _our_logits(model, ids: torch.Tensor) -> torch.Tensor:
 
 def _gpt2():
     cfg = transformers.GPT2Config(
-        vocab_size=300, n_positions=SEQ, n_embd=64, n_layer=2, n_head=4,
-        layer_norm_epsilon=1e-4, bos_token_id=0, eos_token_id=0,
-    )  # fmt: skip
+        vocab_size=300,
+        n_positions=SEQ,
+        n_embd=64,
+        n_layer=2,
+        n_head=4,
+        layer_norm_epsilon=1e-4,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
     return transformers.GPT2LMHeadModel(cfg)
 
 
@@ -63,25 +69,44 @@ def _llama_gqa():
     # GQA + Llama-3.1 RoPE: original_max_position_embeddings is small so the wavelength bands
     # that llama3 scaling rescales fall inside the 64 tested positions.
     cfg = transformers.LlamaConfig(
-        vocab_size=512, hidden_size=64, intermediate_size=160, num_hidden_layers=3,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-        rms_norm_eps=1e-5, attention_bias=True, tie_word_embeddings=False,
+        vocab_size=512,
+        hidden_size=64,
+        intermediate_size=160,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        rms_norm_eps=1e-5,
+        attention_bias=True,
+        tie_word_embeddings=False,
         rope_theta=500000.0,
         rope_scaling={
-            "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-            "high_freq_factor": 4.0, "original_max_position_embeddings": 16,
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 16,
         },
-    )  # fmt: skip
+    )
     return transformers.LlamaForCausalLM(cfg)
 
 
 def _llama_mha_tied():
     # MHA, tied head, MLP biases and a head_dim that is not hidden_size / heads.
     cfg = transformers.LlamaConfig(
-        vocab_size=384, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=4, head_dim=32, max_position_embeddings=SEQ,
-        rms_norm_eps=3e-6, mlp_bias=True, tie_word_embeddings=True, rope_theta=10000.0,
-    )  # fmt: skip
+        vocab_size=384,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        head_dim=32,
+        max_position_embeddings=SEQ,
+        rms_norm_eps=3e-6,
+        mlp_bias=True,
+        tie_word_embeddings=True,
+        rope_theta=10000.0,
+    )
     return transformers.LlamaForCausalLM(cfg)
 
 
@@ -125,22 +150,31 @@ def test_import_export_round_trip(case: str, tmp_path: Path) -> None:
 def _evo_cfg(kind: str) -> ModelConfig:
     if kind == "gpt2":
         return ModelConfig(
-            vocab_size=200, d_model=64, n_layers=2, max_seq_len=SEQ, tie_embeddings=True,
+            vocab_size=200,
+            d_model=64,
+            n_layers=2,
+            max_seq_len=SEQ,
+            tie_embeddings=True,
             norm=NormConfig(kind="layernorm", eps=1e-5, bias=True),
             position=PositionConfig(kind="learned"),
             attention=AttentionConfig(n_heads=4, bias=True),
             mlp=MLPConfig(kind="gelu", hidden=256, bias=True, activation="gelu_tanh"),
-        )  # fmt: skip
+        )
     return ModelConfig(
-        vocab_size=256, d_model=64, n_layers=2, max_seq_len=SEQ, tie_embeddings=False,
+        vocab_size=256,
+        d_model=64,
+        n_layers=2,
+        max_seq_len=SEQ,
+        tie_embeddings=False,
         norm=NormConfig(kind="rmsnorm", eps=1e-5),
         position=PositionConfig(
-            kind="rope", rope_theta=500000.0,
+            kind="rope",
+            rope_theta=500000.0,
             rope_scaling=RopeScalingConfig(kind="llama3", original_max_seq_len=16),
         ),
         attention=AttentionConfig(n_heads=4, n_kv_heads=2),
         mlp=MLPConfig(kind="swiglu", hidden=176),
-    )  # fmt: skip
+    )
 
 
 def _save_evo(model, cfg: ModelConfig, run: Path) -> None:

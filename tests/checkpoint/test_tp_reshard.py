@@ -23,9 +23,11 @@ def _full_weights():
     g = torch.Generator().manual_seed(0)
     return {
         "0.weight": torch.randn(V, IN, generator=g),
-        "1.weight": torch.randn(HID, IN, generator=g), "1.bias": torch.randn(HID, generator=g),
-        "2.weight": torch.randn(IN, HID, generator=g), "2.bias": torch.randn(IN, generator=g),
-    }  # fmt: skip
+        "1.weight": torch.randn(HID, IN, generator=g),
+        "1.bias": torch.randn(HID, generator=g),
+        "2.weight": torch.randn(IN, HID, generator=g),
+        "2.bias": torch.randn(IN, generator=g),
+    }
 
 
 def _net(group):

@@ -61,8 +61,12 @@ def test_bad_settings_give_one_clear_line(override, message):
     [
         (["parallel.tp=3"], "model.attention.n_heads=4: must be divisible by parallel.tp=3"),
         (
-            ["model.attention.n_heads=12", "model.attention.n_kv_heads=3", "parallel.tp=4",
-             "model.attention.head_dim=16"],
+            [
+                "model.attention.n_heads=12",
+                "model.attention.n_kv_heads=3",
+                "parallel.tp=4",
+                "model.attention.head_dim=16",
+            ],
             "model.attention.n_kv_heads=3: must divide or be divisible by parallel.tp=4",
         ),
         (["model.mlp.hidden=690", "parallel.tp=4"], "model.mlp.hidden=690: must be divisible"),
@@ -71,8 +75,12 @@ def test_bad_settings_give_one_clear_line(override, message):
             "model.moe.expert_hidden=30: must be divisible by parallel.tp=4",
         ),
         (
-            ["model.moe.num_experts=4", "model.moe.expert_hidden=32",
-             "model.moe.shared_hidden=34", "parallel.tp=4"],
+            [
+                "model.moe.num_experts=4",
+                "model.moe.expert_hidden=32",
+                "model.moe.shared_hidden=34",
+                "parallel.tp=4",
+            ],
             "model.moe.shared_hidden=34: must be divisible by parallel.tp=4",
         ),
         (
@@ -80,7 +88,7 @@ def test_bad_settings_give_one_clear_line(override, message):
             "train.seq_len=250: must be divisible by parallel.tp=4 with parallel.sequence_parallel",
         ),
     ],
-)  # fmt: skip
+)
 def test_impossible_tensor_parallel_layouts(overrides, message):
     with pytest.raises(UserError) as info:
         load_config([], overrides)
@@ -111,8 +119,14 @@ def test_bad_yaml_names_file_and_line(tmp_path):
 
 def test_help_lists_every_field_with_its_doc():
     text = config_help()
-    for key in ("run.output_dir", "train.global_batch_size", "model.attention.n_kv_heads",
-                "checkpoint.load", "zero.backend", "parallel.pp_schedule"):  # fmt: skip
+    for key in (
+        "run.output_dir",
+        "train.global_batch_size",
+        "model.attention.n_kv_heads",
+        "checkpoint.load",
+        "zero.backend",
+        "parallel.pp_schedule",
+    ):
         assert key in text
     assert "Peak learning rate." in text
 

@@ -16,10 +16,17 @@ from tests.conftest import REPO
 from tests.engine.parity import max_rel
 
 COMMON = [
-    "data.source=synthetic", "train.seq_len=32", "train.global_batch_size=4",
-    "train.micro_batch_size=2", "train.max_steps=4", "train.log_every=1", "run.progress=off",
-    "optim.warmup_steps=1", "optim.lr=3e-3", "checkpoint.save_final=false",
-]  # fmt: skip
+    "data.source=synthetic",
+    "train.seq_len=32",
+    "train.global_batch_size=4",
+    "train.micro_batch_size=2",
+    "train.max_steps=4",
+    "train.log_every=1",
+    "run.progress=off",
+    "optim.warmup_steps=1",
+    "optim.lr=3e-3",
+    "checkpoint.save_final=false",
+]
 
 
 def _train(out_dir, *overrides: str) -> tuple[dict[int, float], Trainer]:

@@ -31,10 +31,25 @@ def test_torchrun_dp2_matches_single_process(run_overrides, tmp_path):
 
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-         "-m", "evoformer", "train", TINY, *common, f"run.output_dir={tmp_path / 'two'}"],
-        capture_output=True, text=True, env=env, timeout=240, cwd=REPO,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            "-m",
+            "evoformer",
+            "train",
+            TINY,
+            *common,
+            f"run.output_dir={tmp_path / 'two'}",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=240,
+        cwd=REPO,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "world 2 (dp 2)" in proc.stdout
     assert proc.stdout.count("step      6/6") == 1  # only rank 0 logs
@@ -57,11 +72,27 @@ def test_torchrun_tp2_sequence_parallel_matches_single_process(run_overrides, tm
 
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-         "-m", "evoformer", "train", TINY, *common, "parallel.tp=2",
-         "parallel.sequence_parallel=true", f"run.output_dir={tmp_path / 'tp'}"],
-        capture_output=True, text=True, env=env, timeout=240, cwd=REPO,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            "-m",
+            "evoformer",
+            "train",
+            TINY,
+            *common,
+            "parallel.tp=2",
+            "parallel.sequence_parallel=true",
+            f"run.output_dir={tmp_path / 'tp'}",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=240,
+        cwd=REPO,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "world 2 (tp 2 x dp 1, sequence parallel)" in proc.stdout
     assert proc.stdout.count("step      4/4") == 1  # only rank 0 logs

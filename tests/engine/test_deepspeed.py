@@ -35,11 +35,18 @@ STEPS = 10
 LOSS_RTOL = 1e-5
 TINY = str(REPO / "configs/models/tiny/llama.yaml")
 COMMON = [
-    "data.source=synthetic", "train.seq_len=32", "train.global_batch_size=8",
-    "train.micro_batch_size=2", f"train.max_steps={STEPS}", "train.log_every=1",
-    "run.progress=off", "optim.warmup_steps=2", "optim.lr=3e-3", "checkpoint.save_final=false",
+    "data.source=synthetic",
+    "train.seq_len=32",
+    "train.global_batch_size=8",
+    "train.micro_batch_size=2",
+    f"train.max_steps={STEPS}",
+    "train.log_every=1",
+    "run.progress=off",
+    "optim.warmup_steps=2",
+    "optim.lr=3e-3",
+    "checkpoint.save_final=false",
     "optim.grad_clip=0.5",  # below the ~0.85 norms: clipping acts on every step
-]  # fmt: skip
+]
 DS = ["zero.backend=deepspeed"]
 LAYOUTS = {
     "ddp": [],
@@ -86,10 +93,13 @@ def test_deepspeed_stages_train_like_ddp_and_one_process(tmp_path):
     report = {name: max_rel(run["losses"], ref) for name, run in ranks[0].items()}
     report |= {
         f"{name} vs ddp": max_rel(run["losses"], ranks[0]["ddp"]["losses"])
-        for name, run in ranks[0].items() if name != "ddp"
-    }  # fmt: skip
-    print("\nmax relative loss difference vs one process over 10 steps: "
-          + ", ".join(f"{k} {v:.1e}" for k, v in report.items()))  # fmt: skip
+        for name, run in ranks[0].items()
+        if name != "ddp"
+    }
+    print(
+        "\nmax relative loss difference vs one process over 10 steps: "
+        + ", ".join(f"{k} {v:.1e}" for k, v in report.items())
+    )
     assert max(report.values()) <= LOSS_RTOL, report
     # The norm DeepSpeed reports (and clips with) is one process's norm.
     want = grad_norms(tmp_path / "one")
@@ -144,9 +154,12 @@ def _stop_and_resume(rank: int, world: int, root: str) -> dict:
         full = trainer.train()
         weights = {k: v.clone() for k, v in trainer.strategy._consolidated_weights().items()}
         resumed = Trainer(
-            _cfg(f"{root}/resumed{stage}", *layout,
-                 f"checkpoint.load={root}/full{stage}/checkpoints/step_5")
-        ).train()  # fmt: skip
+            _cfg(
+                f"{root}/resumed{stage}",
+                *layout,
+                f"checkpoint.load={root}/full{stage}/checkpoints/step_5",
+            )
+        ).train()
         out[stage] = {"full": full.losses, "resumed": resumed.losses, "weights": weights}
     return out
 
@@ -172,11 +185,16 @@ def test_deepspeed_checkpoint_resumes_exactly_and_loads_for_inference(tmp_path):
 
 def test_deepspeed_config_is_generated_from_ours(tmp_path):
     cfg = _cfg(
-        tmp_path, *DS, "zero.stage=3", "zero.offload_optimizer=cpu", "zero.offload_param=nvme",
-        "zero.nvme_path=/nvme", "precision=bf16",
+        tmp_path,
+        *DS,
+        "zero.stage=3",
+        "zero.offload_optimizer=cpu",
+        "zero.offload_param=nvme",
+        "zero.nvme_path=/nvme",
+        "precision=bf16",
         "zero.deepspeed_config={zero_optimization: {reduce_bucket_size: 1000}, "
         "activation_checkpointing: {partition_activations: true}}",
-    )  # fmt: skip
+    )
     validate(cfg)
     ds = deepspeed_config(cfg, dp=2)
     assert ds["train_batch_size"] == 8 and ds["train_micro_batch_size_per_gpu"] == 2
@@ -189,8 +207,14 @@ def test_deepspeed_config_is_generated_from_ours(tmp_path):
     assert ds["activation_checkpointing"] == {"partition_activations": True}
     assert ds["zero_force_ds_cpu_optimizer"] is False  # our torch AdamW, no compiled ops
     fp16 = deepspeed_config(_cfg(tmp_path, *DS, "zero.stage=1", "precision=fp16"), dp=4)["fp16"]
-    assert fp16 == {"enabled": True, "loss_scale": 0, "initial_scale_power": 16,
-                    "loss_scale_window": 1000, "min_loss_scale": 1.0, "hysteresis": 1}  # fmt: skip
+    assert fp16 == {
+        "enabled": True,
+        "loss_scale": 0,
+        "initial_scale_power": 16,
+        "loss_scale_window": 1000,
+        "min_loss_scale": 1.0,
+        "hysteresis": 1,
+    }
 
 
 def test_deepspeed_recipe_validates(tmp_path):
@@ -245,12 +269,16 @@ def test_deepspeed_refuses_foreign_checkpoints_in_one_line(tmp_path):
         ([*DS, "zero.stage=3", "zero.offload_param=nvme"], "needs a folder on an NVMe"),
         (["zero.offload_optimizer=cpu"], "offload needs zero.backend=deepspeed"),
         ([*DS, "zero.stage=4"], "needs zero.stage 0, 1, 2 or 3"),
-        ([*DS, "zero.stage=1", "zero.deepspeed_config={gradient_clipping: 2.0}"],
-         "is set by evoformer from optim.grad_clip"),
-        ([*DS, "zero.stage=1", "zero.deepspeed_config={zero_optimization: {stage: 2}}"],
-         "is set by evoformer from zero.stage"),
+        (
+            [*DS, "zero.stage=1", "zero.deepspeed_config={gradient_clipping: 2.0}"],
+            "is set by evoformer from optim.grad_clip",
+        ),
+        (
+            [*DS, "zero.stage=1", "zero.deepspeed_config={zero_optimization: {stage: 2}}"],
+            "is set by evoformer from zero.stage",
+        ),
     ],
-)  # fmt: skip
+)
 def test_bad_deepspeed_settings_are_one_line_errors(overrides, message, tmp_path):
     with pytest.raises(UserError, match=message):
         validate(_cfg(tmp_path, *overrides))
@@ -261,10 +289,23 @@ def test_cli_refuses_deepspeed_with_pipeline_in_one_line(tmp_path):
     # tested above.
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
-        [sys.executable, "-m", "evoformer", "train", TINY, *DS, "zero.stage=1", "parallel.pp=2",
-         f"run.output_dir={tmp_path}"],
-        capture_output=True, text=True, cwd=REPO, env=env, timeout=120,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "evoformer",
+            "train",
+            TINY,
+            *DS,
+            "zero.stage=1",
+            "parallel.pp=2",
+            f"run.output_dir={tmp_path}",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=env,
+        timeout=120,
+    )
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), lines

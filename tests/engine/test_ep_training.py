@@ -40,11 +40,18 @@ WEIGHT_TOL = {"rtol": 1e-4, "atol": 2e-4}
 WEIGHT_MEAN_ATOL = 1e-6
 
 COMMON = [
-    "data.source=synthetic", "train.seq_len=32", "train.global_batch_size=8",
-    "train.micro_batch_size=2", f"train.max_steps={STEPS}", "train.log_every=1",
-    "run.progress=off", "optim.warmup_steps=2", "optim.lr=3e-3", "checkpoint.save_final=false",
+    "data.source=synthetic",
+    "train.seq_len=32",
+    "train.global_batch_size=8",
+    "train.micro_batch_size=2",
+    f"train.max_steps={STEPS}",
+    "train.log_every=1",
+    "run.progress=off",
+    "optim.warmup_steps=2",
+    "optim.lr=3e-3",
+    "checkpoint.save_final=false",
     "optim.grad_clip=0.5",  # below the norms of the first steps: clipping acts
-]  # fmt: skip
+]
 FAMILIES = {
     "mixtral": ("mixtral", []),
     "deepseek-v3": ("deepseek-v3", []),
@@ -150,8 +157,10 @@ def test_ep_layouts_train_like_one_process(family, world, single_runs, tmp_path)
     ranks = run_distributed(_train, world, family, layouts, str(tmp_path), timeout=240)
     report = _compare(ref, ranks)
     assert set(report) == set(layouts)
-    print(f"\n{family}: max relative loss difference vs one process over {STEPS} steps: "
-          + ", ".join(f"{k} {v:.1e}" for k, v in report.items()))  # fmt: skip
+    print(
+        f"\n{family}: max relative loss difference vs one process over {STEPS} steps: "
+        + ", ".join(f"{k} {v:.1e}" for k, v in report.items())
+    )
     assert max(report.values()) <= LOSS_RTOL, report
     # The clipped-to norm counts every expert once (summed over ep, tp, the FSDP2 mesh): the
     # logged gradient norms are one process's. optim.grad_clip=0.5 clips every step here.
@@ -187,8 +196,11 @@ def test_capacity_drops_the_copies_one_process_drops(single_runs, tmp_path):
 def _stop_and_resume(rank: int, world: int, root: str, extra: list[str]) -> dict:
     ov = ["parallel.ep=2", *extra]
     full = Trainer(_cfg("deepseek-v3", f"{root}/full", *ov, "checkpoint.save_every=5")).train()
-    resumed = Trainer(_cfg("deepseek-v3", f"{root}/resumed", *ov,
-                           f"checkpoint.load={root}/full/checkpoints/step_5")).train()  # fmt: skip
+    resumed = Trainer(
+        _cfg(
+            "deepseek-v3", f"{root}/resumed", *ov, f"checkpoint.load={root}/full/checkpoints/step_5"
+        )
+    ).train()
     return {"full": full.losses, "resumed": resumed.losses}
 
 
@@ -224,8 +236,10 @@ def test_expert_load_plot_has_a_panel_per_moe_layer(single_runs, tmp_path):
     metrics = single_runs["deepseek-v3"]["metrics"]
     subprocess.run(
         [sys.executable, str(REPO / "tools/plot_expert_load.py"), str(metrics), "-o", str(out)],
-        check=True, capture_output=True, text=True,
-    )  # fmt: skip
+        check=True,
+        capture_output=True,
+        text=True,
+    )
     svg = out.read_text()
     # DeepSeek-V3-tiny: MoE layers 1 and 2 and the MTP block's (layer 3), 8 experts each.
     assert svg.count('class="panel"') == 3

@@ -13,8 +13,18 @@ from evoformer.engine import Trainer
 from evoformer.model.generate import generate
 from tests.conftest import REPO
 
-FAMILIES = ["gpt2", "llama", "mistral", "mixtral", "qwen2", "qwen3", "qwen3-moe", "olmo2",
-            "gemma3", "deepseek-v3"]  # fmt: skip
+FAMILIES = [
+    "gpt2",
+    "llama",
+    "mistral",
+    "mixtral",
+    "qwen2",
+    "qwen3",
+    "qwen3-moe",
+    "olmo2",
+    "gemma3",
+    "deepseek-v3",
+]
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -44,14 +44,25 @@ def _cfg(corpus: dict, out_dir, steps: int, *overrides: str):
     return load_config(
         [TINY],
         [
-            "data.source=files", f"data.paths=[{corpus['path']}]",
-            f"data.tokenizer={corpus['tokenizer']}", "data.val_fraction=0.1",
-            "train.seq_len=32", "train.global_batch_size=8", "train.micro_batch_size=4",
-            f"train.max_steps={steps}", "train.log_every=1", "run.progress=off",
-            "optim.warmup_steps=5", "optim.lr=3e-3", "checkpoint.save_final=false",
-            "model.n_layers=4", "precision=bf16", f"run.output_dir={out_dir}", *overrides,
+            "data.source=files",
+            f"data.paths=[{corpus['path']}]",
+            f"data.tokenizer={corpus['tokenizer']}",
+            "data.val_fraction=0.1",
+            "train.seq_len=32",
+            "train.global_batch_size=8",
+            "train.micro_batch_size=4",
+            f"train.max_steps={steps}",
+            "train.log_every=1",
+            "run.progress=off",
+            "optim.warmup_steps=5",
+            "optim.lr=3e-3",
+            "checkpoint.save_final=false",
+            "model.n_layers=4",
+            "precision=bf16",
+            f"run.output_dir={out_dir}",
+            *overrides,
         ],
-    )  # fmt: skip
+    )
 
 
 def _rel(got: dict[int, float], want: dict[int, float]) -> list[float]:
@@ -78,10 +89,18 @@ def test_torchao_fp8_tracks_bf16_and_keeps_the_edges_high_precision(text_corpus,
         # Blocks 1 and 2 compute in FP8; blocks 0 and 3 and the LM head stay bf16 linears.
         fp8 = sorted(n for n, k in kinds.items() if k is Float8Linear)
         assert fp8 == sorted(
-            f"layers.{i}.{p}" for i in (1, 2)
-            for p in ("attn.q_proj", "attn.k_proj", "attn.v_proj", "attn.o_proj",
-                      "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
-        )  # fmt: skip
+            f"layers.{i}.{p}"
+            for i in (1, 2)
+            for p in (
+                "attn.q_proj",
+                "attn.k_proj",
+                "attn.v_proj",
+                "attn.o_proj",
+                "mlp.gate_proj",
+                "mlp.up_proj",
+                "mlp.down_proj",
+            )
+        )
         assert kinds["head"] is nn.Linear and kinds["layers.0.mlp.up_proj"] is nn.Linear
         assert kinds["layers.3.attn.o_proj"] is nn.Linear
         assert sorted(trainer.strategy.fp8.converted) == fp8
@@ -108,15 +127,25 @@ def test_router_mtp_head_and_odd_shapes_stay_high_precision():
     fp8 = setup_fp8(model, cfg.fp8, fsdp=False)
     kinds = _linears(model)
     want = sorted(
-        n for n, m in before.items()
-        if n.startswith("layers.1.") and not n.endswith("router")
-        and m.in_features % 16 == 0 and m.out_features % 16 == 0
-    )  # fmt: skip
+        n
+        for n, m in before.items()
+        if n.startswith("layers.1.")
+        and not n.endswith("router")
+        and m.in_features % 16 == 0
+        and m.out_features % 16 == 0
+    )
     assert "layers.1.mlp.shared_experts.up_proj" in want and "layers.1.attn.o_proj" in want
     assert sorted(n for n, k in kinds.items() if k is Float8Linear) == sorted(fp8.converted) == want
-    for name in ("layers.1.mlp.router", "layers.2.mlp.router", "mtp.layers.0.block.mlp.router",
-                 "mtp.layers.0.proj", "mtp.layers.0.block.attn.o_proj", "head",
-                 "layers.0.mlp.up_proj", "layers.2.attn.o_proj"):  # fmt: skip
+    for name in (
+        "layers.1.mlp.router",
+        "layers.2.mlp.router",
+        "mtp.layers.0.block.mlp.router",
+        "mtp.layers.0.proj",
+        "mtp.layers.0.block.attn.o_proj",
+        "head",
+        "layers.0.mlp.up_proj",
+        "layers.2.attn.o_proj",
+    ):
         assert kinds[name] is nn.Linear, name
     assert isinstance(model.embed, nn.Embedding)
     assert keeps_high_precision("layers.4.mlp.router", 8, False)
@@ -225,9 +254,12 @@ def fake_te(monkeypatch):
         setattr(recipe, cls, type(cls, (), {}))
     mod.Linear, mod.fp8_autocast = RecordingTELinear, fake_fp8_autocast
     pkg.pytorch, pkg.common, common.recipe = mod, common, recipe
-    for name, m in [("transformer_engine", pkg), ("transformer_engine.pytorch", mod),
-                    ("transformer_engine.common", common),
-                    ("transformer_engine.common.recipe", recipe)]:  # fmt: skip
+    for name, m in [
+        ("transformer_engine", pkg),
+        ("transformer_engine.pytorch", mod),
+        ("transformer_engine.common", common),
+        ("transformer_engine.common.recipe", recipe),
+    ]:
         monkeypatch.setitem(sys.modules, name, m)
     monkeypatch.setattr(te_backend, "_cuda_available", lambda: True)
     return types.SimpleNamespace(pytorch=mod, recipe=recipe)
@@ -237,19 +269,32 @@ def fake_te(monkeypatch):
 def test_te_recipes_map_onto_transformer_engine(fake_te, recipe):
     assert type(te_recipe(recipe, fake_te.recipe)).__name__ == TE_RECIPES[recipe]
     assert TE_RECIPES == {
-        "delayed": "DelayedScaling", "tensorwise": "Float8CurrentScaling",
-        "mxfp8": "MXFP8BlockScaling", "blockwise": "Float8BlockScaling",
-    }  # fmt: skip
+        "delayed": "DelayedScaling",
+        "tensorwise": "Float8CurrentScaling",
+        "mxfp8": "MXFP8BlockScaling",
+        "blockwise": "Float8BlockScaling",
+    }
 
 
 def test_te_fp8_autocast_wraps_the_forward_and_skips_the_edges(fake_te, tmp_path):
     cfg = load_config(
         [TINY],
-        ["model.backend=te", "fp8.enabled=true", "fp8.backend=te", "fp8.recipe=delayed",
-         "model.n_layers=3", "data.source=synthetic", "train.seq_len=16",
-         "train.global_batch_size=2", "train.micro_batch_size=2", "train.max_steps=2",
-         "run.progress=off", "checkpoint.save_final=false", f"run.output_dir={tmp_path}"],
-    )  # fmt: skip
+        [
+            "model.backend=te",
+            "fp8.enabled=true",
+            "fp8.backend=te",
+            "fp8.recipe=delayed",
+            "model.n_layers=3",
+            "data.source=synthetic",
+            "train.seq_len=16",
+            "train.global_batch_size=2",
+            "train.micro_batch_size=2",
+            "train.max_steps=2",
+            "run.progress=off",
+            "checkpoint.save_final=false",
+            f"run.output_dir={tmp_path}",
+        ],
+    )
     trainer = Trainer(cfg)
     result = trainer.train()
     assert len(result.losses) == 2 and all(torch.isfinite(torch.tensor([*result.losses.values()])))
@@ -268,8 +313,14 @@ def test_te_fp8_without_transformer_engine_is_one_clear_line(tmp_path):
     if "transformer_engine" in sys.modules or torch.cuda.is_available():
         pytest.skip("Transformer Engine / CUDA present: the GPU tests cover it")
     cfg = load_config(
-        [TINY], ["model.backend=te", "fp8.enabled=true", "fp8.backend=te",
-                 "data.source=synthetic", f"run.output_dir={tmp_path}"],
-    )  # fmt: skip
+        [TINY],
+        [
+            "model.backend=te",
+            "fp8.enabled=true",
+            "fp8.backend=te",
+            "data.source=synthetic",
+            f"run.output_dir={tmp_path}",
+        ],
+    )
     with pytest.raises(UserError, match="needs Transformer Engine"):
         Trainer(cfg)

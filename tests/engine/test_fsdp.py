@@ -22,11 +22,18 @@ from tests.engine.parity import grad_norms, max_rel, model_state_bytes
 STEPS = 10
 LOSS_RTOL = 1e-5
 COMMON = [
-    "data.source=synthetic", "train.seq_len=32", "train.global_batch_size=8",
-    "train.micro_batch_size=2", f"train.max_steps={STEPS}", "train.log_every=1",
-    "run.progress=off", "optim.warmup_steps=2", "optim.lr=3e-3", "checkpoint.save_final=false",
+    "data.source=synthetic",
+    "train.seq_len=32",
+    "train.global_batch_size=8",
+    "train.micro_batch_size=2",
+    f"train.max_steps={STEPS}",
+    "train.log_every=1",
+    "run.progress=off",
+    "optim.warmup_steps=2",
+    "optim.lr=3e-3",
+    "checkpoint.save_final=false",
     "optim.grad_clip=0.5",  # below the ~0.85 norms: clipping acts on every step
-]  # fmt: skip
+]
 LAYOUTS = {
     "ddp": [],
     "fsdp2-1": ["zero.backend=fsdp2", "zero.stage=1"],
@@ -57,10 +64,13 @@ def test_fsdp2_stages_train_like_ddp_and_one_process(tmp_path):
     report = {name: max_rel(run["losses"], ref) for name, run in ranks[0].items()}
     report |= {
         f"{name} vs ddp": max_rel(run["losses"], ranks[0]["ddp"]["losses"])
-        for name, run in ranks[0].items() if name != "ddp"
-    }  # fmt: skip
-    print("\nmax relative loss difference vs one process over 10 steps: "
-          + ", ".join(f"{k} {v:.1e}" for k, v in report.items()))  # fmt: skip
+        for name, run in ranks[0].items()
+        if name != "ddp"
+    }
+    print(
+        "\nmax relative loss difference vs one process over 10 steps: "
+        + ", ".join(f"{k} {v:.1e}" for k, v in report.items())
+    )
     assert max(report.values()) <= LOSS_RTOL, report
     # The logged norm (before clipping) counts every sharded gradient element once.
     want = grad_norms(tmp_path / "one")
@@ -88,9 +98,12 @@ def _stop_and_resume(rank: int, world: int, root: str) -> dict:
         layout = LAYOUTS[f"fsdp2-{stage}"]
         full = Trainer(_cfg(f"{root}/full{stage}", *layout, "checkpoint.save_every=5")).train()
         resumed = Trainer(
-            _cfg(f"{root}/resumed{stage}", *layout,
-                 f"checkpoint.load={root}/full{stage}/checkpoints/step_5")
-        ).train()  # fmt: skip
+            _cfg(
+                f"{root}/resumed{stage}",
+                *layout,
+                f"checkpoint.load={root}/full{stage}/checkpoints/step_5",
+            )
+        ).train()
         out[stage] = {"full": full.losses, "resumed": resumed.losses}
     return out
 

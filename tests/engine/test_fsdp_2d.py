@@ -27,11 +27,18 @@ from tests.engine.parity import grad_norms, max_rel, model_state_bytes
 STEPS = 10
 LOSS_RTOL = 1e-5
 COMMON = [
-    "data.source=synthetic", "train.seq_len=32", "train.global_batch_size=8",
-    "train.micro_batch_size=2", f"train.max_steps={STEPS}", "train.log_every=1",
-    "run.progress=off", "optim.warmup_steps=2", "optim.lr=3e-3", "checkpoint.save_final=false",
+    "data.source=synthetic",
+    "train.seq_len=32",
+    "train.global_batch_size=8",
+    "train.micro_batch_size=2",
+    f"train.max_steps={STEPS}",
+    "train.log_every=1",
+    "run.progress=off",
+    "optim.warmup_steps=2",
+    "optim.lr=3e-3",
+    "checkpoint.save_final=false",
     "optim.grad_clip=0.5",  # below the ~0.85 norms: clipping acts on every step
-]  # fmt: skip
+]
 TP2 = ["zero.backend=fsdp2", "parallel.tp=2"]
 SP = ["parallel.sequence_parallel=true"]
 LAYOUTS = {
@@ -72,8 +79,10 @@ def test_fsdp2_2d_and_hsdp_train_like_one_process(one_process, tmp_path):
     ref = one_process["losses"]
     assert sorted(ref) == list(range(1, STEPS + 1))
     report = {name: max_rel(run["losses"], ref) for name, run in ranks[0].items()}
-    print("\nmax relative loss difference vs one process over 10 steps: "
-          + ", ".join(f"{k} {v:.1e}" for k, v in report.items()))  # fmt: skip
+    print(
+        "\nmax relative loss difference vs one process over 10 steps: "
+        + ", ".join(f"{k} {v:.1e}" for k, v in report.items())
+    )
     assert max(report.values()) <= LOSS_RTOL, report
     # Every rank reports the same (dp-averaged) losses.
     for name in LAYOUTS:

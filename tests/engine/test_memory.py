@@ -30,10 +30,15 @@ N_PARAMS = 158_016
 ACT_FACTOR = 1.25  # estimated / measured activations, either way
 STATE_RTOL, STATE_SLACK = 0.10, 4096  # measured model state vs estimate: 10 % + 4 KiB
 COMMON = [
-    "data.source=synthetic", "train.seq_len=32", "train.global_batch_size=8",
-    "train.micro_batch_size=4", "train.max_steps=2", "train.log_every=1", "run.progress=off",
+    "data.source=synthetic",
+    "train.seq_len=32",
+    "train.global_batch_size=8",
+    "train.micro_batch_size=4",
+    "train.max_steps=2",
+    "train.log_every=1",
+    "run.progress=off",
     "checkpoint.save_final=false",
-]  # fmt: skip
+]
 KEYS = ("mem_params_bytes", "mem_grads_bytes", "mem_optim_bytes", "mem_activations_bytes")
 
 
@@ -46,8 +51,10 @@ def _cfg(out_dir, *overrides: str):
 
 def _assert_close(measured: int, estimated: int, what) -> None:
     assert abs(measured - estimated) <= STATE_RTOL * estimated + STATE_SLACK, (
-        what, measured, estimated,
-    )  # fmt: skip
+        what,
+        measured,
+        estimated,
+    )
 
 
 def _assert_activations(measured: int, estimated: int, what) -> None:
@@ -98,8 +105,13 @@ def _measure(rank: int, world: int, root: str) -> dict:
         trainer = Trainer(_cfg(f"{root}/{name}", *overrides))
         trainer.train()
         s = trainer.memory.stats
-        out[name] = {"params": s.params, "grads": s.grads, "optim": s.optim,
-                     "activations": s.activations, "gathered": s.gathered_params}  # fmt: skip
+        out[name] = {
+            "params": s.params,
+            "grads": s.grads,
+            "optim": s.optim,
+            "activations": s.activations,
+            "gathered": s.gathered_params,
+        }
     return out
 
 
@@ -108,8 +120,10 @@ def test_estimator_matches_measured_at_dp2(tmp_path):
     for name, overrides in LAYOUTS.items():
         est = estimate(_cfg(tmp_path, *overrides), 2).stages[0]
         measured = [r[name] for r in ranks]
-        print(f"\n{name}: estimate params {est.params} grads {est.grads} optim {est.optim} "
-              f"activations {est.activations}; measured per rank {measured}")  # fmt: skip
+        print(
+            f"\n{name}: estimate params {est.params} grads {est.grads} optim {est.optim} "
+            f"activations {est.activations}; measured per rank {measured}"
+        )
         for rank, got in enumerate(measured):
             for kind in ("params", "grads", "optim"):
                 _assert_close(got[kind], getattr(est, kind), (name, rank, kind))
@@ -161,16 +175,32 @@ def _plan(capsys, *args: str) -> tuple[int, str, str]:
 
 def test_plan_command_prints_a_table_per_stage(capsys):
     code, stdout, stderr = _plan(
-        capsys, "configs/models/tiny/llama.yaml", "train.seq_len=32", "train.micro_batch_size=4",
-        "zero.backend=fsdp2", "zero.stage=3", "--gpus", "4",
-    )  # fmt: skip
+        capsys,
+        "configs/models/tiny/llama.yaml",
+        "train.seq_len=32",
+        "train.micro_batch_size=4",
+        "zero.backend=fsdp2",
+        "zero.stage=3",
+        "--gpus",
+        "4",
+    )
     assert code == 0, stderr
     assert "world 4 = tp 1 x pp 1 x dp 4" in stdout
     assert "fsdp2 stage 3" in stdout
     lines = stdout.splitlines()
     header = next(line for line in lines if "model state" in line)
-    assert header.split() == ["pp", "rank", "blocks", "params", "grads", "optim", "model", "state",
-                              "activations", "total"]  # fmt: skip
+    assert header.split() == [
+        "pp",
+        "rank",
+        "blocks",
+        "params",
+        "grads",
+        "optim",
+        "model",
+        "state",
+        "activations",
+        "total",
+    ]
     # dp = 4: every dim 0 divides by 4, so a quarter of 632,064 B of fp32 weights: 154.31 KiB.
     row = lines[lines.index(header) + 2].split()
     assert row[:2] == ["0", "0-1"]

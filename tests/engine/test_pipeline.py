@@ -37,11 +37,18 @@ LOSS_RTOL = 1e-5
 WEIGHT_TOL = {"rtol": 1e-4, "atol": 2e-4}
 
 COMMON = [
-    "data.source=synthetic", "train.seq_len=32", "train.global_batch_size=8",
-    "train.micro_batch_size=2", f"train.max_steps={STEPS}", "train.log_every=1",
-    "run.progress=off", "optim.warmup_steps=2", "optim.lr=3e-3", "checkpoint.save_final=false",
+    "data.source=synthetic",
+    "train.seq_len=32",
+    "train.global_batch_size=8",
+    "train.micro_batch_size=2",
+    f"train.max_steps={STEPS}",
+    "train.log_every=1",
+    "run.progress=off",
+    "optim.warmup_steps=2",
+    "optim.lr=3e-3",
+    "checkpoint.save_final=false",
     "model.n_layers=4",
-]  # fmt: skip
+]
 SCHEDULES = {
     "llama": ["gpipe", "1f1b", "interleaved", "zero_bubble"],
     "gpt2": ["gpipe", "1f1b", "interleaved", "zero_bubble", "zbv"],
@@ -68,8 +75,13 @@ LAYOUTS_4 = {
 TP_REFERENCE = {"pp2xtp2": "tp2"}
 # Loss terms and MoE statistics every stage must report (DeepSeek: layer 0 is dense, 1-2 sit
 # on the first stage, 3 and the MTP block on the last).
-STAGE_METRICS = ["aux_loss", "mtp_loss", "moe/L1/max_over_mean", "moe/L3/max_over_mean",
-                 "moe/L4/max_over_mean"]  # fmt: skip
+STAGE_METRICS = [
+    "aux_loss",
+    "mtp_loss",
+    "moe/L1/max_over_mean",
+    "moe/L3/max_over_mean",
+    "moe/L4/max_over_mean",
+]
 
 
 def _cfg(family: str, out_dir, *overrides: str):
@@ -129,8 +141,9 @@ def _check(family: str, ranks: list[dict], ref: dict) -> dict[str, float]:
     for layout in ranks[0]:
         # Every rank reports the loss (broadcast from the last stage) ...
         for rank_out in ranks:
-            report[layout] = max(report.get(layout, 0), max_rel(rank_out[layout]["losses"],
-                                                                 ref["losses"]))  # fmt: skip
+            report[layout] = max(
+                report.get(layout, 0), max_rel(rank_out[layout]["losses"], ref["losses"])
+            )
         # ... the loss terms and MoE statistics of every stage ...
         got_m, want_m = ranks[0][layout]["metrics"], ref["metrics"]
         for key in STAGE_METRICS if family == "deepseek-v3" else []:
@@ -142,8 +155,9 @@ def _check(family: str, ranks: list[dict], ref: dict) -> dict[str, float]:
             for name, bias in rank_out[layout]["bias"].items():
                 assert torch.equal(bias, ref["bias"][name]), (layout, name)
             for name, w in rank_out[layout]["weights"].items():
-                torch.testing.assert_close(w, ref["weights"][name], **WEIGHT_TOL,
-                                           msg=f"{layout} {name}")  # fmt: skip
+                torch.testing.assert_close(
+                    w, ref["weights"][name], **WEIGHT_TOL, msg=f"{layout} {name}"
+                )
                 names.add(name)
         assert names == set(ref["weights"]), layout
     return report
@@ -157,8 +171,9 @@ def test_pp2_schedules_and_layouts_train_like_one_process(family, single_runs, t
         layouts["1f1b-selective-ac"] = [PP2, "activation_checkpointing=selective"]
     tp_ref = {}
     if family == "deepseek-v3":
-        tp_ref = run_distributed(_train, 2, family, {"tp2": ["parallel.tp=2"]}, str(tmp_path),
-                                 timeout=300)[0]  # fmt: skip
+        tp_ref = run_distributed(
+            _train, 2, family, {"tp2": ["parallel.tp=2"]}, str(tmp_path), timeout=300
+        )[0]
     two = run_distributed(_train, 2, family, layouts, str(tmp_path), timeout=300)
     four = run_distributed(_train, 4, family, LAYOUTS_4[family], str(tmp_path), timeout=300)
     held = {k: v for k, v in four[0].items() if k in TP_REFERENCE and tp_ref}
@@ -171,8 +186,10 @@ def test_pp2_schedules_and_layouts_train_like_one_process(family, single_runs, t
             for s, line in want["metrics"].items():
                 got = run["metrics"][s][key]
                 assert got == pytest.approx(line[key], rel=LOSS_RTOL), (layout, key)
-    print(f"\n{family}: max relative loss difference vs one process over {STEPS} steps: "
-          + ", ".join(f"{k} {v:.1e}" for k, v in report.items()))  # fmt: skip
+    print(
+        f"\n{family}: max relative loss difference vs one process over {STEPS} steps: "
+        + ", ".join(f"{k} {v:.1e}" for k, v in report.items())
+    )
     assert max(report.values()) <= LOSS_RTOL, report
 
 
@@ -183,8 +200,14 @@ def _stop_and_resume(rank: int, world: int, root: str) -> dict:
     """pp=2 (tied embedding): a full run saving at step 5, and a second run resuming there."""
     full = Trainer(_cfg("gpt2", f"{root}/full", "parallel.pp=2", "checkpoint.save_every=5"))
     full_losses = full.train().losses
-    resumed = Trainer(_cfg("gpt2", f"{root}/resumed", "parallel.pp=2",
-                           f"checkpoint.load={root}/full/checkpoints/step_5"))  # fmt: skip
+    resumed = Trainer(
+        _cfg(
+            "gpt2",
+            f"{root}/resumed",
+            "parallel.pp=2",
+            f"checkpoint.load={root}/full/checkpoints/step_5",
+        )
+    )
     return {"full": full_losses, "resumed": resumed.train().losses}
 
 
@@ -205,8 +228,11 @@ def test_pp2_checkpoint_resumes_exactly_and_on_one_process(single_runs, tmp_path
 
 
 def _evaluate(rank: int, world: int, root: str) -> float:
-    trainer = Trainer(_cfg("llama", root, "parallel.pp=2", "train.max_steps=1",
-                           "parallel.pp_schedule=interleaved"))  # fmt: skip
+    trainer = Trainer(
+        _cfg(
+            "llama", root, "parallel.pp=2", "train.max_steps=1", "parallel.pp_schedule=interleaved"
+        )
+    )
     return trainer.evaluate()
 
 

@@ -37,14 +37,23 @@ def _cfg(corpus: dict, out_dir, steps: int, *overrides: str):
     return load_config(
         [TINY],
         [
-            "data.source=files", f"data.paths=[{corpus['path']}]",
-            f"data.tokenizer={corpus['tokenizer']}", "data.val_fraction=0.1",
-            "train.seq_len=32", "train.global_batch_size=8", "train.micro_batch_size=4",
-            f"train.max_steps={steps}", "train.log_every=1", "run.progress=off",
-            "optim.warmup_steps=5", "optim.lr=3e-3", "checkpoint.save_final=false",
-            f"run.output_dir={out_dir}", *overrides,
+            "data.source=files",
+            f"data.paths=[{corpus['path']}]",
+            f"data.tokenizer={corpus['tokenizer']}",
+            "data.val_fraction=0.1",
+            "train.seq_len=32",
+            "train.global_batch_size=8",
+            "train.micro_batch_size=4",
+            f"train.max_steps={steps}",
+            "train.log_every=1",
+            "run.progress=off",
+            "optim.warmup_steps=5",
+            "optim.lr=3e-3",
+            "checkpoint.save_final=false",
+            f"run.output_dir={out_dir}",
+            *overrides,
         ],
-    )  # fmt: skip
+    )
 
 
 def _max_rel(got: dict[int, float], want: dict[int, float]) -> float:
@@ -61,25 +70,41 @@ def _metrics(run_dir) -> list[dict]:
 
 
 def test_loss_scaler_backs_off_grows_and_floors():
-    s = LossScaler(initial_scale=1024.0, growth_interval=3, growth_factor=2.0,
-                   backoff_factor=0.25, min_scale=16.0)  # fmt: skip
+    s = LossScaler(
+        initial_scale=1024.0,
+        growth_interval=3,
+        growth_factor=2.0,
+        backoff_factor=0.25,
+        min_scale=16.0,
+    )
     history = []
     for overflow in [False, False, True, False, False, False, False, True, True, True, False]:
         s.update(overflow)
         history.append((s.scale, s.clean_steps, s.skipped_steps))
     assert history == [
-        (1024.0, 1, 0), (1024.0, 2, 0),
+        (1024.0, 1, 0),
+        (1024.0, 2, 0),
         (256.0, 0, 1),  # overflow: x0.25, the clean count restarts
-        (256.0, 1, 1), (256.0, 2, 1), (512.0, 0, 1),  # 3 clean steps: x2
+        (256.0, 1, 1),
+        (256.0, 2, 1),
+        (512.0, 0, 1),  # 3 clean steps: x2
         (512.0, 1, 1),
-        (128.0, 0, 2), (32.0, 0, 3), (16.0, 0, 4),  # 32 * 0.25 = 8 floors at min_scale
+        (128.0, 0, 2),
+        (32.0, 0, 3),
+        (16.0, 0, 4),  # 32 * 0.25 = 8 floors at min_scale
         (16.0, 1, 4),
-    ]  # fmt: skip
+    ]
     restored = LossScaler()
     restored.load_state_dict(json.loads(json.dumps(s.state_dict())))
-    assert restored.state_dict() == s.state_dict() == {
-        "scale": 16.0, "clean_steps": 1, "skipped_steps": 4,
-    }  # fmt: skip
+    assert (
+        restored.state_dict()
+        == s.state_dict()
+        == {
+            "scale": 16.0,
+            "clean_steps": 1,
+            "skipped_steps": 4,
+        }
+    )
 
 
 def test_loss_scaler_scales_and_unscales():
@@ -194,8 +219,7 @@ def _world2(rank: int, world: int, corpus: dict, root: str) -> dict:
     if rank == 0:
         _inject_before_reduction(ddp)
     out["ddp"] = _run_recorded(ddp)
-    fsdp = Trainer(_cfg(corpus, f"{root}/fsdp2", 10, *SCALER, "zero.backend=fsdp2",
-                        "zero.stage=3"))  # fmt: skip
+    fsdp = Trainer(_cfg(corpus, f"{root}/fsdp2", 10, *SCALER, "zero.backend=fsdp2", "zero.stage=3"))
     if rank == 0:
         _inject_into_local_shard(fsdp, "layers.1.mlp.down_proj.weight")
     out["fsdp2"] = _run_recorded(fsdp)
@@ -248,8 +272,10 @@ def test_bf16_under_fsdp2_tracks_one_process_bf16(world2, text_corpus, tmp_path)
     one = Trainer(_cfg(text_corpus, tmp_path / "one", 10, "precision=bf16")).train().losses
     fp32 = Trainer(_cfg(text_corpus, tmp_path / "fp32", 10)).train().losses
     got, ref = _max_rel(ranks[0]["fsdp2_bf16"], one), _max_rel(ranks[0]["fsdp2_bf16"], fp32)
-    print(f"\nbf16 fsdp2 (dp 2), 10 steps, max relative: vs one process bf16 {got:.1e}, "
-          f"vs fp32 {ref:.1e}, one process bf16 vs fp32 {_max_rel(one, fp32):.1e}")  # fmt: skip
+    print(
+        f"\nbf16 fsdp2 (dp 2), 10 steps, max relative: vs one process bf16 {got:.1e}, "
+        f"vs fp32 {ref:.1e}, one process bf16 vs fp32 {_max_rel(one, fp32):.1e}"
+    )
     assert got <= FSDP_BF16_RTOL
     assert ranks[1]["fsdp2_bf16"] == ranks[0]["fsdp2_bf16"]
     for rank in ranks:  # bf16 compute, fp32 master weights
@@ -268,11 +294,16 @@ def test_fp16_scaler_state_resumes_exactly(text_corpus, tmp_path):
     full_losses = full.train().losses
     state = json.loads((tmp_path / "full/checkpoints/step_6/trainer.json").read_text())
     assert state["strategy"]["loss_scaler"] == {
-        "scale": 256.0, "clean_steps": 2, "skipped_steps": 2,
-    }  # fmt: skip
+        "scale": 256.0,
+        "clean_steps": 2,
+        "skipped_steps": 2,
+    }
     ckpt = tmp_path / "full/checkpoints/step_6"
-    resumed = Trainer(_cfg(text_corpus, tmp_path / "resumed", 10, *SCALER,
-                           f"checkpoint.load={ckpt}")).train().losses  # fmt: skip
+    resumed = (
+        Trainer(_cfg(text_corpus, tmp_path / "resumed", 10, *SCALER, f"checkpoint.load={ckpt}"))
+        .train()
+        .losses
+    )
     assert sorted(resumed) == list(range(7, 11))
     assert all(resumed[s] == full_losses[s] for s in resumed), (full_losses, resumed)
     assert [r["loss_scale"] for r in _metrics(tmp_path / "resumed")] == EXPECTED_SCALES[6:]

@@ -44,10 +44,17 @@ FAMILIES = {
     "deepseek-v3": ("deepseek-v3", []),
 }
 COMMON = [
-    "data.source=synthetic", "train.seq_len=32", "train.global_batch_size=8",
-    "train.micro_batch_size=2", f"train.max_steps={STEPS}", "train.log_every=1",
-    "run.progress=off", "optim.warmup_steps=2", "optim.lr=3e-3", "checkpoint.save_final=false",
-]  # fmt: skip
+    "data.source=synthetic",
+    "train.seq_len=32",
+    "train.global_batch_size=8",
+    "train.micro_batch_size=2",
+    f"train.max_steps={STEPS}",
+    "train.log_every=1",
+    "run.progress=off",
+    "optim.warmup_steps=2",
+    "optim.lr=3e-3",
+    "checkpoint.save_final=false",
+]
 LAYOUTS_2 = {
     "tp2": ["parallel.tp=2"],
     "tp2-sp": ["parallel.tp=2", "parallel.sequence_parallel=true"],
@@ -116,8 +123,10 @@ def test_tp_and_dp_layouts_train_like_one_process(family, single_runs, tmp_path)
             # shared by all keys): in every run it is AdamW-amplified rounding noise (~1e-6).
             if not name.endswith("k_proj.bias"):
                 assert (got - want).abs().mean() < WEIGHT_MEAN_ATOL, (layout, name)
-    print(f"\n{family}: max relative loss difference vs one process over {STEPS} steps: "
-          + ", ".join(f"{k} {v:.1e}" for k, v in report.items()))  # fmt: skip
+    print(
+        f"\n{family}: max relative loss difference vs one process over {STEPS} steps: "
+        + ", ".join(f"{k} {v:.1e}" for k, v in report.items())
+    )
     assert max(report.values()) <= LOSS_RTOL, report
     # Sequence parallelism on and off agree with each other as closely as with one process.
     assert max_rel(runs["tp2-sp"]["losses"], runs["tp2"]["losses"]) <= LOSS_RTOL
@@ -128,10 +137,17 @@ def test_tp_and_dp_layouts_train_like_one_process(family, single_runs, tmp_path)
 
 def _stop_and_resume(rank: int, world: int, root: str) -> dict:
     """tp=2 x dp=2: a full run saving at step 5, and a second run resuming from that save."""
-    full = Trainer(_cfg("deepseek-v3", f"{root}/full", *LAYOUTS_4["tp2xdp2-sp"],
-                        "checkpoint.save_every=5")).train()  # fmt: skip
-    resumed = Trainer(_cfg("deepseek-v3", f"{root}/resumed", *LAYOUTS_4["tp2xdp2-sp"],
-                           f"checkpoint.load={root}/full/checkpoints/step_5")).train()  # fmt: skip
+    full = Trainer(
+        _cfg("deepseek-v3", f"{root}/full", *LAYOUTS_4["tp2xdp2-sp"], "checkpoint.save_every=5")
+    ).train()
+    resumed = Trainer(
+        _cfg(
+            "deepseek-v3",
+            f"{root}/resumed",
+            *LAYOUTS_4["tp2xdp2-sp"],
+            f"checkpoint.load={root}/full/checkpoints/step_5",
+        )
+    ).train()
     return {"full": full.losses, "resumed": resumed.losses}
 
 

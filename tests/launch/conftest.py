@@ -31,8 +31,18 @@ STEPS = 300
 # CI sets this: a launch test whose tools cannot be had fails instead of skipping.
 REQUIRE = os.environ.get("EVOFORMER_REQUIRE_LAUNCH_TOOLS") == "1"
 SLURM_PACKAGES = ["slurmd", "slurmctld", "slurm-client", "munge"]
-SLURM_BINARIES = ["munged", "munge", "unmunge", "slurmctld", "slurmd", "sbatch", "squeue",
-                  "scontrol", "scancel", "sinfo"]  # fmt: skip
+SLURM_BINARIES = [
+    "munged",
+    "munge",
+    "unmunge",
+    "slurmctld",
+    "slurmd",
+    "sbatch",
+    "squeue",
+    "scontrol",
+    "scancel",
+    "sinfo",
+]
 
 
 def need_tools(binaries: list[str], apt: list[str] | None = None, pip: str | None = None) -> None:
@@ -94,11 +104,22 @@ def run_args(token_store) -> Callable[..., list[str]]:
 
     def build(out_dir: Path, *extra: str) -> list[str]:
         return [
-            TINY, "data.source=files", f"data.paths=[{token_store}]", "train.seq_len=32",
-            "train.global_batch_size=8", "train.micro_batch_size=2", f"train.max_steps={STEPS}",
-            "train.log_every=1", "train.eval_every=0", "optim.warmup_steps=2", "optim.lr=1e-3",
-            "run.progress=off", "run.threads=1", f"run.output_dir={out_dir}", *extra,
-        ]  # fmt: skip
+            TINY,
+            "data.source=files",
+            f"data.paths=[{token_store}]",
+            "train.seq_len=32",
+            "train.global_batch_size=8",
+            "train.micro_batch_size=2",
+            f"train.max_steps={STEPS}",
+            "train.log_every=1",
+            "train.eval_every=0",
+            "optim.warmup_steps=2",
+            "optim.lr=1e-3",
+            "run.progress=off",
+            "run.threads=1",
+            f"run.output_dir={out_dir}",
+            *extra,
+        ]
 
     return build
 
@@ -116,8 +137,7 @@ def reference_losses(run_args, tmp_path_factory) -> dict[int, float]:
 @pytest.fixture
 def launch_env() -> dict[str, str]:
     """Environment for launcher subprocesses: this interpreter, one thread per worker."""
-    return {**os.environ, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1",
-            "PYTHONUNBUFFERED": "1"}  # fmt: skip
+    return {**os.environ, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
 @pytest.fixture(scope="module")

@@ -115,8 +115,11 @@ class LocalSlurm:
         """The job's state as squeue shows it ("" once it has left the queue)."""
         proc = subprocess.run(
             ["squeue", "-h", "-j", str(job), "-o", "%T"],
-            capture_output=True, text=True, env=self.env, timeout=30,
-        )  # fmt: skip
+            capture_output=True,
+            text=True,
+            env=self.env,
+            timeout=30,
+        )
         return proc.stdout.strip()
 
     def job_info(self, job: int) -> dict[str, str]:
@@ -164,16 +167,25 @@ class LocalSlurm:
         (secret / "munge.key").chmod(0o600)
         self.munge_socket = munge / "munge.sock"
         self._run(
-            ["munged", f"--socket={self.munge_socket}", f"--key-file={secret / 'munge.key'}",
-             f"--pid-file={munge / 'munged.pid'}", f"--log-file={munge / 'munged.log'}",
-             f"--seed-file={secret / 'munged.seed'}"],
-            user="munge", group="munge",
-        )  # fmt: skip
+            [
+                "munged",
+                f"--socket={self.munge_socket}",
+                f"--key-file={secret / 'munge.key'}",
+                f"--pid-file={munge / 'munged.pid'}",
+                f"--log-file={munge / 'munged.log'}",
+                f"--seed-file={secret / 'munged.seed'}",
+            ],
+            user="munge",
+            group="munge",
+        )
         cred = self._run(["munge", "-S", str(self.munge_socket), "-n"])
         check = subprocess.run(
-            ["unmunge", "-S", str(self.munge_socket)], input=cred,
-            capture_output=True, text=True, timeout=30,
-        )  # fmt: skip
+            ["unmunge", "-S", str(self.munge_socket)],
+            input=cred,
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
         if "STATUS:          Success" not in check.stdout:
             raise RuntimeError(f"munge does not work: {check.stdout}{check.stderr}")
 
@@ -259,9 +271,14 @@ PartitionName=urgent Nodes={node_list} MaxTime=INFINITE State=UP PriorityTier=10
 
     def _run(self, cmd: list[str], cwd=None, env=None, **kw) -> str:
         proc = subprocess.run(
-            cmd, capture_output=True, text=True, cwd=cwd, env=env or self.env or None,
-            timeout=60, **kw,
-        )  # fmt: skip
+            cmd,
+            capture_output=True,
+            text=True,
+            cwd=cwd,
+            env=env or self.env or None,
+            timeout=60,
+            **kw,
+        )
         if proc.returncode != 0:
             raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}): {proc.stderr}")
         return proc.stdout

@@ -51,6 +51,7 @@ def test_documented_launcher_options_exist():
                 for option in re.findall(r"(?<![\w-])(--[a-z][a-z-]*)", after):
                     assert option in usage, f"{doc}: {option} is not a launch/torchrun.sh option"
         # every environment variable a doc tells slurm.sbatch users to set is read by a script
-        for var in re.findall(r"\b(SRUN_ARGS|LAUNCH_PREFIX|LAUNCHER|EVOFORMER_ENV|MAX_REQUEUES)=",
-                              text):  # fmt: skip
+        for var in re.findall(
+            r"\b(SRUN_ARGS|LAUNCH_PREFIX|LAUNCHER|EVOFORMER_ENV|MAX_REQUEUES)=", text
+        ):
             assert "${" + var in sbatch, f"{doc}: {var} is not read by launch/slurm.sbatch"

@@ -18,8 +18,9 @@ SBATCH = str(REPO / "launch/slurm.sbatch")
 def _submit(slurm, tmp_path: Path, args: list[str], env: dict[str, str]) -> tuple[int, Path]:
     job = slurm.sbatch(
         ["--nodes=2", "--time=10", f"--output={tmp_path}/job-%j.out", SBATCH, *args],
-        cwd=tmp_path, env={**env, "NPROC_PER_NODE": "2"},
-    )  # fmt: skip
+        cwd=tmp_path,
+        env={**env, "NPROC_PER_NODE": "2"},
+    )
     return job, tmp_path / f"job-{job}.out"
 
 
@@ -39,8 +40,9 @@ def _last_step(run: Path) -> int:
         return 0
 
 
-def test_two_node_job_trains_like_one_process(slurm, run_args, reference_losses, launch_env,
-                                              tmp_path):  # fmt: skip
+def test_two_node_job_trains_like_one_process(
+    slurm, run_args, reference_losses, launch_env, tmp_path
+):
     run = tmp_path / "run"
     started = time.monotonic()
     job, log = _submit(slurm, tmp_path, run_args(run), launch_env)
@@ -75,9 +77,18 @@ def test_warning_and_preemption_checkpoint_requeue_and_resume(
     # 2. Preemption: a job in the higher-priority partition needs both nodes; Slurm sends
     #    SIGTERM to the training job's steps (not to the batch script).
     _wait_for(f"step {first_stop + 30}", lambda: _last_step(run) >= first_stop + 30, log, slurm)
-    urgent = slurm.sbatch(["-p", "urgent", "--exclusive", "--nodes=2",
-                           f"--output={tmp_path}/urgent-%j.out", "--wrap", "echo urgent ran"],
-                          cwd=tmp_path)  # fmt: skip
+    urgent = slurm.sbatch(
+        [
+            "-p",
+            "urgent",
+            "--exclusive",
+            "--nodes=2",
+            f"--output={tmp_path}/urgent-%j.out",
+            "--wrap",
+            "echo urgent ran",
+        ],
+        cwd=tmp_path,
+    )
     info = slurm.wait(job, timeout=240)
     took = time.monotonic() - started
     text = log.read_text()
@@ -85,8 +96,11 @@ def test_warning_and_preemption_checkpoint_requeue_and_resume(
     assert info["JobState"] == "COMPLETED" and info["Restarts"] == "2", f"{info}\n{text[-4000:]}"
     assert slurm.job_info(urgent)["JobState"] == "COMPLETED"
     assert "SIGUSR1: time limit near" in text
-    stops = [int(line.split("stopped by signal at step ")[1].split(";")[0])
-             for line in text.splitlines() if "stopped by signal at step" in line]  # fmt: skip
+    stops = [
+        int(line.split("stopped by signal at step ")[1].split(";")[0])
+        for line in text.splitlines()
+        if "stopped by signal at step" in line
+    ]
     assert len(stops) == 2 and stops[0] == first_stop and stops[1] > first_stop, stops
     assert text.count("requeueing job") == 2
     for n, step in enumerate(stops, start=1):

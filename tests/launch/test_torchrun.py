@@ -61,8 +61,14 @@ def spawn(tmp_path):
     def start(name: str, cmd: list[str], env: dict[str, str]) -> tuple[subprocess.Popen, Path]:
         log = tmp_path / f"{name}.log"
         with open(log, "w") as out:
-            proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT,
-                                    cwd=tmp_path, start_new_session=True)  # fmt: skip
+            proc = subprocess.Popen(
+                cmd,
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                cwd=tmp_path,
+                start_new_session=True,
+            )
         procs.append(proc)
         return proc, log
 
@@ -74,12 +80,32 @@ def spawn(tmp_path):
 def _two_nodes(spawn, args: list[str], env: dict[str, str]):
     """Node A is configured through the environment, node B through options: both paths meet."""
     port = str(_free_port())
-    env_a = {**env, "NNODES": "2", "NPROC_PER_NODE": "2", "MASTER_ADDR": "127.0.0.1",
-             "MASTER_PORT": port, "RDZV_ID": "loopback"}  # fmt: skip
+    env_a = {
+        **env,
+        "NNODES": "2",
+        "NPROC_PER_NODE": "2",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": port,
+        "RDZV_ID": "loopback",
+    }
     a = spawn("node_a", [LAUNCHER, *args], env_a)
-    b = spawn("node_b", [LAUNCHER, "--nnodes", "2", "--nproc-per-node=2", "--master-addr",
-                         "127.0.0.1", "--master-port", port, "--rdzv-id=loopback", "--", *args],
-              env)  # fmt: skip
+    b = spawn(
+        "node_b",
+        [
+            LAUNCHER,
+            "--nnodes",
+            "2",
+            "--nproc-per-node=2",
+            "--master-addr",
+            "127.0.0.1",
+            "--master-port",
+            port,
+            "--rdzv-id=loopback",
+            "--",
+            *args,
+        ],
+        env,
+    )
     return a, b
 
 
@@ -91,11 +117,28 @@ def _wait(proc: subprocess.Popen, log: Path, timeout: float) -> int:
 
 
 def _dry_run(*args: str, **env: str) -> subprocess.CompletedProcess:
-    clean = {k: v for k, v in os.environ.items()
-             if k not in ("NNODES", "NPROC_PER_NODE", "MASTER_ADDR", "MASTER_PORT", "NODE_RANK",
-                          "RDZV_ID", "CUDA_VISIBLE_DEVICES", "SLURM_JOB_ID")}  # fmt: skip
-    return subprocess.run([LAUNCHER, "--dry-run", *args], env={**clean, **env, "PYTHON": "py"},
-                          capture_output=True, text=True, timeout=30)  # fmt: skip
+    clean = {
+        k: v
+        for k, v in os.environ.items()
+        if k
+        not in (
+            "NNODES",
+            "NPROC_PER_NODE",
+            "MASTER_ADDR",
+            "MASTER_PORT",
+            "NODE_RANK",
+            "RDZV_ID",
+            "CUDA_VISIBLE_DEVICES",
+            "SLURM_JOB_ID",
+        )
+    }
+    return subprocess.run(
+        [LAUNCHER, "--dry-run", *args],
+        env={**clean, **env, "PYTHON": "py"},
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
 
 
 def test_command_line_from_options_and_environment():
@@ -105,14 +148,33 @@ def test_command_line_from_options_and_environment():
     assert "--signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1" in one
     assert one[-5:] == ["-m", "evoformer", "train", "a.yaml", "train.max_steps=5"]
 
-    env = shlex.split(_dry_run(NNODES="2", MASTER_ADDR="n1", MASTER_PORT="1234",
-                               NPROC_PER_NODE="8", RDZV_ID="j7").stdout)  # fmt: skip
-    for flag in ("--nnodes=2", "--nproc-per-node=8", "--rdzv-backend=c10d",
-                 "--rdzv-endpoint=n1:1234", "--rdzv-id=j7"):  # fmt: skip
+    env = shlex.split(
+        _dry_run(
+            NNODES="2", MASTER_ADDR="n1", MASTER_PORT="1234", NPROC_PER_NODE="8", RDZV_ID="j7"
+        ).stdout
+    )
+    for flag in (
+        "--nnodes=2",
+        "--nproc-per-node=8",
+        "--rdzv-backend=c10d",
+        "--rdzv-endpoint=n1:1234",
+        "--rdzv-id=j7",
+    ):
         assert flag in env
     # options win over the environment; NODE_RANK switches to a fixed-rank (static) rendezvous
-    static = shlex.split(_dry_run("--nnodes=2", "--master-addr", "n2", "--node-rank", "1",
-                                  "--", "b.yaml", NNODES="4", MASTER_ADDR="n1").stdout)  # fmt: skip
+    static = shlex.split(
+        _dry_run(
+            "--nnodes=2",
+            "--master-addr",
+            "n2",
+            "--node-rank",
+            "1",
+            "--",
+            "b.yaml",
+            NNODES="4",
+            MASTER_ADDR="n1",
+        ).stdout
+    )
     assert "--node-rank=1" in static and "--master-addr=n2" in static
     assert "--nnodes=2" in static and "--rdzv-backend=c10d" not in static
     assert static[-1] == "b.yaml"

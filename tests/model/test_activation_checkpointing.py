@@ -115,10 +115,17 @@ def test_bad_settings_are_refused():
 # -- under the trainer: tp=2 + SP + dropout, FSDP2 stage 3 ----------------------------------
 
 COMMON = [
-    "data.source=synthetic", "train.seq_len=32", "train.global_batch_size=4",
-    "train.micro_batch_size=2", "train.max_steps=3", "train.log_every=1", "run.progress=off",
-    "optim.warmup_steps=1", "optim.lr=3e-3", "checkpoint.save_final=false",
-]  # fmt: skip
+    "data.source=synthetic",
+    "train.seq_len=32",
+    "train.global_batch_size=4",
+    "train.micro_batch_size=2",
+    "train.max_steps=3",
+    "train.log_every=1",
+    "run.progress=off",
+    "optim.warmup_steps=1",
+    "optim.lr=3e-3",
+    "checkpoint.save_final=false",
+]
 LAYOUTS = {
     "tp2-sp-dropout": ["parallel.tp=2", "parallel.sequence_parallel=true", "model.dropout=0.1"],
     "fsdp2-3": ["zero.backend=fsdp2", "zero.stage=3"],
@@ -131,9 +138,13 @@ def _train_modes(rank: int, world: int, root: str) -> dict:
         for mode in ("none", "full", "selective"):
             cfg = load_config(
                 [str(REPO / "configs/models/tiny/llama.yaml")],
-                [*COMMON, *overrides, f"activation_checkpointing={mode}",
-                 f"run.output_dir={root}/{layout}-{mode}"],
-            )  # fmt: skip
+                [
+                    *COMMON,
+                    *overrides,
+                    f"activation_checkpointing={mode}",
+                    f"run.output_dir={root}/{layout}-{mode}",
+                ],
+            )
             trainer = Trainer(cfg)
             out[(layout, mode)] = (trainer.train().losses, trainer.memory.stats.activations)
     return out

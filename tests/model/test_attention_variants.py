@@ -32,11 +32,14 @@ from evoformer.model.positions import alibi_slopes, apply_rope, rope_inv_freq
 def _cfg(**kw) -> ModelConfig:
     """A tiny pre-norm RoPE model; keyword groups override whole sub-configs."""
     base = dict(
-        vocab_size=97, d_model=32, n_layers=2, max_seq_len=64,
+        vocab_size=97,
+        d_model=32,
+        n_layers=2,
+        max_seq_len=64,
         norm=NormConfig(kind="rmsnorm", eps=1e-5),
         attention=AttentionConfig(n_heads=4, n_kv_heads=2),
         mlp=MLPConfig(kind="swiglu", hidden=48),
-    )  # fmt: skip
+    )
     return ModelConfig(**{**base, **kw})
 
 
@@ -83,8 +86,9 @@ def test_window_off_by_one_against_hf() -> None:
     # HF's own mask function: key kv visible from query q iff kv <= q and kv > q - window.
     masking = pytest.importorskip("transformers.masking_utils")
     fn = masking.sliding_window_causal_mask_function(4)
-    want = torch.tensor([[bool(fn(0, 0, torch.tensor(q), torch.tensor(kv))) for kv in range(9)]
-                         for q in range(9)])  # fmt: skip
+    want = torch.tensor(
+        [[bool(fn(0, 0, torch.tensor(q), torch.tensor(kv))) for kv in range(9)] for q in range(9)]
+    )
     assert torch.equal(causal_window_mask(9, 9, 4), want)
     # The window counts the query itself: 4 tokens, positions 5..8 for query 8.
     assert causal_window_mask(9, 9, 4)[8].nonzero().flatten().tolist() == [5, 6, 7, 8]
@@ -128,8 +132,10 @@ def test_masks_are_built_once_and_only_when_needed(monkeypatch) -> None:
 def test_masks_from_inference_mode_stay_there(position: str, monkeypatch) -> None:
     # Autograd may not save inference tensors (some SDPA backends save the mask), so a mask
     # memoised under inference_mode must not be handed to a training forward.
-    cfg = _cfg(position=PositionConfig(kind=position),
-               attention=AttentionConfig(n_heads=4, sliding_window=3))  # fmt: skip
+    cfg = _cfg(
+        position=PositionConfig(kind=position),
+        attention=AttentionConfig(n_heads=4, sliding_window=3),
+    )
     model = build_model(cfg, seed=0)
     ids = torch.randint(0, 97, (2, 9))
     with torch.inference_mode():
@@ -180,7 +186,7 @@ def test_alibi_attention_matches_reference(window) -> None:
     cfg = _cfg(
         position=PositionConfig(kind="alibi"),
         attention=AttentionConfig(n_heads=6, n_kv_heads=3, head_dim=8, sliding_window=window),
-    )  # fmt: skip
+    )
     model = build_model(cfg, seed=1)
     assert model.rope is None
     attn = model.layers[1].attn
@@ -198,9 +204,15 @@ def test_alibi_model_matches_hf_mpt() -> None:
     power-of-two head count (it orders the interpolated heads differently otherwise)."""
     transformers = pytest.importorskip("transformers")
     hf_cfg = transformers.MptConfig(
-        d_model=64, n_heads=8, n_layers=2, max_seq_len=40, vocab_size=300, expansion_ratio=4,
-        layer_norm_epsilon=2e-5, attn_config={"alibi": True, "alibi_bias_max": 8},
-    )  # fmt: skip
+        d_model=64,
+        n_heads=8,
+        n_layers=2,
+        max_seq_len=40,
+        vocab_size=300,
+        expansion_ratio=4,
+        layer_norm_epsilon=2e-5,
+        attn_config={"alibi": True, "alibi_bias_max": 8},
+    )
     torch.manual_seed(0)
     hf = transformers.MptForCausalLM(hf_cfg).eval()
     g = torch.Generator().manual_seed(1)
@@ -209,25 +221,34 @@ def test_alibi_model_matches_hf_mpt() -> None:
             noise = torch.randn(p.shape, generator=g)
             p.copy_(1 + 0.2 * noise if p.ndim == 1 else 0.05 * noise)
     cfg = ModelConfig(
-        vocab_size=300, d_model=64, n_layers=2, max_seq_len=40, tie_embeddings=True,
+        vocab_size=300,
+        d_model=64,
+        n_layers=2,
+        max_seq_len=40,
+        tie_embeddings=True,
         norm=NormConfig(kind="layernorm", eps=2e-5, bias=False),
-        position=PositionConfig(kind="alibi"), attention=AttentionConfig(n_heads=8),
+        position=PositionConfig(kind="alibi"),
+        attention=AttentionConfig(n_heads=8),
         mlp=MLPConfig(kind="gelu", hidden=256, activation="gelu"),
-    )  # fmt: skip
+    )
     ours = build_model(cfg, seed=None).eval()
     sd = {k.removeprefix("transformer."): v for k, v in hf.state_dict().items()}
     mine = {"embed.weight": sd["wte.weight"], "norm.weight": sd["norm_f.weight"]}
     for i in range(2):
         b, o = f"blocks.{i}.", f"layers.{i}."
         q, k, v = sd[b + "attn.Wqkv.weight"].chunk(3)
-        mine.update({
-            o + "attn_norm.weight": sd[b + "norm_1.weight"], o + "attn.q_proj.weight": q,
-            o + "attn.k_proj.weight": k, o + "attn.v_proj.weight": v,
-            o + "attn.o_proj.weight": sd[b + "attn.out_proj.weight"],
-            o + "mlp_norm.weight": sd[b + "norm_2.weight"],
-            o + "mlp.up_proj.weight": sd[b + "ffn.up_proj.weight"],
-            o + "mlp.down_proj.weight": sd[b + "ffn.down_proj.weight"],
-        })  # fmt: skip
+        mine.update(
+            {
+                o + "attn_norm.weight": sd[b + "norm_1.weight"],
+                o + "attn.q_proj.weight": q,
+                o + "attn.k_proj.weight": k,
+                o + "attn.v_proj.weight": v,
+                o + "attn.o_proj.weight": sd[b + "attn.out_proj.weight"],
+                o + "mlp_norm.weight": sd[b + "norm_2.weight"],
+                o + "mlp.up_proj.weight": sd[b + "ffn.up_proj.weight"],
+                o + "mlp.down_proj.weight": sd[b + "ffn.down_proj.weight"],
+            }
+        )
     ours.load_state_dict(mine, strict=True)
     ids = torch.randint(0, 300, (2, 40), generator=g)
     with torch.no_grad():
@@ -297,8 +318,10 @@ def test_unit_offset_rmsnorm() -> None:
 
 
 def test_unit_offset_model_starts_with_zero_norm_weights() -> None:
-    cfg = _cfg(norm=NormConfig(kind="rmsnorm", unit_offset=True, placement="sandwich"),
-               attention=AttentionConfig(n_heads=4, qk_norm="head"))  # fmt: skip
+    cfg = _cfg(
+        norm=NormConfig(kind="rmsnorm", unit_offset=True, placement="sandwich"),
+        attention=AttentionConfig(n_heads=4, qk_norm="head"),
+    )
     model = build_model(cfg, seed=0)
     norms = [p for n, p in model.named_parameters() if "norm" in n]
     assert len(norms) == 2 * 6 + 1 and all(torch.equal(p, torch.zeros_like(p)) for p in norms)
@@ -352,9 +375,10 @@ def test_parallel_block_by_hand() -> None:
 @pytest.mark.parametrize("position", ["alibi", "rope"])
 def test_cached_decoding_with_windows(position: str) -> None:
     cfg = _cfg(
-        n_layers=3, position=PositionConfig(kind=position),
+        n_layers=3,
+        position=PositionConfig(kind=position),
         attention=AttentionConfig(n_heads=4, n_kv_heads=2, sliding_window=4, global_every=3),
-    )  # fmt: skip
+    )
     model = build_model(cfg, seed=6).eval()
     ids = torch.randint(0, 97, (2, 20))
     with torch.no_grad():
@@ -369,24 +393,35 @@ def test_cached_decoding_with_windows(position: str) -> None:
 
 KINDS = {
     "mistral": dict(attention=AttentionConfig(n_heads=4, n_kv_heads=2, sliding_window=6)),
-    "qwen2": dict(attention=AttentionConfig(n_heads=4, n_kv_heads=2, qkv_bias=True,
-                                            sliding_window=6, global_every=2)),
-    "qwen3": dict(attention=AttentionConfig(n_heads=4, n_kv_heads=2, head_dim=12,
-                                            qk_norm="head")),
-    "olmo2": dict(norm=NormConfig(kind="rmsnorm", placement="reordered"),
-                  attention=AttentionConfig(n_heads=4, qk_norm="full")),
+    "qwen2": dict(
+        attention=AttentionConfig(
+            n_heads=4, n_kv_heads=2, qkv_bias=True, sliding_window=6, global_every=2
+        )
+    ),
+    "qwen3": dict(attention=AttentionConfig(n_heads=4, n_kv_heads=2, head_dim=12, qk_norm="head")),
+    "olmo2": dict(
+        norm=NormConfig(kind="rmsnorm", placement="reordered"),
+        attention=AttentionConfig(n_heads=4, qk_norm="full"),
+    ),
     "gemma3": dict(
         norm=NormConfig(kind="rmsnorm", placement="sandwich", unit_offset=True),
-        position=PositionConfig(kind="rope", local_rope_theta=1000.0,
-                                rope_scaling=RopeScalingConfig(kind="linear", factor=2.0)),
-        attention=AttentionConfig(n_heads=4, n_kv_heads=1, qk_norm="head", sliding_window=6,
-                                  global_every=2, scale=0.2),
-        mlp=MLPConfig(kind="geglu", hidden=48), embed_scale=True, tie_embeddings=True,
+        position=PositionConfig(
+            kind="rope",
+            local_rope_theta=1000.0,
+            rope_scaling=RopeScalingConfig(kind="linear", factor=2.0),
+        ),
+        attention=AttentionConfig(
+            n_heads=4, n_kv_heads=1, qk_norm="head", sliding_window=6, global_every=2, scale=0.2
+        ),
+        mlp=MLPConfig(kind="geglu", hidden=48),
+        embed_scale=True,
+        tie_embeddings=True,
     ),
-    "alibi": dict(position=PositionConfig(kind="alibi"),
-                  attention=AttentionConfig(n_heads=6, head_dim=8)),
+    "alibi": dict(
+        position=PositionConfig(kind="alibi"), attention=AttentionConfig(n_heads=6, head_dim=8)
+    ),
     "palm": dict(parallel_block=True),
-}  # fmt: skip
+}
 
 
 @pytest.mark.parametrize("kind", list(KINDS))

@@ -161,6 +161,8 @@ def test_architecture_tables_in_docs_are_current():
     # docs/architectures.md embeds tools/arch_table.py's output; a stale copy fails here.
     proc = subprocess.run(
         [sys.executable, str(REPO / "tools/arch_table.py"), "--check"],
-        capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr

@@ -24,16 +24,24 @@ TOL = 1e-5
 
 def _cfg(q_lora_rank: int = 24, depth: int = 1, **moe) -> ModelConfig:
     return ModelConfig(
-        vocab_size=96, d_model=48, n_layers=2, max_seq_len=64,
+        vocab_size=96,
+        d_model=48,
+        n_layers=2,
+        max_seq_len=64,
         position=PositionConfig(kind="rope", rope_theta=10000.0),
         attention=AttentionConfig(
-            kind="mla", n_heads=4, q_lora_rank=q_lora_rank, kv_lora_rank=16,
-            qk_nope_head_dim=12, qk_rope_head_dim=8, v_head_dim=10,
+            kind="mla",
+            n_heads=4,
+            q_lora_rank=q_lora_rank,
+            kv_lora_rank=16,
+            qk_nope_head_dim=12,
+            qk_rope_head_dim=8,
+            v_head_dim=10,
         ),
         mlp=MLPConfig(kind="swiglu", hidden=64),
         moe=MoEConfig(**moe),
         mtp=MTPConfig(depth=depth),
-    )  # fmt: skip
+    )
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -48,8 +56,9 @@ def test_cached_decoding_matches_full_forward(q_lora_rank: int) -> None:
         full = model(ids)
         caches = model.new_caches(2, 20)
         # Prefill 12 tokens, then decode one at a time (the cached path absorbs kv_b_proj).
-        steps = [model(ids[:, :12], caches)] + [model(ids[:, t : t + 1], caches)
-                                                 for t in range(12, 20)]  # fmt: skip
+        steps = [model(ids[:, :12], caches)] + [
+            model(ids[:, t : t + 1], caches) for t in range(12, 20)
+        ]
     assert _rel(torch.cat(steps, dim=1), full) <= TOL
     prompt = ids[0, :5].tolist()
     cached = generate(model, prompt, 25, temperature=0, use_cache=True)
@@ -129,10 +138,19 @@ def test_moe_mla_mtp_model_trains() -> None:
     MTP block's) report their load after every step, as the trainer merges it."""
     torch.manual_seed(0)
     cfg = _cfg(
-        depth=1, num_experts=8, top_k=2, expert_hidden=24, num_shared_experts=1,
-        score="sigmoid", n_groups=2, topk_groups=1, first_k_dense=1, aux_loss_coef=0.01,
-        bias_update_rate=0.001, routed_scaling=2.0,
-    )  # fmt: skip
+        depth=1,
+        num_experts=8,
+        top_k=2,
+        expert_hidden=24,
+        num_shared_experts=1,
+        score="sigmoid",
+        n_groups=2,
+        topk_groups=1,
+        first_k_dense=1,
+        aux_loss_coef=0.01,
+        bias_update_rate=0.001,
+        routed_scaling=2.0,
+    )
     model = build_model(cfg, seed=0).train()
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     batch = torch.randint(0, 96, (4, 33), generator=torch.Generator().manual_seed(1))
@@ -144,8 +162,12 @@ def test_moe_mla_mtp_model_trains() -> None:
         opt.zero_grad(set_to_none=True)
         losses.append(out.metrics["ce_loss"].item())
         mtp_losses.append(out.metrics["mtp_loss"].item())
-        metrics = {k: v for m in model.modules() if hasattr(m, "end_of_step")
-                   for k, v in m.end_of_step().items()}  # fmt: skip
+        metrics = {
+            k: v
+            for m in model.modules()
+            if hasattr(m, "end_of_step")
+            for k, v in m.end_of_step().items()
+        }
     assert set(out.metrics) == {"ce_loss", "aux_loss", "mtp_loss"}
     assert losses[-1] < 0.7 * losses[0] and mtp_losses[-1] < 0.8 * mtp_losses[0]
     # Layer 0 is dense; layer 1 and the MTP block (layer index 2) are MoE.

@@ -96,8 +96,13 @@ def test_gqa_matches_explicit_reference(kv):
 
 
 def test_llama3_rope_scaling_bands():
-    scaling = RopeScalingConfig(kind="llama3", factor=8.0, low_freq_factor=1.0,
-                                high_freq_factor=4.0, original_max_seq_len=8192)  # fmt: skip
+    scaling = RopeScalingConfig(
+        kind="llama3",
+        factor=8.0,
+        low_freq_factor=1.0,
+        high_freq_factor=4.0,
+        original_max_seq_len=8192,
+    )
     base = rope_inv_freq(128, 500000.0, RopeScalingConfig())
     scaled = rope_inv_freq(128, 500000.0, scaling)
     wavelen = 2 * math.pi / base

@@ -39,9 +39,13 @@ ROUTERS = {
 def _cfg(n_layers: int = 1, **moe) -> ModelConfig:
     moe = {"expert_hidden": 16, **moe}
     return ModelConfig(
-        vocab_size=64, d_model=32, n_layers=n_layers, max_seq_len=64,
-        mlp=MLPConfig(kind="swiglu", hidden=48), moe=MoEConfig(**moe),
-    )  # fmt: skip
+        vocab_size=64,
+        d_model=32,
+        n_layers=n_layers,
+        max_seq_len=64,
+        mlp=MLPConfig(kind="swiglu", hidden=48),
+        moe=MoEConfig(**moe),
+    )
 
 
 def _moe(cfg: ModelConfig, seed: int = 0) -> MoE:
@@ -150,8 +154,9 @@ def test_balance_loss_by_hand() -> None:
     token 2: [.25, .125, .125, .5] -> experts 3, 0
     f = counts / N = [2, 2, 1, 1] / 3; P = mean probabilities = [.875, .875, .5, .75] / 3;
     loss = E * sum f P = 4 * (2*.875 + 2*.875 + .5 + .75) / 9 = 19/9."""
-    probs = torch.tensor([[0.5, 0.25, 0.125, 0.125], [0.125, 0.5, 0.25, 0.125],
-                          [0.25, 0.125, 0.125, 0.5]])  # fmt: skip
+    probs = torch.tensor(
+        [[0.5, 0.25, 0.125, 0.125], [0.125, 0.5, 0.25, 0.125], [0.25, 0.125, 0.125, 0.5]]
+    )
     m = MoE(_cfg(num_experts=4, top_k=2, aux_loss_coef=0.1), layer_idx=0).train()
     with torch.no_grad():
         m.router.weight.zero_()
@@ -239,8 +244,11 @@ def test_metrics_only_after_training_forwards() -> None:
     m.train()(x)
     stats = m.end_of_step()
     assert sorted(stats) == [
-        "moe/L0/bias_max", "moe/L0/bias_min", "moe/L0/max_over_mean", "moe/L0/share",
-    ]  # fmt: skip
+        "moe/L0/bias_max",
+        "moe/L0/bias_min",
+        "moe/L0/max_over_mean",
+        "moe/L0/share",
+    ]
     assert sum(stats["moe/L0/share"]) == pytest.approx(1.0, abs=1e-3)
     assert m.end_of_step() == {}
 

@@ -36,8 +36,13 @@ def preset(name: str) -> ModelConfig:
 # Figures published to two significant digits get the tolerance their rounding allows.
 PUBLISHED = [
     ("gpt2-124m", "total", 124_439_808, 0.005, "HF openai-community/gpt2 (124M)"),
-    ("gpt2-1.5b", "total", 1_557_611_200, 0.005,
-     "HF openai-community/gpt2-xl GPT2LMHeadModel.num_parameters(); paper Table 2 says 1542M"),
+    (
+        "gpt2-1.5b",
+        "total",
+        1_557_611_200,
+        0.005,
+        "HF openai-community/gpt2-xl GPT2LMHeadModel.num_parameters(); paper Table 2 says 1542M",
+    ),
     ("llama2-7b", "total", 6.74e9, 0.005, "HF meta-llama/Llama-2-7b-hf: 6.74B params"),
     ("llama3-8b", "total", 8.03e9, 0.005, "HF meta-llama/Meta-Llama-3-8B: 8.03B params"),
     ("llama3.1-405b", "total", 406e9, 0.005, "HF meta-llama/Llama-3.1-405B: 406B params"),
@@ -50,19 +55,39 @@ PUBLISHED = [
     ("qwen3-235b-a22b", "non_embedding", 234e9, 0.005, "HF Qwen/Qwen3-235B-A22B: 234B"),
     ("qwen3-235b-a22b", "active", 22e9, 0.023, "HF Qwen/Qwen3-235B-A22B: 22B (+-0.5B)"),
     ("olmo2-7b", "total", 7.3e9, 0.005, "HF allenai/OLMo-2-1124-7B: 7.3B params"),
-    ("gemma3-27b", "total", 25_600e6 + 1_416e6, 0.005,
-     "Gemma 3 technical report, Table 1: 25,600M non-embedding + 1,416M embedding"),
+    (
+        "gemma3-27b",
+        "total",
+        25_600e6 + 1_416e6,
+        0.005,
+        "Gemma 3 technical report, Table 1: 25,600M non-embedding + 1,416M embedding",
+    ),
     ("gemma3-27b", "non_embedding", 25_600e6, 0.005, "Gemma 3 technical report, Table 1"),
     ("deepseek-v2-lite", "total", 15.7e9, 0.005, "HF deepseek-ai/DeepSeek-V2-Lite: 15.7B"),
-    ("deepseek-v2-lite", "active_no_embed", 2.4e9, 0.025,
-     "HF deepseek-ai/DeepSeek-V2-Lite: 2.4B activated (we get 2.45B: the card truncates)"),
+    (
+        "deepseek-v2-lite",
+        "active_no_embed",
+        2.4e9,
+        0.025,
+        "HF deepseek-ai/DeepSeek-V2-Lite: 2.4B activated (we get 2.45B: the card truncates)",
+    ),
     ("deepseek-v3-671b", "total", 671e9, 0.005, "DeepSeek-V3 technical report: 671B"),
-    ("deepseek-v3-671b", "active_no_embed", 37e9, 0.014,
-     "DeepSeek-V3 technical report: 37B activated (+-0.5B)"),
-    ("deepseek-v3-671b", "hf_checkpoint", 685e9, 0.005,
-     "HF deepseek-ai/DeepSeek-V3: 685B = 671B main + 14B MTP, whose checkpoint repeats the "
-     "embedding and head"),
-]  # fmt: skip
+    (
+        "deepseek-v3-671b",
+        "active_no_embed",
+        37e9,
+        0.014,
+        "DeepSeek-V3 technical report: 37B activated (+-0.5B)",
+    ),
+    (
+        "deepseek-v3-671b",
+        "hf_checkpoint",
+        685e9,
+        0.005,
+        "HF deepseek-ai/DeepSeek-V3: 685B = 671B main + 14B MTP, whose checkpoint repeats the "
+        "embedding and head",
+    ),
+]
 
 
 def quantity(name: str, what: str) -> int:
@@ -92,47 +117,166 @@ def test_every_preset_has_a_published_total():
 # shape, such as eps or rope_theta, are left at HF defaults).
 HF_CONFIGS = {
     "gpt2-1.5b": ("GPT2LMHeadModel", "GPT2Config", dict(n_embd=1600, n_layer=48, n_head=25)),
-    "llama2-7b": ("LlamaForCausalLM", "LlamaConfig", dict(
-        vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
-        num_attention_heads=32, num_key_value_heads=32)),
-    "llama3.1-405b": ("LlamaForCausalLM", "LlamaConfig", dict(
-        vocab_size=128256, hidden_size=16384, intermediate_size=53248, num_hidden_layers=126,
-        num_attention_heads=128, num_key_value_heads=8)),
-    "mistral-7b": ("MistralForCausalLM", "MistralConfig", dict(
-        vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-        num_attention_heads=32, num_key_value_heads=8, sliding_window=4096)),
-    "mixtral-8x7b": ("MixtralForCausalLM", "MixtralConfig", dict(
-        vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-        num_attention_heads=32, num_key_value_heads=8, num_local_experts=8,
-        num_experts_per_tok=2)),
-    "qwen3-8b": ("Qwen3ForCausalLM", "Qwen3Config", dict(
-        vocab_size=151936, hidden_size=4096, intermediate_size=12288, num_hidden_layers=36,
-        num_attention_heads=32, num_key_value_heads=8, head_dim=128, tie_word_embeddings=False)),
-    "qwen3-235b-a22b": ("Qwen3MoeForCausalLM", "Qwen3MoeConfig", dict(
-        vocab_size=151936, hidden_size=4096, intermediate_size=12288, moe_intermediate_size=1536,
-        num_hidden_layers=94, num_attention_heads=64, num_key_value_heads=4, head_dim=128,
-        num_experts=128, num_experts_per_tok=8, decoder_sparse_step=1, mlp_only_layers=[],
-        tie_word_embeddings=False)),
-    "olmo2-7b": ("Olmo2ForCausalLM", "Olmo2Config", dict(
-        vocab_size=100352, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
-        num_attention_heads=32, num_key_value_heads=32)),
-    "gemma3-27b": ("Gemma3ForCausalLM", "Gemma3TextConfig", dict(
-        vocab_size=262208, hidden_size=5376, intermediate_size=21504, num_hidden_layers=62,
-        num_attention_heads=32, num_key_value_heads=16, head_dim=128, query_pre_attn_scalar=168,
-        sliding_window=1024)),
-    "deepseek-v2-lite": ("DeepseekV2ForCausalLM", "DeepseekV2Config", dict(
-        vocab_size=102400, hidden_size=2048, intermediate_size=10944, moe_intermediate_size=1408,
-        num_hidden_layers=27, num_attention_heads=16, num_key_value_heads=16,
-        n_routed_experts=64, num_experts_per_tok=6, n_shared_experts=2, first_k_dense_replace=1,
-        q_lora_rank=None, kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64,
-        v_head_dim=128, n_group=1, topk_group=1)),
-    "deepseek-v3-671b": ("DeepseekV3ForCausalLM", "DeepseekV3Config", dict(
-        vocab_size=129280, hidden_size=7168, intermediate_size=18432, moe_intermediate_size=2048,
-        num_hidden_layers=61, num_attention_heads=128, num_key_value_heads=128,
-        n_routed_experts=256, num_experts_per_tok=8, n_shared_experts=1, first_k_dense_replace=3,
-        q_lora_rank=1536, kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64,
-        v_head_dim=128, n_group=8, topk_group=4)),
-}  # fmt: skip
+    "llama2-7b": (
+        "LlamaForCausalLM",
+        "LlamaConfig",
+        dict(
+            vocab_size=32000,
+            hidden_size=4096,
+            intermediate_size=11008,
+            num_hidden_layers=32,
+            num_attention_heads=32,
+            num_key_value_heads=32,
+        ),
+    ),
+    "llama3.1-405b": (
+        "LlamaForCausalLM",
+        "LlamaConfig",
+        dict(
+            vocab_size=128256,
+            hidden_size=16384,
+            intermediate_size=53248,
+            num_hidden_layers=126,
+            num_attention_heads=128,
+            num_key_value_heads=8,
+        ),
+    ),
+    "mistral-7b": (
+        "MistralForCausalLM",
+        "MistralConfig",
+        dict(
+            vocab_size=32000,
+            hidden_size=4096,
+            intermediate_size=14336,
+            num_hidden_layers=32,
+            num_attention_heads=32,
+            num_key_value_heads=8,
+            sliding_window=4096,
+        ),
+    ),
+    "mixtral-8x7b": (
+        "MixtralForCausalLM",
+        "MixtralConfig",
+        dict(
+            vocab_size=32000,
+            hidden_size=4096,
+            intermediate_size=14336,
+            num_hidden_layers=32,
+            num_attention_heads=32,
+            num_key_value_heads=8,
+            num_local_experts=8,
+            num_experts_per_tok=2,
+        ),
+    ),
+    "qwen3-8b": (
+        "Qwen3ForCausalLM",
+        "Qwen3Config",
+        dict(
+            vocab_size=151936,
+            hidden_size=4096,
+            intermediate_size=12288,
+            num_hidden_layers=36,
+            num_attention_heads=32,
+            num_key_value_heads=8,
+            head_dim=128,
+            tie_word_embeddings=False,
+        ),
+    ),
+    "qwen3-235b-a22b": (
+        "Qwen3MoeForCausalLM",
+        "Qwen3MoeConfig",
+        dict(
+            vocab_size=151936,
+            hidden_size=4096,
+            intermediate_size=12288,
+            moe_intermediate_size=1536,
+            num_hidden_layers=94,
+            num_attention_heads=64,
+            num_key_value_heads=4,
+            head_dim=128,
+            num_experts=128,
+            num_experts_per_tok=8,
+            decoder_sparse_step=1,
+            mlp_only_layers=[],
+            tie_word_embeddings=False,
+        ),
+    ),
+    "olmo2-7b": (
+        "Olmo2ForCausalLM",
+        "Olmo2Config",
+        dict(
+            vocab_size=100352,
+            hidden_size=4096,
+            intermediate_size=11008,
+            num_hidden_layers=32,
+            num_attention_heads=32,
+            num_key_value_heads=32,
+        ),
+    ),
+    "gemma3-27b": (
+        "Gemma3ForCausalLM",
+        "Gemma3TextConfig",
+        dict(
+            vocab_size=262208,
+            hidden_size=5376,
+            intermediate_size=21504,
+            num_hidden_layers=62,
+            num_attention_heads=32,
+            num_key_value_heads=16,
+            head_dim=128,
+            query_pre_attn_scalar=168,
+            sliding_window=1024,
+        ),
+    ),
+    "deepseek-v2-lite": (
+        "DeepseekV2ForCausalLM",
+        "DeepseekV2Config",
+        dict(
+            vocab_size=102400,
+            hidden_size=2048,
+            intermediate_size=10944,
+            moe_intermediate_size=1408,
+            num_hidden_layers=27,
+            num_attention_heads=16,
+            num_key_value_heads=16,
+            n_routed_experts=64,
+            num_experts_per_tok=6,
+            n_shared_experts=2,
+            first_k_dense_replace=1,
+            q_lora_rank=None,
+            kv_lora_rank=512,
+            qk_nope_head_dim=128,
+            qk_rope_head_dim=64,
+            v_head_dim=128,
+            n_group=1,
+            topk_group=1,
+        ),
+    ),
+    "deepseek-v3-671b": (
+        "DeepseekV3ForCausalLM",
+        "DeepseekV3Config",
+        dict(
+            vocab_size=129280,
+            hidden_size=7168,
+            intermediate_size=18432,
+            moe_intermediate_size=2048,
+            num_hidden_layers=61,
+            num_attention_heads=128,
+            num_key_value_heads=128,
+            n_routed_experts=256,
+            num_experts_per_tok=8,
+            n_shared_experts=1,
+            first_k_dense_replace=3,
+            q_lora_rank=1536,
+            kv_lora_rank=512,
+            qk_nope_head_dim=128,
+            qk_rope_head_dim=64,
+            v_head_dim=128,
+            n_group=8,
+            topk_group=4,
+        ),
+    ),
+}
 
 
 @pytest.mark.parametrize("name", sorted(HF_CONFIGS))
@@ -173,14 +317,20 @@ def test_tiny_configs_keep_their_family_choices():
     assert local == [True] * 5 + [False]
     assert g.attention.scale == pytest.approx(1 / math.sqrt(g.d_model / g.attention.n_heads))
     assert (g.norm.placement, g.norm.unit_offset, g.embed_scale, g.mlp.kind) == (
-        "sandwich", True, True, "geglu",
-    )  # fmt: skip
+        "sandwich",
+        True,
+        True,
+        "geglu",
+    )
     big = preset("gemma3-27b")
     assert big.attention.scale == pytest.approx(168**-0.5, rel=1e-15)
     d = preset("tiny/deepseek-v3")
     assert (d.attention.kind, d.mtp.depth, d.moe.first_k_dense, d.moe.score) == (
-        "mla", 1, 1, "sigmoid",
-    )  # fmt: skip
+        "mla",
+        1,
+        1,
+        "sigmoid",
+    )
     assert preset("tiny/olmo2").norm.placement == "reordered"
     assert preset("tiny/qwen2").attention.qkv_bias is True
     assert preset("tiny/mistral").attention.sliding_window == 16

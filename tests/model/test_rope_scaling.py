@@ -15,9 +15,14 @@ from evoformer.model.positions import rope_attention_factor, rope_inv_freq
     "mscale, mscale_all_dim", [(1.0, 1.0), (0.707, 0.707), (0.0, 0.0), (1.0, 0.707)]
 )
 def test_yarn_matches_hf(mscale, mscale_all_dim):
-    params = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 40.0,
-              "original_max_position_embeddings": 4096,
-              "beta_fast": 32, "beta_slow": 1}  # fmt: skip
+    params = {
+        "rope_type": "yarn",
+        "rope_theta": 10000.0,
+        "factor": 40.0,
+        "original_max_position_embeddings": 4096,
+        "beta_fast": 32,
+        "beta_slow": 1,
+    }
     if mscale:
         params["mscale"] = mscale
     if mscale_all_dim:
@@ -26,8 +31,13 @@ def test_yarn_matches_hf(mscale, mscale_all_dim):
         qk_rope_head_dim=64, max_position_embeddings=163840, rope_parameters=params
     )
     inv_ref, factor_ref = ROPE_INIT_FUNCTIONS["yarn"](hf_cfg)
-    ours = RopeScalingConfig(kind="yarn", factor=40.0, original_max_seq_len=4096,
-                             mscale=mscale, mscale_all_dim=mscale_all_dim)  # fmt: skip
+    ours = RopeScalingConfig(
+        kind="yarn",
+        factor=40.0,
+        original_max_seq_len=4096,
+        mscale=mscale,
+        mscale_all_dim=mscale_all_dim,
+    )
     inv = rope_inv_freq(64, 10000.0, ours)
     torch.testing.assert_close(inv.float(), inv_ref, rtol=1e-6, atol=0)
     assert rope_attention_factor(ours) == pytest.approx(factor_ref, rel=1e-12)
@@ -39,13 +49,23 @@ def test_yarn_matches_hf(mscale, mscale_all_dim):
 
 
 def test_llama3_and_linear_match_hf():
-    params = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
-              "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-              "original_max_position_embeddings": 8192}  # fmt: skip
+    params = {
+        "rope_type": "llama3",
+        "rope_theta": 500000.0,
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192,
+    }
     hf_cfg = LlamaConfig(hidden_size=1024, num_attention_heads=8, rope_parameters=params)
     inv_ref, _ = ROPE_INIT_FUNCTIONS["llama3"](hf_cfg)
-    ours = RopeScalingConfig(kind="llama3", factor=8.0, low_freq_factor=1.0,
-                             high_freq_factor=4.0, original_max_seq_len=8192)  # fmt: skip
+    ours = RopeScalingConfig(
+        kind="llama3",
+        factor=8.0,
+        low_freq_factor=1.0,
+        high_freq_factor=4.0,
+        original_max_seq_len=8192,
+    )
     torch.testing.assert_close(
         rope_inv_freq(128, 500000.0, ours).float(), inv_ref, rtol=1e-6, atol=0
     )

@@ -67,8 +67,9 @@ def test_head_cost_moves_layers_off_the_last_stage():
     assert [i for s in stages for i in s] == list(range(8))
     # Small vocabulary: even split.
     assert split_layers(_model_cfg("llama", "model.n_layers=8"), 2, 32) == [
-        [0, 1, 2, 3], [4, 5, 6, 7]
-    ]  # fmt: skip
+        [0, 1, 2, 3],
+        [4, 5, 6, 7],
+    ]
 
 
 def test_explicit_layers_per_stage_and_bad_overrides():

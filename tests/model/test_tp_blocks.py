@@ -38,12 +38,14 @@ CASES = {
     "alibi-parallel-block": ("llama", ["model.position.kind=alibi", "model.parallel_block=true"]),
     "mixtral": ("mixtral", []),
     "deepseek-v3": ("deepseek-v3", []),
-    "deepseek-q-full-rank-mtp2": ("deepseek-v3", ["model.attention.q_lora_rank=0",
-                                                  "model.mtp.depth=2"]),
+    "deepseek-q-full-rank-mtp2": (
+        "deepseek-v3",
+        ["model.attention.q_lora_rank=0", "model.mtp.depth=2"],
+    ),
     # Dropout of the residual stream: replicated regions draw the same mask as one process
     # (same RNG state on every TP rank), SP draws the global mask and slices it.
     "llama-dropout": ("llama", ["model.dropout=0.2"]),
-}  # fmt: skip
+}
 
 
 def _model_cfg(family: str, overrides: list[str]):
@@ -121,8 +123,13 @@ def _worker(rank: int, world: int) -> dict:
                 "logits_shape": tuple(logits.shape),
             }
     # Collectives per transformer block (Megatron: 2 all-reduces forward and 2 backward).
-    for case, layer in (("llama", 0), ("llama-mqa", 0), ("gpt2", 0), ("olmo2", 0),
-                        ("deepseek-v3", 1)):  # fmt: skip
+    for case, layer in (
+        ("llama", 0),
+        ("llama-mqa", 0),
+        ("gpt2", 0),
+        ("olmo2", 0),
+        ("deepseek-v3", 1),
+    ):
         cfg = _model_cfg(*CASES[case])
         for sp in (False, True):
             model = build_model(cfg, seed=0, groups=groups, sequence_parallel=sp).train()

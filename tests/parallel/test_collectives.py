@@ -52,8 +52,9 @@ def _worker(rank: int, world: int) -> dict:
     out["sp_gather"] = ((y, dx, n), expected)
     y, dx, n = _forward_backward(
         lambda t: C.gather_from_sequence_parallel_region(t, g, reduce_grad=False),
-        x, torch.cat(dys, 1),
-    )  # fmt: skip
+        x,
+        torch.cat(dys, 1),
+    )
     out["sp_gather_split"] = ((y, dx, n), (torch.cat(xs, 1), dy, {"all_gather": 1}))
     y, dx, n = _forward_backward(
         lambda t: C.reduce_scatter_to_sequence_parallel_region(t, g), x, chunk(dy, 1)
@@ -87,9 +88,17 @@ def results() -> list[dict]:
 
 
 NAMES = [
-    "copy", "reduce", "sum_both_ways", "gather_last", "scatter_last", "sp_gather",
-    "sp_gather_split", "sp_reduce_scatter", "fallback", "no_alias",
-]  # fmt: skip
+    "copy",
+    "reduce",
+    "sum_both_ways",
+    "gather_last",
+    "scatter_last",
+    "sp_gather",
+    "sp_gather_split",
+    "sp_reduce_scatter",
+    "fallback",
+    "no_alias",
+]
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -111,9 +120,13 @@ def test_no_group_is_identity_without_communication():
     x = torch.randn(2, 4, 6, requires_grad=True)
     with C.count_collectives() as n:
         for fn in (
-            C.copy_to_parallel_region, C.reduce_from_parallel_region, C.sum_across_parallel_region,
-            C.gather_from_parallel_region, C.scatter_to_parallel_region,
-            C.gather_from_sequence_parallel_region, C.reduce_scatter_to_sequence_parallel_region,
-        ):  # fmt: skip
+            C.copy_to_parallel_region,
+            C.reduce_from_parallel_region,
+            C.sum_across_parallel_region,
+            C.gather_from_parallel_region,
+            C.scatter_to_parallel_region,
+            C.gather_from_sequence_parallel_region,
+            C.reduce_scatter_to_sequence_parallel_region,
+        ):
             assert fn(x, None) is x
     assert sum(n.values()) == 0

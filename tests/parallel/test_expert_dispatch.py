@@ -109,8 +109,11 @@ def _check(rank: int, world: int, kind: str, capacity: int | None, grouped: bool
     # The same copies are kept and dropped as on the reference.
     assert torch.equal(got[4].kept_E, ref[4].kept_E)
     assert torch.equal(got[4].selected_E, ref[4].selected_E)
-    return {"kept": ref[4].kept_E.tolist(), "selected": ref[4].selected_E.tolist(),
-            "recv": sum(got[4].recv_splits)}  # fmt: skip
+    return {
+        "kept": ref[4].kept_E.tolist(),
+        "selected": ref[4].selected_E.tolist(),
+        "recv": sum(got[4].recv_splits),
+    }
 
 
 @pytest.mark.parametrize(

@@ -25,8 +25,13 @@ def test_from_env_and_single_process_build(monkeypatch):
     monkeypatch.setenv("RANK", "0")
     dims = ParallelDims.from_env(ParallelConfig())
     assert (dims.world_size, dims.dp, dims.tp, dims.ep, dims.is_main, dims.distributed) == (
-        1, 1, 1, 1, True, False,
-    )  # fmt: skip
+        1,
+        1,
+        1,
+        1,
+        True,
+        False,
+    )
     groups = dims.build("cpu")
     assert groups.tp_group is None and groups.dp_group is None and groups.mesh is None
     assert (groups.tp, groups.dp, groups.tp_ranks, groups.dp_ranks) == (1, 1, (0,), (0,))
@@ -58,13 +63,17 @@ def _worker(rank: int, world: int) -> dict:
     dist.all_reduce(tp_sum, group=groups.tp_group)
     dist.all_reduce(dp_sum, group=groups.dp_group)
     return {
-        "tp_ranks": groups.tp_ranks, "dp_ranks": groups.dp_ranks,
-        "tp_rank": groups.tp_rank, "dp_rank": groups.dp_rank,
+        "tp_ranks": groups.tp_ranks,
+        "dp_ranks": groups.dp_ranks,
+        "tp_rank": groups.tp_rank,
+        "dp_rank": groups.dp_rank,
         "tp_group_rank": dist.get_rank(groups.tp_group),
         "dp_group_rank": dist.get_rank(groups.dp_group),
-        "mesh": groups.mesh.mesh.tolist(), "pp_ranks": groups.pp_ranks,
-        "tp_sum": tp_sum.item(), "dp_sum": dp_sum.item(),
-    }  # fmt: skip
+        "mesh": groups.mesh.mesh.tolist(),
+        "pp_ranks": groups.pp_ranks,
+        "tp_sum": tp_sum.item(),
+        "dp_sum": dp_sum.item(),
+    }
 
 
 def test_world4_tp2_groups():
@@ -82,9 +91,12 @@ def test_world4_tp2_groups():
 def _ep_worker(rank: int, world: int) -> dict:
     groups = ParallelDims.from_env(ParallelConfig(pp=2, ep=2)).build("cpu")
     return {
-        "dp": groups.dp_ranks, "ep": groups.ep_ranks, "edp": groups.edp_ranks,
-        "pp": groups.pp_ranks, "dp_mesh": groups.submesh("dp").mesh.tolist(),
-    }  # fmt: skip
+        "dp": groups.dp_ranks,
+        "ep": groups.ep_ranks,
+        "edp": groups.edp_ranks,
+        "pp": groups.pp_ranks,
+        "dp_mesh": groups.submesh("dp").mesh.tolist(),
+    }
 
 
 def test_world4_pp2_ep2_groups():

@@ -24,8 +24,12 @@ def test_results_in_rank_order_with_torchrun_env():
     results = run_distributed(_worker, 2, -1)
     for rank, r in enumerate(results):
         torch.testing.assert_close(r["sum"], torch.tensor([3.0]))
-        assert r["env"] == {"RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": str(rank),
-                            "MASTER_ADDR": "127.0.0.1"}  # fmt: skip
+        assert r["env"] == {
+            "RANK": str(rank),
+            "WORLD_SIZE": "2",
+            "LOCAL_RANK": str(rank),
+            "MASTER_ADDR": "127.0.0.1",
+        }
         assert (r["threads"], r["backend"]) == (1, "gloo")
 
 

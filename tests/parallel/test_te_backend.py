@@ -43,9 +43,13 @@ def test_te_backend_without_te_is_one_clear_error(tmp_path):
     with pytest.raises(UserError, match=r"model.backend=te needs Transformer Engine"):
         build_model(_cfg("te"))
     proc = run_cli(
-        "train", TINY, "model.backend=te", "data.source=synthetic", "train.max_steps=1",
+        "train",
+        TINY,
+        "model.backend=te",
+        "data.source=synthetic",
+        "train.max_steps=1",
         f"run.output_dir={tmp_path / 'run'}",
-    )  # fmt: skip
+    )
     assert_clean_error(proc, te_backend.MISSING)
 
 
@@ -62,10 +66,19 @@ class FakeTELinear(nn.Module):
     ``tp_size``, column: all-reduce dX backward, row: all-reduce Y then add the bias."""
 
     def __init__(
-        self, in_features, out_features, bias=True, *, tp_group=None, tp_size=1,
-        parallel_mode=None, sequence_parallel=False, return_bias=False, device="cuda",
+        self,
+        in_features,
+        out_features,
+        bias=True,
+        *,
+        tp_group=None,
+        tp_size=1,
+        parallel_mode=None,
+        sequence_parallel=False,
+        return_bias=False,
+        device="cuda",
         params_dtype=None,
-    ):  # fmt: skip
+    ):
         super().__init__()
         assert not sequence_parallel, "evoformer runs sequence parallelism itself"
         if parallel_mode == "column":
@@ -137,8 +150,10 @@ def test_fake_te_layers_carry_the_torch_layers_metadata(fake_te):
             p, q = getattr(m, name), getattr(ref, name)
             assert p.shape == q.shape and m.full_shape(name) == ref.full_shape(name)
             assert (p.tp_dim, p.tp_full_size, p.sequence_parallel) == (
-                q.tp_dim, q.tp_full_size, q.sequence_parallel,
-            )  # fmt: skip
+                q.tp_dim,
+                q.tp_full_size,
+                q.sequence_parallel,
+            )
         full = {"weight": torch.randn(m.full_shape("weight")), "bias": torch.randn(m.bias.shape)}
         m.shard_from_full_(**full)
         ref.shard_from_full_(**full)

@@ -40,8 +40,14 @@ def _reference(w: dict, ids, targets):
     emb, head = nn.Embedding(V, C), nn.Linear(C, V, bias=False)
     fc1, fc2 = nn.Linear(C, H), nn.Linear(H, C)
     with torch.no_grad():
-        pairs = [(emb.weight, "emb"), (fc1.weight, "w1"), (fc1.bias, "b1"),
-                 (fc2.weight, "w2"), (fc2.bias, "b2"), (head.weight, "head")]  # fmt: skip
+        pairs = [
+            (emb.weight, "emb"),
+            (fc1.weight, "w1"),
+            (fc1.bias, "b1"),
+            (fc2.weight, "w2"),
+            (fc2.bias, "b2"),
+            (head.weight, "head"),
+        ]
         for p, name in pairs:
             p.copy_(w[name])
     x = emb(ids)
@@ -49,8 +55,14 @@ def _reference(w: dict, ids, targets):
     logits = head(x)
     loss = F.cross_entropy(logits.reshape(-1, V), targets.reshape(-1), ignore_index=-1)
     loss.backward()
-    grads = {"emb": emb.weight.grad, "w1": fc1.weight.grad, "b1": fc1.bias.grad,
-             "w2": fc2.weight.grad, "b2": fc2.bias.grad, "head": head.weight.grad}  # fmt: skip
+    grads = {
+        "emb": emb.weight.grad,
+        "w1": fc1.weight.grad,
+        "b1": fc1.bias.grad,
+        "w2": fc2.weight.grad,
+        "b2": fc2.bias.grad,
+        "head": head.weight.grad,
+    }
     return loss.detach(), logits.detach(), grads
 
 
@@ -96,19 +108,23 @@ def _worker(rank: int, world: int) -> dict:
         y, dx, c1, c2, fwd, bwd = _mlp_pair(rank, group, sp, w, x, dy)
         seq = (lambda t: t.chunk(world, 1)[rank]) if sp else (lambda t: t)  # noqa: E731
         out[f"mlp_sp{sp:d}"] = [
-            (y, seq(yr.detach())), (dx, seq(xr.grad)),
+            (y, seq(yr.detach())),
+            (dx, seq(xr.grad)),
             (c1.weight.grad, c1.shard_of("weight", fc1.weight.grad)),
             (c1.bias.grad, c1.shard_of("bias", fc1.bias.grad)),
             (c2.weight.grad, c2.shard_of("weight", fc2.weight.grad)),
             (c2.bias.grad, fc2.bias.grad),
-        ]  # fmt: skip
+        ]
         out[f"counts_sp{sp:d}"] = (fwd, bwd)
 
     # Column with gather_output -> row splitting a replicated input: same MLP, other plumbing.
     kw = {"col": {"gather_output": True}, "row": {"input_is_parallel": False}}
     y, dx, c1, c2, fwd, bwd = _mlp_pair(rank, group, False, w, x, dy, **kw)
-    out["mlp_gathered"] = [(y, yr.detach()), (dx, xr.grad),
-                           (c2.weight.grad, c2.shard_of("weight", fc2.weight.grad))]  # fmt: skip
+    out["mlp_gathered"] = [
+        (y, yr.detach()),
+        (dx, xr.grad),
+        (c2.weight.grad, c2.shard_of("weight", fc2.weight.grad)),
+    ]
 
     # The whole tiny net: vocab-parallel embedding (padded), MLP, vocab-parallel head and CE.
     for sp in (False, True):
@@ -132,15 +148,17 @@ def _worker(rank: int, world: int) -> dict:
         sync_sequence_parallel_grads(sequence_parallel_params(c2), group)
         full_logits = gather_vocab_logits(logits, group, V)
         out[f"net_sp{sp:d}"] = [
-            (loss.detach(), ref_loss), (full_logits, ref_logits),
+            (loss.detach(), ref_loss),
+            (full_logits, ref_logits),
             (emb.weight.grad, emb.shard_of("weight", ref_grads["emb"])),
             (head.weight.grad, head.shard_of("weight", ref_grads["head"])),
             (c1.weight.grad, c1.shard_of("weight", ref_grads["w1"])),
             (c1.bias.grad, c1.shard_of("bias", ref_grads["b1"])),
             (c2.weight.grad, c2.shard_of("weight", ref_grads["w2"])),
             (c2.bias.grad, ref_grads["b2"]),
-            (emb.gather_full("weight"), w["emb"]), (c2.gather_full("weight"), w["w2"]),
-        ]  # fmt: skip
+            (emb.gather_full("weight"), w["emb"]),
+            (c2.gather_full("weight"), w["w2"]),
+        ]
         out[f"net_counts_sp{sp:d}"] = (dict(fwd), dict(bwd))
         out["emb_rows"] = (emb.weight.shape[0], emb.shard_start, emb.vocab_end)
     return out
@@ -211,8 +229,13 @@ def test_tp1_layers_are_plain_linear_and_embedding():
 
 def test_sharding_metadata_survives_meta_materialisation():
     with torch.device("meta"):
-        layers = nn.ModuleList([ColumnParallelLinear(C, H), RowParallelLinear(H, C),
-                                VocabParallelEmbedding(V, C, pad_to_multiple_of=8)])  # fmt: skip
+        layers = nn.ModuleList(
+            [
+                ColumnParallelLinear(C, H),
+                RowParallelLinear(H, C),
+                VocabParallelEmbedding(V, C, pad_to_multiple_of=8),
+            ]
+        )
     layers.to_empty(device="cpu")
     col, row, emb = layers
     assert (col.weight.tp_dim, col.bias.tp_dim, row.weight.tp_dim, row.bias.tp_dim) == (
