@@ -81,6 +81,9 @@ def validate(cfg: Config) -> None:
     # YAML reads on/off as booleans; accept both spellings for the progress switch.
     progress = str(cfg.run.progress).lower()
     cfg.run.progress = {"true": "on", "false": "off"}.get(progress, progress)
+    # The old boolean spelling of activation checkpointing: true means full, false none.
+    ac = str(cfg.activation_checkpointing).lower()
+    cfg.activation_checkpointing = {"true": "full", "false": "none"}.get(ac, ac)
     for key, choices in CHOICES.items():
         if choices and get(cfg, key) not in choices:
             _fail(key, get(cfg, key), f"must be one of {', '.join(choices)}")
@@ -328,6 +331,42 @@ def validate_model(cfg: Config) -> None:
             True,
             f"a parallel block has one pre-norm (model.norm.placement={m.norm.placement})",
         )
+    validate_moe(cfg)
+
+
+def validate_moe(cfg: Config) -> None:
+    """Routing settings a user can mistype; the MoE layer trusts them once they pass here."""
+    m = cfg.model
+    moe = m.moe
+    if moe.num_experts < 0:
+        _fail("model.moe.num_experts", moe.num_experts, "must be >= 0 (0 = dense model)")
+    if moe.num_experts == 0:
+        return
+    E = moe.num_experts
+    if m.mlp.kind not in ("swiglu", "geglu"):
+        _fail("model.mlp.kind", m.mlp.kind, "MoE experts are gated: use swiglu or geglu")
+    if moe.n_groups < 1 or E % moe.n_groups:
+        _fail("model.moe.n_groups", moe.n_groups, f"must divide model.moe.num_experts={E}")
+    if not 1 <= moe.topk_groups <= moe.n_groups:
+        _fail("model.moe.topk_groups", moe.topk_groups, f"must be in [1, n_groups={moe.n_groups}]")
+    reachable = moe.topk_groups * (E // moe.n_groups)
+    if not 1 <= moe.top_k <= reachable:
+        _fail(
+            "model.moe.top_k",
+            moe.top_k,
+            f"must be in [1, {reachable}] (the experts a token may reach: topk_groups x "
+            "num_experts / n_groups)",
+        )
+    for key in ("num_shared_experts", "expert_hidden", "shared_hidden", "first_k_dense"):
+        if getattr(moe, key) < 0:
+            _fail(f"model.moe.{key}", getattr(moe, key), "must be >= 0")
+    if moe.layer_freq < 1:
+        _fail("model.moe.layer_freq", moe.layer_freq, "must be >= 1")
+    for key in ("aux_loss_coef", "bias_update_rate", "capacity_factor"):
+        if getattr(moe, key) < 0:
+            _fail(f"model.moe.{key}", getattr(moe, key), "must be >= 0 (0 = off)")
+    if moe.routed_scaling <= 0:
+        _fail("model.moe.routed_scaling", moe.routed_scaling, "must be > 0")
 
 
 def validate_parallel(cfg: Config) -> None:

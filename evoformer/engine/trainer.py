@@ -31,6 +31,7 @@ from omegaconf import OmegaConf
 
 from evoformer.checkpoint import list_checkpoints, resolve_checkpoint, write_text_atomic
 from evoformer.config import Config, to_yaml
+from evoformer.config.schema import ParallelConfig
 from evoformer.data import EvalBatches, GlobalBatchSampler, build_datasets, get_batch
 from evoformer.distributed import ParallelDims, init_process_group, pick_device
 from evoformer.engine.memory import MemoryMeter
@@ -400,19 +401,26 @@ class Trainer:
 
     def _banner(self) -> str:
         t, d = self.cfg.train, self.dims
-        layout = f"dp {d.dp}"
-        if self.strategy.describe():
-            layout += f", {self.strategy.describe()}"
-        if d.tp > 1:
-            sp = ", sequence parallel" if self.cfg.parallel.sequence_parallel else ""
-            layout = f"tp {d.tp} x dp {d.dp}{sp}"
-        if d.pp > 1:
-            layout = f"pp {d.pp} ({self.cfg.parallel.pp_schedule}) x {layout}"
-        if d.ep > 1:
-            layout += f", ep {d.ep} (experts over ep, replicated over edp {d.edp})"
+        layout = describe_layout(d, self.cfg.parallel, self.strategy.describe())
         return (
             f"evoformer | {self._global_params():,} parameters | device {self.device} | "
             f"world {d.world_size} ({layout}) | {t.global_batch_size}x{t.seq_len} tokens/step, "
             f"grad accum {self.grad_accum} | {len(self.data.train):,} train windows | "
             f"{t.max_steps} steps | precision {self.cfg.precision} | out {self.out_dir}"
         )
+
+
+def describe_layout(dims: ParallelDims, parallel: ParallelConfig, strategy: str) -> str:
+    """The banner's layout words: model-parallel dimensions, then the data-parallel strategy
+    (``strategy``: its own few words, e.g. "fsdp2 stage 3"), whatever the model layout."""
+    layout = f"dp {dims.dp}"
+    if dims.tp > 1:
+        sp = ", sequence parallel" if parallel.sequence_parallel else ""
+        layout = f"tp {dims.tp} x dp {dims.dp}{sp}"
+    if strategy:
+        layout += f", {strategy}"
+    if dims.pp > 1:
+        layout = f"pp {dims.pp} ({parallel.pp_schedule}) x {layout}"
+    if dims.ep > 1:
+        layout += f", ep {dims.ep} (experts over ep, replicated over edp {dims.edp})"
+    return layout

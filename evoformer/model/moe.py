@@ -176,17 +176,7 @@ class MoE(nn.Module):
         self.ctx = ctx = ctx or ParallelContext()
         m = cfg.moe
         E = m.num_experts
-        if cfg.mlp.kind not in ("swiglu", "geglu"):
-            raise ValueError(f"MoE experts are gated: model.mlp.kind={cfg.mlp.kind!r} is not")
-        if m.score not in ("softmax", "sigmoid"):
-            raise ValueError(f"unknown model.moe.score {m.score!r}")
-        if m.n_groups < 1 or E % m.n_groups or not 1 <= m.topk_groups <= m.n_groups:
-            raise ValueError(
-                f"model.moe: n_groups={m.n_groups} must divide num_experts={E} and "
-                f"topk_groups={m.topk_groups} must be in [1, n_groups]"
-            )
-        if not 1 <= m.top_k <= m.topk_groups * (E // m.n_groups):
-            raise ValueError(f"model.moe.top_k={m.top_k} exceeds the experts a token may use")
+        # Routing settings (gated experts, groups, top-k) are checked by config validation.
         self.layer_idx = layer_idx  # names the metrics (set by the Block that holds it)
         self.num_experts, self.top_k = E, m.top_k
         self.score = m.score

@@ -134,3 +134,55 @@ def test_help_lists_every_field_with_its_doc():
 def test_every_shipped_config_loads():
     for path in sorted((REPO / "configs").rglob("*.yaml")):
         load_config([str(path)], ["train.seq_len=32"])
+
+
+MOE = ["model.moe.num_experts=8", "model.moe.top_k=2"]
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["model.moe.n_groups=3"], "model.moe.n_groups=3: must divide model.moe.num_experts=8"),
+        (["model.moe.n_groups=0"], "model.moe.n_groups=0: must divide"),
+        (
+            ["model.moe.n_groups=4", "model.moe.topk_groups=5"],
+            "model.moe.topk_groups=5: must be in [1, n_groups=4]",
+        ),
+        (["model.moe.top_k=9"], "model.moe.top_k=9: must be in [1, 8]"),
+        (
+            ["model.moe.n_groups=4", "model.moe.topk_groups=1", "model.moe.top_k=3"],
+            "model.moe.top_k=3: must be in [1, 2]",
+        ),
+        (["model.moe.top_k=0"], "model.moe.top_k=0: must be in [1, 8]"),
+        (["model.mlp.kind=gelu"], "model.mlp.kind='gelu': MoE experts are gated"),
+        (["model.moe.layer_freq=0"], "model.moe.layer_freq=0: must be >= 1"),
+        (["model.moe.capacity_factor=-1"], "model.moe.capacity_factor=-1.0: must be >= 0"),
+        (["model.moe.first_k_dense=-1"], "model.moe.first_k_dense=-1: must be >= 0"),
+        (["model.moe.routed_scaling=0"], "model.moe.routed_scaling=0.0: must be > 0"),
+        (["model.moe.score=relu"], "model.moe.score='relu': must be one of softmax, sigmoid"),
+    ],
+)
+def test_moe_routing_mistakes_are_one_line(overrides, message):
+    with pytest.raises(UserError) as info:
+        load_config([], MOE + overrides)
+    assert message in str(info.value) and "\n" not in str(info.value)
+
+
+def test_moe_routing_mistake_is_one_line_from_the_cli(tmp_path):
+    import subprocess
+    import sys
+
+    argv = [sys.executable, "-m", "evoformer", "train", *MOE, "model.moe.n_groups=3"]
+    argv.append(f"run.output_dir={tmp_path / 'run'}")
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "model.moe.n_groups=3" in lines[0], proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("value, mode", [("true", "full"), ("false", "none"), ("full", "full")])
+def test_activation_checkpointing_boolean_spelling(value, mode):
+    # docs/decisions.md: the old boolean `activation_checkpointing: true` still means full.
+    cfg = load_config([], [f"activation_checkpointing={value}"])
+    assert cfg.activation_checkpointing == mode

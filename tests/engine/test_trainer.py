@@ -115,3 +115,23 @@ def test_wandb_offline_and_tensorboard(run_overrides, monkeypatch):
     assert len(runs) == 1 and list(runs[0].glob("*.wandb"))
     events = list((result.output_dir / "tensorboard").glob("events.out.tfevents.*"))
     assert events and events[0].stat().st_size > 0
+
+
+def test_banner_names_the_zero_backend_under_every_layout():
+    from evoformer.config.schema import ParallelConfig
+    from evoformer.distributed import ParallelDims
+    from evoformer.engine.trainer import describe_layout
+
+    par = ParallelConfig(tp=2, sequence_parallel=True)
+    dims = ParallelDims(world_size=4, rank=0, local_rank=0, tp=2)
+    assert describe_layout(dims, par, "fsdp2 stage 3") == (
+        "tp 2 x dp 2, sequence parallel, fsdp2 stage 3"
+    )
+    assert describe_layout(ParallelDims(4, 0, 0), ParallelConfig(), "fsdp2 stage 2") == (
+        "dp 4, fsdp2 stage 2"
+    )
+    pp = ParallelConfig(tp=2, pp=2, pp_schedule="gpipe")
+    dims = ParallelDims(world_size=8, rank=0, local_rank=0, tp=2, pp=2)
+    assert describe_layout(dims, pp, "deepspeed stage 1") == (
+        "pp 2 (gpipe) x tp 2 x dp 2, deepspeed stage 1"
+    )
