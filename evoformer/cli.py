@@ -83,7 +83,7 @@ def cmd_config(argv: list[str]) -> int:
 
 def cmd_inspect(argv: list[str]) -> int:
     from evoformer.config import load_config
-    from evoformer.model.inspect import describe
+    from evoformer.planning import describe
 
     files, overrides = split_args(argv)
     print(describe(load_config(files, overrides)))
@@ -92,7 +92,7 @@ def cmd_inspect(argv: list[str]) -> int:
 
 def cmd_plan(argv: list[str]) -> int:
     from evoformer.config import load_config
-    from evoformer.model.plan import estimate, format_plan
+    from evoformer.planning.memory import estimate, format_plan
 
     gpus = 1
     rest = []

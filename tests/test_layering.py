@@ -1,6 +1,6 @@
 """Imports only go down the layers (docs/architecture.md):
 
-config -> distributed -> parallel -> model / data -> checkpoint -> engine -> cli
+config -> distributed -> parallel -> model / data -> checkpoint -> planning -> engine -> cli
 
 A module may import its own package and any package on a lower layer; ``model`` and ``data``
 share a layer and never import each other. Imports inside functions count too: a lazy import is
@@ -22,10 +22,11 @@ LAYERS = {
     "model": 4,
     "data": 4,
     "checkpoint": 5,
-    "engine": 6,
-    "cli": 7,
-    "__main__": 8,
-    "__init__": 8,
+    "planning": 6,
+    "engine": 7,
+    "cli": 8,
+    "__main__": 9,
+    "__init__": 9,
 }
 
 

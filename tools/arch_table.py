@@ -1,6 +1,6 @@
 """KV cache and FLOPs per token across attention kinds: the tables in docs/architectures.md.
 
-Every number comes from :mod:`evoformer.model.inspect` (analytic, nothing allocated) applied to
+Every number comes from :mod:`evoformer.model.costs` (analytic, nothing allocated) applied to
 the presets in configs/models/ and to one 7B shape (Llama 2 7B) with only its attention swapped.
 
     python tools/arch_table.py            # print the tables (markdown)
@@ -19,12 +19,12 @@ sys.path.insert(0, str(REPO))
 
 from evoformer.config import load_config  # noqa: E402
 from evoformer.config.schema import ModelConfig  # noqa: E402
-from evoformer.model.inspect import (  # noqa: E402
+from evoformer.model.costs import (  # noqa: E402
     count_params,
     flops_per_token,
     kv_cache_bytes_per_token,
-    layer_summary,
 )
+from evoformer.planning.describe import layer_summary  # noqa: E402
 
 DOC = REPO / "docs/architectures.md"
 BEGIN, END = "<!-- arch_table:begin -->", "<!-- arch_table:end -->"

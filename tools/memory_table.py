@@ -29,8 +29,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from evoformer.config import load_config  # noqa: E402
-from evoformer.model.inspect import count_params  # noqa: E402
-from evoformer.model.plan import bytes_per_param, estimate  # noqa: E402
+from evoformer.model.costs import count_params  # noqa: E402
+from evoformer.planning.memory import bytes_per_param, estimate  # noqa: E402
 
 MODEL = [
     "model.vocab_size=8192",

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from evoformer.config.schema import ModelConfig
-from evoformer.model.inspect import _attention_flops, block_params, mtp_module_params
+from evoformer.model.costs import attention_flops, block_params, mtp_module_params
 from evoformer.model.transformer import Transformer, materialise
 from evoformer.parallel.context import ParallelContext
 
@@ -39,13 +39,13 @@ def layer_costs(cfg: ModelConfig, seq_len: int) -> tuple[list[float], float, flo
     a head (V*C)."""
     d, V = cfg.d_model, cfg.vocab_size
     blocks = [
-        2 * block_params(cfg, i).matmul + _attention_flops(cfg, i, seq_len)
+        2 * block_params(cfg, i).matmul + attention_flops(cfg, i, seq_len)
         for i in range(cfg.n_layers)
     ]
     head = 2 * d * V + sum(
         2 * mtp_module_params(cfg, k).matmul
         + 2 * d * V
-        + _attention_flops(cfg, cfg.n_layers + k, seq_len)
+        + attention_flops(cfg, cfg.n_layers + k, seq_len)
         for k in range(cfg.mtp.depth)
     )
     return blocks, float(d * V), float(head)

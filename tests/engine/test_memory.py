@@ -22,8 +22,8 @@ from evoformer.config import load_config
 from evoformer.distributed.testing import run_distributed
 from evoformer.engine import Trainer
 from evoformer.model import build_model
-from evoformer.model.inspect import count_params
-from evoformer.model.plan import estimate
+from evoformer.model.costs import count_params
+from evoformer.planning.memory import estimate
 from tests.conftest import REPO
 
 N_PARAMS = 158_016

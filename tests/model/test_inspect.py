@@ -13,7 +13,7 @@ import pytest
 
 from evoformer.cli import main
 from evoformer.config import load_config
-from evoformer.model.inspect import (
+from evoformer.model.costs import (
     count_params,
     flops_per_token,
     kv_cache_bytes_per_token,

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from evoformer.config import load_config
 from evoformer.config.schema import PositionConfig, RopeScalingConfig
 from evoformer.model import build_model, lm_loss
-from evoformer.model.inspect import count_params
+from evoformer.model.costs import count_params
 from evoformer.model.positions import rope_inv_freq
 from tests.conftest import REPO
 

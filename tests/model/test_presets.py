@@ -18,7 +18,7 @@ import torch
 
 from evoformer.config import load_config
 from evoformer.config.schema import ModelConfig
-from evoformer.model.inspect import count_params
+from evoformer.model.costs import count_params
 from evoformer.model.transformer import Transformer
 from tests.conftest import REPO
 

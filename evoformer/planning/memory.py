@@ -55,8 +55,12 @@ import math
 import torch
 
 from evoformer.config.schema import Config, ModelConfig
+from evoformer.config.validate import PP_SCHEDULE_VIRTUAL_STAGES
+from evoformer.errors import UserError
 from evoformer.model.checkpointing import is_checkpointed, normalize_mode
 from evoformer.model.mlp import is_moe_layer
+from evoformer.model.stages import split_layers, stage_ranks
+from evoformer.model.transformer import Transformer
 
 KINDS = ("params", "grads", "optim", "activations")
 
@@ -103,8 +107,6 @@ def rank_layers(cfg: Config) -> list[tuple[list[int], bool, bool]]:
     (embedding) and whether it holds the last (final norm, head, MTP). The split and placement
     are the pipeline engine's (``model.stages``): cost-balanced or ``parallel.pp_layers``,
     ``pp_virtual_stages`` per rank, looped or V-shaped (zbv)."""
-    from evoformer.config.validate import PP_SCHEDULE_VIRTUAL_STAGES
-    from evoformer.model.stages import split_layers, stage_ranks
 
     p = cfg.parallel
     if p.pp == 1:
@@ -276,7 +278,6 @@ def _ranges(layers: list[int]) -> str:
 
 
 def _meta_parameters(m: ModelConfig) -> list[tuple[str, tuple[int, ...]]]:
-    from evoformer.model.transformer import Transformer
 
     with torch.device("meta"):
         model = Transformer(m)
@@ -285,7 +286,6 @@ def _meta_parameters(m: ModelConfig) -> list[tuple[str, tuple[int, ...]]]:
 
 def estimate(cfg: Config, world_size: int) -> Plan:
     """Per-rank memory of ``cfg`` on ``world_size`` ranks (dp = world / (tp * pp))."""
-    from evoformer.errors import UserError
 
     p = cfg.parallel
     tp, pp, ep = p.tp, p.pp, p.ep
