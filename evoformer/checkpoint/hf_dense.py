@@ -41,7 +41,7 @@ from evoformer.config.schema import (
     PositionConfig,
     RopeScalingConfig,
 )
-from evoformer.model.attention import is_local_layer
+from evoformer.model.layout import layer_spec
 
 SLIDING, FULL = "sliding_attention", "full_attention"
 
@@ -115,7 +115,7 @@ def window_layout(
     family: str, layer_types: list[str], window: int | None
 ) -> tuple[int | None, int]:
     """HF ``layer_types`` (+ the window of its sliding layers) -> our ``(sliding_window,
-    global_every)``; a UserError for layouts ``is_local_layer`` cannot reproduce."""
+    global_every)``; a UserError for layouts ``model.layout`` cannot reproduce."""
     unknown = sorted(set(layer_types) - {SLIDING, FULL})
     if unknown:
         raise _unsupported(family, f"layer_types entry {unknown[0]!r}")
@@ -137,7 +137,7 @@ def window_layout(
 
 def layer_types(m: ModelConfig) -> list[str]:
     """Our local/global layout as HF's ``layer_types`` list."""
-    return [SLIDING if is_local_layer(m.attention, i) else FULL for i in range(m.n_layers)]
+    return [SLIDING if layer_spec(m, i).is_local else FULL for i in range(m.n_layers)]
 
 
 def _check(family: str, checks: list[tuple[bool, str]]) -> None:

@@ -58,7 +58,7 @@ from evoformer.config.schema import (
     MTPConfig,
     NormConfig,
 )
-from evoformer.model.mlp import is_moe_layer
+from evoformer.model.layout import layer_spec
 
 # ---------------------------------------------------------------------------------------------
 # shared pieces
@@ -220,7 +220,7 @@ def canonical_moe(m: ModelConfig) -> None:
     moe.capacity_factor = 0.0  # applied in training only
     if moe.score == "sigmoid":
         moe.bias_update_rate = 0.0  # the bias exists either way; the rate only trains it
-    if all(is_moe_layer(m, i) for i in range(m.n_layers + m.mtp.depth)):
+    if all(layer_spec(m, i).mlp == "moe" for i in range(m.n_layers + m.mtp.depth)):
         m.mlp.hidden, m.mlp.bias = MLPConfig().hidden, MLPConfig().bias  # no dense layer uses it
 
 
@@ -378,7 +378,7 @@ def qwen3_moe_to_model_config(hf_cfg: dict[str, Any]) -> ModelConfig:
         layer_freq=step,
         aux_loss_coef=_aux_from_hf(c),
     )
-    if [i for i in range(m.n_layers) if is_moe_layer(m, i)] != theirs:
+    if [i for i in range(m.n_layers) if layer_spec(m, i).mlp == "moe"] != theirs:
         raise _unsupported(
             "qwen3_moe",
             f"MoE layers {theirs} (decoder_sparse_step={step}, mlp_only_layers="
@@ -391,7 +391,7 @@ def qwen3_moe_to_hf_config(m: ModelConfig) -> dict[str, Any]:
     """ModelConfig -> Qwen3-MoE ``config.json``; UserError names any choice it lacks."""
     _skeleton_checks("qwen3_moe", m, "mha")
     moe = m.moe
-    ours = [i for i in range(m.n_layers) if is_moe_layer(m, i)]
+    ours = [i for i in range(m.n_layers) if layer_spec(m, i).mlp == "moe"]
     step = moe.layer_freq
     mlp_only = [i for i in range(m.n_layers) if i not in ours and (i + 1) % step == 0]
     _check(

@@ -37,7 +37,7 @@ from evoformer.config.validate import PP_SCHEDULE_VIRTUAL_STAGES
 from evoformer.distributed import ParallelDims
 from evoformer.distributed.dims import ParallelGroups
 from evoformer.errors import UserError
-from evoformer.model.mlp import is_moe_layer
+from evoformer.model.layout import layer_spec
 from evoformer.model.stages import TransformerStage, build_stage_model, split_layers, stage_ranks
 from evoformer.parallel.expert import expert_parallel_params
 
@@ -165,7 +165,7 @@ class PipelineRunner:
         if m.mtp.depth > 0:
             self.metric_names.append("mtp_loss")
         n_total = m.n_layers + m.mtp.depth
-        if m.moe.aux_loss_coef > 0 and any(is_moe_layer(m, i) for i in range(n_total)):
+        if m.moe.aux_loss_coef > 0 and any(layer_spec(m, i).mlp == "moe" for i in range(n_total)):
             self.metric_names.append("aux_loss")
         self._tied, self._tie_group, self.not_counted = self._tied_params()
 

@@ -22,7 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from evoformer.config.schema import AttentionConfig, ModelConfig
+from evoformer.config.schema import ModelConfig
+from evoformer.model.layout import LayerSpec, layer_spec
 from evoformer.model.norms import RMSNorm, sharded_rms_norm
 from evoformer.model.positions import alibi_slopes, apply_rope
 from evoformer.parallel.context import ParallelContext
@@ -123,9 +124,10 @@ class Attention(nn.Module):
     """Causal self-attention; ``n_kv_heads < n_heads`` shares each KV head across a group."""
 
     def __init__(
-        self, cfg: ModelConfig, layer_idx: int = 0, ctx: ParallelContext | None = None
+        self, cfg: ModelConfig, spec: LayerSpec | None = None, ctx: ParallelContext | None = None
     ) -> None:
         super().__init__()
+        spec = spec or layer_spec(cfg, 0)
         a = cfg.attention
         self.ctx = ctx = ctx or ParallelContext()
         self.tp = tp = ctx.tp
@@ -145,7 +147,7 @@ class Attention(nn.Module):
         self.n_kv_heads = K // tp if self.kv_head is None else 1
         self.dropout = a.dropout
         self.scale = a.scale
-        self.window = a.sliding_window if is_local_layer(a, layer_idx) else None
+        self.window = spec.window
         self.alibi = cfg.position.kind == "alibi"
         self.qk_norm = a.qk_norm
         qkv_bias = a.bias if a.qkv_bias is None else a.qkv_bias
@@ -262,22 +264,12 @@ def _linear_rows(x: torch.Tensor, linear: nn.Linear, rows: slice) -> torch.Tenso
     return F.linear(x, linear.weight[rows], bias)
 
 
-def is_local_layer(cfg: AttentionConfig, layer_idx: int) -> bool:
-    """Whether block ``layer_idx`` uses the sliding window (all layers unless ``global_every``
-    makes every N-th one global, as Gemma 3's 5 local : 1 global pattern)."""
-    if cfg.sliding_window is None:
-        return False
-    if cfg.global_every <= 0:
-        return True
-    return (layer_idx + 1) % cfg.global_every != 0
-
-
 def build_attention(
-    cfg: ModelConfig, layer_idx: int, ctx: ParallelContext | None = None
+    cfg: ModelConfig, spec: LayerSpec, ctx: ParallelContext | None = None
 ) -> nn.Module:
-    """The attention sub-layer of block ``layer_idx``."""
+    """The attention sub-layer of the block ``spec`` describes."""
     if cfg.attention.kind == "mla":
         from evoformer.model.mla import MultiHeadLatentAttention
 
-        return MultiHeadLatentAttention(cfg, layer_idx, ctx)
-    return Attention(cfg, layer_idx, ctx)
+        return MultiHeadLatentAttention(cfg, spec.index, ctx)
+    return Attention(cfg, spec, ctx)

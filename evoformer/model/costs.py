@@ -28,8 +28,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from evoformer.config.schema import ModelConfig, NormConfig
-from evoformer.model.attention import is_local_layer
-from evoformer.model.mlp import is_moe_layer
+from evoformer.model.layout import layer_spec
 
 
 @dataclass(frozen=True)
@@ -137,7 +136,11 @@ def block_params(cfg: ModelConfig, layer_idx: int) -> Count:
     n_norms = 1 if cfg.parallel_block else 2
     if cfg.norm.placement == "sandwich":
         n_norms += 2
-    ffn = moe_params(cfg) if is_moe_layer(cfg, layer_idx) else mlp_params(cfg, cfg.mlp.hidden)
+    ffn = (
+        moe_params(cfg)
+        if layer_spec(cfg, layer_idx).mlp == "moe"
+        else mlp_params(cfg, cfg.mlp.hidden)
+    )
     return _norm(cfg.norm, cfg.d_model) * n_norms + attention_params(cfg) + ffn
 
 
@@ -190,7 +193,7 @@ def mean_context(seq_len: int, window: int | None = None) -> float:
 
 def attention_flops(cfg: ModelConfig, layer_idx: int, seq_len: int) -> float:
     qk, v = attention_dims(cfg)
-    local = is_local_layer(cfg.attention, layer_idx)
+    local = layer_spec(cfg, layer_idx).is_local
     ctx = mean_context(seq_len, cfg.attention.sliding_window if local else None)
     return 2 * cfg.attention.n_heads * (qk + v) * ctx
 
@@ -247,7 +250,7 @@ def kv_cache_bytes_per_token(
     N = cfg.max_seq_len if context_len is None else context_len
     per_layer = kv_values_per_token_layer(cfg) * dtype_bytes
     W = cfg.attention.sliding_window
-    local = [is_local_layer(cfg.attention, i) for i in range(cfg.n_layers)]
+    local = [layer_spec(cfg, i).is_local for i in range(cfg.n_layers)]
     at_context = sum(per_layer * (min(N, W) if is_local else N) for is_local in local)
     return {
         "per_token": per_layer * cfg.n_layers,

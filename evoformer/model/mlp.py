@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from evoformer.config.schema import MLPConfig, ModelConfig
+from evoformer.config.schema import MLPConfig
 from evoformer.parallel.context import ParallelContext
 
 ACTIVATIONS = {
@@ -25,7 +25,8 @@ ACTIVATIONS = {
 DEFAULT_ACTIVATION = {"gelu": "gelu_tanh", "swiglu": "silu", "geglu": "gelu_tanh"}
 
 
-def _activation(cfg: MLPConfig):
+def activation_fn(cfg: MLPConfig):
+    """The activation an MLPConfig asks for (``default`` resolved per MLP kind)."""
     name = DEFAULT_ACTIVATION[cfg.kind] if cfg.activation == "default" else cfg.activation
     return ACTIVATIONS[name]
 
@@ -42,7 +43,7 @@ class MLP(nn.Module):
         super().__init__()
         self.ctx = ctx = ctx or ParallelContext()
         _check_split(cfg.hidden, ctx.tp)
-        self.act = _activation(cfg)
+        self.act = activation_fn(cfg)
         self.up_proj = ctx.column(d_model, cfg.hidden, cfg.bias, explicit_comm=True)
         self.down_proj = ctx.row(cfg.hidden, d_model, cfg.bias)
         self.down_proj.is_residual_out = True
@@ -70,7 +71,7 @@ class GatedMLP(nn.Module):
         self.ctx = ctx = ctx or ParallelContext()
         _check_split(cfg.hidden, ctx.tp)
         self.partial_output = partial_output
-        self.act = _activation(cfg)
+        self.act = activation_fn(cfg)
         self.gate_proj = ctx.column(d_model, cfg.hidden, cfg.bias, explicit_comm=True)
         self.up_proj = ctx.column(d_model, cfg.hidden, cfg.bias, explicit_comm=True)
         self.down_proj = ctx.row(cfg.hidden, d_model, cfg.bias, explicit_comm=partial_output)
@@ -89,21 +90,3 @@ def build_mlp(cfg: MLPConfig, d_model: int, ctx: ParallelContext | None = None) 
     if cfg.kind == "gelu":
         return MLP(cfg, d_model, ctx)
     raise ValueError(f"unknown mlp kind {cfg.kind!r}")
-
-
-def is_moe_layer(cfg: ModelConfig, layer_idx: int) -> bool:
-    """DeepSeek-style layout: the first ``first_k_dense`` layers stay dense, then every
-    ``layer_freq``-th layer is MoE."""
-    moe = cfg.moe
-    if moe.num_experts <= 0 or layer_idx < moe.first_k_dense:
-        return False
-    return (layer_idx - moe.first_k_dense) % moe.layer_freq == 0
-
-
-def build_ffn(cfg: ModelConfig, layer_idx: int, ctx: ParallelContext | None = None) -> nn.Module:
-    """The feed-forward sub-layer of block ``layer_idx``: a dense MLP or a mixture of experts."""
-    if is_moe_layer(cfg, layer_idx):
-        from evoformer.model.moe import MoE
-
-        return MoE(cfg, ctx=ctx)
-    return build_mlp(cfg.mlp, cfg.d_model, ctx)

@@ -29,7 +29,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from evoformer.config.schema import MLPConfig, ModelConfig
-from evoformer.model.mlp import GatedMLP, _activation, is_moe_layer
+from evoformer.model.layout import moe_layers
+from evoformer.model.mlp import GatedMLP, activation_fn
 from evoformer.parallel.collectives import group_size
 from evoformer.parallel.context import ParallelContext
 from evoformer.parallel.expert import (
@@ -177,13 +178,13 @@ class MoE(nn.Module):
         m = cfg.moe
         E = m.num_experts
         # Routing settings (gated experts, groups, top-k) are checked by config validation.
-        self.layer_idx = layer_idx  # names the metrics (set by the Block that holds it)
+        self.layer_idx = layer_idx  # names the metrics
         self.num_experts, self.top_k = E, m.top_k
         self.score = m.score
         self.norm_topk_prob = m.norm_topk_prob
         self.routed_scaling = m.routed_scaling
         self.n_groups, self.topk_groups = m.n_groups, m.topk_groups
-        n_moe = sum(is_moe_layer(cfg, i) for i in range(cfg.n_layers + cfg.mtp.depth))
+        n_moe = len(moe_layers(cfg, with_mtp=True))
         self.aux_loss_coef = m.aux_loss_coef / max(n_moe, 1)
         self.bias_update_rate = m.bias_update_rate
         self.capacity_factor = m.capacity_factor
@@ -198,7 +199,7 @@ class MoE(nn.Module):
             "e_score_correction_bias", torch.empty(E, dtype=torch.float32) if uses_bias else None
         )
         hidden = m.expert_hidden or cfg.mlp.hidden
-        self.experts = GroupedExperts(E, cfg.d_model, hidden, _activation(cfg.mlp), ctx)
+        self.experts = GroupedExperts(E, cfg.d_model, hidden, activation_fn(cfg.mlp), ctx)
         # All-to-all over the ep group under expert parallelism (parallel/expert.py).
         self.dispatcher: LocalDispatcher = build_dispatcher(E, ctx.ep_group)
         shared = m.shared_hidden or m.num_shared_experts * hidden

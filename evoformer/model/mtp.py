@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from evoformer.config.schema import ModelConfig
+from evoformer.model.layout import layer_spec
 from evoformer.model.norms import build_norm
 from evoformer.model.transformer import Block
 from evoformer.parallel.collectives import gather_from_sequence_parallel_region
@@ -44,7 +45,7 @@ class MTPModule(nn.Module):
         self.embed_norm = build_norm(cfg.norm, cfg.d_model)
         self.hidden_norm = build_norm(cfg.norm, cfg.d_model)
         self.proj = ctx.column(2 * cfg.d_model, cfg.d_model, False, gather_output=True)
-        self.block = Block(cfg, cfg.n_layers + depth - 1, ctx)
+        self.block = Block(cfg, layer_spec(cfg, cfg.n_layers + depth - 1), ctx)
         self.out_norm = build_norm(cfg.norm, cfg.d_model)
 
     def forward(self, h_BTC: torch.Tensor, embedded_BTC: torch.Tensor, rope) -> torch.Tensor:
@@ -97,12 +98,11 @@ class MultiTokenPrediction(nn.Module):
                 model.embed_tokens(input_ids), group, reduce_grad=False
             )
         positions = torch.arange(T - 1, device=input_ids.device)
-        rope = model.rope(positions) if model.rope is not None else None
-        rope_local = model.rope_local(positions) if model.rope_local is not None else rope
+        ropes = model.rotary(positions)
         out = []
         for k, layer in enumerate(self.layers, start=1):
             n = T - k
-            r = rope_local if layer.block.is_local else rope
+            r = ropes[layer.block.spec.rope]
             r = None if r is None else (r[0][:n], r[1][:n])
             e = embedded[:, k:] if sp else model.embed_tokens(input_ids[:, k:])
             h = layer(h[:, :n], e, r)

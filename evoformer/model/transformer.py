@@ -24,10 +24,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from evoformer.config.schema import ModelConfig, RopeScalingConfig
-from evoformer.model.attention import KVCache, build_attention, is_local_layer
+from evoformer.model.attention import KVCache, build_attention
 from evoformer.model.checkpointing import checkpoint_block, is_checkpointed, normalize_mode
+from evoformer.model.layout import LayerSpec, layer_plan
 from evoformer.model.loss import lm_loss
-from evoformer.model.mlp import build_ffn
+from evoformer.model.mlp import build_mlp
+from evoformer.model.moe import MoE
 from evoformer.model.norms import build_norm
 from evoformer.model.positions import RotaryEmbedding
 from evoformer.parallel.context import ParallelContext
@@ -54,21 +56,22 @@ class Block(nn.Module):
     """
 
     def __init__(
-        self, cfg: ModelConfig, layer_idx: int, ctx: ParallelContext | None = None
+        self, cfg: ModelConfig, spec: LayerSpec, ctx: ParallelContext | None = None
     ) -> None:
         super().__init__()
         self.ctx = ctx = ctx or ParallelContext()
-        self.layer_idx = layer_idx
+        self.spec = spec  # this layer's entry of the per-layer plan (model.layout)
+        self.layer_idx = layer_idx = spec.index
         self.placement = cfg.norm.placement
         self.parallel = cfg.parallel_block
-        self.is_local = is_local_layer(cfg.attention, layer_idx)
         self.dropout = cfg.dropout
         self.attn_norm = build_norm(cfg.norm, cfg.d_model)
-        self.attn = build_attention(cfg, layer_idx, ctx)
+        self.attn = build_attention(cfg, spec, ctx)
         self.mlp_norm = None if self.parallel else build_norm(cfg.norm, cfg.d_model)
-        self.mlp = build_ffn(cfg, layer_idx, ctx)
-        if hasattr(self.mlp, "layer_idx"):  # MoE names its load metrics by layer
-            self.mlp.layer_idx = layer_idx
+        if spec.mlp == "moe":
+            self.mlp = MoE(cfg, layer_idx, ctx)  # names its load metrics by layer
+        else:
+            self.mlp = build_mlp(cfg.mlp, cfg.d_model, ctx)
         if self.placement == "sandwich":
             self.attn_post_norm = build_norm(cfg.norm, cfg.d_model)
             self.mlp_post_norm = build_norm(cfg.norm, cfg.d_model)
@@ -76,6 +79,11 @@ class Block(nn.Module):
             for name in ("attn_norm", "mlp_norm", "attn_post_norm", "mlp_post_norm"):
                 if getattr(self, name, None) is not None:
                     mark_partial_grad(getattr(self, name), "weight", "bias")
+
+    @property
+    def is_local(self) -> bool:
+        """Whether this layer attends through a sliding window (from its spec)."""
+        return self.spec.is_local
 
     def _drop(self, x: torch.Tensor) -> torch.Tensor:
         if not self.dropout:
@@ -131,7 +139,7 @@ class Transformer(nn.Module):
             nn.Embedding(cfg.max_seq_len, C) if cfg.position.kind == "learned" else None
         )
         self.rope, self.rope_local = self._build_rope(cfg)
-        self.layers = nn.ModuleList(Block(cfg, i, ctx) for i in range(cfg.n_layers))
+        self.layers = nn.ModuleList(Block(cfg, spec, ctx) for spec in layer_plan(cfg))
         # Post-norm stacks end normalised already; the others (pre, OLMo 2's reordered, Gemma's
         # sandwich) leave a raw residual stream that needs a final norm before the head.
         self.norm = build_norm(cfg.norm, C) if cfg.norm.placement != "post" else None
@@ -307,19 +315,19 @@ class Transformer(nn.Module):
             x_BTC = self.ctx.dropout(x_BTC, self.cfg.dropout, self.training)
         return x_BTC
 
-    def rotary(self, positions: torch.Tensor) -> tuple:
-        """(global, local) rotary tables for ``positions`` (``None`` without RoPE); local
-        blocks of a local/global model use their own base."""
+    def rotary(self, positions: torch.Tensor) -> dict[str, tuple | None]:
+        """The rotary tables for ``positions`` by name, as a block's ``spec.rope`` asks for
+        them: ``global``, ``local`` (Gemma 3's local base), ``none``."""
         rope = self.rope(positions) if self.rope is not None else None
         rope_local = self.rope_local(positions) if self.rope_local is not None else rope
-        return rope, rope_local
+        return {"global": rope, "local": rope_local, "none": None}
 
     def run_block(
         self, index: int, layer: nn.Module, x_BTC: torch.Tensor, ropes: tuple, cache=None
     ) -> torch.Tensor:
         """Block ``index`` (its global number, also inside a pipeline stage), with activation
         checkpointing as configured: none | full | selective, every N-th block."""
-        layer_rope = ropes[1] if layer.is_local else ropes[0]
+        layer_rope = ropes[layer.spec.rope]
         mode = normalize_mode(self.activation_checkpointing)
         every = getattr(self, "activation_checkpointing_every", 1)
         if self.training and cache is None and is_checkpointed(mode, every, index):

@@ -7,9 +7,8 @@ from __future__ import annotations
 import dataclasses
 
 from evoformer.config.schema import Config, ModelConfig
-from evoformer.model.attention import is_local_layer
 from evoformer.model.costs import count_params, flops_per_token, kv_cache_bytes_per_token
-from evoformer.model.mlp import is_moe_layer
+from evoformer.model.layout import layer_spec
 from evoformer.planning.memory import estimate
 
 
@@ -39,10 +38,10 @@ def layer_summary(cfg: ModelConfig) -> str:
     """e.g. "61 (3 dense + 58 MoE), attention mla" or "62 (52 local window 1024 + 10 global)"."""
     n = cfg.n_layers
     parts = []
-    moe = sum(is_moe_layer(cfg, i) for i in range(n))
+    moe = sum(layer_spec(cfg, i).mlp == "moe" for i in range(n))
     if moe:
         parts.append(f"{n - moe} dense + {moe} MoE" if moe < n else f"{n} MoE")
-    local = sum(is_local_layer(cfg.attention, i) for i in range(n))
+    local = sum(layer_spec(cfg, i).is_local for i in range(n))
     if local:
         w = cfg.attention.sliding_window
         parts.append(f"{local} window {w} + {n - local} global" if local < n else f"window {w}")

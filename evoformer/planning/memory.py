@@ -58,7 +58,7 @@ from evoformer.config.schema import Config, ModelConfig
 from evoformer.config.validate import PP_SCHEDULE_VIRTUAL_STAGES
 from evoformer.errors import UserError
 from evoformer.model.checkpointing import is_checkpointed, normalize_mode
-from evoformer.model.mlp import is_moe_layer
+from evoformer.model.layout import layer_spec
 from evoformer.model.stages import split_layers, stage_ranks
 from evoformer.model.transformer import Transformer
 
@@ -206,7 +206,7 @@ def activation_elements_per_token(
         return C, 0.0
     gated = m.mlp.kind in ("swiglu", "geglu")
     moe = m.moe
-    if is_moe_layer(m, layer_idx):
+    if layer_spec(m, layer_idx).mlp == "moe":
         he = (moe.expert_hidden or m.mlp.hidden) / tp
         shared = moe.shared_hidden or moe.num_shared_experts * (moe.expert_hidden or m.mlp.hidden)
         hs = shared / tp
