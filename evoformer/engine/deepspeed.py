@@ -47,7 +47,8 @@ from evoformer.checkpoint.io import restore_rng_state
 from evoformer.config import Config
 from evoformer.distributed import ParallelDims
 from evoformer.distributed.dims import ParallelGroups
-from evoformer.engine.grad_norm import clip_grad_norm_
+from evoformer.engine.fp8 import FP8Training
+from evoformer.engine.grad_norm import ClipScope, clip_grad_norm_
 from evoformer.engine.optim import build_optimizer, set_lr
 from evoformer.engine.strategy import StepResult, Strategy
 from evoformer.errors import UserError
@@ -237,9 +238,16 @@ class DeepSpeedStrategy(Strategy):
 
     # -- building ------------------------------------------------------------------------------
 
-    def setup(self, model: Transformer, parts: list[torch.nn.Module] | None = None) -> None:
+    def setup(
+        self,
+        model: Transformer,
+        parts: list[torch.nn.Module] | None = None,
+        fp8: FP8Training | None = None,
+    ) -> None:
         if parts:  # validation refuses deepspeed with pp > 1
             raise ValueError("zero.backend=deepspeed does not run pipeline stages")
+        if fp8 is not None:  # validation refuses fp8 with deepspeed
+            raise ValueError("zero.backend=deepspeed does not train FP8 modules")
         if self.cfg.precision == "fp16" and self.device.type == "cpu":
             raise UserError(
                 "precision=fp16 with zero.backend=deepspeed needs a GPU (DeepSpeed's CPU "
@@ -314,7 +322,7 @@ class DeepSpeedStrategy(Strategy):
             norm = clip_grad_norm_(
                 self.model.parameters(),
                 max_norm if max_norm > 0 else float("inf"),
-                self.groups.tp_group,
+                ClipScope(self.groups.tp_group),
             ).item()
         elif max_norm != self.cfg.optim.grad_clip:
             raise ValueError(

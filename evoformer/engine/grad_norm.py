@@ -13,6 +13,7 @@ padding rows of sharded tables have zero gradients and add nothing.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable
 
 import torch
@@ -43,46 +44,49 @@ def grad_norm(
     return (sq_sharded + _sum_of_squares_over_shards(replicated, device)).sqrt()
 
 
-def clip_grad_norm_(
-    parameters: Iterable[torch.Tensor],
-    max_norm: float,
-    tp_group: dist.ProcessGroup | None,
-    ep_group: dist.ProcessGroup | None = None,
-    pp_group: dist.ProcessGroup | None = None,
-    not_counted: Iterable[torch.Tensor] = (),
-) -> torch.Tensor:
-    """Scale the gradients in place so their global norm (``grad_norm``) is at most
-    ``max_norm``; returns the norm before clipping. With tp = 1 this is exactly
-    ``torch.nn.utils.clip_grad_norm_``. ``ep_group``: expert parallelism (see
-    ``expert_parallel_grad_norm``). ``pp_group``: pipeline parallelism (see
-    ``pipeline_grad_norm``; ``not_counted``: this stage's copies of weights another stage
-    counts, e.g. a tied embedding on the last stage)."""
+@dataclasses.dataclass(frozen=True)
+class ClipScope:
+    """Over which process groups the global gradient norm is taken: the model-parallel groups
+    whose ranks hold disjoint pieces of the model (``tp_group``, expert-parallel ``ep_group``,
+    pipeline ``pp_group``), and ``not_counted``: this rank's copies of weights another stage
+    counts (a tied embedding on the last pipeline stage). Data parallelism adds nothing (see the
+    module docstring). The default is one process holding the whole model."""
+
+    tp_group: dist.ProcessGroup | None = None
+    ep_group: dist.ProcessGroup | None = None
+    pp_group: dist.ProcessGroup | None = None
+    not_counted: tuple[torch.Tensor, ...] = ()
+
+
+def total_grad_norm(parameters: Iterable[torch.Tensor], scope: ClipScope) -> torch.Tensor:
+    """The global gradient norm over ``scope``, as one process holding the whole model would
+    compute it. With every group of size 1 this is exactly ``torch.nn.utils``' norm."""
     parameters = list(parameters)
-    if group_size(pp_group) > 1:
-        total = pipeline_grad_norm(parameters, tp_group, ep_group, pp_group, not_counted)
-        grads = [_local(p.grad) for p in parameters if p.grad is not None]
-        if grads:
-            coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
-            torch._foreach_mul_(grads, coef.to(grads[0].device))
-        return total
-    if group_size(ep_group) > 1:
-        total = expert_parallel_grad_norm(parameters, tp_group, ep_group)
-        grads = [_local(p.grad) for p in parameters if p.grad is not None]
-        if grads:
-            coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
-            torch._foreach_mul_(grads, coef.to(grads[0].device))
-        return total
-    if group_size(tp_group) == 1:
-        grads = [p.grad for p in parameters if p.grad is not None]
-        total = torch.nn.utils.get_total_norm(grads)
-        if isinstance(total, DTensor):
-            # FSDP2: each rank holds disjoint dim-0 shards of every gradient; DTensor's norm
-            # reduces the shards' squares over dp (each element counted once) and comes back
-            # Replicate (full_tensor is then free) or, on other versions, Partial.
-            total = total.full_tensor()
-        torch.nn.utils.clip_grads_with_norm_(parameters, max_norm, total)
-        return total
-    total = grad_norm(parameters, tp_group)
+    if group_size(scope.pp_group) > 1:
+        return pipeline_grad_norm(
+            parameters, scope.tp_group, scope.ep_group, scope.pp_group, scope.not_counted
+        )
+    if group_size(scope.ep_group) > 1:
+        return expert_parallel_grad_norm(parameters, scope.tp_group, scope.ep_group)
+    if group_size(scope.tp_group) > 1:
+        return grad_norm(parameters, scope.tp_group)
+    total = torch.nn.utils.get_total_norm([p.grad for p in parameters if p.grad is not None])
+    if isinstance(total, DTensor):
+        # FSDP2: each rank holds disjoint dim-0 shards of every gradient; DTensor's norm reduces
+        # the shards' squares over dp (each element counted once) and comes back Replicate
+        # (full_tensor is then free) or, on other versions, Partial.
+        total = total.full_tensor()
+    return total
+
+
+def clip_grad_norm_(
+    parameters: Iterable[torch.Tensor], max_norm: float, scope: ClipScope = ClipScope()
+) -> torch.Tensor:
+    """Scale the gradients in place so their global norm (``total_grad_norm`` over ``scope``)
+    is at most ``max_norm``; returns the norm before clipping. With one process this is exactly
+    ``torch.nn.utils.clip_grad_norm_``."""
+    parameters = list(parameters)
+    total = total_grad_norm(parameters, scope)
     # FSDP2 DTensor gradients are scaled through their local shards (a plain scalar factor).
     grads = [_local(p.grad) for p in parameters if p.grad is not None]
     if grads:

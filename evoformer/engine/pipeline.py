@@ -36,6 +36,10 @@ from evoformer.config import Config
 from evoformer.config.validate import PP_SCHEDULE_VIRTUAL_STAGES
 from evoformer.distributed import ParallelDims
 from evoformer.distributed.dims import ParallelGroups
+from evoformer.engine.grad_norm import ClipScope
+from evoformer.engine.memory import MemoryMeter
+from evoformer.engine.runner import StepRunner, global_numel
+from evoformer.engine.strategy import Strategy
 from evoformer.errors import UserError
 from evoformer.model.layout import layer_spec
 from evoformer.model.stages import TransformerStage, build_stage_model, split_layers, stage_ranks
@@ -95,10 +99,10 @@ def build_pipeline_model(
     return model
 
 
-class PipelineRunner:
-    """Runs one training step's micro-batches through the pipeline schedule (the trainer's
-    ``forward_backward`` for pp > 1), evaluation forward-only, and the cross-stage pieces of the
-    optimizer step (tied gradients, stage metrics)."""
+class PipelineRunner(StepRunner):
+    """The step runner for pp > 1: one training step's micro-batches through the pipeline
+    schedule, evaluation forward-only, and the cross-stage pieces of a step (tied gradients,
+    loss terms and statistics of every stage, the gradient norm's scope)."""
 
     def __init__(
         self,
@@ -107,16 +111,16 @@ class PipelineRunner:
         groups: ParallelGroups,
         device: torch.device,
         model: TransformerStage,
-        strategy,
+        strategy: Strategy,
         n_microbatches: int,
     ) -> None:
         """``strategy`` (engine.strategy, set up with ``parts=model.chunks``) holds the wrapped
-        chunks; the runner registers itself as its ``pipeline`` for the optimizer step."""
+        chunks; its autocast and loss scale apply to the schedule's forwards and backwards."""
         import torch.distributed.pipelining as pipelining
 
         parts = strategy.parts
+        self.strategy = strategy
         self.scaler = strategy.scaler  # fp16: the schedule's backward runs on the scaled loss
-        strategy.pipeline = self
 
         self.cfg, self.dims, self.groups, self.device = cfg, dims, groups, device
         self.model = model
@@ -168,6 +172,10 @@ class PipelineRunner:
         if m.moe.aux_loss_coef > 0 and any(layer_spec(m, i).mlp == "moe" for i in range(n_total)):
             self.metric_names.append("aux_loss")
         self._tied, self._tie_group, self.not_counted = self._tied_params()
+        # The gradient norm sums the stages' squares; the last stage's tied copy is not counted.
+        self.clip_scope = ClipScope(
+            groups.tp_group, groups.ep_group, groups.pp_group, tuple(self.not_counted)
+        )
 
     def _stage_io(self, chunk) -> tuple[torch.Tensor, torch.Tensor]:
         """Example (meta) input and output of a stage for one micro-batch: token ids [B, T] or
@@ -192,10 +200,18 @@ class PipelineRunner:
         loss = output / self.n_micro
         return loss if self.scaler is None else self.scaler.scale_loss(loss)
 
-    def forward_backward(self, batches: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+    def forward_backward(
+        self, batches: list[torch.Tensor], memory: MemoryMeter | None = None
+    ) -> dict[str, torch.Tensor]:
         """Forward and backward of this rank's micro-batches ([B, T+1] token windows, all ranks
         of the pipeline pass the same); returns the mean of each loss term over them, the
-        same on every pp rank."""
+        same on every pp rank. The schedule's forwards are not measured (``memory``)."""
+        with self.strategy.autocast():
+            sums = self._run_schedule(batches)
+        self.sync_tied_grads()  # after the data-parallel reduction, before clipping
+        return sums
+
+    def _run_schedule(self, batches: list[torch.Tensor]) -> dict[str, torch.Tensor]:
         if len(batches) != self.n_micro:
             raise ValueError(f"expected {self.n_micro} micro-batches, got {len(batches)}")
         scale = 1.0 if self.scaler is None else self.scaler.scale
@@ -235,8 +251,9 @@ class PipelineRunner:
         dist.all_reduce(sums, group=self.pp_group)  # each term lives on one stage (aux: several)
         return dict(zip(self.metric_names, sums.unbind()))
 
-    def merge_stage_metrics(self, values: dict) -> dict:
+    def end_of_step(self) -> dict[str, float]:
         """Per-step statistics of every stage's modules (MoE loads by layer) on every rank."""
+        values = super().end_of_step()
         gathered: list[dict | None] = [None] * len(self.pp_ranks)
         dist.all_gather_object(gathered, values, group=self.pp_group)
         merged: dict = {}
@@ -244,8 +261,11 @@ class PipelineRunner:
             merged.update(part or {})
         return merged
 
-    def sum_over_stages(self, n: int) -> int:
-        """``n`` summed over the pp ranks (e.g. parameter counts; collective over pp)."""
+    def num_params(self) -> int:
+        """This stage's parameters (a weight two stages hold, the tied embedding, counts once),
+        summed over the pp ranks (collective over pp)."""
+        shared = {id(p) for p in self.not_counted}
+        n = sum(global_numel(p) for p in self.model.parameters() if id(p) not in shared)
         t = torch.tensor([n], dtype=torch.int64, device=self.device)
         dist.all_reduce(t, group=self.pp_group)
         return int(t.item())
@@ -292,9 +312,13 @@ class PipelineRunner:
     # -- evaluation ----------------------------------------------------------------------------
 
     @torch.no_grad()
-    def evaluate_loss(self, batch: torch.Tensor) -> torch.Tensor | None:
+    def evaluate_loss(self, batch: torch.Tensor) -> torch.Tensor:
         """Mean next-token loss of one [B, T+1] batch, forward-only through the stages; every pp
         rank calls it and receives the loss."""
+        with self.strategy.autocast():
+            return self._evaluate_loss(batch)
+
+    def _evaluate_loss(self, batch: torch.Tensor) -> torch.Tensor:
         S = len(self.placement)
         me = self.dims.pp_rank
         by_index = {c.stage_index: c for c in self.chunks}

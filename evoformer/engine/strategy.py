@@ -6,6 +6,7 @@ optimizer state. The trainer calls only this interface and never branches on ``z
 
     strategy = build_strategy(cfg, dims, groups, device)
     strategy.setup(model)                      # wrap/shard, then build the optimizer
+                                               # (engine.parallelize does this, in order)
     for i, batch in enumerate(micro_batches):
         with strategy.micro_batch(last=i == n - 1), strategy.autocast():
             out = strategy.module(batch ...)
@@ -31,7 +32,8 @@ from evoformer.checkpoint import load_checkpoint, read_trainer_state, save_check
 from evoformer.config import Config
 from evoformer.distributed import ParallelDims
 from evoformer.distributed.dims import ParallelGroups
-from evoformer.engine.grad_norm import clip_grad_norm_
+from evoformer.engine.fp8 import FP8Training
+from evoformer.engine.grad_norm import ClipScope, clip_grad_norm_
 from evoformer.engine.optim import build_optimizer, set_lr
 from evoformer.engine.precision import LossScaler, found_overflow
 from evoformer.engine.precision import autocast as precision_autocast
@@ -79,25 +81,29 @@ class Strategy:
         self.partial_grad_params: list[torch.nn.Parameter] = []
         # fp16 only: bf16 and fp32 have the exponent range to need no scaling.
         self.scaler = LossScaler.from_config(cfg.loss_scale) if cfg.precision == "fp16" else None
-        self.fp8 = None  # engine.fp8.FP8Training once setup converted the model
-        # pp > 1: the engine.pipeline runner (tied gradients and the norm across stages).
-        self.pipeline = None
+        self.fp8 = None  # engine.fp8.FP8Training when the model's linears were swapped
+        # Which groups the gradient norm spans (engine.parallelize widens it for pipelines).
+        self.clip_scope = ClipScope(groups.tp_group, groups.ep_group)
         self.parts: list[torch.nn.Module] = []
 
     # -- building ------------------------------------------------------------------------------
 
-    def setup(self, model: Transformer, parts: list[torch.nn.Module] | None = None) -> None:
+    def setup(
+        self,
+        model: Transformer,
+        parts: list[torch.nn.Module] | None = None,
+        fp8: FP8Training | None = None,
+    ) -> None:
         """Wrap or shard ``model`` for this strategy and build the optimizer over the result.
         ``parts`` (pipeline parallelism): the stage modules this rank runs, each sharing
         ``model``'s submodules; they are wrapped one by one (``self.parts``) instead of
-        ``model``, which keeps the full-model names for the optimizer and checkpoints."""
+        ``model``, which keeps the full-model names for the optimizer and checkpoints.
+        ``fp8``: the FP8 conversion already applied to ``model`` (its autocast and its
+        after-step hook run with the strategy's)."""
         self.model = model
+        self.fp8 = fp8
         # Replicated parameters whose gradient each TP rank holds only a share of.
         self.partial_grad_params = sequence_parallel_params(model)
-        if self.cfg.fp8.enabled:  # module swaps first: FSDP2 shards the swapped modules
-            from evoformer.engine.fp8 import setup_fp8
-
-            self.fp8 = setup_fp8(model, self.cfg.fp8, self.cfg.zero.backend == "fsdp2")
         if parts:
             self.parts = [self._wrap(part) for part in parts]
             self.module = None
@@ -143,20 +149,10 @@ class Strategy:
         set_lr(self.optimizer, lr)
         sync_sequence_parallel_grads(self.partial_grad_params, self.groups.tp_group)
         self._sync_expert_grads()
-        pipeline = {}
-        if self.pipeline is not None:  # tied embedding: summed over stages, counted once
-            self.pipeline.sync_tied_grads()
-            pipeline = {"pp_group": self.groups.pp_group, "not_counted": self.pipeline.not_counted}
         params = list(self.model.parameters())
         if self.scaler is not None:
             self.scaler.unscale_(params)  # the norm and the clipping see true gradients
-        norm = clip_grad_norm_(
-            params,
-            max_norm if max_norm > 0 else float("inf"),
-            self.groups.tp_group,
-            ep_group=self.groups.ep_group,
-            **pipeline,
-        )
+        norm = clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"), self.clip_scope)
         if self.scaler is None:
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)

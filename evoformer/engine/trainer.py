@@ -5,12 +5,13 @@ when asked, then runs steps of gradient accumulation over the rank's micro-batch
 that decides a step's numbers (data indices, learning rate, RNG) is a function of the seed and
 the step, which is what makes resume bit-exact and results independent of the dp size.
 
-Parallel layout: the process groups are built once (``ParallelDims.build``) and passed down.
-The model is tensor-parallel over the TP group (``parallel.tp``) and wrapped in DDP over the
-data-parallel group only (dp = world / tp); the ranks of one TP group read the same
-micro-batches. How the data-parallel replicas cooperate (DDP, FSDP2, DeepSpeed), precision,
-backward, clipping, the optimizer step and checkpoint state belong to the strategy
-(``engine.strategy``); the loop below does not branch on the backend.
+Parallel layout: the process groups are built once (``ParallelDims.build``) and passed down;
+``engine.parallelize`` builds the model and makes it distributed, in one readable order. The
+ranks of one model-parallel group read the same micro-batches. How the data-parallel replicas
+cooperate (DDP, FSDP2, DeepSpeed), precision, backward, clipping, the optimizer step and
+checkpoint state belong to the strategy (``engine.strategy``); how a step's micro-batches run
+through the model (all layers here, or pipeline stages) to the step runner (``engine.runner``).
+The loop below branches on neither.
 """
 
 from __future__ import annotations
@@ -37,10 +38,9 @@ from evoformer.distributed import ParallelDims, init_process_group, pick_device
 from evoformer.engine.memory import MemoryMeter
 from evoformer.engine.metrics import MetricsLogger, NullLogger, truncate_metrics
 from evoformer.engine.optim import lr_at
+from evoformer.engine.parallelize import parallelize
 from evoformer.engine.runtime import tune_glibc_malloc
-from evoformer.engine.strategy import build_strategy
 from evoformer.errors import UserError
-from evoformer.model import Block, Transformer, build_model, lm_loss
 
 TOKENIZER_FILE = "tokenizer.model"
 
@@ -117,42 +117,9 @@ class Trainer:
         # It differs per data-parallel rank, so replicas drop different units, and is the same
         # on the ranks of one TP group, which must drop the same units of replicated tensors.
         torch.manual_seed(cfg.run.seed * 1_000_003 + self.dims.dp_rank)
-        if self.dims.pp > 1:  # this rank's pipeline stages only (engine.pipeline)
-            from evoformer.engine.pipeline import build_pipeline_model
-
-            self.model = build_pipeline_model(cfg, self.dims, self.groups, self.device)
-        else:
-            self.model: Transformer = build_model(
-                cfg.model,
-                device=self.device,
-                seed=cfg.run.seed,
-                groups=self.groups,
-                sequence_parallel=cfg.parallel.sequence_parallel,
-            )
-        self.model.activation_checkpointing = cfg.activation_checkpointing
-        self.model.activation_checkpointing_every = cfg.activation_checkpointing_every
-        if t.compile:
-            # Lazy: blocks are traced at their first forward, after the strategy's module swaps
-            # (FP8) and wrapping, so compiling before setup composes with both. In place, so
-            # parameter names (and checkpoints) do not change.
-            for block in self.model.modules():
-                if isinstance(block, Block):
-                    block.compile()
-        self.strategy = build_strategy(cfg, self.dims, self.groups, self.device)
-        self.strategy.setup(self.model, parts=getattr(self.model, "chunks", None))
-        self.pipeline = None  # pp > 1: runs the micro-batches through the pipeline schedule
-        if self.dims.pp > 1:
-            from evoformer.engine.pipeline import PipelineRunner
-
-            self.pipeline = PipelineRunner(
-                cfg,
-                self.dims,
-                self.groups,
-                self.device,
-                self.model,
-                self.strategy,
-                self.grad_accum,
-            )
+        # The model, made distributed in one readable order (engine.parallelize).
+        parallel = parallelize(cfg, self.dims, self.groups, self.device, self.grad_accum)
+        self.model, self.strategy, self.runner = parallel.model, parallel.strategy, parallel.runner
         # Measures the first step (engine.memory); the numbers go on every metrics line.
         self.memory = MemoryMeter(self.device, enabled=cfg.run.measure_memory, compiled=t.compile)
         self.step = 0
@@ -287,20 +254,8 @@ class Trainer:
         strategy = self.strategy
         dims = self.dims
         micro = self.sampler.micro_batches(step, dims.dp_rank, dims.dp, t.micro_batch_size)
-        sums: dict[str, torch.Tensor] = {}
-        if self.pipeline is not None:
-            batches = [get_batch(self.data.train, ix).to(self.device) for ix in micro]
-            with strategy.autocast():
-                sums = self.pipeline.forward_backward(batches)
-            micro = []
-        for i, indices in enumerate(micro):
-            batch = get_batch(self.data.train, indices).to(self.device, non_blocking=True)
-            with strategy.micro_batch(last=i == len(micro) - 1):
-                with strategy.autocast(), self.memory.forward(self.model, first=i == 0):
-                    out = strategy.module(batch[:, :-1], targets=batch[:, 1:])
-                strategy.backward(out.loss / len(micro))
-            for name, value in out.metrics.items():
-                sums[name] = sums.get(name, 0.0) + value.float() / len(micro)
+        batches = [get_batch(self.data.train, ix).to(self.device) for ix in micro]
+        sums = self.runner.forward_backward(batches, self.memory)
         names = sorted(sums)
         stacked = torch.stack([sums[n] for n in names])
         if self.dims.dp > 1:  # the losses are already the same on the ranks of a TP group
@@ -312,13 +267,7 @@ class Trainer:
             values.update(self.memory.after_step(strategy))
         # Modules with per-step state (MoE load statistics, aux-loss-free router biases) see the
         # whole step's micro-batches before they update and report.
-        stats: dict = {}
-        for m in self.model.modules():
-            if hasattr(m, "end_of_step"):
-                stats.update(m.end_of_step())
-        if self.pipeline is not None:  # every stage's modules, on every rank
-            stats = self.pipeline.merge_stage_metrics(stats)
-        values.update(stats)
+        values.update(self.runner.end_of_step())
         loss = values.pop("ce_loss")
         return loss, result.grad_norm, values
 
@@ -338,16 +287,11 @@ class Trainer:
             # forwards as the busiest one (the extra ones repeat a batch and are not counted).
             mine += [None] * (-(-len(batches) // self.dims.dp) - len(mine))
         for batch in mine:
-            if batch is None:
-                with self.strategy.autocast():
-                    self.model(batches[0][:, :-1].to(self.device))
+            if batch is None:  # a forward for the collectives only
+                self.runner.evaluate_loss(batches[0].to(self.device))
                 continue
             batch = batch.to(self.device)
-            with self.strategy.autocast():
-                if self.pipeline is not None:
-                    loss = self.pipeline.evaluate_loss(batch).item()
-                else:
-                    loss = lm_loss(self.model(batch[:, :-1]), batch[:, 1:]).item()
+            loss = self.runner.evaluate_loss(batch).item()
             n = batch[:, 1:].numel()
             acc += torch.tensor([loss * n, n], dtype=torch.float64, device=self.device)
         if self.dims.dp > 1:
@@ -384,20 +328,8 @@ class Trainer:
         return bool(flag.item())
 
     def _global_params(self) -> int:
-        """Parameters of the whole model (a TP rank holds only its shards)."""
-        n = 0
-        # Pipeline: this stage's share; a weight two stages hold (tied embedding) counts once.
-        shared = {id(p) for p in self.pipeline.not_counted} if self.pipeline else set()
-        for p in self.model.parameters():
-            if id(p) in shared:
-                continue
-            dim = getattr(p, "tp_dim", None)
-            shape = getattr(p, "ds_shape", p.shape)  # DeepSpeed ZeRO-3: the unpartitioned shape
-            count = shape.numel() if dim is None else shape.numel() // shape[dim] * p.tp_full_size
-            if getattr(p, "ep_dim", None) is not None:  # expert parallelism: E / ep experts here
-                count = count // shape[p.ep_dim] * p.ep_full_size
-            n += count
-        return n if self.pipeline is None else self.pipeline.sum_over_stages(n)
+        """Parameters of the whole model (a rank holds only its shards and stages)."""
+        return self.runner.num_params()
 
     def _banner(self) -> str:
         t, d = self.cfg.train, self.dims

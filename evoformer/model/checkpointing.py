@@ -12,6 +12,11 @@
 - ``every`` (``activation_checkpointing_every``): checkpoint blocks 0, N, 2N, ... only, trading
   memory for compute in between.
 
+Applied from outside the model (``apply_activation_checkpointing``, called by
+``engine.parallelize``): the blocks chosen get a checkpointed ``forward``; the model classes know
+nothing of it, and parameter names do not change (no wrapper module). Only training forwards
+without a KV cache recompute; evaluation and generation run the plain block.
+
 Correctness under every layout: RNG is preserved (``preserve_rng_state``), so recomputed dropout
 draws the same masks; tensor-parallel collectives inside a block are re-issued during the
 recompute on every TP rank in the same order (Megatron's full recompute does the same), and
@@ -23,8 +28,10 @@ reported loads and the aux-loss-free bias update are unchanged.
 from __future__ import annotations
 
 import functools
+import types
 
 import torch
+from torch import nn
 from torch.utils.checkpoint import (
     CheckpointPolicy,
     checkpoint,
@@ -94,3 +101,25 @@ def checkpoint_block(block: torch.nn.Module, mode: str, *args) -> torch.Tensor:
     if mode == "selective":
         return checkpoint(block, *args, use_reentrant=False, context_fn=_selective_context)
     return checkpoint(block, *args, use_reentrant=False)
+
+
+def apply_activation_checkpointing(layers: nn.Module, mode: str | bool | None, every: int) -> int:
+    """Checkpoint the blocks of ``layers`` (a stack keyed by global layer index: the model's
+    ``ModuleList``, or a pipeline stage's ``ModuleDict``) that ``mode`` / ``every`` select, so a
+    stage checkpoints the same blocks as the whole model. Returns how many were wrapped."""
+    mode = normalize_mode(mode)
+    wrapped = 0
+    for key, block in layers.named_children():
+        if is_checkpointed(mode, every, int(key)):
+            forward = functools.partial(_checkpointed_forward, mode=mode)
+            # A bound method on the instance: copies of the block rebind it to themselves.
+            block.forward = types.MethodType(forward, block)
+            wrapped += 1
+    return wrapped
+
+
+def _checkpointed_forward(block: nn.Module, x, rope=None, cache=None, *, mode: str):
+    plain = functools.partial(type(block).forward, block)
+    if block.training and cache is None:
+        return checkpoint_block(plain, mode, x, rope)
+    return plain(x, rope, cache)

@@ -26,7 +26,7 @@ from torch import nn
 
 from evoformer.config.schema import ModelConfig
 from evoformer.model.costs import attention_flops, block_params, mtp_module_params
-from evoformer.model.transformer import Transformer, materialise
+from evoformer.model.transformer import Transformer, aux_loss_of, materialise
 from evoformer.parallel.context import ParallelContext
 
 # -- layout ----------------------------------------------------------------------------------
@@ -202,36 +202,22 @@ class StageChunk(nn.Module):
         positions = torch.arange(T, device=tokens.device)
         x_BTC = m.embed_input(x, positions) if self.is_first else x
         ropes = m.rotary(positions)
-        for key, layer in self.layers.items():  # checkpointed as the whole model, by global index
-            x_BTC = m.run_block(int(key), layer, x_BTC, ropes)
+        for layer in self.layers.values():
+            x_BTC = layer(x_BTC, ropes[layer.spec.rope])
         if not self.is_last:
-            aux = self._aux_losses()
+            aux = aux_loss_of(self)
             if aux is not None:
                 self.metrics.append({"aux_loss": aux.detach()})
                 x_BTC = attach_aux_loss(x_BTC, aux, self.aux_grad_scale)
             return x_BTC
         return self._loss(x_BTC, tokens)
 
-    def _aux_losses(self) -> torch.Tensor | None:
-        aux = [mod.aux_loss for mod in self.modules() if getattr(mod, "aux_loss", None) is not None]
-        return torch.stack(aux).sum() if aux else None
-
     def _loss(self, hidden_BTC: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        m = self._model
-        input_ids, targets = tokens[:, :-1], tokens[:, 1:]
-        h = self.norm(hidden_BTC) if self.norm is not None else hidden_BTC
-        ce = m.head_loss(h, targets, m.ctx.sp)
-        loss, metrics = ce, {"ce_loss": ce.detach()}
-        if self.training and self.mtp is not None:
-            mtp_loss = self.mtp(hidden_BTC, input_ids, targets, m)
-            loss = loss + m.cfg.mtp.loss_weight * mtp_loss
-            metrics["mtp_loss"] = mtp_loss.detach()
-        aux = self._aux_losses() if self.training else None
-        if aux is not None:
-            loss = loss + aux
-            metrics["aux_loss"] = aux.detach()
-        self.metrics.append(metrics)
-        return loss
+        out = self._model.training_loss(
+            hidden_BTC, tokens[:, :-1], tokens[:, 1:], aux_from=self, extras=self.training
+        )
+        self.metrics.append(out.metrics)
+        return out.loss
 
 
 class _AttachAuxLoss(torch.autograd.Function):

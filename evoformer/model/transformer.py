@@ -25,7 +25,6 @@ from torch import nn
 
 from evoformer.config.schema import ModelConfig, RopeScalingConfig
 from evoformer.model.attention import KVCache, build_attention
-from evoformer.model.checkpointing import checkpoint_block, is_checkpointed, normalize_mode
 from evoformer.model.layout import LayerSpec, layer_plan
 from evoformer.model.loss import lm_loss
 from evoformer.model.mlp import build_mlp
@@ -158,8 +157,6 @@ class Transformer(nn.Module):
             from evoformer.model.mtp import MultiTokenPrediction
 
             self.mtp = MultiTokenPrediction(cfg, ctx.without_sp())
-        self.activation_checkpointing: str | bool = "none"  # model.checkpointing.MODES
-        self.activation_checkpointing_every = 1
 
     def _apply(self, fn, recurse: bool = True):
         # .to_empty() from meta builds new Parameter objects: re-apply the TP metadata.
@@ -236,18 +233,31 @@ class Transformer(nn.Module):
         hidden_BTC = self.hidden_states(input_ids, caches)
         if targets is None:
             return self.logits(hidden_BTC)
+        return self.training_loss(hidden_BTC, input_ids, targets, aux_from=self)
+
+    def training_loss(
+        self,
+        hidden_BTC: torch.Tensor,
+        input_ids: torch.Tensor,
+        targets: torch.Tensor,
+        aux_from: nn.Module,
+        extras: bool = True,
+    ) -> ModelOutput:
+        """The loss of the last hidden state -- next-token CE, + ``mtp.loss_weight`` x MTP, +
+        the MoE aux losses of ``aux_from``'s modules -- and its detached terms. The one place
+        the loss is assembled (the whole model and the pipeline's last stage both call it);
+        ``extras=False`` (a stage in eval mode): CE only."""
         h = self.norm(hidden_BTC) if self.norm is not None else hidden_BTC
         ce = self.head_loss(h, targets, self.ctx.sp)
         loss, metrics = ce, {"ce_loss": ce.detach()}
-        if self.mtp is not None:  # first: its blocks may hold MoE layers with aux losses
+        if extras and self.mtp is not None:  # first: its blocks may hold MoE layers with aux
             mtp_loss = self.mtp(hidden_BTC, input_ids, targets, self)
             loss = loss + self.cfg.mtp.loss_weight * mtp_loss
             metrics["mtp_loss"] = mtp_loss.detach()
-        aux = [m.aux_loss for m in self.modules() if getattr(m, "aux_loss", None) is not None]
-        if aux:
-            aux_total = torch.stack(aux).sum()
-            loss = loss + aux_total
-            metrics["aux_loss"] = aux_total.detach()
+        aux = aux_loss_of(aux_from) if extras else None
+        if aux is not None:
+            loss = loss + aux
+            metrics["aux_loss"] = aux.detach()
         return ModelOutput(loss, metrics)
 
     def logits(self, hidden_BTC: torch.Tensor) -> torch.Tensor:
@@ -301,7 +311,7 @@ class Transformer(nn.Module):
         x_BTC = self.embed_input(input_ids, positions)
         ropes = self.rotary(positions)
         for i, layer in enumerate(self.layers):
-            x_BTC = self.run_block(i, layer, x_BTC, ropes, caches[i] if caches else None)
+            x_BTC = layer(x_BTC, ropes[layer.spec.rope], caches[i] if caches else None)
         return x_BTC
 
     def embed_input(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -322,17 +332,11 @@ class Transformer(nn.Module):
         rope_local = self.rope_local(positions) if self.rope_local is not None else rope
         return {"global": rope, "local": rope_local, "none": None}
 
-    def run_block(
-        self, index: int, layer: nn.Module, x_BTC: torch.Tensor, ropes: tuple, cache=None
-    ) -> torch.Tensor:
-        """Block ``index`` (its global number, also inside a pipeline stage), with activation
-        checkpointing as configured: none | full | selective, every N-th block."""
-        layer_rope = ropes[layer.spec.rope]
-        mode = normalize_mode(self.activation_checkpointing)
-        every = getattr(self, "activation_checkpointing_every", 1)
-        if self.training and cache is None and is_checkpointed(mode, every, index):
-            return checkpoint_block(layer, mode, x_BTC, layer_rope)
-        return layer(x_BTC, layer_rope, cache)
+
+def aux_loss_of(module: nn.Module) -> torch.Tensor | None:
+    """The sum of the MoE aux losses the last forward left on ``module``'s submodules."""
+    aux = [m.aux_loss for m in module.modules() if getattr(m, "aux_loss", None) is not None]
+    return torch.stack(aux).sum() if aux else None
 
 
 def _normal_(t: torch.Tensor, std: float, seed: int, name: str, tp_rank: int = 0) -> None:

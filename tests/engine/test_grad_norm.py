@@ -13,7 +13,7 @@ import torch
 from evoformer.config import load_config
 from evoformer.distributed.dims import ParallelDims
 from evoformer.distributed.testing import run_distributed
-from evoformer.engine.grad_norm import clip_grad_norm_, grad_norm
+from evoformer.engine.grad_norm import ClipScope, clip_grad_norm_, grad_norm
 from evoformer.model import build_model
 from evoformer.parallel import sequence_parallel_params, sync_sequence_parallel_grads
 from evoformer.parallel.collectives import _all_gather
@@ -43,7 +43,7 @@ def _worker(rank: int, world: int) -> dict:
     local = math.sqrt(sum(p.grad.pow(2).sum().item() for p in params))
     every = torch.tensor([local**2])
     torch.distributed.all_reduce(every, group=groups.tp_group)
-    clipped_norm = clip_grad_norm_(params, norm / 2, groups.tp_group).item()
+    clipped_norm = clip_grad_norm_(params, norm / 2, ClipScope(groups.tp_group)).item()
     grads = {}
     for name, p in model.named_parameters():
         g, dim = p.grad, getattr(p, "tp_dim", None)
@@ -77,7 +77,7 @@ def test_tp_grad_norm_counts_each_parameter_once():
 
 def test_tp1_is_torch_clip_grad_norm():
     a, b = _model_and_grads(), _model_and_grads()
-    got = clip_grad_norm_(a.parameters(), 0.1, None)
+    got = clip_grad_norm_(a.parameters(), 0.1, ClipScope())
     want = torch.nn.utils.clip_grad_norm_(b.parameters(), 0.1)
     assert torch.equal(got, want)
     assert all(torch.equal(x.grad, y.grad) for x, y in zip(a.parameters(), b.parameters()))

@@ -21,6 +21,7 @@ from evoformer.engine import Trainer
 from evoformer.engine.memory import measure_forward
 from evoformer.errors import UserError
 from evoformer.model import build_model
+from evoformer.model.checkpointing import apply_activation_checkpointing
 from tests.conftest import REPO
 
 MODES = {
@@ -45,8 +46,7 @@ def _model_cfg(name: str):
 def _loss_and_grads(cfg, mode: str, every: int, ids: torch.Tensor):
     model = build_model(cfg, seed=3)
     model.train()
-    model.activation_checkpointing = mode
-    model.activation_checkpointing_every = every
+    apply_activation_checkpointing(model.layers, mode, every)
     torch.manual_seed(11)  # dropout masks
     out = model(ids[:, :-1], targets=ids[:, 1:])
     out.loss.backward()
@@ -78,8 +78,7 @@ def test_checkpointing_gives_the_same_loss_and_gradients(name):
 def _activation_bytes(cfg, mode: str, every: int = 1) -> int:
     model = build_model(cfg, seed=0)
     model.train()
-    model.activation_checkpointing = mode
-    model.activation_checkpointing_every = every
+    apply_activation_checkpointing(model.layers, mode, every)
     ids = torch.randint(0, cfg.vocab_size, (4, 33), generator=torch.Generator().manual_seed(0))
     with measure_forward(model, torch.device("cpu")) as result:
         out = model(ids[:, :-1], targets=ids[:, 1:])

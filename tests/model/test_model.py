@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from evoformer.config import load_config
 from evoformer.config.schema import PositionConfig, RopeScalingConfig
 from evoformer.model import build_model, lm_loss
+from evoformer.model.checkpointing import apply_activation_checkpointing
 from evoformer.model.costs import count_params
 from evoformer.model.positions import rope_inv_freq
 from tests.conftest import REPO
@@ -130,7 +131,7 @@ def test_activation_checkpointing_gives_identical_gradients():
     grads = []
     for ckpt in (False, True):
         model = build_model(cfg, seed=3)
-        model.activation_checkpointing = ckpt
+        apply_activation_checkpointing(model.layers, ckpt, 1)
         lm_loss(model(ids[:, :-1]), ids[:, 1:]).backward()
         grads.append([p.grad.clone() for p in model.parameters()])
     for a, b in zip(*grads):

@@ -1,0 +1,96 @@
+"""How a model becomes the distributed, training model: one function, in order.
+
+``parallelize`` reads top to bottom as the steps a rank takes; each step is one call into the
+package that owns it:
+
+0. build this rank's model -- all layers (``model.build_model``), or only its pipeline stages
+   (``engine.pipeline.build_pipeline_model``) -- tensor-parallel from construction
+   (``parallel.layers``: TP is part of the model definition, not a wrapper);
+1. FP8: swap the linear layers for FP8 ones (``engine.fp8``), before anything wraps or shards
+   them (FSDP2 then shards the swapped modules);
+2. activation checkpointing of the chosen blocks (``model.checkpointing``), from outside the
+   model;
+3. compile each block (lazily: traced at its first forward, so after the wrapping below);
+4. data parallelism: the strategy wraps or shards the model (DDP, FSDP2, DeepSpeed) and builds
+   the optimizer over the result (``engine.strategy``);
+5. the step runner: for pp > 1 the pipeline schedule over the wrapped stage chunks
+   (``engine.pipeline``), else micro-batches through the wrapped model (``engine.runner``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from evoformer.config import Config
+from evoformer.distributed import ParallelDims
+from evoformer.distributed.dims import ParallelGroups
+from evoformer.engine.runner import LocalRunner, StepRunner
+from evoformer.engine.strategy import Strategy, build_strategy
+from evoformer.model import Block, Transformer, build_model
+from evoformer.model.checkpointing import apply_activation_checkpointing
+
+
+@dataclasses.dataclass
+class ParallelModel:
+    """A rank's training model: the bare ``model`` (its modules hold per-step state; the
+    optimizer and checkpoints see its full-model names), the ``strategy`` that wraps it and
+    steps the optimizer, and the ``runner`` that runs a step's micro-batches through it."""
+
+    model: Transformer
+    strategy: Strategy
+    runner: StepRunner
+
+
+def parallelize(
+    cfg: Config,
+    dims: ParallelDims,
+    groups: ParallelGroups,
+    device: torch.device,
+    n_microbatches: int,
+) -> ParallelModel:
+    """Build this rank's model for ``cfg`` and make it distributed, in the order of the module
+    docstring. ``n_microbatches``: micro-batches per step on this rank (the pipeline schedule
+    is built for that many)."""
+    # 0. This rank's model, initialised from the seed as one process would.
+    if dims.pp > 1:
+        from evoformer.engine.pipeline import build_pipeline_model
+
+        model: Transformer = build_pipeline_model(cfg, dims, groups, device)
+    else:
+        model = build_model(
+            cfg.model,
+            device=device,
+            seed=cfg.run.seed,
+            groups=groups,
+            sequence_parallel=cfg.parallel.sequence_parallel,
+        )
+    # 1. FP8 module swaps.
+    fp8 = None
+    if cfg.fp8.enabled:
+        from evoformer.engine.fp8 import setup_fp8
+
+        fp8 = setup_fp8(model, cfg.fp8, fsdp=cfg.zero.backend == "fsdp2")
+    # 2. Activation checkpointing, by global layer index (a stage checkpoints what the whole
+    #    model would).
+    apply_activation_checkpointing(
+        model.layers, cfg.activation_checkpointing, cfg.activation_checkpointing_every
+    )
+    # 3. Compile, in place: parameter names (and checkpoints) do not change.
+    if cfg.train.compile:
+        for block in model.modules():
+            if isinstance(block, Block):
+                block.compile()
+    # 4. Data parallelism (wraps the stage chunks one by one under pp > 1).
+    strategy = build_strategy(cfg, dims, groups, device)
+    chunks = getattr(model, "chunks", None)
+    strategy.setup(model, parts=chunks, fp8=fp8)
+    # 5. The step runner.
+    if dims.pp > 1:
+        from evoformer.engine.pipeline import PipelineRunner
+
+        pipeline = PipelineRunner(cfg, dims, groups, device, model, strategy, n_microbatches)
+        strategy.clip_scope = pipeline.clip_scope  # the norm spans the stages
+        return ParallelModel(model, strategy, pipeline)
+    return ParallelModel(model, strategy, LocalRunner(model, strategy))
