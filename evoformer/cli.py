@@ -7,9 +7,14 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from evoformer.errors import UserError
+
+if TYPE_CHECKING:  # the HF package pulls in torch; the commands import it when they run
+    from evoformer.checkpoint.hf import Conversion
 
 USAGE = """usage: evoformer <command> [args]
 
@@ -174,16 +179,51 @@ def cmd_preprocess(argv: list[str]) -> int:
     return preprocess_main(argv)
 
 
-def cmd_import_hf(argv: list[str]) -> int:
-    from evoformer.checkpoint.hf import import_hf_main
+def _report(prog: str, convert: Callable[[], Conversion], verb: str) -> int:
+    try:
+        out, family, n_params = convert()
+    except UserError as err:
+        print(f"{prog}: error: {err}", file=sys.stderr)
+        return 2
+    print(f"{verb} {family.name} model ({n_params:,} parameters) -> {out}")
+    return 0
 
-    return import_hf_main(argv)
+
+def import_hf_main(argv: Sequence[str] | None = None) -> int:
+    """``evoformer import-hf HF_DIR OUT_DIR``; returns the exit status."""
+    from evoformer.checkpoint.hf import FAMILIES, convert_from_hf
+
+    prog = "evoformer import-hf"
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description="Convert a HuggingFace save_pretrained folder (safetensors) into an evoformer "
+        f"run folder with a step_0 checkpoint. Families: {', '.join(FAMILIES)}.",
+    )
+    parser.add_argument("hf_dir", type=Path, help="folder with config.json and model.safetensors")
+    parser.add_argument(
+        "out_dir", type=Path, help="run folder to create (config.yaml, checkpoints/)"
+    )
+    ns = parser.parse_args(argv)
+    return _report(prog, lambda: convert_from_hf(ns.hf_dir, ns.out_dir), "imported")
 
 
-def cmd_export_hf(argv: list[str]) -> int:
-    from evoformer.checkpoint.hf import export_hf_main
+def export_hf_main(argv: Sequence[str] | None = None) -> int:
+    """``evoformer export-hf CKPT_DIR OUT_DIR [--family NAME]``; returns the exit status."""
+    from evoformer.checkpoint.hf import FAMILIES, convert_to_hf
 
-    return export_hf_main(argv)
+    prog = "evoformer export-hf"
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description="Write an evoformer checkpoint as a HuggingFace folder (config.json + "
+        "model.safetensors) that AutoModelForCausalLM.from_pretrained loads.",
+    )
+    parser.add_argument(
+        "ckpt_dir", help="checkpoint step folder, checkpoints/ folder or run folder"
+    )
+    parser.add_argument("out_dir", type=Path, help="folder to write the HF files into")
+    parser.add_argument("--family", choices=list(FAMILIES), help="HF architecture (default: auto)")
+    ns = parser.parse_args(argv)
+    return _report(prog, lambda: convert_to_hf(ns.ckpt_dir, ns.out_dir, ns.family), "exported")
 
 
 COMMANDS = {
@@ -194,8 +234,8 @@ COMMANDS = {
     "generate": cmd_generate,
     "tokenizer": cmd_tokenizer,
     "preprocess": cmd_preprocess,
-    "import-hf": cmd_import_hf,
-    "export-hf": cmd_export_hf,
+    "import-hf": import_hf_main,
+    "export-hf": export_hf_main,
 }
 
 

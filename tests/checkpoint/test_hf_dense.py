@@ -23,8 +23,8 @@ from evoformer.checkpoint.hf import (  # noqa: E402
     export_hf,
     family_for_model_config,
     import_hf,
+    window_layout,
 )
-from evoformer.checkpoint.hf_dense import window_layout  # noqa: E402
 from evoformer.config import Config, load_config, to_yaml  # noqa: E402
 from evoformer.config.schema import (  # noqa: E402
     AttentionConfig,

@@ -16,14 +16,8 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from evoformer.checkpoint import load_model, save_checkpoint  # noqa: E402
-from evoformer.checkpoint.hf import (  # noqa: E402
-    FAMILIES,
-    export_hf,
-    export_hf_main,
-    hf_state_dict,
-    import_hf,
-    import_hf_main,
-)
+from evoformer.checkpoint.hf import FAMILIES, export_hf, hf_state_dict, import_hf  # noqa: E402
+from evoformer.cli import export_hf_main, import_hf_main  # noqa: E402
 from evoformer.config import Config, load_config, to_yaml  # noqa: E402
 from evoformer.config.schema import (  # noqa: E402
     AttentionConfig,

@@ -1,0 +1,149 @@
+"""What the mixture-of-experts families (Mixtral, Qwen3-MoE, DeepSeek-V3) share.
+
+- Experts: HF files store one matrix per expert (``experts.{e}.w1`` in Mixtral,
+  ``experts.{e}.gate_proj`` in Qwen3-MoE and DeepSeek-V3; transformers 5 fuses them in memory
+  but ``save_pretrained`` writes them back per expert); ours are stacked [E, ...] tensors, so
+  each HF matrix is one slice (``WeightRule.index``). Those rules depend on the expert count,
+  hence ``Family.extra_rules`` (:func:`expert_rules`).
+- The skeleton: pre-RMSNorm, RoPE, SwiGLU experts, and HF's router aux-loss switch.
+
+Training-only settings (aux-loss weight, capacity factor, bias update rate with sigmoid scores,
+MTP loss weight) and the different spellings of the same expert widths are made equal before
+the export round-trip check (:func:`~evoformer.checkpoint.hf.roundtrip.canonical_moe`), so they
+never block an export.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from evoformer.checkpoint.hf.family import (
+    WeightRule,
+    activation_from_hf,
+    activation_to_hf,
+    check,
+)
+from evoformer.checkpoint.hf.rope import rope_from_hf, rope_to_hf
+from evoformer.config.schema import (
+    AttentionConfig,
+    InitConfig,
+    MLPConfig,
+    ModelConfig,
+    NormConfig,
+)
+
+
+def moe_skeleton(family: str, c: dict[str, Any], attention: AttentionConfig) -> ModelConfig:
+    """Pre-RMSNorm, RoPE, SwiGLU: what all three families share (the MoE is theirs)."""
+    return ModelConfig(
+        vocab_size=c["vocab_size"],
+        d_model=c["hidden_size"],
+        n_layers=c["num_hidden_layers"],
+        max_seq_len=c["max_position_embeddings"],
+        tie_embeddings=bool(c["tie_word_embeddings"]),
+        norm=NormConfig(kind="rmsnorm", eps=float(c["rms_norm_eps"]), bias=False),
+        position=rope_from_hf(c, family),
+        attention=attention,
+        mlp=MLPConfig(
+            kind="swiglu",
+            hidden=c["intermediate_size"],
+            activation=activation_from_hf(family, c["hidden_act"]),
+        ),
+        init=InitConfig(std=float(c["initializer_range"]), scaled_residual=False),
+    )
+
+
+def gqa(c: dict[str, Any], **extra: Any) -> AttentionConfig:
+    """Grouped-query attention from the HF keys; ``extra``: the family's own fields."""
+    d, n_heads = c["hidden_size"], c["num_attention_heads"]
+    head_dim = c.get("head_dim") or d // n_heads
+    return AttentionConfig(
+        n_heads=n_heads,
+        n_kv_heads=c["num_key_value_heads"] or n_heads,
+        head_dim=None if head_dim * n_heads == d else head_dim,
+        dropout=float(c["attention_dropout"]),
+        **extra,
+    )
+
+
+def check_moe_skeleton(family: str, m: ModelConfig, attention_kind: str) -> None:
+    """Refuse a model outside the skeleton, or one without experts."""
+    check(
+        family,
+        [
+            (
+                m.attention.kind != attention_kind,
+                f"model.attention.kind={m.attention.kind} (needs {attention_kind})",
+            ),
+            (m.position.kind != "rope", f"model.position.kind={m.position.kind} (needs rope)"),
+            (m.norm.kind != "rmsnorm", f"model.norm.kind={m.norm.kind} (needs rmsnorm)"),
+            (m.norm.placement != "pre", f"model.norm.placement={m.norm.placement} (needs pre)"),
+            (m.mlp.kind != "swiglu", f"model.mlp.kind={m.mlp.kind} (needs swiglu)"),
+            (m.dropout != 0, f"model.dropout={m.dropout} (no residual dropout)"),
+            (m.moe.num_experts <= 0, "model.moe.num_experts=0 (a dense model)"),
+            (
+                m.moe.bias_update_rate > 0 and m.moe.score == "softmax",
+                "model.moe.bias_update_rate>0 with softmax scores (no router bias)",
+            ),
+        ],
+    )
+
+
+def moe_skeleton_to_hf(family: str, arch: str, m: ModelConfig) -> dict[str, Any]:
+    """The skeleton's ``config.json`` keys."""
+    return {
+        "architectures": [arch],
+        "model_type": family,
+        "vocab_size": m.vocab_size,
+        "hidden_size": m.d_model,
+        "num_hidden_layers": m.n_layers,
+        "num_attention_heads": m.attention.n_heads,
+        "hidden_act": activation_to_hf(family, m),
+        "max_position_embeddings": m.max_seq_len,
+        "initializer_range": m.init.std,
+        "rms_norm_eps": m.norm.eps,
+        "tie_word_embeddings": m.tie_embeddings,
+        "attention_dropout": m.attention.dropout,
+        **rope_to_hf(m.position),
+    }
+
+
+def gqa_to_hf(m: ModelConfig) -> dict[str, Any]:
+    """Our KV heads and head width as HF keys."""
+    a = m.attention
+    return {
+        "num_key_value_heads": a.n_kv_heads or a.n_heads,
+        "head_dim": a.head_dim or m.d_model // a.n_heads,
+    }
+
+
+def aux_from_hf(c: dict[str, Any]) -> float:
+    """Our ``moe.aux_loss_coef`` from HF's router settings."""
+    # HF adds the balance loss only with output_router_logits.
+    return float(c["router_aux_loss_coef"]) if c["output_router_logits"] else 0.0
+
+
+def aux_to_hf(m: ModelConfig) -> dict[str, Any]:
+    """Our ``moe.aux_loss_coef`` as HF's router settings."""
+    coef = m.moe.aux_loss_coef
+    return {"output_router_logits": coef > 0, "router_aux_loss_coef": coef or 0.001}
+
+
+# (HF name, ours) of the three expert matrices, as Qwen3-MoE and DeepSeek-V3 name them.
+GATED = (("gate_proj", "gate_proj"), ("up_proj", "up_proj"), ("down_proj", "down_proj"))
+
+
+def expert_rules(
+    hf_mlp: str, names: tuple[tuple[str, str], ...], m: ModelConfig
+) -> tuple[WeightRule, ...]:
+    """One rule per expert matrix: HF ``{hf_mlp}.experts.{e}.{hf}.weight`` is slice e of our
+    stacked ``mlp.experts.{ours}``."""
+    return tuple(
+        WeightRule(
+            f"model.layers.{{i}}.{hf_mlp}.experts.{e}.{theirs}.weight",
+            (f"layers.{{i}}.mlp.experts.{ours}",),
+            index=e,
+        )
+        for e in range(m.moe.num_experts)
+        for theirs, ours in names
+    )
