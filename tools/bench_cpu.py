@@ -63,7 +63,7 @@ def matmul_gflops(threads: int, n: int = 2048, reps: int = 10) -> float:
 def model_flops_per_token(cfg: Config, n_nonembed: int) -> float:
     """Training FLOPs per token: weight matmuls + causal attention (see the module docstring)."""
     m, t = cfg.model, cfg.train.seq_len
-    d_attn = m.attention.n_heads * (m.attention.head_dim or m.d_model // m.attention.n_heads)
+    d_attn = m.attention.n_heads * m.head_dim
     attention_fwd = 2 * t * d_attn * m.n_layers  # QK^T + AV, lower triangle only
     return 6 * n_nonembed + 3 * attention_fwd
 

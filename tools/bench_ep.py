@@ -55,8 +55,7 @@ def expert_bytes_per_rank(ep: int) -> int:
     from evoformer.config import load_config
 
     m = load_config([str(CONFIG)]).model
-    hidden = m.moe.expert_hidden or m.mlp.hidden
-    per_expert = 3 * hidden * m.d_model * 4
+    per_expert = 3 * m.expert_width * m.d_model * 4
     return m.n_layers * (m.moe.num_experts // ep) * per_expert
 
 

@@ -117,6 +117,18 @@ class MLPConfig:
         "Activation: default (gelu_tanh for gelu, silu for swiglu) | gelu | gelu_tanh | silu.",
     )
 
+    @property
+    def gated(self) -> bool:
+        """Three matrices, ``down(act(gate(x)) * up(x))`` (swiglu, geglu), rather than two."""
+        return self.kind in ("swiglu", "geglu")
+
+    @property
+    def resolved_activation(self) -> str:
+        """The activation ``default`` stands for: silu for swiglu, gelu_tanh otherwise."""
+        if self.activation != "default":
+            return self.activation
+        return "silu" if self.kind == "swiglu" else "gelu_tanh"
+
 
 @dataclass
 class InitConfig:
@@ -175,6 +187,29 @@ class ModelConfig:
     backend: str = opt(
         "torch", "Layer implementation: torch | te (Transformer Engine; CUDA only, install .[gpu])"
     )
+
+    # Derived widths, resolved here once: every module, estimator and converter reads these
+    # rather than repeating the "0 / null means ..." defaults of the fields above.
+    @property
+    def head_dim(self) -> int:
+        """Per-head q/k/v width of standard attention (``attention.head_dim`` or d_model/heads)."""
+        return self.attention.head_dim or self.d_model // self.attention.n_heads
+
+    @property
+    def kv_heads(self) -> int:
+        """Key/value heads (``attention.n_kv_heads``, null = one per query head)."""
+        return self.attention.n_kv_heads or self.attention.n_heads
+
+    @property
+    def expert_width(self) -> int:
+        """Hidden width of one routed expert (``moe.expert_hidden``, 0 = ``mlp.hidden``)."""
+        return self.moe.expert_hidden or self.mlp.hidden
+
+    @property
+    def shared_width(self) -> int:
+        """Hidden width of the shared-expert block (``moe.shared_hidden``, 0 = one expert
+        width per shared expert; 0 when there are none)."""
+        return self.moe.shared_hidden or self.moe.num_shared_experts * self.expert_width
 
 
 # ---------------------------------------------------------------------------------------------
@@ -236,6 +271,11 @@ class TrainConfig:
     )
 
 
+# Pipeline schedules and their default stages per pp rank (engine.pipeline maps each name to
+# its torch.distributed.pipelining class).
+PP_SCHEDULE_VIRTUAL_STAGES = {"gpipe": 1, "1f1b": 1, "interleaved": 2, "zero_bubble": 2, "zbv": 2}
+
+
 @dataclass
 class ParallelConfig:
     tp: int = opt(1, "Tensor-parallel size.")
@@ -257,6 +297,17 @@ class ParallelConfig:
         "Layers of each pipeline stage, in stage order, summing to model.n_layers (null = "
         "balanced by cost, counting embedding and head).",
     )
+
+    @property
+    def stages_per_rank(self) -> int:
+        """Pipeline stages each pp rank holds: ``pp_virtual_stages``, or the schedule's."""
+        return self.pp_virtual_stages or PP_SCHEDULE_VIRTUAL_STAGES[self.pp_schedule]
+
+    @property
+    def stage_placement(self) -> str:
+        """How stages go round the pp ranks: ``v`` (zbv: rank r holds r and 2pp-1-r) or
+        ``loop`` (stage s on rank s % pp)."""
+        return "v" if self.pp_schedule == "zbv" else "loop"
 
 
 @dataclass

@@ -2,12 +2,8 @@
 
 from __future__ import annotations
 
-from evoformer.config.schema import Config
+from evoformer.config.schema import PP_SCHEDULE_VIRTUAL_STAGES, Config
 from evoformer.errors import UserError
-
-# Pipeline schedules and their default stages per pp rank (engine.pipeline maps each name to
-# its torch.distributed.pipelining class).
-PP_SCHEDULE_VIRTUAL_STAGES = {"gpipe": 1, "1f1b": 1, "interleaved": 2, "zero_bubble": 2, "zbv": 2}
 
 CHOICES = {
     "model.norm.kind": ("layernorm", "rmsnorm"),
@@ -283,14 +279,13 @@ def validate_deepspeed(cfg: Config) -> None:
 def validate_model(cfg: Config) -> None:
     m = cfg.model
     a = m.attention
-    kv = a.n_kv_heads or a.n_heads
+    kv = m.kv_heads
     if a.head_dim is None and m.d_model % a.n_heads:
         _fail("model.attention.n_heads", a.n_heads, f"must divide model.d_model={m.d_model}")
     if kv <= 0 or a.n_heads % kv:
         _fail("model.attention.n_kv_heads", kv, f"must divide n_heads={a.n_heads}")
-    head_dim = a.head_dim or m.d_model // a.n_heads
-    if m.position.kind == "rope" and head_dim % 2:
-        _fail("model.attention.head_dim", head_dim, "must be even for RoPE")
+    if m.position.kind == "rope" and m.head_dim % 2:
+        _fail("model.attention.head_dim", m.head_dim, "must be even for RoPE")
     if a.sliding_window is not None and a.sliding_window <= 0:
         _fail("model.attention.sliding_window", a.sliding_window, "must be > 0 (null = no window)")
     if a.global_every < 0 or a.global_every == 1:
@@ -343,7 +338,7 @@ def validate_moe(cfg: Config) -> None:
     if moe.num_experts == 0:
         return
     E = moe.num_experts
-    if m.mlp.kind not in ("swiglu", "geglu"):
+    if not m.mlp.gated:
         _fail("model.mlp.kind", m.mlp.kind, "MoE experts are gated: use swiglu or geglu")
     if moe.n_groups < 1 or E % moe.n_groups:
         _fail("model.moe.n_groups", moe.n_groups, f"must divide model.moe.num_experts={E}")
@@ -377,7 +372,7 @@ def validate_parallel(cfg: Config) -> None:
     if tp == 1:
         return
     a = m.attention
-    kv = a.n_kv_heads or a.n_heads
+    kv = m.kv_heads
     why = f"must be divisible by parallel.tp={tp}"
     if a.n_heads % tp:
         _fail("model.attention.n_heads", a.n_heads, why + " (heads are split over TP)")
@@ -392,12 +387,10 @@ def validate_parallel(cfg: Config) -> None:
     if dense and m.mlp.hidden % tp:
         _fail("model.mlp.hidden", m.mlp.hidden, why)
     if m.moe.num_experts > 0:
-        expert = m.moe.expert_hidden or m.mlp.hidden
-        if expert % tp:
-            _fail("model.moe.expert_hidden", expert, why)
-        shared = m.moe.shared_hidden or m.moe.num_shared_experts * expert
-        if shared % tp:
-            _fail("model.moe.shared_hidden", shared, why)
+        if m.expert_width % tp:
+            _fail("model.moe.expert_hidden", m.expert_width, why)
+        if m.shared_width % tp:
+            _fail("model.moe.shared_hidden", m.shared_width, why)
     if cfg.parallel.sequence_parallel and cfg.train.seq_len % tp:
         _fail(
             "train.seq_len",
@@ -417,7 +410,7 @@ def validate_pipeline(cfg: Config) -> None:
         if p.pp_layers:
             _fail("parallel.pp_layers", p.pp_layers, "needs parallel.pp > 1")
         return
-    v = p.pp_virtual_stages or PP_SCHEDULE_VIRTUAL_STAGES[p.pp_schedule]
+    v = p.stages_per_rank
     if p.pp_schedule in ("gpipe", "1f1b") and v != 1:
         _fail(
             "parallel.pp_virtual_stages",

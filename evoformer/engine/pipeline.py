@@ -33,7 +33,6 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from evoformer.config import Config
-from evoformer.config.validate import PP_SCHEDULE_VIRTUAL_STAGES
 from evoformer.distributed import ParallelDims
 from evoformer.distributed.dims import ParallelGroups
 from evoformer.engine.grad_norm import ClipScope
@@ -48,12 +47,12 @@ from evoformer.parallel.expert import expert_parallel_params
 
 @dataclasses.dataclass(frozen=True)
 class ScheduleSpec:
-    """A ``parallel.pp_schedule`` choice: the torch class, whether it takes several stages per
-    rank, and the stage placement (default stages per rank: ``PP_SCHEDULE_VIRTUAL_STAGES``)."""
+    """A ``parallel.pp_schedule`` choice: the torch class and whether it takes several stages
+    per rank (how many, and their placement: ``ParallelConfig.stages_per_rank``,
+    ``stage_placement``)."""
 
     cls_name: str
     multi: bool
-    placement: str = "loop"
     split_backward: bool = False  # zero bubble: input- and weight-gradient passes apart
 
 
@@ -62,14 +61,8 @@ SCHEDULES = {
     "1f1b": ScheduleSpec("Schedule1F1B", False),
     "interleaved": ScheduleSpec("ScheduleInterleaved1F1B", True),
     "zero_bubble": ScheduleSpec("ScheduleInterleavedZeroBubble", True, split_backward=True),
-    "zbv": ScheduleSpec("ScheduleZBVZeroBubble", True, "v", split_backward=True),
+    "zbv": ScheduleSpec("ScheduleZBVZeroBubble", True, split_backward=True),
 }
-
-
-def virtual_stages(cfg: Config) -> int:
-    """Stages per pp rank: ``parallel.pp_virtual_stages``, or the schedule's default."""
-    p = cfg.parallel
-    return p.pp_virtual_stages or PP_SCHEDULE_VIRTUAL_STAGES[p.pp_schedule]
 
 
 def _needs_shared_embed(cfg: Config) -> bool:
@@ -81,10 +74,9 @@ def build_pipeline_model(
 ) -> TransformerStage:
     """This pp rank's stage model (its chunks in ``.chunks``), initialised like one process."""
     p = cfg.parallel
-    v = virtual_stages(cfg)
-    S = p.pp * v
+    S = p.pp * p.stages_per_rank
     stages = split_layers(cfg.model, S, cfg.train.seq_len, p.pp_layers)
-    placement = stage_ranks(S, p.pp, SCHEDULES[p.pp_schedule].placement)
+    placement = stage_ranks(S, p.pp, p.stage_placement)
     mine = [s for s in range(S) if placement[s] == dims.pp_rank]
     model = build_stage_model(
         cfg.model,
@@ -131,7 +123,7 @@ class PipelineRunner(StepRunner):
         self.placement: list[int] = model.pp_placement
         S = len(self.placement)
         spec = SCHEDULES[cfg.parallel.pp_schedule]
-        if spec.placement == "v" and dims.dp > 1 and _needs_shared_embed(cfg):
+        if cfg.parallel.stage_placement == "v" and dims.dp > 1 and _needs_shared_embed(cfg):
             # Two DDP/FSDP wrappers would each reduce the shared embedding's gradient.
             raise UserError(
                 "parallel.pp_schedule=zbv with dp > 1 and a tied embedding or MTP is not "

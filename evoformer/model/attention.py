@@ -131,8 +131,8 @@ class Attention(nn.Module):
         a = cfg.attention
         self.ctx = ctx = ctx or ParallelContext()
         self.tp = tp = ctx.tp
-        H, K = a.n_heads, a.n_kv_heads or a.n_heads
-        self.head_dim = D = a.head_dim or cfg.d_model // a.n_heads
+        H, K = a.n_heads, cfg.kv_heads
+        self.head_dim = D = cfg.head_dim
         if H % tp or (K % tp and tp % K):
             raise ValueError(
                 f"tensor parallelism: tp={tp} must divide n_heads={H}, and divide or be a "

@@ -67,24 +67,19 @@ def _rmsnorm(dim: int) -> Count:
 # -- modules ---------------------------------------------------------------------------------
 
 
-def head_dim(cfg: ModelConfig) -> int:
-    """Per-head q/k/v width of MHA-kind attention."""
-    return cfg.attention.head_dim or cfg.d_model // cfg.attention.n_heads
-
-
 def attention_dims(cfg: ModelConfig) -> tuple[int, int]:
     """(qk_dim, v_dim) per head: what one query-key dot product and one value row cost."""
     a = cfg.attention
     if a.kind == "mla":
         return a.qk_nope_head_dim + a.qk_rope_head_dim, a.v_head_dim
-    return head_dim(cfg), head_dim(cfg)
+    return cfg.head_dim, cfg.head_dim
 
 
 def attention_params(cfg: ModelConfig) -> Count:
     a, d = cfg.attention, cfg.d_model
     if a.kind == "mla":
         return _mla_params(cfg)
-    hd, n_kv = head_dim(cfg), a.n_kv_heads or a.n_heads
+    hd, n_kv = cfg.head_dim, cfg.kv_heads
     qkv_bias = a.bias if a.qkv_bias is None else a.qkv_bias
     c = _linear(d, a.n_heads * hd, qkv_bias) + _linear(d, n_kv * hd, qkv_bias) * 2
     c = c + _linear(a.n_heads * hd, d, a.bias)
@@ -115,19 +110,17 @@ def mlp_params(cfg: ModelConfig, hidden: int, bias: bool | None = None) -> Count
     bias = cfg.mlp.bias if bias is None else bias
     d = cfg.d_model
     c = _linear(d, hidden, bias) + _linear(hidden, d, bias)
-    return c + _linear(d, hidden, bias) if cfg.mlp.kind in ("swiglu", "geglu") else c
+    return c + _linear(d, hidden, bias) if cfg.mlp.gated else c
 
 
 def moe_params(cfg: ModelConfig) -> Count:
     """Router, routed experts (top_k of them active) and always-on shared experts."""
     m = cfg.moe
-    expert_hidden = m.expert_hidden or cfg.mlp.hidden
-    expert = mlp_params(cfg, expert_hidden, bias=False)
+    expert = mlp_params(cfg, cfg.expert_width, bias=False)
     routed = Count(expert.total * m.num_experts, expert.active * m.top_k, expert.matmul * m.top_k)
     c = _linear(cfg.d_model, m.num_experts) + routed
-    shared_hidden = m.shared_hidden or m.num_shared_experts * expert_hidden
-    if shared_hidden:
-        c = c + mlp_params(cfg, shared_hidden, bias=False)
+    if cfg.shared_width:
+        c = c + mlp_params(cfg, cfg.shared_width, bias=False)
     return c
 
 
@@ -237,7 +230,7 @@ def kv_values_per_token_layer(cfg: ModelConfig) -> int:
     a = cfg.attention
     if a.kind == "mla":
         return a.kv_lora_rank + a.qk_rope_head_dim
-    return 2 * (a.n_kv_heads or a.n_heads) * head_dim(cfg)
+    return 2 * cfg.kv_heads * cfg.head_dim
 
 
 def kv_cache_bytes_per_token(

@@ -21,14 +21,9 @@ ACTIVATIONS = {
 }
 
 
-# What ``activation: default`` means per MLP kind (GeGLU: Gemma's gelu_pytorch_tanh).
-DEFAULT_ACTIVATION = {"gelu": "gelu_tanh", "swiglu": "silu", "geglu": "gelu_tanh"}
-
-
 def activation_fn(cfg: MLPConfig):
-    """The activation an MLPConfig asks for (``default`` resolved per MLP kind)."""
-    name = DEFAULT_ACTIVATION[cfg.kind] if cfg.activation == "default" else cfg.activation
-    return ACTIVATIONS[name]
+    """The activation an MLPConfig asks for (``default`` resolved per MLP kind by the config)."""
+    return ACTIVATIONS[cfg.resolved_activation]
 
 
 def _check_split(hidden: int, tp: int) -> None:
@@ -85,7 +80,7 @@ class GatedMLP(nn.Module):
 
 def build_mlp(cfg: MLPConfig, d_model: int, ctx: ParallelContext | None = None) -> nn.Module:
     """The dense feed-forward block an MLPConfig asks for."""
-    if cfg.kind in ("swiglu", "geglu"):
+    if cfg.gated:
         return GatedMLP(cfg, d_model, ctx)
     if cfg.kind == "gelu":
         return MLP(cfg, d_model, ctx)

@@ -198,15 +198,16 @@ class MoE(nn.Module):
         self.register_buffer(
             "e_score_correction_bias", torch.empty(E, dtype=torch.float32) if uses_bias else None
         )
-        hidden = m.expert_hidden or cfg.mlp.hidden
-        self.experts = GroupedExperts(E, cfg.d_model, hidden, activation_fn(cfg.mlp), ctx)
+        self.experts = GroupedExperts(E, cfg.d_model, cfg.expert_width, activation_fn(cfg.mlp), ctx)
         # All-to-all over the ep group under expert parallelism (parallel/expert.py).
         self.dispatcher: LocalDispatcher = build_dispatcher(E, ctx.ep_group)
-        shared = m.shared_hidden or m.num_shared_experts * hidden
         self.shared_experts = None
-        if shared:
+        if cfg.shared_width:
             shared_cfg = MLPConfig(
-                kind=cfg.mlp.kind, hidden=shared, bias=False, activation=cfg.mlp.activation
+                kind=cfg.mlp.kind,
+                hidden=cfg.shared_width,
+                bias=False,
+                activation=cfg.mlp.activation,
             )
             self.shared_experts = GatedMLP(shared_cfg, cfg.d_model, ctx, partial_output=True)
         # The reduction group of the load statistics: the data-parallel ranks, which see

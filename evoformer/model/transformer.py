@@ -169,7 +169,7 @@ class Transformer(nn.Module):
         if cfg.position.kind != "rope":
             return None, None
         a = cfg.attention
-        head_dim = a.qk_rope_head_dim if a.kind == "mla" else a.head_dim or cfg.d_model // a.n_heads
+        head_dim = a.qk_rope_head_dim if a.kind == "mla" else cfg.head_dim
         rope = RotaryEmbedding(head_dim, cfg.max_seq_len, cfg.position)
         local = None
         if cfg.position.local_rope_theta is not None:

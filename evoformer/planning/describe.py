@@ -49,7 +49,7 @@ def layer_summary(cfg: ModelConfig) -> str:
     kind = (
         "mla"
         if a.kind == "mla"
-        else {a.n_heads: "mha", 1: "mqa"}.get(a.n_kv_heads or a.n_heads, f"gqa-{a.n_kv_heads}")
+        else {a.n_heads: "mha", 1: "mqa"}.get(cfg.kv_heads, f"gqa-{a.n_kv_heads}")
     )
     return f"{n} ({', '.join(parts + [kind])})"
 

@@ -55,7 +55,6 @@ import math
 import torch
 
 from evoformer.config.schema import Config, ModelConfig
-from evoformer.config.validate import PP_SCHEDULE_VIRTUAL_STAGES
 from evoformer.errors import UserError
 from evoformer.model.checkpointing import is_checkpointed, normalize_mode
 from evoformer.model.layout import layer_spec
@@ -111,10 +110,9 @@ def rank_layers(cfg: Config) -> list[tuple[list[int], bool, bool]]:
     p = cfg.parallel
     if p.pp == 1:
         return [(list(range(cfg.model.n_layers)), True, True)]
-    v = p.pp_virtual_stages or PP_SCHEDULE_VIRTUAL_STAGES[p.pp_schedule]
-    S = p.pp * v
+    S = p.pp * p.stages_per_rank
     stages = split_layers(cfg.model, S, cfg.train.seq_len, p.pp_layers)
-    placement = stage_ranks(S, p.pp, "v" if p.pp_schedule == "zbv" else "loop")
+    placement = stage_ranks(S, p.pp, p.stage_placement)
     out = []
     for r in range(p.pp):
         mine = [s for s in range(S) if placement[s] == r]
@@ -191,8 +189,7 @@ def _attention_widths(m: ModelConfig) -> tuple[int, int]:
     a = m.attention
     if a.kind == "mla":
         return a.n_heads * (a.qk_nope_head_dim + a.qk_rope_head_dim), a.n_heads * a.v_head_dim
-    hd = a.head_dim or m.d_model // a.n_heads
-    return a.n_heads * hd, (a.n_kv_heads or a.n_heads) * hd
+    return a.n_heads * m.head_dim, m.kv_heads * m.head_dim
 
 
 def activation_elements_per_token(
@@ -204,11 +201,10 @@ def activation_elements_per_token(
     q, kv = (w / tp for w in _attention_widths(m))
     if mode == "full":
         return C, 0.0
-    gated = m.mlp.kind in ("swiglu", "geglu")
     moe = m.moe
     if layer_spec(m, layer_idx).mlp == "moe":
-        he = (moe.expert_hidden or m.mlp.hidden) / tp
-        shared = moe.shared_hidden or moe.num_shared_experts * (moe.expert_hidden or m.mlp.hidden)
+        he = m.expert_width / tp
+        shared = m.shared_width
         hs = shared / tp
         if mode == "selective":
             c = moe.top_k * C + (C if hs else 0)
@@ -219,9 +215,9 @@ def activation_elements_per_token(
     else:
         h = m.mlp.hidden / tp
         if mode == "selective":
-            c, other = C, (2 * h if gated else h)
+            c, other = C, (2 * h if m.mlp.gated else h)
         else:
-            c, other = 2 * C, (4 * h if gated else 2 * h)
+            c, other = 2 * C, (4 * h if m.mlp.gated else 2 * h)
     if mode == "selective":
         return c + 2 * C, other + 2 * q + 2 * kv
     return c + 4 * C, other + 4 * q

@@ -135,8 +135,7 @@ def deepseek_v3_to_hf_config(m: ModelConfig) -> dict[str, Any]:
     """ModelConfig -> DeepSeek-V3 ``config.json``; UserError names any choice it lacks."""
     check_moe_skeleton("deepseek_v3", m, "mla")
     moe, a = m.moe, m.attention
-    expert = moe.expert_hidden or m.mlp.hidden
-    shared = moe.shared_hidden or moe.num_shared_experts * expert
+    expert, shared = m.expert_width, m.shared_width
     check(
         "deepseek_v3",
         [

@@ -137,7 +137,7 @@ def llama_like_to_hf(
 ) -> dict[str, Any]:
     """The skeleton's ``config.json`` keys; ``head_dim_field``: the HF class has a head_dim."""
     a = m.attention
-    head_dim = a.head_dim or m.d_model // a.n_heads
+    head_dim = m.head_dim
     if not head_dim_field and head_dim * a.n_heads != m.d_model:
         raise unsupported(family, f"model.attention.head_dim={a.head_dim} (needs d_model/n_heads)")
     out = {
@@ -148,7 +148,7 @@ def llama_like_to_hf(
         "intermediate_size": m.mlp.hidden,
         "num_hidden_layers": m.n_layers,
         "num_attention_heads": a.n_heads,
-        "num_key_value_heads": a.n_kv_heads or a.n_heads,
+        "num_key_value_heads": m.kv_heads,
         "hidden_act": activation_to_hf(family, m),
         "max_position_embeddings": m.max_seq_len,
         "initializer_range": m.init.std,

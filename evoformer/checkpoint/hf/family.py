@@ -101,8 +101,7 @@ def activation_from_hf(family: str, act: str) -> str:
 
 def activation_to_hf(family: str, m: ModelConfig) -> str:
     """Our ``mlp.activation`` (``default`` spelled out for the MLP kind) -> HF ``hidden_act``."""
-    default = "gelu_tanh" if m.mlp.kind == "geglu" else "silu"
-    act = default if m.mlp.activation == "default" else m.mlp.activation
+    act = m.mlp.resolved_activation
     if act not in invert(ACTIVATIONS):
         raise unsupported(family, f"model.mlp.activation={act}")
     return invert(ACTIVATIONS)[act]

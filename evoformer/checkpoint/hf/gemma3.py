@@ -130,7 +130,7 @@ def gemma3_to_model_config(hf: dict[str, Any]) -> ModelConfig:
 def gemma3_to_hf_config(m: ModelConfig) -> dict[str, Any]:
     """ModelConfig -> Gemma 3 text ``config.json``; UserError names any choice Gemma 3 lacks."""
     a = m.attention
-    head_dim = a.head_dim or m.d_model // a.n_heads
+    head_dim = m.head_dim
     check(
         "gemma3",
         [
@@ -161,7 +161,7 @@ def gemma3_to_hf_config(m: ModelConfig) -> dict[str, Any]:
         "intermediate_size": m.mlp.hidden,
         "num_hidden_layers": m.n_layers,
         "num_attention_heads": a.n_heads,
-        "num_key_value_heads": a.n_kv_heads or a.n_heads,
+        "num_key_value_heads": m.kv_heads,
         "head_dim": head_dim,
         "hidden_activation": activation_to_hf("gemma3", m),
         "max_position_embeddings": m.max_seq_len,

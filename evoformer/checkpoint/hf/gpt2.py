@@ -91,7 +91,7 @@ def gpt2_to_hf_config(m: ModelConfig) -> dict[str, Any]:
         (not m.mlp.bias, "model.mlp.bias=false (GPT-2 MLPs have biases)"),
         (not a.bias, "model.attention.bias=false (GPT-2 attention has biases)"),
         (
-            (a.n_kv_heads or a.n_heads) != a.n_heads,
+            m.kv_heads != a.n_heads,
             f"model.attention.n_kv_heads={a.n_kv_heads} (GPT-2 has no grouped-query attention)",
         ),
         (

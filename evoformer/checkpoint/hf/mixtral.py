@@ -84,14 +84,14 @@ def mixtral_to_hf_config(m: ModelConfig) -> dict[str, Any]:
             (not moe.norm_topk_prob, "model.moe.norm_topk_prob=false"),
             (moe.routed_scaling != 1, f"model.moe.routed_scaling={moe.routed_scaling}"),
             (moe.n_groups > 1, f"model.moe.n_groups={moe.n_groups}"),
-            (moe.shared_hidden or moe.num_shared_experts, "shared experts"),
+            (m.shared_width, "shared experts"),
             (m.mtp.depth, f"model.mtp.depth={m.mtp.depth}"),
         ],
     )
     return {
         **moe_skeleton_to_hf("mixtral", "MixtralForCausalLM", m),
         **gqa_to_hf(m),
-        "intermediate_size": moe.expert_hidden or m.mlp.hidden,
+        "intermediate_size": m.expert_width,
         "sliding_window": m.attention.sliding_window,
         "num_local_experts": moe.num_experts,
         "num_experts_per_tok": moe.top_k,

@@ -110,10 +110,9 @@ def moe_skeleton_to_hf(family: str, arch: str, m: ModelConfig) -> dict[str, Any]
 
 def gqa_to_hf(m: ModelConfig) -> dict[str, Any]:
     """Our KV heads and head width as HF keys."""
-    a = m.attention
     return {
-        "num_key_value_heads": a.n_kv_heads or a.n_heads,
-        "head_dim": a.head_dim or m.d_model // a.n_heads,
+        "num_key_value_heads": m.kv_heads,
+        "head_dim": m.head_dim,
     }
 
 

@@ -115,7 +115,7 @@ def qwen3_moe_to_hf_config(m: ModelConfig) -> dict[str, Any]:
             (moe.score != "softmax", f"model.moe.score={moe.score} (needs softmax)"),
             (moe.routed_scaling != 1, f"model.moe.routed_scaling={moe.routed_scaling}"),
             (moe.n_groups > 1, f"model.moe.n_groups={moe.n_groups}"),
-            (moe.shared_hidden or moe.num_shared_experts, "shared experts"),
+            (m.shared_width, "shared experts"),
             (m.mtp.depth, f"model.mtp.depth={m.mtp.depth}"),
         ],
     )
@@ -124,7 +124,7 @@ def qwen3_moe_to_hf_config(m: ModelConfig) -> dict[str, Any]:
         **moe_skeleton_to_hf("qwen3_moe", "Qwen3MoeForCausalLM", m),
         **gqa_to_hf(m),
         "intermediate_size": m.mlp.hidden,
-        "moe_intermediate_size": moe.expert_hidden or m.mlp.hidden,
+        "moe_intermediate_size": m.expert_width,
         "attention_bias": a.bias,
         "use_sliding_window": a.sliding_window is not None,
         "sliding_window": a.sliding_window,

@@ -46,8 +46,6 @@ _INACTIVE: list[tuple[str, Callable[[ModelConfig], bool], tuple[str, ...] | None
     ("mtp", lambda m: m.mtp.depth == 0, None),
 ]
 
-DEFAULT_ACTIVATION = {"swiglu": "silu", "gelu": "gelu_tanh", "geglu": "gelu_tanh"}
-
 
 def canonical_moe(m: ModelConfig) -> None:
     """Spell out MoE widths and drop training-only settings (in place), so two configs that
@@ -56,8 +54,7 @@ def canonical_moe(m: ModelConfig) -> None:
     moe = m.moe
     if moe.num_experts <= 0:
         return
-    moe.expert_hidden = moe.expert_hidden or m.mlp.hidden
-    moe.shared_hidden = moe.shared_hidden or moe.num_shared_experts * moe.expert_hidden
+    moe.expert_hidden, moe.shared_hidden = m.expert_width, m.shared_width
     moe.num_shared_experts = 0  # only the shared width matters
     if moe.n_groups <= 1:
         moe.n_groups, moe.topk_groups = 1, 1
@@ -73,12 +70,10 @@ def canonical(m: ModelConfig) -> ModelConfig:
     """``m`` with defaults spelled out and inactive settings reset, for comparing two configs."""
     m = copy.deepcopy(m)
     a = m.attention
-    a.n_kv_heads = a.n_kv_heads or a.n_heads
-    a.head_dim = a.head_dim or m.d_model // a.n_heads
+    a.n_kv_heads, a.head_dim = m.kv_heads, m.head_dim
     if getattr(a, "qkv_bias", False) is None:
         a.qkv_bias = a.bias
-    if m.mlp.activation == "default":
-        m.mlp.activation = DEFAULT_ACTIVATION.get(m.mlp.kind, "default")
+    m.mlp.activation = m.mlp.resolved_activation
     p = m.position
     if p.local_rope_theta == p.rope_theta and p.rope_scaling.kind == "none":
         p.local_rope_theta = None  # local layers get the same RoPE either way
