@@ -24,6 +24,7 @@ commands:
   generate CKPT --prompt TEXT               sample text from a checkpoint
   inspect [CONFIG.yaml ...] [key=value ...] parameter counts of a model config
   plan [CONFIG.yaml ...] [key=value ...] --gpus N   per-rank memory estimate of a layout
+  (train, config, inspect and plan with no file read configs/quickstart.yaml)
   tokenizer train [FILES ...] --out PREFIX  train a sentencepiece BPE tokenizer
   preprocess FILES ... --tokenizer M --out F.tok   tokenise text/jsonl into a token store
   import-hf HF_DIR OUT_DIR                  HuggingFace folder -> evoformer checkpoint
@@ -32,6 +33,7 @@ commands:
 `evoformer train --help` lists every config key with its default and meaning."""
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_CONFIG = "configs/quickstart.yaml"
 
 
 def find_config(name: str) -> str:
@@ -44,30 +46,35 @@ def find_config(name: str) -> str:
 
 
 def split_args(argv: list[str]) -> tuple[list[str], list[str]]:
+    """(config files, key=value overrides); no file means the quickstart config, so that
+    ``train``, ``config``, ``inspect`` and ``plan`` with no file all describe the same run."""
     files = [find_config(a) for a in argv if "=" not in a]
     overrides = [a for a in argv if "=" in a]
-    return files, overrides
+    return files or [find_config(DEFAULT_CONFIG)], overrides
 
 
-def _config_help() -> str:
+def _wants_help(argv: list[str]) -> bool:
+    return "-h" in argv or "--help" in argv
+
+
+def _config_help(command: str, what: str) -> str:
     from evoformer.config import config_help
 
     return (
-        "usage: evoformer train [CONFIG.yaml ...] [key=value ...]\n\n"
-        "YAML files merge left to right, then key=value overrides. Keys:\n" + config_help()
+        f"usage: evoformer {command} [CONFIG.yaml ...] [key=value ...]\n\n{what}\n"
+        f"No file: {DEFAULT_CONFIG}. YAML files merge left to right, then key=value "
+        "overrides. Keys:\n" + config_help()
     )
 
 
 def cmd_train(argv: list[str]) -> int:
-    if "-h" in argv or "--help" in argv:
-        print(_config_help())
+    if _wants_help(argv):
+        print(_config_help("train", "Train a model."))
         return 0
     from evoformer.config import load_config
     from evoformer.engine import Trainer
 
     files, overrides = split_args(argv)
-    if not files:
-        files = [find_config("configs/quickstart.yaml")]
     cfg = load_config(files, overrides)
     result = Trainer(cfg).train()
     if result.interrupted:
@@ -76,8 +83,8 @@ def cmd_train(argv: list[str]) -> int:
 
 
 def cmd_config(argv: list[str]) -> int:
-    if "-h" in argv or "--help" in argv:
-        print(_config_help())
+    if _wants_help(argv):
+        print(_config_help("config", "Print the resolved config as YAML."))
         return 0
     from evoformer.config import load_config, to_yaml
 
@@ -87,6 +94,9 @@ def cmd_config(argv: list[str]) -> int:
 
 
 def cmd_inspect(argv: list[str]) -> int:
+    if _wants_help(argv):
+        print(_config_help("inspect", "Parameter counts, FLOPs and KV-cache size of the model."))
+        return 0
     from evoformer.config import load_config
     from evoformer.planning import describe
 
@@ -104,7 +114,11 @@ def cmd_plan(argv: list[str]) -> int:
     it = iter(argv)
     for arg in it:
         if arg in ("-h", "--help"):
-            print("usage: evoformer plan [CONFIG.yaml ...] [key=value ...] --gpus N")
+            print(
+                "usage: evoformer plan [CONFIG.yaml ...] [key=value ...] --gpus N\n\n"
+                "Per-rank memory estimate of the config's layout on N GPUs (default 1); no "
+                f"file: {DEFAULT_CONFIG}. `evoformer train --help` lists the keys."
+            )
             return 0
         if arg == "--gpus" or arg.startswith("--gpus="):
             value = arg.split("=", 1)[1] if "=" in arg else next(it, "")
@@ -120,14 +134,18 @@ def cmd_plan(argv: list[str]) -> int:
 
 
 def cmd_generate(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="evoformer generate", description="Sample text.")
+    parser = argparse.ArgumentParser(
+        prog="evoformer generate",
+        description="Sample text from a checkpoint.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     parser.add_argument("checkpoint", help="run folder, checkpoints folder or step folder")
     parser.add_argument("--prompt", default="def ", help="text to continue")
-    parser.add_argument("--max-new-tokens", type=int, default=200)
+    parser.add_argument("--max-new-tokens", type=int, default=200, help="tokens to sample")
     parser.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
-    parser.add_argument("--top-k", type=int, default=50)
-    parser.add_argument("--top-p", type=float, default=0.95)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--top-k", type=int, default=50, help="sample from the k likeliest")
+    parser.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass")
+    parser.add_argument("--seed", type=int, default=0, help="sampling seed")
     parser.add_argument("--no-cache", action="store_true", help="recompute without a KV cache")
     parser.add_argument("--tokenizer", help="sentencepiece model (default: the checkpoint's)")
     args = parser.parse_args(argv)
@@ -165,9 +183,15 @@ def _find_tokenizer(ckpt: Path) -> str:
     raise UserError(f"no tokenizer.model in {ckpt} or its run folder; pass --tokenizer")
 
 
+TOKENIZER_USAGE = "usage: evoformer tokenizer train [FILES ...] --out PREFIX --vocab-size N"
+
+
 def cmd_tokenizer(argv: list[str]) -> int:
+    if argv and argv[0] in ("-h", "--help"):
+        print(TOKENIZER_USAGE + "\n\n`evoformer tokenizer train --help` describes the options.")
+        return 0
     if not argv or argv[0] != "train":
-        raise UserError("usage: evoformer tokenizer train [FILES ...] --out PREFIX --vocab-size N")
+        raise UserError(TOKENIZER_USAGE)
     from evoformer.data.commands import tokenizer_train_main
 
     return tokenizer_train_main(argv[1:])

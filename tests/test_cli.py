@@ -8,6 +8,7 @@ import sys
 
 import pytest
 
+from evoformer.cli import COMMANDS, main
 from tests.conftest import REPO
 
 TINY = str(REPO / "configs/models/tiny/llama.yaml")
@@ -70,6 +71,39 @@ def test_help_lists_config_keys():
     assert (
         "train.global_batch_size" in proc.stdout and "Sequences per optimizer step" in proc.stdout
     )
+
+
+def _exit_status(argv: list[str]) -> int:
+    """``evoformer ARGV`` in this process (argparse ends ``--help`` with SystemExit)."""
+    try:
+        return main(argv)
+    except SystemExit as done:
+        return int(done.code or 0)
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [[name, "--help"] for name in sorted(COMMANDS)]
+    + [["tokenizer", "train", "--help"], ["--help"]],
+)
+def test_every_command_has_help(argv, capsys):
+    assert _exit_status(argv) == 0
+    out = capsys.readouterr()
+    assert out.out.startswith("usage: evoformer"), out
+    assert "error" not in out.err
+
+
+def test_generate_help_shows_defaults(capsys):
+    _exit_status(["generate", "--help"])
+    assert "(default: 0.8)" in capsys.readouterr().out
+
+
+def test_no_file_means_the_quickstart_for_every_config_command(capsys):
+    for command in ("inspect", "config"):
+        assert _exit_status([command]) == 0
+        bare = capsys.readouterr().out
+        assert _exit_status([command, "configs/quickstart.yaml"]) == 0
+        assert bare == capsys.readouterr().out
 
 
 def test_train_then_generate_end_to_end(tmp_path):
