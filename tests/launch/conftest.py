@@ -28,8 +28,28 @@ from tests.launch.slurm_cluster import LocalSlurm
 
 TINY = str(REPO / "configs/models/tiny/llama.yaml")
 STEPS = 300
-# CI sets this: a launch test whose tools cannot be had fails instead of skipping.
-REQUIRE = os.environ.get("EVOFORMER_REQUIRE_LAUNCH_TOOLS") == "1"
+# Opt-ins, read when a test runs. EVOFORMER_INSTALL_TEST_TOOLS=1 lets the launch tests change
+# the machine: apt/pip-install the tools they need, start a local Slurm cluster as root (it
+# adds, then removes, an /etc/hosts line). EVOFORMER_REQUIRE_LAUNCH_TOOLS=1 (CI) implies it and
+# turns every skip into a failure. Without either, a missing tool skips with one line.
+INSTALL_OPT_IN = "EVOFORMER_INSTALL_TEST_TOOLS"
+REQUIRE_OPT_IN = "EVOFORMER_REQUIRE_LAUNCH_TOOLS"
+
+
+def _required() -> bool:
+    return os.environ.get(REQUIRE_OPT_IN) == "1"
+
+
+def may_change_machine() -> bool:
+    return _required() or os.environ.get(INSTALL_OPT_IN) == "1"
+
+
+def _skip_or_fail(message: str) -> None:
+    if _required():
+        pytest.fail(message + f"; {REQUIRE_OPT_IN}=1 forbids skipping")
+    pytest.skip(message)
+
+
 SLURM_PACKAGES = ["slurmd", "slurmctld", "slurm-client", "munge"]
 SLURM_BINARIES = [
     "munged",
@@ -46,10 +66,16 @@ SLURM_BINARIES = [
 
 
 def need_tools(binaries: list[str], apt: list[str] | None = None, pip: str | None = None) -> None:
-    """Make sure ``binaries`` are on PATH: install the Debian packages ``apt`` (when root with
-    apt-get) or the PyPI requirement ``pip`` first; else skip saying why (fail instead under
-    EVOFORMER_REQUIRE_LAUNCH_TOOLS=1, as in CI)."""
+    """Make sure ``binaries`` are on PATH: with the opt-in, install the Debian packages ``apt``
+    (when root with apt-get) or the PyPI requirement ``pip`` first; else skip saying how (fail
+    instead under EVOFORMER_REQUIRE_LAUNCH_TOOLS=1, as in CI)."""
     missing = [b for b in binaries if shutil.which(b) is None]
+    how = f"apt-get install {' '.join(apt)} as root" if apt else f"pip install {pip}"
+    if missing and not may_change_machine():
+        pytest.skip(
+            f"needs {', '.join(missing)}: {how}, or set {INSTALL_OPT_IN}=1 to let the tests "
+            "install them"
+        )
     if missing and apt and os.geteuid() == 0 and shutil.which("apt-get"):
         env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
         install = ["apt-get", "install", "-y", "-qq", "--no-install-recommends", *apt]
@@ -61,11 +87,7 @@ def need_tools(binaries: list[str], apt: list[str] | None = None, pip: str | Non
         subprocess.run(install, capture_output=True, timeout=600)
     missing = [b for b in binaries if shutil.which(b) is None]
     if missing:
-        how = f"apt-get install {' '.join(apt)} as root" if apt else f"pip install {pip}"
-        message = f"needs {', '.join(missing)} ({how} failed or was not possible)"
-        if REQUIRE:
-            pytest.fail(message + "; EVOFORMER_REQUIRE_LAUNCH_TOOLS=1 forbids skipping")
-        pytest.skip(message)
+        _skip_or_fail(f"needs {', '.join(missing)} ({how} failed or was not possible)")
 
 
 def read_losses(run_dir: Path) -> dict[int, float]:
@@ -143,11 +165,13 @@ def launch_env() -> dict[str, str]:
 @pytest.fixture(scope="module")
 def slurm():
     """A two-node local Slurm cluster for a test module (root and Debian's slurm packages)."""
+    if not may_change_machine():
+        pytest.skip(
+            "a local Slurm cluster starts root daemons and edits /etc/hosts: set "
+            f"{INSTALL_OPT_IN}=1 to allow it"
+        )
     if os.geteuid() != 0:
-        message = "a local Slurm cluster needs root (daemons, munge user, /etc/hosts)"
-        if REQUIRE:
-            pytest.fail(message)
-        pytest.skip(message)
+        _skip_or_fail("a local Slurm cluster needs root (daemons, munge user, /etc/hosts)")
     need_tools(SLURM_BINARIES, apt=SLURM_PACKAGES)
     with LocalSlurm(nodes=2, cpus=2) as cluster:
         yield cluster
