@@ -11,7 +11,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from evoformer.errors import UserError
+from evoformer.errors import UserError, report_user_error
 
 if TYPE_CHECKING:  # the HF package pulls in torch; the commands import it when they run
     from evoformer.checkpoint.hf import Conversion
@@ -275,8 +275,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return command(argv[1:])
     except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        return report_user_error(err)  # once per job under torchrun: from rank 0
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -18,6 +18,7 @@
 # spaces), MAX_RESTARTS (torchrun worker-group restarts, default 0).
 #
 # With one node and no MASTER_ADDR the rendezvous is torchrun --standalone (a free local port).
+# A user error (bad config, missing file) reads as its one line, printed once, and exit 2.
 # SIGTERM, SIGINT and SIGUSR1 reach every worker; the trainer saves a checkpoint at the next step
 # boundary and exits 0 (status.json: interrupted). This script then exits 0 as well; it exits
 # non-zero, naming the last complete checkpoint, when training failed.
@@ -78,7 +79,9 @@ while (($#)); do
 done
 nproc=${nproc:-$(default_nproc)}
 
-cmd=("${PYTHON:-python}" -m torch.distributed.run
+# evoformer.torchrun is torchrun with a short failure report: a user error reads as one line
+# (exit 2), any other failure as one line per failed rank.
+cmd=("${PYTHON:-python}" -m evoformer.torchrun
   --nnodes="$nnodes" --nproc-per-node="$nproc" --max-restarts="${MAX_RESTARTS:-0}"
   # torchrun's default list lacks SIGUSR1 (the scheduler's early warning): without it the agent
   # dies of the signal and takes the workers with it, unsaved.
@@ -138,6 +141,9 @@ rc=0
 wait "$child" || rc=$?
 if ((rc == 0)); then
   exit 0
+fi
+if ((rc == 2)) && [[ -z $stop_signal ]]; then
+  exit 2 # a user error: its one line is printed already
 fi
 
 out_dir=$(evo_output_dir "$@")

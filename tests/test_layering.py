@@ -25,6 +25,7 @@ LAYERS = {
     "planning": 6,
     "engine": 7,
     "cli": 8,
+    "torchrun": 8,
     "__main__": 9,
     "__init__": 9,
 }

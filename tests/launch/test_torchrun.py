@@ -4,11 +4,13 @@ train exactly like one process, and a killed node ends the job quickly and clean
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import shlex
 import signal
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -17,10 +19,12 @@ import pytest
 from evoformer.checkpoint import load_model, read_trainer_state, resolve_checkpoint
 from evoformer.config import load_config
 from evoformer.engine import Trainer
+from evoformer.torchrun import report
 from tests.conftest import REPO
 from tests.launch.conftest import STEPS, assert_losses_match, read_losses, read_status
 
 LAUNCHER = str(REPO / "launch/torchrun.sh")
+TINY = str(REPO / "configs/models/tiny/llama.yaml")
 
 
 def _free_port() -> int:
@@ -143,7 +147,7 @@ def _dry_run(*args: str, **env: str) -> subprocess.CompletedProcess:
 
 def test_command_line_from_options_and_environment():
     one = shlex.split(_dry_run("a.yaml", "train.max_steps=5").stdout)
-    assert one[:3] == ["py", "-m", "torch.distributed.run"]
+    assert one[:3] == ["py", "-m", "evoformer.torchrun"]
     assert "--standalone" in one and "--nnodes=1" in one and "--nproc-per-node=1" in one
     assert "--signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1" in one
     assert one[-5:] == ["-m", "evoformer", "train", "a.yaml", "train.max_steps=5"]
@@ -186,6 +190,39 @@ def test_command_line_from_options_and_environment():
     assert missing.returncode == 2 and "needs --master-addr" in missing.stderr
     unknown = _dry_run("--gpus", "8")
     assert unknown.returncode == 2 and "unknown option --gpus" in unknown.stderr
+
+
+def test_report_of_failed_workers():
+    out = io.StringIO()
+    same = {0: (2, "error: bad key"), 1: (2, "error: bad key"), 2: (-15, "")}
+    assert report(same, out) == 2 and out.getvalue() == "error: bad key\n"
+    out = io.StringIO()
+    split = {0: (2, "error: a"), 1: (2, "error: b"), 3: (2, "error: b")}
+    assert report(split, out) == 2
+    assert out.getvalue() == "error: a (rank 0)\nerror: b (rank 1, 3)\n"
+    out = io.StringIO()
+    crash = {0: (-15, ""), 1: (1, "RuntimeError: boom"), 2: (2, "error: bad key")}
+    assert report(crash, out) == 1
+    assert out.getvalue().splitlines() == [
+        "error: rank 1 failed (exit status 1): RuntimeError: boom",
+        "error: rank 2 failed (exit status 2): error: bad key",
+    ]
+
+
+@pytest.mark.parametrize("through", ["launch/torchrun.sh", "plain torchrun"])
+def test_a_user_error_under_two_processes_is_one_line(through, launch_env, tmp_path):
+    args = [TINY, "model.bogus=1", f"run.output_dir={tmp_path}"]
+    if through == "plain torchrun":
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+        cmd += ["--nproc-per-node=2", "-m", "evoformer", "train", *args]
+    else:
+        cmd = [LAUNCHER, "--nproc-per-node", "2", *args]
+    proc = subprocess.run(cmd, env=launch_env, capture_output=True, text=True, timeout=120)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "unknown config key 'model.bogus'" in errors[0], proc.stderr
+    if through == "launch/torchrun.sh":
+        assert proc.returncode == 2
+        assert proc.stderr.strip().splitlines() == errors, proc.stderr  # nothing else
 
 
 def test_two_nodes_on_loopback_train_like_one_process(
