@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import cast
 
 import torch
 from omegaconf import OmegaConf
@@ -18,7 +19,8 @@ def checkpoint_config(ckpt: Path) -> Config:
     """The resolved Config stored with a checkpoint."""
     try:
         merged = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.load(ckpt / "config.yaml"))
-        return OmegaConf.to_object(merged)
+        # to_object of a structured Config node builds a Config; the stub cannot say so.
+        return cast(Config, OmegaConf.to_object(merged))
     except (OmegaConfBaseException, ValueError, OSError) as err:
         raise UserError(
             f"checkpoint {ckpt}: bad config.yaml ({str(err).splitlines()[0]})"

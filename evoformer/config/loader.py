@@ -10,7 +10,7 @@ import dataclasses
 import difflib
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import yaml
 from omegaconf import DictConfig, OmegaConf
@@ -46,7 +46,8 @@ def _explain(err: OmegaConfBaseException, where: str) -> UserError:
 
 def _merge(base: DictConfig, other: Any, where: str) -> DictConfig:
     try:
-        return OmegaConf.merge(base, other)
+        # Merging into a DictConfig always yields a DictConfig; OmegaConf's stub says any node.
+        return cast(DictConfig, OmegaConf.merge(base, other))
     except OmegaConfBaseException as err:
         raise _explain(err, where) from None
 
@@ -102,7 +103,8 @@ def load_config(files: Sequence[str] = (), overrides: Sequence[str] = ()) -> Con
     for text in overrides:
         cfg = _merge(cfg, parse_override(text), f"override '{text}'")
     try:
-        obj = OmegaConf.to_object(cfg)
+        # to_object of a structured Config node builds a Config; the stub cannot say so.
+        obj = cast(Config, OmegaConf.to_object(cfg))
     except OmegaConfBaseException as err:
         raise _explain(err, "config") from None
     validate(obj)

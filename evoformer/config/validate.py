@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from evoformer.config.schema import PP_SCHEDULE_VIRTUAL_STAGES, Config
 from evoformer.errors import UserError
 
@@ -62,7 +64,8 @@ NON_NEGATIVE = (
 )
 
 
-def get(cfg: object, key: str):
+def get(cfg: object, key: str) -> Any:
+    """The value at a dotted key such as ``model.d_model``; its type depends on the key."""
     for part in key.split("."):
         cfg = getattr(cfg, part)
     return cfg

@@ -118,7 +118,9 @@ class TokenStoreWriter:
         n_tokens, n_docs = self.n_tokens, self.n_docs
         try:
             self._fh.write(b"\0" * _pad8(n_tokens * self._dtype.itemsize))
-            self._fh.write(np.frombuffer(self._offsets, dtype=np.int64).astype(_OFFSET_DTYPE))
+            self._fh.write(
+                np.frombuffer(self._offsets, dtype=np.int64).astype(_OFFSET_DTYPE).tobytes()
+            )
             self._fh.seek(0)
             self._fh.write(
                 _HEADER.pack(

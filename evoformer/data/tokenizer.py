@@ -90,8 +90,9 @@ class Tokenizer:
 
     def decode(self, ids: Iterable[int]) -> str:
         """Text of a sequence of ids (lists, numpy arrays and tensors accepted)."""
-        if hasattr(ids, "tolist"):
-            ids = ids.tolist()
+        tolist = getattr(ids, "tolist", None)
+        if tolist is not None:
+            ids = tolist()
         return self._sp.decode([int(i) for i in ids])
 
     def id_to_piece(self, i: int) -> str:

@@ -20,9 +20,13 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
+
+if TYPE_CHECKING:
+    from torch.distributed.device_mesh import DeviceMesh
 
 from evoformer.config.schema import ParallelConfig
 from evoformer.errors import UserError
@@ -173,7 +177,7 @@ class ParallelGroups:
     """
 
     dims: ParallelDims
-    mesh: object | None  # torch.distributed.device_mesh.DeviceMesh (the root mesh)
+    mesh: DeviceMesh | None  # the root mesh
     tp_group: dist.ProcessGroup | None
     dp_group: dist.ProcessGroup | None
     tp_ranks: tuple[int, ...]

@@ -34,11 +34,15 @@ from __future__ import annotations
 import contextlib
 import re
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from torch import nn
 
 from evoformer.config.schema import FP8Config
 from evoformer.errors import UserError
+
+if TYPE_CHECKING:
+    from evoformer.model import Transformer
 
 # fp8.recipe -> the Transformer Engine recipe class (transformer_engine.common.recipe).
 TE_RECIPES = {
@@ -115,7 +119,7 @@ class FP8Training:
         return f"fp8 {self.cfg.backend} {self.cfg.recipe}: {len(self.converted)} linears in FP8"
 
 
-def setup_fp8(model: nn.Module, cfg: FP8Config, fsdp: bool) -> FP8Training:
+def setup_fp8(model: Transformer, cfg: FP8Config, fsdp: bool) -> FP8Training:
     """Prepare ``model`` (before any FSDP wrapping and before the optimizer) for FP8 training
     with ``cfg``; ``fsdp``: the model will be sharded by FSDP2."""
     n_layers = len(model.layers)
@@ -124,7 +128,7 @@ def setup_fp8(model: nn.Module, cfg: FP8Config, fsdp: bool) -> FP8Training:
     return _setup_te(model, cfg, n_layers)
 
 
-def _setup_torchao(model: nn.Module, cfg: FP8Config, fsdp: bool, n_layers: int) -> FP8Training:
+def _setup_torchao(model: Transformer, cfg: FP8Config, fsdp: bool, n_layers: int) -> FP8Training:
     try:
         from torchao.float8 import Float8LinearConfig, convert_to_float8_training
     except ImportError as e:
@@ -167,7 +171,7 @@ def _te_autocast(te):
     )
 
 
-def _setup_te(model: nn.Module, cfg: FP8Config, n_layers: int) -> FP8Training:
+def _setup_te(model: Transformer, cfg: FP8Config, n_layers: int) -> FP8Training:
     import importlib
 
     from evoformer.parallel.te_backend import import_te

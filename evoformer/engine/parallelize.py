@@ -20,6 +20,7 @@ package that owns it:
 from __future__ import annotations
 
 import dataclasses
+from typing import cast
 
 import torch
 
@@ -30,6 +31,7 @@ from evoformer.engine.runner import LocalRunner, StepRunner
 from evoformer.engine.strategy import Strategy, build_strategy
 from evoformer.model import Block, Transformer, build_model
 from evoformer.model.checkpointing import apply_activation_checkpointing
+from evoformer.model.stages import TransformerStage
 
 
 @dataclasses.dataclass
@@ -90,7 +92,8 @@ def parallelize(
     if dims.pp > 1:
         from evoformer.engine.pipeline import PipelineRunner
 
-        pipeline = PipelineRunner(cfg, dims, groups, device, model, strategy, n_microbatches)
+        stage = cast(TransformerStage, model)  # built by build_pipeline_model in step 0
+        pipeline = PipelineRunner(cfg, dims, groups, device, stage, strategy, n_microbatches)
         strategy.clip_scope = pipeline.clip_scope  # the norm spans the stages
         return ParallelModel(model, strategy, pipeline)
     return ParallelModel(model, strategy, LocalRunner(model, strategy))

@@ -24,7 +24,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.distributed as dist
@@ -128,7 +128,9 @@ class Trainer:
 
     @property
     def optimizer(self) -> torch.optim.Optimizer:
-        return self.strategy.optimizer
+        opt = self.strategy.optimizer
+        assert opt is not None  # built by strategy.setup, inside parallelize()
+        return opt
 
     # -- setup -------------------------------------------------------------------------------
 
@@ -179,7 +181,7 @@ class Trainer:
                 cfg.run,
                 self.out_dir,
                 t.max_steps,
-                OmegaConf.to_container(OmegaConf.structured(cfg)),
+                cast(dict, OmegaConf.to_container(OmegaConf.structured(cfg))),  # a mapping
             )
         if self.resume_from is not None:
             self.logger.info(f"resumed from {self.resume_from} at step {self.step}")

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import functools
 import types
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -96,7 +97,7 @@ def is_checkpointed(mode: str, every: int, layer_idx: int) -> bool:
     return mode != "none" and layer_idx % max(every, 1) == 0
 
 
-def checkpoint_block(block: torch.nn.Module, mode: str, *args) -> torch.Tensor:
+def checkpoint_block(block: Callable[..., torch.Tensor], mode: str, *args) -> torch.Tensor:
     """Run ``block(*args)`` under ``full`` or ``selective`` checkpointing."""
     if mode == "selective":
         return checkpoint(block, *args, use_reentrant=False, context_fn=_selective_context)

@@ -243,13 +243,13 @@ def kv_cache_bytes_per_token(
     N = cfg.max_seq_len if context_len is None else context_len
     per_layer = kv_values_per_token_layer(cfg) * dtype_bytes
     W = cfg.attention.sliding_window
-    local = [layer_spec(cfg, i).is_local for i in range(cfg.n_layers)]
-    at_context = sum(per_layer * (min(N, W) if is_local else N) for is_local in local)
+    windows = [layer_spec(cfg, i).window for i in range(cfg.n_layers)]
+    at_context = sum(per_layer * (N if w is None else min(N, w)) for w in windows)
     return {
         "per_token": per_layer * cfg.n_layers,
         "per_token_layer": per_layer,
         "context_len": N,
         "at_context": at_context,
-        "window_layers": sum(local),
+        "window_layers": sum(w is not None for w in windows),
         "window": W or 0,
     }

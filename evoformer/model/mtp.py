@@ -25,6 +25,8 @@ Shapes: B batch, T sequence, C d_model.
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 from torch import nn
 
@@ -101,10 +103,11 @@ class MultiTokenPrediction(nn.Module):
         ropes = model.rotary(positions)
         out = []
         for k, layer in enumerate(self.layers, start=1):
+            layer = cast(MTPModule, layer)  # a ModuleList yields plain nn.Module
             n = T - k
             r = ropes[layer.block.spec.rope]
             r = None if r is None else (r[0][:n], r[1][:n])
-            e = embedded[:, k:] if sp else model.embed_tokens(input_ids[:, k:])
+            e = embedded[:, k:] if embedded is not None else model.embed_tokens(input_ids[:, k:])
             h = layer(h[:, :n], e, r)
             out.append(h)
         return out

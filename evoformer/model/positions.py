@@ -83,6 +83,10 @@ def _llama3_scaling(inv: torch.Tensor, s: RopeScalingConfig) -> torch.Tensor:
 class RotaryEmbedding(nn.Module):
     """Precomputed cos/sin tables; rotates the two halves of each head (HF/LLaMA convention)."""
 
+    # Buffers [max_seq_len, D], registered in __init__ (declared so their type is known).
+    cos: torch.Tensor
+    sin: torch.Tensor
+
     def __init__(self, head_dim: int, max_seq_len: int, cfg: PositionConfig) -> None:
         super().__init__()
         self.head_dim = head_dim

@@ -21,12 +21,14 @@ Shapes: B batch, T sequence, C d_model.
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 from torch import nn
 
 from evoformer.config.schema import ModelConfig
 from evoformer.model.costs import attention_flops, block_params, mtp_module_params
-from evoformer.model.transformer import Transformer, aux_loss_of, materialise
+from evoformer.model.transformer import Block, Transformer, aux_loss_of, materialise
 from evoformer.parallel.context import ParallelContext
 
 # -- layout ----------------------------------------------------------------------------------
@@ -129,6 +131,8 @@ class TransformerStage(Transformer):
     is tied or MTP needs it). Build on the meta device (``build_stage_model``): construction
     creates the whole model's modules and drops the others before anything is allocated."""
 
+    layers: nn.ModuleDict  # this stage's blocks, keyed by their global index as a string
+
     def __init__(
         self,
         cfg: ModelConfig,
@@ -140,7 +144,7 @@ class TransformerStage(Transformer):
         super().__init__(cfg, ctx)
         self.layer_ids = sorted(layer_ids)
         self.has_first, self.has_last = first, last
-        full = self.layers
+        full = cast(nn.ModuleList, self.layers)  # the whole model's blocks, built by Transformer
         self.layers = nn.ModuleDict({str(i): full[i] for i in self.layer_ids})
         if not first:
             self.pos_embed = None
@@ -176,6 +180,8 @@ class StageChunk(nn.Module):
     backward on its output (``attach_aux_loss``). Detached per-micro-batch metrics (``ce_loss``,
     ``mtp_loss``, ``aux_loss``) are appended to ``self.metrics`` for the engine."""
 
+    _model: TransformerStage  # held in __dict__, so nn.Module's __getattr__ does not type it
+
     def __init__(
         self, model: TransformerStage, stage_index: int, num_stages: int, layer_ids: list[int]
     ) -> None:
@@ -203,6 +209,7 @@ class StageChunk(nn.Module):
         x_BTC = m.embed_input(x, positions) if self.is_first else x
         ropes = m.rotary(positions)
         for layer in self.layers.values():
+            layer = cast(Block, layer)  # a ModuleDict yields plain nn.Module
             x_BTC = layer(x_BTC, ropes[layer.spec.rope])
         if not self.is_last:
             aux = aux_loss_of(self)

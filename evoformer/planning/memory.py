@@ -145,13 +145,13 @@ def _held_by(name: str, layers: set[int], first: bool, last: bool, tied: bool) -
 def _local_numel(name: str, shape: tuple[int, ...], tp: int, ep: int) -> tuple[int, ...]:
     """The shape one tp/ep rank holds (dim 0 split: the output or vocabulary dim for column and
     vocabulary layers; the split dim does not change the byte count)."""
-    shape = list(shape)
+    local = list(shape)
     if ".experts." in name and ep > 1:
-        shape[0] = math.ceil(shape[0] / ep)
-    if tp > 1 and len(shape) >= 2 and not name.endswith("router.weight"):
+        local[0] = math.ceil(local[0] / ep)
+    if tp > 1 and len(local) >= 2 and not name.endswith("router.weight"):
         dim = 1 if ".experts." in name else 0
-        shape[dim] = math.ceil(shape[dim] / tp)
-    return tuple(shape)
+        local[dim] = math.ceil(local[dim] / tp)
+    return tuple(local)
 
 
 def _dp_shard_numel(shape: tuple[int, ...], dp: int) -> int:
