@@ -32,16 +32,18 @@ commands:
 
 `evoformer train --help` lists every config key with its default and meaning."""
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+# The shipped configs live in the package (evoformer/configs/, package data), so `configs/...`
+# names them in a checkout (where ./configs links there) and in a plain `pip install` alike.
+PACKAGE_DIR = Path(__file__).resolve().parent
 DEFAULT_CONFIG = "configs/quickstart.yaml"
 
 
 def find_config(name: str) -> str:
-    """A config path as given, else relative to the evoformer checkout (configs/...)."""
+    """A config path as given, else one of the shipped configs (``configs/...``)."""
     p = Path(name)
     if p.exists() or p.is_absolute():
         return str(p)
-    candidate = REPO_ROOT / name
+    candidate = PACKAGE_DIR / name
     return str(candidate) if candidate.exists() else str(p)
 
 
