@@ -35,6 +35,7 @@ from torch.distributed.checkpoint.state_dict import (
 
 from evoformer.checkpoint.safe_reader import SafeFileSystemReader, SafeLoadPlanner
 from evoformer.errors import UserError
+from evoformer.parallel.sharding import ep_global_view, shard_spec, tp_global_view
 
 LATEST = "latest"
 STEP_PREFIX = "step_"
@@ -91,8 +92,8 @@ def save_checkpoint(
     Every rank calls this. With ``tp_mesh`` (the tensor-parallel DeviceMesh), sharded parameters
     and their optimizer states are stored as the unpadded global tensors, so any layout loads
     them. ``before_commit`` is a test hook run on rank 0 just before the rename.
-    ``ep_mesh``: expert-parallel shards (``p.ep_dim``) and their optimizer states are stored as
-    global tensors too (see ``_wrap_expert_parallel``).
+    ``ep_mesh``: expert-parallel shards and their optimizer states are stored as global tensors
+    too (see ``_wrap_expert_parallel``).
     ``model_state_dict`` replaces ``model.state_dict()`` when the model's own tensors are not
     its weights (DeepSpeed ZeRO-3 partitions); ``write_extra(tmp)`` runs on every rank after the
     DCP shards are written, for a backend's own files inside the same atomic folder.
@@ -264,164 +265,57 @@ def load_checkpoint(
 
 def _wrap_tensor_parallel(state: dict[str, Any], model: torch.nn.Module, tp_mesh: Any) -> dict:
     """Replace each tensor-parallel shard (and its Adam moments) in ``state`` by a DTensor view
-    of the unpadded global tensor; returns what to put back after a load. The parallel layers
-    keep equal-size shards with padding at the end, which is torch.chunk's split: exactly
-    DTensor's Shard(dim) for the unpadded length.
-
-    Under FSDP2 x TP the entries are DTensors over the data-parallel mesh holding a shard of the
-    TP shard, and ``tp_mesh`` is the mesh ``(*dp dims, "tp")`` (tp last): see
-    ``_fsdp_tp_dtensor``."""
+    of the unpadded global tensor (``sharding.tp_global_view``); returns what to put back after
+    a load. Under FSDP2 x TP the entries are DTensors over the data-parallel mesh holding a
+    shard of the TP shard, and ``tp_mesh`` is the mesh ``(*dp dims, "tp")`` (tp last)."""
     if tp_mesh is None or tp_mesh.size(tp_mesh.ndim - 1) == 1:
         return {}
-    from torch.distributed.tensor import DTensor, Shard
-
-    rank = tp_mesh.get_local_rank(tp_mesh.ndim - 1)
     specs = {
-        name: (p.tp_dim, p.tp_full_size, tuple(p.shape))
+        name: (spec, tuple(p.shape))
         for name, p in model.named_parameters()
         # Expert-parallel shards are wrapped (over ep and tp) by _wrap_expert_parallel.
-        if getattr(p, "tp_dim", None) is not None and getattr(p, "ep_dim", None) is None
+        if (spec := shard_spec(p)) is not None and spec.is_tp_sharded and not spec.is_expert
     }
+    return _wrap(state, specs, lambda t, spec: tp_global_view(t, spec.tp, tp_mesh))
 
-    def wrap(t: torch.Tensor, dim: int, length: int) -> DTensor:
-        if isinstance(t, DTensor):
-            return _fsdp_tp_dtensor(t, dim, length, tp_mesh)
-        local = t.shape[dim]
-        valid = max(0, min(local, length - rank * local))
-        shape = list(t.shape)
-        shape[dim] = length
-        stride = torch.empty(shape, device="meta").stride()
-        return DTensor.from_local(
-            t.narrow(dim, 0, valid),
-            tp_mesh,
-            [Shard(dim)],
-            run_check=False,
-            shape=torch.Size(shape),
-            stride=stride,
-        )
 
+def _wrap_expert_parallel(state: dict[str, Any], model: torch.nn.Module, ep_mesh: Any) -> dict:
+    """Replace each expert-parallel shard (this ep rank's experts of a stacked ``[E, ...]``
+    tensor) and its Adam moments in ``state`` by a DTensor view of the global tensor
+    (``sharding.ep_global_view``), so a checkpoint holds all E experts whatever the ep size;
+    returns what to put back after a load. ``ep_mesh``: the ``ep`` mesh, or ``("ep", "tp")``
+    when the experts are also split over TP, or under FSDP2 ``("edp", "ep")``."""
+    if ep_mesh is None:
+        return {}
+    specs = {
+        name: (spec, tuple(p.shape))
+        for name, p in model.named_parameters()
+        if (spec := shard_spec(p)) is not None and spec.is_expert
+    }
+    return _wrap(state, specs, lambda t, spec: ep_global_view(t, spec, ep_mesh))
+
+
+def _wrap(state: dict[str, Any], specs: dict[str, tuple], view: Callable) -> dict:
+    """Replace the model entries named in ``specs`` and their same-shaped optimizer states by
+    ``view(tensor, spec)``; returns the replaced tensors by position."""
     originals: dict[tuple, torch.Tensor] = {}
     msd = state["model"]
-    for name, (dim, length, _) in specs.items():
+    for name, (spec, _) in specs.items():
         if name in msd:
             originals[("model", name)] = msd[name]
-            msd[name] = wrap(msd[name], dim, length)
+            msd[name] = view(msd[name], spec)
     optim_state = state.get("optim", {}).get("state", {})
     for name, entry in list(optim_state.items()):
         if name not in specs:
             continue
-        dim, length, shape = specs[name]
+        spec, shape = specs[name]
         # get_state_dict hands out the optimizer's own per-parameter dicts: never edit those.
         entry = optim_state[name] = dict(entry)
         for key, value in list(entry.items()):
             if torch.is_tensor(value) and tuple(value.shape) == shape:
                 originals[("optim", name, key)] = value
-                entry[key] = wrap(value, dim, length)
+                entry[key] = view(value, spec)
     return originals
-
-
-def _wrap_expert_parallel(state: dict[str, Any], model: torch.nn.Module, ep_mesh: Any) -> dict:
-    """Replace each expert-parallel shard (``p.ep_dim``: this ep rank's experts of a stacked
-    ``[E, ...]`` tensor) and its Adam moments in ``state`` by a DTensor view of the global
-    tensor, so a checkpoint holds all E experts whatever the ep size; returns what to put back
-    after a load. ``ep_mesh``: the ``ep`` mesh, or ``("ep", "tp")`` when the experts are also
-    split over TP (``Shard(tp_dim)`` on tp), or under FSDP2 ``("edp", "ep")``, whose entries
-    are DTensors over ``edp`` holding a shard of this rank's experts (nested inside the ep
-    split, exactly as for FSDP2 over TP: ``_fsdp_tp_dtensor``)."""
-    if ep_mesh is None:
-        return {}
-    from torch.distributed.tensor import DTensor, Shard
-
-    names = tuple(ep_mesh.mesh_dim_names or ())
-    specs = {
-        name: (p.ep_dim, p.ep_full_size, tuple(p.shape), getattr(p, "tp_dim", None))
-        for name, p in model.named_parameters()
-        if getattr(p, "ep_dim", None) is not None
-    }
-
-    def wrap(t: torch.Tensor, dim: int, length: int, tp_dim: int | None) -> DTensor:
-        if isinstance(t, DTensor):  # FSDP2 shard of this rank's experts
-            return _fsdp_tp_dtensor(t, dim, length, ep_mesh)
-        placements = [Shard(dim)] + ([Shard(tp_dim)] if names[-1:] == ("tp",) else [])
-        shape = [length if d == dim else n for d, n in enumerate(t.shape)]
-        if len(placements) == 2:
-            shape[tp_dim] *= ep_mesh.size(1)  # experts' hidden splits evenly (validated)
-        stride = torch.empty(shape, device="meta").stride()
-        return DTensor.from_local(
-            t, ep_mesh, placements, run_check=False, shape=torch.Size(shape), stride=stride
-        )
-
-    originals: dict[tuple, torch.Tensor] = {}
-    msd = state["model"]
-    for name, (dim, length, _, tp_dim) in specs.items():
-        if name in msd:
-            originals[("model", name)] = msd[name]
-            msd[name] = wrap(msd[name], dim, length, tp_dim)
-    optim_state = state.get("optim", {}).get("state", {})
-    for name, entry in list(optim_state.items()):
-        if name not in specs:
-            continue
-        dim, length, shape, tp_dim = specs[name]
-        entry = optim_state[name] = dict(entry)  # never edit the optimizer's own dicts
-        for key, value in list(entry.items()):
-            if torch.is_tensor(value) and tuple(value.shape) == shape:
-                originals[("optim", name, key)] = value
-                entry[key] = wrap(value, dim, length, tp_dim)
-    return originals
-
-
-def _fsdp_tp_dtensor(t: Any, dim: int, length: int, mesh: Any) -> Any:
-    """The DTensor over ``mesh = (*dp dims, "tp")`` of the unpadded global tensor whose local
-    piece is this rank's FSDP2 shard ``t`` (a DTensor over the dp dims whose global shape is
-    the TP shard, split on ``dim`` into pieces of ``tp_len``, padding at the end).
-
-    The placements are FSDP2's on the dp dims plus ``Shard(dim)`` on tp. When FSDP2 shards the
-    same dim as TP, the dp split nests inside the tp split (rows ``tp_rank * tp_len + FSDP
-    offset``): DTensor's ``_StridedShard(dim, split_factor=tp)`` on the dp dim, which is how
-    torch describes FSDP2 over DTensor TP. The piece is checked against what DTensor computes
-    for those placements, so a layout they cannot describe fails loudly instead of saving
-    misplaced rows (``engine.fsdp.tp_shard_placement`` avoids the one known case)."""
-    from torch.distributed.tensor import DTensor, Shard
-    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
-    from torch.distributed.tensor.placement_types import _StridedShard
-
-    names = tuple(mesh.mesh_dim_names or ())
-    if names[:-1] != tuple(t.device_mesh.mesh_dim_names or ()):
-        raise RuntimeError(
-            f"checkpoint mesh {names} does not extend the FSDP2 mesh "
-            f"{t.device_mesh.mesh_dim_names} by tp"
-        )
-    tp, tp_rank = mesh.size(mesh.ndim - 1), mesh.get_local_rank(mesh.ndim - 1)
-    tp_len = t.shape[dim]
-    local = t.detach().to_local()
-    size, offset = (
-        list(x) for x in compute_local_shape_and_global_offset(t.shape, t.device_mesh, t.placements)
-    )
-    if list(local.shape) != size:
-        raise RuntimeError(f"FSDP2 shard {tuple(local.shape)} is not DTensor's {size}")
-    offset[dim] += tp_rank * tp_len
-    size[dim] = max(0, min(size[dim], length - offset[dim]))  # drop TP padding rows
-    placements = [
-        _StridedShard(dim, split_factor=tp) if pl.is_shard(dim) else pl for pl in t.placements
-    ] + [Shard(dim)]
-    shape = list(t.shape)
-    shape[dim] = length
-    want_size, want_offset = compute_local_shape_and_global_offset(shape, mesh, placements)
-    if list(want_size) != size or (0 not in size and list(want_offset) != offset):
-        raise RuntimeError(
-            f"FSDP2 x TP shard of a {tuple(shape)} tensor (dim {dim} split over tp) at offset "
-            f"{offset} size {size} is not expressible as {placements} ({list(want_offset)}, "
-            f"{list(want_size)})"
-        )
-    stride = torch.empty(shape, device="meta").stride()
-    return DTensor.from_local(
-        local.narrow(dim, 0, size[dim]),
-        mesh,
-        placements,
-        run_check=False,
-        shape=torch.Size(shape),
-        stride=stride,
-    )
 
 
 def _unwrap(state: dict[str, Any], originals: dict) -> None:

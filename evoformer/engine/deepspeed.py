@@ -54,6 +54,7 @@ from evoformer.engine.strategy import StepResult, Strategy
 from evoformer.errors import UserError
 from evoformer.model import Transformer
 from evoformer.parallel.layers import sequence_parallel_params
+from evoformer.parallel.sharding import is_tp_sharded
 
 # DeepSpeed's own checkpoint sits in this sub-folder of our checkpoint folder (its "tag").
 DS_TAG = "deepspeed"
@@ -270,7 +271,7 @@ class DeepSpeedStrategy(Strategy):
         for p in model.parameters():
             # DeepSpeed's ZeRO norm sums these over the model-parallel group and counts the
             # others on tp rank 0 only: exactly engine.grad_norm's rule.
-            if getattr(p, "tp_dim", None) is not None:
+            if is_tp_sharded(p):
                 p.tensor_model_parallel = True
         if self.dims.tp > 1:
             _sum_partial_grads_over_tp(self.partial_grad_params, self.groups.tp_group)

@@ -17,13 +17,13 @@ Stages, in FSDP2 terms:
 Gradient accumulation: non-final micro-batches run with ``set_requires_gradient_sync(False)``,
 so the unsharded gradients accumulate locally and are reduce-scattered once, on the last one.
 
-2-D (FSDP2 x TP): our TP layers keep plain-tensor TP shards (tagged ``p.tp_dim``); FSDP2 shards
+2-D (FSDP2 x TP): our TP layers keep plain-tensor TP shards (``ShardSpec.tp``); FSDP2 shards
 each rank's TP shard once more over ``dp`` (``Shard(0)``), so a rank holds 1/(tp*dp) of a
 sharded weight. The gathered parameters FSDP2 hands the forward are the plain TP shards, so the
 layers and their explicit TP collectives run unchanged. A vocabulary table whose TP split pads
 (vocab not divisible by tp) is sharded on dim 1 instead, so that its dp shards stay exactly
 describable as slices of the unpadded global table (checkpoints store that; see
-``checkpoint.io``). The TP tags are re-applied to the new DTensor parameters.
+``checkpoint.io``). The shard specs are re-attached to the new DTensor parameters.
 
 HSDP: ``apply_fsdp2`` with a 2-D ``("dp_replicate", "dp_shard")`` mesh shards within groups of
 ``dp_shard`` ranks and all-reduces gradients between the ``dp_replicate`` replicas (FSDP2's
@@ -57,12 +57,15 @@ def apply_fsdp2(
     Returns the same module (its class is swapped for an FSDP subclass). ``mp_policy``: a
     ``MixedPrecisionPolicy`` for every unit (``engine.precision.fsdp_mp_policy``; None = fp32).
     ``dp_mesh``: the 1-D ``dp`` mesh, or 2-D ``("dp_replicate", "dp_shard")`` for HSDP.
-    ``tp_size`` > 1: the model's TP-tagged parameters are TP shards (2-D FSDP x TP).
+    ``tp_size`` > 1: the model's TP-split parameters are TP shards (2-D FSDP x TP).
     ``expert_mesh``: expert parallelism (see ``shard_experts``)."""
     from torch.distributed.fsdp import fully_shard
 
-    from evoformer.parallel.layers import retag_parameters
+    from evoformer.parallel.sharding import retag, shard_specs
 
+    # FSDP2 puts new DTensor Parameters in place of ours, which carry no spec; the strategy,
+    # clipping and checkpoints read the specs, re-attached by name at the end.
+    specs = shard_specs(model)
     reshard = reshard_after_forward(stage)
     if mp_policy is not None:
         fully_shard = functools.partial(fully_shard, mp_policy=mp_policy)
@@ -87,9 +90,7 @@ def apply_fsdp2(
             block.set_modules_to_forward_prefetch([layers[i + 1]])
         if i > 0:
             block.set_modules_to_backward_prefetch([layers[i - 1]])
-    # FSDP2 put new DTensor Parameters in place of the tagged ones; the strategy, clipping and
-    # checkpoints read the TP tags (tp_dim, tp_full_size, sequence_parallel) from them.
-    retag_parameters(model)
+    retag(model, specs)
     return model
 
 
@@ -101,12 +102,13 @@ def shard_experts(model: torch.nn.Module, edp_mesh: DeviceMesh, reshard: bool, f
     loss is the dp mean and each expert gradient already sums its ep group's tokens.
     (``set_gradient_divide_factor(dp)`` would say the same in one place, but it reduces with
     a pre-multiplied sum, which gloo lacks.)"""
-    from evoformer.parallel.expert import tag_expert_parameters
+    from evoformer.parallel.sharding import is_expert_parallel
 
-    holders = [m for m in model.modules() if "ep_shards" in m.__dict__]
+    holders = [
+        m for m in model.modules() if any(map(is_expert_parallel, m.parameters(recurse=False)))
+    ]
     for m in holders:
         fully_shard(m, mesh=edp_mesh, reshard_after_forward=reshard)
-        tag_expert_parameters(m)  # the new DTensor parameters: clipping and checkpoints
 
 
 def tp_shard_placement(tp_size: int, shard_size: int):
@@ -120,16 +122,17 @@ def tp_shard_placement(tp_size: int, shard_size: int):
     from torch.distributed.tensor import Shard
 
     from evoformer.errors import UserError
+    from evoformer.parallel.sharding import tp_split
 
     def placement(p: torch.nn.Parameter):
-        dim = getattr(p, "tp_dim", None)
-        padded = dim == 0 and p.shape[0] * tp_size != p.tp_full_size
+        split = tp_split(p)
+        padded = split is not None and split.dim == 0 and p.shape[0] * tp_size != split.length
         if not padded:
             return None  # FSDP2's default, Shard(0)
         if p.ndim > 1 and p.shape[1] % shard_size == 0:
             return Shard(1)
         raise UserError(
-            f"config: a vocabulary of {p.tp_full_size} is padded over parallel.tp={tp_size} and "
+            f"config: a vocabulary of {split.length} is padded over parallel.tp={tp_size} and "
             f"its {p.shape[1] if p.ndim > 1 else 1} columns do not divide over the "
             f"{shard_size} FSDP2 shards: use a vocab_size divisible by tp"
         )

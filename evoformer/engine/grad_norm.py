@@ -3,12 +3,13 @@
 After the data-parallel all-reduce every DP rank holds the same (averaged) gradients, so DP adds
 nothing to the sum (under FSDP2 each dp rank holds a disjoint shard of every gradient as a
 DTensor, and the DTensor norm sums the shards once over dp). Across the tensor-parallel group a
-parameter is either *sharded* (tagged ``param.tp_dim`` by the parallel layers: each rank holds a
-disjoint slice, so the squared norms are summed over TP) or *replicated* (every rank holds the
-same full gradient, after ``sync_sequence_parallel_grads`` for the partial ones: counted once,
-i.e. not summed). Summing everything over TP, or only local norms, is the bug class of Megatron
-issue #7452: the clip coefficient, hence every update, then depends on the layout. Vocabulary
-padding rows of sharded tables have zero gradients and add nothing.
+parameter is either *sharded* (its ``ShardSpec`` has a ``tp`` split, given by the parallel
+layers: each rank holds a disjoint slice, so the squared norms are summed over TP) or
+*replicated* (every rank holds the same full gradient, after ``sync_sequence_parallel_grads``
+for the partial ones: counted once, i.e. not summed). Summing everything over TP, or only local
+norms, is the bug class of Megatron issue #7452: the clip coefficient, hence every update, then
+depends on the layout. Vocabulary padding rows of sharded tables have zero gradients and add
+nothing.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
 from evoformer.parallel.collectives import all_reduce_, group_size
+from evoformer.parallel.sharding import is_expert_parallel, is_tp_sharded, to_local
 
 
 def grad_norm(
@@ -35,8 +37,8 @@ def grad_norm(
     (``dp``, or ``dp_shard`` under HSDP; never the replicate dimension), then the TP rule above
     applies to the result."""
     params = [p for p in parameters if p.grad is not None]
-    sharded = [p.grad for p in params if _is_sharded(p)]
-    replicated = [p.grad for p in params if not _is_sharded(p)]
+    sharded = [p.grad for p in params if is_tp_sharded(p)]
+    replicated = [p.grad for p in params if not is_tp_sharded(p)]
     device = params[0].grad.device if params else torch.device("cpu")
     sq_sharded = _sum_of_squares_over_shards(sharded, device)
     if group_size(tp_group) > 1:
@@ -88,16 +90,12 @@ def clip_grad_norm_(
     parameters = list(parameters)
     total = total_grad_norm(parameters, scope)
     # FSDP2 DTensor gradients are scaled through their local shards (a plain scalar factor).
-    grads = [_local(p.grad) for p in parameters if p.grad is not None]
+    grads = [to_local(p.grad) for p in parameters if p.grad is not None]
     if grads:
         # torch's rule: multiply by min(1, max_norm / (norm + 1e-6)), always (no host sync).
         coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
         torch._foreach_mul_(grads, coef.to(grads[0].device))
     return total
-
-
-def _is_sharded(p: torch.Tensor) -> bool:
-    return getattr(p, "tp_dim", None) is not None
 
 
 def _sum_of_squares(grads: list[torch.Tensor], device: torch.device) -> torch.Tensor:
@@ -122,7 +120,7 @@ def _sum_of_squares_over_shards(grads: list[torch.Tensor], device: torch.device)
             dims = tuple(i for i, pl in enumerate(g.placements) if pl.is_shard())
             key = (mesh.mesh_dim_names, dims)
             groups = [mesh.get_group(i) for i in dims]
-            buckets.setdefault(key, (groups, []))[1].append(g.to_local())
+            buckets.setdefault(key, (groups, []))[1].append(to_local(g))
     return total + _reduce_buckets(buckets, device)
 
 
@@ -150,10 +148,10 @@ def expert_parallel_grad_norm(
     tp_group: dist.ProcessGroup | None,
     ep_group: dist.ProcessGroup | None,
 ) -> torch.Tensor:
-    """The global gradient norm when some parameters are expert-parallel shards (tagged
-    ``p.ep_dim``: each rank of ``ep_group`` holds different experts). Each parameter's squares
+    """The global gradient norm when some parameters are expert-parallel shards (their spec has
+    an ``ep`` split: each rank of ``ep_group`` holds different experts). Each parameter's squares
     are summed over exactly the groups whose ranks hold disjoint pieces of it: the ep group
-    (``ep_dim``), the TP group (``tp_dim``) and, for an FSDP2 DTensor, its mesh (dp for dense
+    (``ep``), the TP group (``tp``) and, for an FSDP2 DTensor, its mesh (dp for dense
     parameters, edp for experts); over every other group it is replicated and counted once.
     Parameters are bucketed by that set of groups (the same buckets on every rank, whichever
     gradients exist, so every rank issues the same collectives)."""
@@ -166,20 +164,16 @@ def expert_parallel_grad_norm(
             mesh = p.device_mesh
             groups.append(mesh.get_group())
             key.append(mesh.mesh_dim_names[0] if mesh.mesh_dim_names else "fsdp")
-        if getattr(p, "ep_dim", None) is not None:
+        if is_expert_parallel(p):
             groups.append(ep_group)
             key.append("ep")
-        if _is_sharded(p):
+        if is_tp_sharded(p):
             groups.append(tp_group)
             key.append("tp")
         bucket = buckets.setdefault(tuple(key), (groups, []))
         if p.grad is not None:
-            bucket[1].append(_local(p.grad))
+            bucket[1].append(to_local(p.grad))
     return _reduce_buckets(buckets, device).sqrt()
-
-
-def _local(t: torch.Tensor) -> torch.Tensor:
-    return t.to_local() if isinstance(t, DTensor) else t
 
 
 # -- pipeline parallelism ----------------------------------------------------------------------

@@ -41,6 +41,8 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+from evoformer.parallel.sharding import to_local
+
 KINDS = ("param", "grad", "optim")
 
 
@@ -76,18 +78,12 @@ class MemoryStats:
         return {k: v for k, v in out.items() if v is not None}
 
 
-def _local(t: torch.Tensor) -> torch.Tensor:
-    from torch.distributed.tensor import DTensor
-
-    return t.to_local() if isinstance(t, DTensor) else t
-
-
 def tensor_bytes(tensors: Iterable[torch.Tensor]) -> int:
     """Bytes of ``tensors``, each distinct (data pointer, size) counted once (tied weights)."""
     seen: set[tuple[int, int]] = set()
     total = 0
     for t in tensors:
-        t = _local(t)
+        t = to_local(t)
         n = t.numel() * t.element_size()
         key = (t.data_ptr(), n)
         if n and key not in seen:
@@ -156,7 +152,7 @@ def gathered_param_bytes(module: torch.nn.Module) -> int:
 def _storage_keys(module: torch.nn.Module) -> set[int]:
     keys = set()
     for t in [*module.parameters(), *module.buffers()]:
-        t = _local(t)
+        t = to_local(t)
         keys.add(StorageWeakRef(t.untyped_storage()).cdata)
     return keys
 

@@ -43,6 +43,7 @@ from evoformer.errors import UserError
 from evoformer.model.layout import layer_spec
 from evoformer.model.stages import TransformerStage, build_stage_model, split_layers, stage_ranks
 from evoformer.parallel.expert import expert_parallel_params
+from evoformer.parallel.sharding import to_local
 
 
 @dataclasses.dataclass(frozen=True)
@@ -293,13 +294,10 @@ class PipelineRunner(StepRunner):
         data-parallel reduction, before clipping)."""
         if self._tie_group is None:
             return
-        from torch.distributed.tensor import DTensor
-
         for p in self._tied:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
-            g = p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad
-            dist.all_reduce(g, group=self._tie_group)
+            dist.all_reduce(to_local(p.grad), group=self._tie_group)
 
     # -- evaluation ----------------------------------------------------------------------------
 

@@ -24,6 +24,7 @@ import torch
 from evoformer.engine.memory import MemoryMeter
 from evoformer.engine.strategy import Strategy
 from evoformer.model import Transformer, lm_loss
+from evoformer.parallel.sharding import full_shape
 
 
 class StepRunner(abc.ABC):
@@ -63,12 +64,7 @@ class StepRunner(abc.ABC):
 def global_numel(p: torch.Tensor) -> int:
     """Elements of parameter ``p`` in the whole model: the TP- and EP-sharded dimensions at
     their full size, DeepSpeed ZeRO-3's partitions at their unpartitioned shape."""
-    dim = getattr(p, "tp_dim", None)
-    shape = getattr(p, "ds_shape", p.shape)  # DeepSpeed ZeRO-3: the unpartitioned shape
-    count = shape.numel() if dim is None else shape.numel() // shape[dim] * p.tp_full_size
-    if getattr(p, "ep_dim", None) is not None:  # expert parallelism: E / ep experts here
-        count = count // shape[p.ep_dim] * p.ep_full_size
-    return count
+    return full_shape(p).numel()
 
 
 class LocalRunner(StepRunner):

@@ -41,6 +41,7 @@ from evoformer.errors import UserError
 from evoformer.model import Transformer
 from evoformer.parallel.expert import expert_parallel_params, reduce_expert_grads
 from evoformer.parallel.layers import sequence_parallel_params, sync_sequence_parallel_grads
+from evoformer.parallel.sharding import to_local
 
 
 @dataclasses.dataclass
@@ -224,19 +225,14 @@ class Strategy:
         and ``grad`` while gradients exist (after backward, before the step zeroes them).
         ``engine.memory`` counts memory through this; a strategy that keeps gradients or
         parameters elsewhere (flat buffers, another precision) yields those instead."""
-        from torch.distributed.tensor import DTensor
-
-        def local(t: torch.Tensor) -> torch.Tensor:
-            return t.to_local() if isinstance(t, DTensor) else t
-
         for p in self.model.parameters():
-            yield "param", local(p)
+            yield "param", to_local(p)
             if p.grad is not None:
-                yield "grad", local(p.grad)
+                yield "grad", to_local(p.grad)
         for state in self.optimizer.state.values():
             for v in state.values():
                 if torch.is_tensor(v) and v.dim() > 0:
-                    yield "optim", local(v)
+                    yield "optim", to_local(v)
 
 
 class DDPStrategy(Strategy):
@@ -325,7 +321,7 @@ class FSDP2Strategy(Strategy):
     def _sync_expert_grads(self) -> None:
         # FSDP2 averaged the expert gradients over edp; the dp mean needs a further 1/ep (each
         # already sums its ep group's tokens: see engine.fsdp.shard_experts).
-        grads = [p.grad.to_local() for p in self.expert_params if p.grad is not None]
+        grads = [to_local(p.grad) for p in self.expert_params if p.grad is not None]
         if grads:
             torch._foreach_div_(grads, float(self.dims.ep))
 

@@ -27,7 +27,7 @@ from evoformer.model.layout import LayerSpec, layer_spec
 from evoformer.model.norms import RMSNorm, sharded_rms_norm
 from evoformer.model.positions import alibi_slopes, apply_rope
 from evoformer.parallel.context import ParallelContext
-from evoformer.parallel.layers import mark_partial_grad, mark_sharded
+from evoformer.parallel.sharding import mark_partial_grad, mark_sharded
 
 
 class KVCache:

@@ -31,7 +31,7 @@ from evoformer.config.schema import ModelConfig
 from evoformer.model.norms import RMSNorm
 from evoformer.model.positions import apply_rope, yarn_mscale
 from evoformer.parallel.context import ParallelContext
-from evoformer.parallel.layers import mark_partial_grad
+from evoformer.parallel.sharding import mark_partial_grad
 
 # DeepSeek's latent norms use a fixed epsilon, whatever rms_norm_eps says.
 LATENT_NORM_EPS = 1e-6

@@ -33,13 +33,13 @@ from evoformer.model.layout import moe_layers
 from evoformer.model.mlp import GatedMLP, activation_fn
 from evoformer.parallel.collectives import group_size
 from evoformer.parallel.context import ParallelContext
-from evoformer.parallel.expert import (
-    LocalDispatcher,
-    build_dispatcher,
+from evoformer.parallel.expert import LocalDispatcher, build_dispatcher
+from evoformer.parallel.sharding import (
+    KeepShardSpecs,
     mark_expert_sharded,
-    tag_expert_parameters,
+    mark_partial_grad,
+    mark_sharded,
 )
-from evoformer.parallel.layers import mark_partial_grad, mark_sharded
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -48,7 +48,7 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
 
 
-class GroupedExperts(nn.Module):
+class GroupedExperts(KeepShardSpecs):
     """E gated experts ``down(act(gate(x)) * up(x))`` as stacked weights: ``gate_proj`` and
     ``up_proj`` [E, H, C], ``down_proj`` [E, C, H] (each expert's matrix in nn.Linear's
     [out, in] layout, as HF stores them). Takes token copies sorted by expert with the per-expert
@@ -86,12 +86,6 @@ class GroupedExperts(nn.Module):
                 mark_expert_sharded(self, name, 0, num_experts, ctx.ep_rank)
         # None: torch._grouped_mm where the kernel takes the shapes, else a loop over experts.
         self.use_grouped_mm: bool | None = None
-
-    def _apply(self, fn, recurse: bool = True):
-        # .to_empty() from meta builds new Parameter objects: keep the expert-parallel tags.
-        out = super()._apply(fn, recurse)
-        tag_expert_parameters(self)
-        return out
 
     def forward(self, x_MC: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
         dtype = _compute_dtype(x_MC)

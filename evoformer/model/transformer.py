@@ -33,18 +33,14 @@ from evoformer.model.norms import build_norm
 from evoformer.model.positions import RotaryEmbedding
 from evoformer.parallel.context import ParallelContext
 from evoformer.parallel.cross_entropy import vocab_parallel_cross_entropy
-from evoformer.parallel.expert import cut_expert_shard, ep_global_shape
 from evoformer.parallel.layers import (
     TensorParallelModule,
     VocabParallelEmbedding,
     VocabParallelLMHead,
-    full_shape_of,
     gather_vocab_logits,
-    mark_partial_grad,
-    retag_parameters,
-    shard_tensor,
     vocab_parallel_logits,
 )
+from evoformer.parallel.sharding import KeepShardSpecs, full_shape, local_piece, mark_partial_grad
 
 
 class Block(nn.Module):
@@ -118,7 +114,7 @@ class ModelOutput(NamedTuple):
     metrics: dict[str, torch.Tensor]
 
 
-class Transformer(nn.Module):
+class Transformer(KeepShardSpecs):
     """Decoder-only language model; ``forward(input_ids [B, T]) -> logits [B, T, V]``.
 
     ``ctx`` (default: one process) gives the tensor-parallel group and sequence parallelism;
@@ -157,12 +153,6 @@ class Transformer(nn.Module):
             from evoformer.model.mtp import MultiTokenPrediction
 
             self.mtp = MultiTokenPrediction(cfg, ctx.without_sp())
-
-    def _apply(self, fn, recurse: bool = True):
-        # .to_empty() from meta builds new Parameter objects: re-apply the TP metadata.
-        out = super()._apply(fn, recurse)
-        retag_parameters(self)
-        return out
 
     @staticmethod
     def _build_rope(cfg: ModelConfig):
@@ -340,15 +330,11 @@ def aux_loss_of(module: nn.Module) -> torch.Tensor | None:
 
 
 def _normal_(t: torch.Tensor, std: float, seed: int, name: str, tp_rank: int = 0) -> None:
-    """Draw ``t`` from N(0, std) with a generator keyed by its name. A tensor-parallel shard
-    (``t.tp_dim`` set) is cut from the global tensor drawn exactly as on one device."""
+    """Draw ``t`` from N(0, std) with a generator keyed by its name. A tensor- or
+    expert-parallel shard is cut from the global tensor drawn exactly as on one device."""
     g = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
-    shape = ep_global_shape(t, full_shape_of(t))  # expert-parallel: all experts drawn
-    full = torch.empty(shape, dtype=torch.float32).normal_(0.0, std, generator=g)
-    full = cut_expert_shard(full, t)
-    if getattr(t, "tp_dim", None) is not None:
-        full = shard_tensor(full, t.tp_dim, t.shape[t.tp_dim], tp_rank)
-    t.copy_(full)
+    full = torch.empty(full_shape(t), dtype=torch.float32).normal_(0.0, std, generator=g)
+    t.copy_(local_piece(full, t, tp_rank))
 
 
 def build_model(

@@ -23,11 +23,16 @@ from evoformer.parallel.layers import (
     VocabParallelLMHead,
     gather_full_params,
     gather_vocab_logits,
-    mark_partial_grad,
-    mark_sharded,
     sequence_parallel_params,
     sync_sequence_parallel_grads,
     vocab_parallel_logits,
+)
+from evoformer.parallel.sharding import (
+    ShardSpec,
+    Split,
+    mark_partial_grad,
+    mark_sharded,
+    shard_spec,
 )
 
 __all__ = [
@@ -35,6 +40,8 @@ __all__ = [
     "ColumnParallelLinear",
     "ParallelContext",
     "RowParallelLinear",
+    "ShardSpec",
+    "Split",
     "TensorParallelModule",
     "VocabParallelEmbedding",
     "VocabParallelLMHead",
@@ -51,6 +58,7 @@ __all__ = [
     "scatter_to_parallel_region",
     "scatter_to_sequence_parallel_region",
     "sequence_parallel_params",
+    "shard_spec",
     "sum_across_parallel_region",
     "sync_sequence_parallel_grads",
     "vocab_parallel_cross_entropy",

@@ -37,9 +37,9 @@ outputs once). The ep group links ranks with the same tp rank, so each TP rank a
 (identical) routed tokens of its TP group to its counterpart ranks and computes its hidden slice
 of every received row: no token is computed twice, and routing stays replicated over TP.
 
-Parameters: an expert-parallel parameter holds ``num_experts / P`` rows of dim ``ep_dim`` of the
-global stacked tensor; :func:`mark_expert_sharded` tags it (``p.ep_dim``, ``p.ep_full_size``,
-``p.ep_rank``) so that initialisation cuts it from the global tensor drawn from the seed,
+Parameters: an expert-parallel parameter holds ``num_experts / P`` rows of the expert dim of
+the global stacked tensor; ``sharding.mark_expert_sharded`` records that in its ``ShardSpec``
+(``ep``, ``ep_rank``) so that initialisation cuts it from the global tensor drawn from the seed,
 checkpoints store the global tensor, gradient clipping sums its squares over the ep group, and
 data parallelism reduces its gradient over the ``edp`` group only.
 
@@ -56,53 +56,14 @@ import torch.distributed as dist
 from torch import nn
 
 from evoformer.parallel.collectives import group_rank, group_size
+from evoformer.parallel.sharding import is_expert_parallel
 
-# -- parameter metadata ------------------------------------------------------------------------
-
-
-def mark_expert_sharded(module: nn.Module, name: str, dim: int, full_size: int, rank: int) -> None:
-    """Record that ``module.<name>`` holds rank ``rank``'s equal slice of dim ``dim`` of a global
-    tensor of length ``full_size`` there, split over the ep group. Re-applied by
-    :func:`tag_expert_parameters` after ``.to_empty()`` (which builds new Parameter objects)."""
-    if "ep_shards" not in module.__dict__:
-        module.ep_shards = {}
-    module.ep_shards[name] = (dim, full_size, rank)
-    tag_expert_parameters(module)
-
-
-def tag_expert_parameters(module: nn.Module) -> None:
-    """(Re-)apply ``module.ep_shards`` to the parameters themselves."""
-    for name, (dim, full, rank) in getattr(module, "ep_shards", {}).items():
-        p = getattr(module, name, None)
-        if p is not None:
-            p.ep_dim, p.ep_full_size, p.ep_rank = dim, full, rank
-
-
-def is_expert_parallel(p: torch.Tensor) -> bool:
-    """Whether ``p`` is an expert-parallel shard (tagged by :func:`mark_expert_sharded`)."""
-    return getattr(p, "ep_dim", None) is not None
+# -- expert-parallel parameters ----------------------------------------------------------------
 
 
 def expert_parallel_params(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
     """``(name, parameter)`` of every expert-parallel shard of ``model``."""
     return [(n, p) for n, p in model.named_parameters() if is_expert_parallel(p)]
-
-
-def ep_global_shape(p: torch.Tensor, shape: torch.Size | None = None) -> torch.Size:
-    """``shape`` (default ``p.shape``) with the expert dim at its global length."""
-    shape = p.shape if shape is None else shape
-    if not is_expert_parallel(p):
-        return torch.Size(shape)
-    return torch.Size(p.ep_full_size if d == p.ep_dim else s for d, s in enumerate(shape))
-
-
-def cut_expert_shard(full: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
-    """This rank's rows of the global tensor ``full`` for the expert-parallel parameter ``p``
-    (``full`` unchanged when ``p`` is not one)."""
-    if not is_expert_parallel(p):
-        return full
-    n = p.shape[p.ep_dim]
-    return full.narrow(p.ep_dim, p.ep_rank * n, n)
 
 
 # -- the collective ----------------------------------------------------------------------------

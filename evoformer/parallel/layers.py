@@ -18,11 +18,10 @@ VocabParallelLMHead    ``[V_pad/tp, C]``    none (SP: all-gather T)     all-redu
                                                                         reduce-scatter T)
 =====================  ===================  ==========================  =======================
 
-Sharding metadata: every layer records, per parameter name, the tensor dim it is split on and
-the global (unpadded) length of that dim (``layer.tp_shards``, e.g. ``{"weight": (0, 4096),
-"bias": None}`` where ``None`` = replicated), and tags the parameters themselves
-(``param.tp_dim``, ``param.tp_full_size``) so checkpoint code can build DTensors or reshard. The
-tags are re-applied after ``.to()`` / ``.to_empty()`` (which replace meta parameters).
+Sharding metadata: every layer gives each split parameter a ``ShardSpec`` (``parallel.sharding``:
+the tensor dim it is split on and that dim's global unpadded length, e.g. ``Split(0, 4096)`` for
+a column layer's weight; no spec = replicated), so checkpoint code can build DTensors or reshard.
+The specs are kept across ``.to()`` / ``.to_empty()`` (which replace meta parameters).
 
 Layout-independent init: draw the *global* tensor (``layer.full_shape(name)``) with the model's
 per-name generator and call ``layer.shard_from_full_(weight=full)``; every layout then starts
@@ -52,40 +51,31 @@ from evoformer.parallel.collectives import (
     reduce_scatter_to_sequence_parallel_region,
     scatter_to_parallel_region,
 )
+from evoformer.parallel.sharding import (
+    KeepShardSpecs,
+    full_shape,
+    has_partial_grad,
+    mark_partial_grad,
+    mark_sharded,
+    shard_tensor,
+    to_local,
+    tp_split,
+)
 
-Shard = tuple[int, int] | None  # (tensor dim split over tp, its global unpadded length) or None
 
-
-class TensorParallelModule(nn.Module):
-    """Base of the parallel layers: the group, this rank's place in it, sharding metadata."""
-
-    tp_shards: dict[str, Shard]
+class TensorParallelModule(KeepShardSpecs):
+    """Base of the parallel layers: the group, this rank's place in it; the parameters' shard
+    specs survive ``.to_empty()`` from the meta device."""
 
     def __init__(self, group: dist.ProcessGroup | None) -> None:
         super().__init__()
         self.group = group
         self.tp_size = group_size(group)
         self.tp_rank = group_rank(group)
-        self.tp_shards = {}
-        self.sequence_parallel_params: set[str] = set()
-
-    def _tag_params(self) -> None:
-        tag_parameters(self)
-
-    def _apply(self, fn, recurse: bool = True):
-        # .to_empty() from meta builds new Parameter objects; keep the tags on them.
-        out = super()._apply(fn, recurse)
-        self._tag_params()
-        return out
 
     def full_shape(self, name: str) -> torch.Size:
         """Shape of parameter ``name`` on one device (global, without vocab padding)."""
-        p = getattr(self, name)
-        shard = self.tp_shards[name]
-        if shard is None:
-            return p.shape
-        dim, full = shard
-        return torch.Size(full if d == dim else s for d, s in enumerate(p.shape))
+        return full_shape(getattr(self, name))
 
     def shard_of(self, name: str, full: torch.Tensor) -> torch.Tensor:
         """This rank's slice of the global tensor ``full`` for parameter ``name`` (padding rows
@@ -96,10 +86,10 @@ class TensorParallelModule(nn.Module):
                 f"{type(self).__name__}.{name}: global tensor has shape {tuple(full.shape)}, "
                 f"expected {tuple(self.full_shape(name))}"
             )
-        shard = self.tp_shards[name]
-        if shard is None:
+        split = tp_split(p)
+        if split is None:
             return full
-        return shard_tensor(full, shard[0], p.shape[shard[0]], self.tp_rank)
+        return shard_tensor(full, split.dim, p.shape[split.dim], self.tp_rank)
 
     @torch.no_grad()
     def shard_from_full_(self, **full: torch.Tensor) -> TensorParallelModule:
@@ -113,12 +103,11 @@ class TensorParallelModule(nn.Module):
     def gather_full(self, name: str) -> torch.Tensor:
         """The global tensor of parameter ``name`` (padding stripped). A collective: every rank
         of the group must call it."""
-        p = getattr(self, name).detach()
-        shard = self.tp_shards[name]
-        if shard is None or self.tp_size == 1:
-            return p.clone() if shard is None else p.narrow(shard[0], 0, shard[1]).clone()
-        dim, length = shard
-        return _all_gather(p, self.group, dim).narrow(dim, 0, length).clone()
+        p = getattr(self, name)
+        split, t = tp_split(p), p.detach()
+        if split is None or self.tp_size == 1:
+            return t.clone() if split is None else t.narrow(split.dim, 0, split.length).clone()
+        return _all_gather(t, self.group, split.dim).narrow(split.dim, 0, split.length).clone()
 
     @torch.no_grad()
     def _default_init(self, fan_in: int) -> None:
@@ -135,93 +124,16 @@ class TensorParallelModule(nn.Module):
         self.shard_from_full_(**{k: v.to(self.weight.device) for k, v in full.items()})
 
 
-def shard_tensor(full: torch.Tensor, dim: int, local: int, rank: int) -> torch.Tensor:
-    """Rank ``rank``'s slice of ``local`` entries along ``dim`` of a global tensor, as the
-    parallel layers hold it: equal slices in rank order, zero padding past the global length."""
-    start = rank * local
-    shape = list(full.shape)
-    shape[dim] = local
-    n = max(0, min(local, full.shape[dim] - start))
-    if n == local:
-        return full.narrow(dim, start, local).clone()
-    out = full.new_zeros(shape)
-    if n:
-        out.narrow(dim, 0, n).copy_(full.narrow(dim, start, n))
-    return out
-
-
-# -- sharding metadata on any module -----------------------------------------------------------
-
-
-def tag_parameters(module: nn.Module) -> None:
-    """(Re-)apply a module's sharding metadata to its parameters: ``module.tp_shards`` (name ->
-    ``(dim, global length)`` or ``None``) becomes ``param.tp_dim`` / ``param.tp_full_size``, and
-    names in ``module.sequence_parallel_params`` get ``param.sequence_parallel = True``.
-
-    ``sequence_parallel`` (Megatron's name) marks a *replicated* parameter whose gradient is
-    partial on each rank of the TP group and must be summed over it before the optimizer step
-    (``sync_sequence_parallel_grads``): parameters used on sequence shards, and also replicated
-    parameters each rank uses for only its own heads (K/V projections shared by fewer KV heads
-    than tp, per-head QK-norm weights) or whose output feeds only a partial sum (an MoE router).
-    """
-    shards = getattr(module, "tp_shards", {})
-    partial = getattr(module, "sequence_parallel_params", ())
-    for name in set(shards) | set(partial):
-        p = getattr(module, name, None)
-        if p is None:
-            continue
-        shard = shards.get(name)
-        p.tp_dim, p.tp_full_size = shard if shard is not None else (None, None)
-        p.sequence_parallel = name in partial
-
-
-def mark_sharded(module: nn.Module, name: str, dim: int, full_size: int) -> None:
-    """Record that ``module.<name>`` holds this rank's slice along ``dim`` of a global tensor of
-    length ``full_size`` there (for modules that are not parallel layers: stacked MoE experts,
-    a QK-norm over a head-sharded projection). ``retag_parameters`` re-applies it."""
-    if "tp_shards" not in module.__dict__:
-        module.tp_shards = {}
-    module.tp_shards[name] = (dim, full_size)
-    tag_parameters(module)
-
-
-def mark_partial_grad(module: nn.Module, *names: str) -> None:
-    """Record that the replicated parameters ``names`` of ``module`` get partial gradients on
-    each TP rank (see ``tag_parameters``); ``sync_sequence_parallel_grads`` sums them."""
-    if "sequence_parallel_params" not in module.__dict__:
-        module.sequence_parallel_params = set()
-    module.sequence_parallel_params.update(n for n in names if getattr(module, n, None) is not None)
-    tag_parameters(module)
-
-
-def retag_parameters(root: nn.Module) -> None:
-    """Re-apply every module's metadata: ``.to_empty()`` from the meta device builds new
-    Parameter objects, which carry no attributes."""
-    for m in root.modules():
-        if "tp_shards" in m.__dict__ or "sequence_parallel_params" in m.__dict__:
-            tag_parameters(m)
-
-
-def full_shape_of(p: torch.Tensor) -> torch.Size:
-    """The global (single-device, unpadded) shape of a possibly sharded parameter."""
-    dim = getattr(p, "tp_dim", None)
-    if dim is None:
-        return p.shape
-    return torch.Size(p.tp_full_size if d == dim else s for d, s in enumerate(p.shape))
-
-
 @torch.no_grad()
 def gather_full_params(module: nn.Module, group: dist.ProcessGroup | None) -> dict:
     """``{name: global tensor}`` for every parameter: shards all-gathered over ``group`` and
     padding stripped, replicated parameters copied. A collective over the group."""
     out = {}
     for name, p in module.named_parameters():
-        dim = getattr(p, "tp_dim", None)
-        if dim is None or group_size(group) == 1:
-            t = p.detach() if dim is None else p.detach().narrow(dim, 0, p.tp_full_size)
-        else:
-            t = _all_gather(p.detach(), group, dim).narrow(dim, 0, p.tp_full_size)
-        out[name] = t.clone()
+        split, t = tp_split(p), p.detach()
+        if split is not None and group_size(group) > 1:
+            t = _all_gather(t, group, split.dim)
+        out[name] = (t if split is None else t.narrow(split.dim, 0, split.length)).clone()
     return out
 
 
@@ -265,8 +177,8 @@ class ColumnParallelLinear(TensorParallelModule):
         kw = {"device": device, "dtype": dtype}
         self.weight = nn.Parameter(torch.empty(local, in_features, **kw))
         self.bias = nn.Parameter(torch.empty(local, **kw)) if bias else None
-        self.tp_shards = {"weight": (0, out_features), "bias": (0, out_features)}
-        self._tag_params()
+        mark_sharded(self, "weight", 0, out_features)
+        mark_sharded(self, "bias", 0, out_features)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -298,7 +210,7 @@ class RowParallelLinear(TensorParallelModule):
     ColumnParallelLinear), or replicated and split here. Communicates: forward an all-reduce of
     Y (SP: reduce-scatter of Y along T, so the output is sequence-sharded); backward nothing
     (SP: all-gather of dY along T). Under SP the bias sees only this rank's tokens, so its
-    gradient is partial: it is tagged ``sequence_parallel`` and needs
+    gradient is partial: its spec says ``partial_grad`` and it needs
     ``sync_sequence_parallel_grads`` (an all-reduce over the group) before the optimizer step.
 
     ``explicit_comm=True`` (no bias): return this rank's partial sum unreduced, for a caller that
@@ -330,10 +242,9 @@ class RowParallelLinear(TensorParallelModule):
         kw = {"device": device, "dtype": dtype}
         self.weight = nn.Parameter(torch.empty(out_features, local, **kw))
         self.bias = nn.Parameter(torch.empty(out_features, **kw)) if bias else None
-        self.tp_shards = {"weight": (1, in_features), "bias": None}
+        mark_sharded(self, "weight", 1, in_features)
         if self.sequence_parallel:
-            self.sequence_parallel_params = {"bias"}
-        self._tag_params()
+            mark_partial_grad(self, "bias")
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -385,8 +296,7 @@ class _VocabShardedModule(TensorParallelModule):
         self.vocab_start = min(self.shard_start, num_embeddings)
         self.vocab_end = min(self.shard_end, num_embeddings)
         self.weight = nn.Parameter(torch.empty(per_rank, embedding_dim, device=device, dtype=dtype))
-        self.tp_shards = {"weight": (0, num_embeddings)}
-        self._tag_params()
+        mark_sharded(self, "weight", 0, num_embeddings)
 
     def extra_repr(self) -> str:
         return (
@@ -489,9 +399,9 @@ def gather_vocab_logits(
 
 def sequence_parallel_params(module: nn.Module) -> list[nn.Parameter]:
     """Parameters used on sequence shards whose gradients are therefore partial across the TP
-    group (row-parallel biases under SP, and whatever the model tags ``sequence_parallel``,
-    e.g. norm weights inside SP regions)."""
-    return [p for p in module.parameters() if getattr(p, "sequence_parallel", False)]
+    group (row-parallel biases under SP, and whatever the model marks with
+    ``mark_partial_grad``, e.g. norm weights inside SP regions)."""
+    return [p for p in module.parameters() if has_partial_grad(p)]
 
 
 @torch.no_grad()
@@ -504,7 +414,7 @@ def sync_sequence_parallel_grads(
     Under FSDP2 the gradients are DTensors holding this dp rank's shard, already reduced over
     dp: the ranks of a TP group hold the same shard of such a replicated parameter, so summing
     the local shards over TP is the same sum at 1/dp of the traffic."""
-    grads = [_local_tensor(p.grad) for p in params if p.grad is not None]
+    grads = [to_local(p.grad) for p in params if p.grad is not None]
     if not grads or group_size(group) == 1:
         return
     flat = torch.cat([g.reshape(-1) for g in grads])
@@ -513,10 +423,3 @@ def sync_sequence_parallel_grads(
     for g in grads:
         g.copy_(flat[offset : offset + g.numel()].view_as(g))
         offset += g.numel()
-
-
-def _local_tensor(t: torch.Tensor) -> torch.Tensor:
-    """The local shard of a DTensor (a view: writes reach the DTensor), else ``t`` itself."""
-    from torch.distributed.tensor import DTensor
-
-    return t.to_local() if isinstance(t, DTensor) else t

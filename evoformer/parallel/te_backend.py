@@ -3,9 +3,9 @@
 ``ParallelContext.column`` / ``.row`` return these instead of ``nn.Linear`` /
 ``ColumnParallelLinear`` / ``RowParallelLinear`` when the backend is ``te``. Each is a subclass
 of ``transformer_engine.pytorch.Linear`` (so its GEMM, FP8 and autocast handling are TE's) and of
-``TensorParallelModule`` (so it carries the same sharding metadata and helpers:
-``tp_shards``, ``param.tp_dim`` / ``tp_full_size`` / ``sequence_parallel`` tags,
-``full_shape``, ``shard_from_full_``, ``gather_full``, re-tagging after ``.to_empty()``).
+``TensorParallelModule`` (so it carries the same sharding metadata and helpers: each
+parameter's ``ShardSpec``, ``full_shape``, ``shard_from_full_``, ``gather_full``, specs kept
+across ``.to_empty()``).
 Its parameters are TE's own ``weight`` / ``bias``, with the local shapes of our layers
 (column ``[out/tp, in]``, row ``[out, in/tp]``), so both backends have identical state dicts and
 parameter names (the per-name init, checkpoints and grad clipping see no difference). TE's
@@ -40,6 +40,7 @@ from evoformer.parallel.collectives import (
     reduce_scatter_to_sequence_parallel_region,
 )
 from evoformer.parallel.layers import TensorParallelModule, _local
+from evoformer.parallel.sharding import mark_partial_grad, mark_sharded
 
 MISSING = (
     "model.backend=te needs Transformer Engine (CUDA): pip install -e '.[gpu]' on a GPU machine"
@@ -115,12 +116,12 @@ def _linear_class(te) -> type:
             self.gather_output = gather_output
             self.full_in_features, self.full_out_features = in_features, out_features
             if mode == "column":
-                self.tp_shards = {"weight": (0, out_features), "bias": (0, out_features)}
-                self.sequence_parallel_params = set()
+                mark_sharded(self, "weight", 0, out_features)
+                mark_sharded(self, "bias", 0, out_features)
             else:
-                self.tp_shards = {"weight": (1, in_features), "bias": None}
-                self.sequence_parallel_params = {"bias"} if sp else set()
-            self._tag_params()
+                mark_sharded(self, "weight", 1, in_features)
+                if sp:
+                    mark_partial_grad(self, "bias")
 
         # Same state-dict keys as the torch layers: no TE "_extra_state" (FP8 scaling history,
         # which TE rebuilds after a restart).

@@ -14,6 +14,7 @@ from evoformer.parallel.layers import (
     RowParallelLinear,
     VocabParallelEmbedding,
 )
+from evoformer.parallel.sharding import tp_split
 from tests.conftest import REPO
 
 V, IN, HID = 37, 6, 8  # V=37 is not divisible by tp=2: the embedding shards are padded
@@ -63,10 +64,11 @@ def _save_tp(rank, world, root):
         for key, t in (("param", p.detach()), *opt.state[p].items()):
             if key == "step":
                 continue
-            if getattr(p, "tp_dim", None) is not None:
+            split = tp_split(p)
+            if split is not None:
                 parts = [torch.empty_like(t) for _ in range(world)]
                 torch.distributed.all_gather(parts, t.contiguous(), group=groups.tp_group)
-                t = torch.cat(parts, p.tp_dim).narrow(p.tp_dim, 0, p.tp_full_size)
+                t = torch.cat(parts, split.dim).narrow(split.dim, 0, split.length)
             out[(name, key)] = t.clone()
     return out
 

@@ -29,6 +29,7 @@ from evoformer.config.validate import validate
 from evoformer.distributed.testing import run_distributed
 from evoformer.engine import Trainer
 from evoformer.errors import UserError
+from evoformer.parallel.sharding import ShardSpec, shard_spec
 from tests.conftest import REPO
 from tests.engine.parity import grad_norms, max_rel, router_biases
 
@@ -95,7 +96,9 @@ def _experts(model) -> dict[str, tuple[int, int | None, torch.Tensor]]:
     for name, p in model.named_parameters():
         if ".experts." in name:
             t = _local(p.detach()).clone()
-            out[name] = (getattr(p, "ep_rank", 0) * t.shape[0], getattr(p, "tp_dim", None), t)
+            spec = shard_spec(p) or ShardSpec()
+            tp_dim = spec.tp.dim if spec.tp is not None else None
+            out[name] = (spec.ep_rank * t.shape[0], tp_dim, t)
     return out
 
 

@@ -157,10 +157,11 @@ def test_padded_vocab_shards_are_fsdp_sharded_on_dim_1():
     from torch.distributed.tensor import Shard
 
     from evoformer.engine.fsdp import tp_shard_placement
+    from evoformer.parallel.sharding import ShardSpec, Split, set_shard_spec
 
     def param(shape, tp_dim=None, full=None):
         p = torch.nn.Parameter(torch.empty(shape))
-        p.tp_dim, p.tp_full_size = tp_dim, full
+        set_shard_spec(p, ShardSpec(tp=Split(tp_dim, full)) if tp_dim is not None else None)
         return p
 
     placement = tp_shard_placement(tp_size=2, shard_size=2)

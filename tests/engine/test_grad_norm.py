@@ -17,6 +17,7 @@ from evoformer.engine.grad_norm import ClipScope, clip_grad_norm_, grad_norm
 from evoformer.model import build_model
 from evoformer.parallel import sequence_parallel_params, sync_sequence_parallel_grads
 from evoformer.parallel.collectives import _all_gather
+from evoformer.parallel.sharding import tp_split
 from tests.conftest import REPO
 
 # MQA (K/V replicated, partial gradients), an odd vocabulary (padded shards) and SP (norm
@@ -46,9 +47,10 @@ def _worker(rank: int, world: int) -> dict:
     clipped_norm = clip_grad_norm_(params, norm / 2, ClipScope(groups.tp_group)).item()
     grads = {}
     for name, p in model.named_parameters():
-        g, dim = p.grad, getattr(p, "tp_dim", None)
-        if dim is not None:
-            g = _all_gather(g.contiguous(), groups.tp_group, dim).narrow(dim, 0, p.tp_full_size)
+        g, split = p.grad, tp_split(p)
+        if split is not None:
+            g = _all_gather(g.contiguous(), groups.tp_group, split.dim)
+            g = g.narrow(split.dim, 0, split.length)
         grads[name] = g
     return {
         "norm": norm,

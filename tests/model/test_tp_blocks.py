@@ -23,6 +23,7 @@ from evoformer.model.generate import generate
 from evoformer.parallel import count_collectives, sequence_parallel_params
 from evoformer.parallel.collectives import _all_gather
 from evoformer.parallel.layers import gather_full_params, sync_sequence_parallel_grads
+from evoformer.parallel.sharding import shard_spec, tp_split
 from tests.conftest import REPO
 
 B, T = 2, 16
@@ -56,9 +57,9 @@ def _full_grads(model: nn.Module, group) -> dict[str, torch.Tensor]:
     out = {}
     for name, p in model.named_parameters():
         g = p.grad if p.grad is not None else torch.zeros_like(p)
-        dim = getattr(p, "tp_dim", None)
-        if dim is not None:
-            g = _all_gather(g.contiguous(), group, dim).narrow(dim, 0, p.tp_full_size)
+        split = tp_split(p)
+        if split is not None:
+            g = _all_gather(g.contiguous(), group, split.dim).narrow(split.dim, 0, split.length)
         out[name] = g
     return out
 
@@ -221,4 +222,4 @@ def test_tp1_groups_give_the_plain_model():
     assert type(a.embed) is nn.Embedding and type(a.layers[0].attn.kv_b_proj) is nn.Linear
     sa, sb = a.state_dict(), b.state_dict()
     assert list(sa) == list(sb) and all(torch.equal(sa[k], sb[k]) for k in sa)
-    assert not any(hasattr(p, "tp_dim") or hasattr(p, "sequence_parallel") for p in b.parameters())
+    assert not any(shard_spec(p) is not None for p in b.parameters())

@@ -23,6 +23,7 @@ from evoformer.model import build_model
 from evoformer.parallel import te_backend
 from evoformer.parallel.collectives import copy_to_parallel_region, reduce_from_parallel_region
 from evoformer.parallel.layers import ColumnParallelLinear, RowParallelLinear, TensorParallelModule
+from evoformer.parallel.sharding import Split, has_partial_grad, shard_specs, tp_split
 from tests.test_cli import TINY, assert_clean_error, run_cli
 
 B, T = 2, 16
@@ -145,15 +146,11 @@ def test_fake_te_layers_carry_the_torch_layers_metadata(fake_te):
     row = te_backend.TERowParallelLinear(12, 8, True)
     ref_col, ref_row = ColumnParallelLinear(8, 12, True), RowParallelLinear(12, 8, True)
     for m, ref in ((col, ref_col), (row, ref_row)):
-        assert m.tp_shards == ref.tp_shards
+        assert shard_specs(m) == shard_specs(ref)
         for name in ("weight", "bias"):
             p, q = getattr(m, name), getattr(ref, name)
             assert p.shape == q.shape and m.full_shape(name) == ref.full_shape(name)
-            assert (p.tp_dim, p.tp_full_size, p.sequence_parallel) == (
-                q.tp_dim,
-                q.tp_full_size,
-                q.sequence_parallel,
-            )
+            assert (tp_split(p), has_partial_grad(p)) == (tp_split(q), has_partial_grad(q))
         full = {"weight": torch.randn(m.full_shape("weight")), "bias": torch.randn(m.bias.shape)}
         m.shard_from_full_(**full)
         ref.shard_from_full_(**full)
@@ -164,7 +161,7 @@ def test_fake_te_layers_carry_the_torch_layers_metadata(fake_te):
     with torch.device("meta"):
         meta = te_backend.TEColumnParallelLinear(8, 12, False)
     meta.to_empty(device="cpu")
-    assert meta.weight.tp_dim == 0 and meta.weight.tp_full_size == 12
+    assert tp_split(meta.weight) == Split(0, 12)
 
 
 # -- real Transformer Engine (GPU) ---------------------------------------------------------------

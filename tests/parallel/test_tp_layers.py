@@ -22,6 +22,7 @@ from evoformer.parallel import (
     sync_sequence_parallel_grads,
     vocab_parallel_cross_entropy,
 )
+from evoformer.parallel.sharding import tp_split
 
 B, T, C, H, V = 2, 6, 8, 12, 37  # V=37 does not divide tp=2: the vocabulary is padded
 TOL = {"rtol": 1e-5, "atol": 1e-6}
@@ -238,13 +239,18 @@ def test_sharding_metadata_survives_meta_materialisation():
         )
     layers.to_empty(device="cpu")
     col, row, emb = layers
-    assert (col.weight.tp_dim, col.bias.tp_dim, row.weight.tp_dim, row.bias.tp_dim) == (
+
+    def tp_dim(p):
+        return None if tp_split(p) is None else tp_split(p).dim
+
+    assert (tp_dim(col.weight), tp_dim(col.bias), tp_dim(row.weight), tp_dim(row.bias)) == (
         0,
         0,
         1,
         None,
     )
-    assert (emb.weight.tp_dim, emb.weight.tp_full_size, emb.padded_num_embeddings) == (0, V, 40)
+    split = tp_split(emb.weight)
+    assert (split.dim, split.length, emb.padded_num_embeddings) == (0, V, 40)
     assert emb.full_shape("weight") == (V, C) and emb.weight.shape == (40, C)
     w = torch.randn(V, C)
     emb.shard_from_full_(weight=w)
