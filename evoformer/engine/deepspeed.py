@@ -37,7 +37,7 @@ import os
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.distributed as dist
@@ -71,7 +71,7 @@ class ModelParallelUnit:
 
     @staticmethod
     def _group(group: dist.ProcessGroup | None) -> dist.ProcessGroup:
-        return group if group is not None else dist.group.WORLD
+        return group if group is not None else cast(dist.ProcessGroup, dist.group.WORLD)
 
     def get_model_parallel_rank(self) -> int:
         return self.groups.tp_rank
@@ -234,7 +234,10 @@ class DeepSpeedStrategy(Strategy):
         self, cfg: Config, dims: ParallelDims, groups: ParallelGroups, device: torch.device
     ) -> None:
         super().__init__(cfg, dims, groups, device)
-        self.engine = None
+        # DeepSpeedEngine, set by setup(). Typed Any: its attributes (optimizer, its flat
+        # buffers, skipped_steps) are dynamic and stage-dependent, which its own annotations
+        # do not express.
+        self.engine: Any = None
         self._skipped = 0
 
     # -- building ------------------------------------------------------------------------------
@@ -272,7 +275,8 @@ class DeepSpeedStrategy(Strategy):
             # DeepSpeed's ZeRO norm sums these over the model-parallel group and counts the
             # others on tp rank 0 only: exactly engine.grad_norm's rule.
             if is_tp_sharded(p):
-                p.tensor_model_parallel = True
+                # DeepSpeed reads this name (its own protocol, not in torch's stubs).
+                p.tensor_model_parallel = True  # pyright: ignore[reportAttributeAccessIssue]
         if self.dims.tp > 1:
             _sum_partial_grads_over_tp(self.partial_grad_params, self.groups.tp_group)
         if self.cfg.zero.stage == 3:
@@ -418,7 +422,8 @@ class DeepSpeedStrategy(Strategy):
         stage = self.cfg.zero.stage
         zero_opt = self.engine.optimizer
         for p in self.model.parameters():
-            yield "param", (p.ds_tensor if stage == 3 else p)
+            # ZeRO-3: the partition DeepSpeed hangs on each parameter.
+            yield "param", (p.ds_tensor if stage == 3 else p)  # pyright: ignore[reportAttributeAccessIssue]
             if p.grad is not None and p.grad.numel():
                 yield "grad", p.grad
         if stage in (1, 2):

@@ -33,6 +33,8 @@ own HSDP); the strategy builds that mesh from ``zero.replicate``.
 from __future__ import annotations
 
 import functools
+from collections.abc import Iterable
+from typing import cast
 
 import torch
 from torch.distributed.device_mesh import DeviceMesh
@@ -59,7 +61,7 @@ def apply_fsdp2(
     ``dp_mesh``: the 1-D ``dp`` mesh, or 2-D ``("dp_replicate", "dp_shard")`` for HSDP.
     ``tp_size`` > 1: the model's TP-split parameters are TP shards (2-D FSDP x TP).
     ``expert_mesh``: expert parallelism (see ``shard_experts``)."""
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import FSDPModule, fully_shard
 
     from evoformer.parallel.sharding import retag, shard_specs
 
@@ -75,7 +77,8 @@ def apply_fsdp2(
         fully_shard = functools.partial(fully_shard, shard_placement_fn=placement)
     layers = model.layers
     # A pipeline stage keys its blocks by global layer index (a ModuleDict).
-    layers = list(layers.values() if isinstance(layers, torch.nn.ModuleDict) else layers)
+    blocks = layers.values() if isinstance(layers, torch.nn.ModuleDict) else layers
+    layers = list(cast(Iterable[torch.nn.Module], blocks))
     if expert_mesh is not None:  # innermost first: the blocks then skip the expert parameters
         shard_experts(model, expert_mesh, reshard, fully_shard)
     for i, block in enumerate(layers):
@@ -85,11 +88,12 @@ def apply_fsdp2(
     # Prefetching is explicit rather than left to the default heuristics: the next block's
     # all-gather is issued during the current block's forward, and the previous block's during
     # backward.
-    for i, block in enumerate(layers):
-        if i + 1 < len(layers):
-            block.set_modules_to_forward_prefetch([layers[i + 1]])
+    sharded = cast(list[FSDPModule], layers)  # fully_shard made each block one
+    for i, block in enumerate(sharded):
+        if i + 1 < len(sharded):
+            block.set_modules_to_forward_prefetch([sharded[i + 1]])
         if i > 0:
-            block.set_modules_to_backward_prefetch([layers[i - 1]])
+            block.set_modules_to_backward_prefetch([sharded[i - 1]])
     retag(model, specs)
     return model
 
@@ -126,9 +130,8 @@ def tp_shard_placement(tp_size: int, shard_size: int):
 
     def placement(p: torch.nn.Parameter):
         split = tp_split(p)
-        padded = split is not None and split.dim == 0 and p.shape[0] * tp_size != split.length
-        if not padded:
-            return None  # FSDP2's default, Shard(0)
+        if split is None or split.dim != 0 or p.shape[0] * tp_size == split.length:
+            return None  # not a padded vocabulary: FSDP2's default, Shard(0)
         if p.ndim > 1 and p.shape[1] % shard_size == 0:
             return Shard(1)
         raise UserError(

@@ -36,10 +36,10 @@ def grad_norm(
     gradient): each shard's squares are first summed over the mesh dimensions it is sharded on
     (``dp``, or ``dp_shard`` under HSDP; never the replicate dimension), then the TP rule above
     applies to the result."""
-    params = [p for p in parameters if p.grad is not None]
-    sharded = [p.grad for p in params if is_tp_sharded(p)]
-    replicated = [p.grad for p in params if not is_tp_sharded(p)]
-    device = params[0].grad.device if params else torch.device("cpu")
+    grads = [(p, p.grad) for p in parameters if p.grad is not None]
+    sharded = [g for p, g in grads if is_tp_sharded(p)]
+    replicated = [g for p, g in grads if not is_tp_sharded(p)]
+    device = grads[0][1].device if grads else torch.device("cpu")
     sq_sharded = _sum_of_squares_over_shards(sharded, device)
     if group_size(tp_group) > 1:
         all_reduce_(sq_sharded, tp_group)
@@ -64,7 +64,7 @@ def total_grad_norm(parameters: Iterable[torch.Tensor], scope: ClipScope) -> tor
     """The global gradient norm over ``scope``, as one process holding the whole model would
     compute it. With every group of size 1 this is exactly ``torch.nn.utils``' norm."""
     parameters = list(parameters)
-    if group_size(scope.pp_group) > 1:
+    if scope.pp_group is not None and group_size(scope.pp_group) > 1:
         return pipeline_grad_norm(
             parameters, scope.tp_group, scope.ep_group, scope.pp_group, scope.not_counted
         )

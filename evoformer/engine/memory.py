@@ -225,4 +225,4 @@ class MemoryMeter:
                 activations=self._activations[0] if self._activations else None,
                 gathered_params=self._activations[1] if self._activations else 0,
             )
-        return self.stats.metrics()
+        return self.stats.metrics() if self.stats is not None else {}

@@ -26,10 +26,12 @@ sends over the pp group.
 from __future__ import annotations
 
 import dataclasses
+from typing import cast
 
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 from torch.nn.parallel import DistributedDataParallel
 
 from evoformer.config import Config
@@ -228,9 +230,9 @@ class PipelineRunner(StepRunner):
         """What DDP does for the other schedules: each gradient divided by dp, then summed
         over the data-parallel group (one flat buffer)."""
         grads = [p.grad for p in self._dp_average if p.grad is not None]
-        flat = torch._utils._flatten_dense_tensors(grads).div_(self.dims.dp)
+        flat = _flatten_dense_tensors(grads).div_(self.dims.dp)
         dist.all_reduce(flat, group=self.groups.dp_group)
-        for g, synced in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
+        for g, synced in zip(grads, _unflatten_dense_tensors(flat, grads)):
             g.copy_(synced)
 
     def _reduce_metrics(self) -> dict[str, torch.Tensor]:
@@ -277,16 +279,18 @@ class PipelineRunner(StepRunner):
             group = self.pp_group
         else:
             # Every rank creates every pair's group (new_group is collective), keeps its own.
-            grid = self.groups.mesh.mesh.reshape(self.dims.pp, -1)
+            mesh = self.groups.mesh
+            assert mesh is not None  # built with the groups whenever pp > 1
+            grid = mesh.mesh.reshape(self.dims.pp, -1)
             group = None
             for j in range(grid.shape[1]):
                 ranks = [int(grid[first, j]), int(grid[last, j])]
-                g = dist.new_group(ranks)
+                g = cast(dist.ProcessGroup, dist.new_group(ranks))
                 if self.dims.rank in ranks:
                     group = g
         if self.dims.pp_rank not in (first, last):
             return [], None, []
-        embed = self.model.embed.weight
+        embed = cast(nn.Parameter, self.model.embed.weight)
         return [embed], group, ([embed] if self.dims.pp_rank == last else [])
 
     def sync_tied_grads(self) -> None:
@@ -328,7 +332,7 @@ class PipelineRunner(StepRunner):
             if s > 0 and self.placement[s - 1] != me:
                 x = torch.empty(shape, device=self.device)
                 dist.recv(x, self.pp_ranks[self.placement[s - 1]], group=self.pp_group)
-            out = chunk(batch[:, :-1] if s == 0 else x, tokens=batch)
+            out: torch.Tensor = chunk(batch[:, :-1] if s == 0 else x, tokens=batch)
             if s == S - 1:
                 chunk.metrics.clear()
                 loss = out.detach().float()

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import abc
 from contextlib import nullcontext
+from typing import cast
 
 import torch
 
@@ -56,8 +57,9 @@ class StepRunner(abc.ABC):
         biases), which update once they have seen the whole step's micro-batches."""
         stats: dict[str, float] = {}
         for m in self.model.modules():
-            if hasattr(m, "end_of_step"):
-                stats.update(m.end_of_step())
+            end_of_step = getattr(m, "end_of_step", None)
+            if end_of_step is not None:
+                stats.update(end_of_step())
         return stats
 
 
@@ -83,7 +85,11 @@ class LocalRunner(StepRunner):
             with strategy.micro_batch(last=i == n - 1):
                 measured = memory.forward(self.model, first=i == 0) if memory else nullcontext()
                 with strategy.autocast(), measured:
-                    out = strategy.module(batch[:, :-1], targets=batch[:, 1:])
+                    out = cast(
+                        torch.nn.Module, strategy.module
+                    )(  # the whole model: set
+                        batch[:, :-1], targets=batch[:, 1:]
+                    )
                 strategy.backward(out.loss / n)
             for name, value in out.metrics.items():
                 sums[name] = sums.get(name, 0.0) + value.float() / n

@@ -23,9 +23,10 @@ import contextlib
 import dataclasses
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
+from torch.distributed.fsdp import FSDPModule
 from torch.nn.parallel import DistributedDataParallel
 
 from evoformer.checkpoint import load_checkpoint, read_trainer_state, save_checkpoint
@@ -63,6 +64,8 @@ class Strategy:
     the forward pass calls (the DDP wrapper, the DeepSpeed engine, or the model itself)."""
 
     name = "single"
+    model: Transformer
+    optimizer: torch.optim.Optimizer
 
     def __init__(
         self, cfg: Config, dims: ParallelDims, groups: ParallelGroups, device: torch.device
@@ -71,14 +74,15 @@ class Strategy:
         self.dims = dims
         self.groups = groups
         self.device = device
-        self.model: Transformer | None = None
+        # model and optimizer are set by setup(), before anything else is called.
         self.module: torch.nn.Module | None = None
-        self.optimizer: torch.optim.Optimizer | None = None
         self.tp_mesh = groups.submesh("tp") if dims.tp > 1 else None
         # Expert-parallel shards are stored as global tensors over this mesh (checkpoint.io).
         self.ep_mesh = None
         if dims.ep > 1:
-            self.ep_mesh = groups.mesh["ep", "tp"] if dims.tp > 1 else groups.submesh("ep")
+            mesh = groups.mesh
+            assert mesh is not None  # built with the groups whenever a dimension is > 1
+            self.ep_mesh = mesh["ep", "tp"] if dims.tp > 1 else groups.submesh("ep")
         self.partial_grad_params: list[torch.nn.Parameter] = []
         # fp16 only: bf16 and fp32 have the exponent range to need no scaling.
         self.scaler = LossScaler.from_config(cfg.loss_scale) if cfg.precision == "fp16" else None
@@ -112,7 +116,7 @@ class Strategy:
             self.module = self._wrap(model)
         self.optimizer = build_optimizer(model, self.cfg.optim)
 
-    def _wrap(self, model: Transformer) -> torch.nn.Module:
+    def _wrap(self, model: torch.nn.Module) -> torch.nn.Module:
         return model
 
     def describe(self) -> str:
@@ -241,7 +245,7 @@ class DDPStrategy(Strategy):
 
     name = "ddp"
 
-    def _wrap(self, model: Transformer) -> torch.nn.Module:
+    def _wrap(self, model: torch.nn.Module) -> torch.nn.Module:
         # Expert-parallel shards differ between the ranks of an ep group: DDP must neither
         # broadcast nor average them over dp; _sync_expert_grads reduces them over edp.
         ignore = [name for name, _ in expert_parallel_params(model)]  # names inside `model`
@@ -272,7 +276,7 @@ class FSDP2Strategy(Strategy):
 
     name = "fsdp2"
 
-    def _wrap(self, model: Transformer) -> torch.nn.Module:
+    def _wrap(self, model: torch.nn.Module) -> torch.nn.Module:
         from evoformer.engine.fsdp import apply_fsdp2
         from evoformer.engine.precision import fsdp_mp_policy
 
@@ -327,7 +331,7 @@ class FSDP2Strategy(Strategy):
 
     def micro_batch(self, last: bool) -> contextlib.AbstractContextManager:
         # Reduce-scatter the accumulated gradients once, on the last micro-batch.
-        self.model.set_requires_gradient_sync(last)
+        cast(FSDPModule, self.model).set_requires_gradient_sync(last)  # fully_shard made it one
         return contextlib.nullcontext()
 
     def describe(self) -> str:

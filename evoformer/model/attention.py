@@ -17,6 +17,7 @@ Shapes: B batch, T new tokens, S cached + new tokens, H query heads, K kv heads,
 from __future__ import annotations
 
 import functools
+from typing import TYPE_CHECKING, cast
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +29,9 @@ from evoformer.model.norms import RMSNorm, sharded_rms_norm
 from evoformer.model.positions import alibi_slopes, apply_rope
 from evoformer.parallel.context import ParallelContext
 from evoformer.parallel.sharding import mark_partial_grad, mark_sharded
+
+if TYPE_CHECKING:  # mla imports this module
+    from evoformer.model.mla import LatentCache, MultiHeadLatentAttention
 
 
 class KVCache:
@@ -50,6 +54,10 @@ class KVCache:
         self.v_BKSD[:, :, start:end] = v_BKTD
         self.length = end
         return self.k_BKSD[:, :, :end], self.v_BKSD[:, :, :end]
+
+
+if TYPE_CHECKING:
+    LayerCache = KVCache | LatentCache  # what one layer's attention decodes with
 
 
 # -- masks and biases -------------------------------------------------------------------------
@@ -162,7 +170,7 @@ class Attention(nn.Module):
             for proj in (self.k_proj, self.v_proj):
                 mark_partial_grad(proj, "weight", "bias")
         self.o_proj = ctx.row(q_out, C, a.bias)
-        self.o_proj.is_residual_out = True
+        self.o_proj.is_residual_out = True  # pyright: ignore[reportArgumentType]
         if a.qk_norm != "none":
             # RMSNorm in every model that has one; Gemma's unit offset follows model.norm.
             q_dim, k_dim = (D, D) if a.qk_norm == "head" else (q_out, kv_out)
@@ -254,8 +262,8 @@ class Attention(nn.Module):
             k = self.k_norm(self.k_proj(x_BTC))[..., rows]
             (q,) = sharded_rms_norm([q], [self.q_norm], [self.q_width], group)
         else:
-            k = _linear_rows(x_BTC, self.k_proj, rows)
-        return q, k, _linear_rows(x_BTC, self.v_proj, rows)
+            k = _linear_rows(x_BTC, cast(nn.Linear, self.k_proj), rows)  # replicated: Linear
+        return q, k, _linear_rows(x_BTC, cast(nn.Linear, self.v_proj), rows)
 
 
 def _linear_rows(x: torch.Tensor, linear: nn.Linear, rows: slice) -> torch.Tensor:
@@ -266,7 +274,7 @@ def _linear_rows(x: torch.Tensor, linear: nn.Linear, rows: slice) -> torch.Tenso
 
 def build_attention(
     cfg: ModelConfig, spec: LayerSpec, ctx: ParallelContext | None = None
-) -> nn.Module:
+) -> Attention | MultiHeadLatentAttention:
     """The attention sub-layer of the block ``spec`` describes."""
     if cfg.attention.kind == "mla":
         from evoformer.model.mla import MultiHeadLatentAttention

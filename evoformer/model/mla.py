@@ -23,6 +23,8 @@ the sequence shard and the small latent is what gets all-gathered.
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -107,7 +109,7 @@ class MultiHeadLatentAttention(nn.Module):
         kv_out = H * (self.nope_dim + self.v_dim)
         self.kv_b_proj = ctx.column(self.kv_lora_rank, kv_out, False, explicit_comm=True)
         self.o_proj = ctx.row(H * self.v_dim, C, a.bias)
-        self.o_proj.is_residual_out = True
+        self.o_proj.is_residual_out = True  # pyright: ignore[reportArgumentType]
         if ctx.sp:  # replicated layers on the sequence shard: partial gradients
             for name in ("q_a_proj", "q_a_norm", "kv_a_proj", "kv_a_norm"):
                 if hasattr(self, name):
@@ -180,7 +182,9 @@ class MultiHeadLatentAttention(nn.Module):
         and the values' W_uv applied after the weighted sum of latents."""
         B, H, T, _ = q_nope_BHTN.shape
         S = latent_BSL.shape[1]
-        w_HXL = self.kv_b_proj.weight.view(H, self.nope_dim + self.v_dim, self.kv_lora_rank)
+        w_HXL = cast(torch.Tensor, self.kv_b_proj.weight).view(
+            H, self.nope_dim + self.v_dim, self.kv_lora_rank
+        )
         w_uk_HNL, w_uv_HVL = w_HXL.split([self.nope_dim, self.v_dim], dim=1)
         q_lat_BHTL = torch.einsum("bhtn,hnl->bhtl", q_nope_BHTN, w_uk_HNL)
         q_BHTD = torch.cat([q_lat_BHTL, q_pe_BHTR], dim=-1)

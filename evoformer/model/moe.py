@@ -164,6 +164,9 @@ class MoE(nn.Module):
     Experts carry no biases (``mlp.bias`` applies to dense layers only).
     """
 
+    e_score_correction_bias: torch.Tensor | None  # a buffer (None without a bias)
+    aux_loss: torch.Tensor | None
+
     def __init__(
         self, cfg: ModelConfig, layer_idx: int | None = None, ctx: ParallelContext | None = None
     ) -> None:
@@ -279,11 +282,12 @@ class MoE(nn.Module):
             f_E = selected_E.float() / N
             balance = self.num_experts * (f_E * probs_NE.mean(dim=0)).sum()
         if want_grad:
-            self.aux_loss = self.aux_loss_coef * balance
+            aux = self.aux_loss_coef * balance
             if self.ctx.tp > 1:
                 # Every TP rank computes the same aux loss and its router gradient is summed
                 # over TP with the partial ones: each rank contributes 1/tp of it.
-                self.aux_loss = _scale_grad(self.aux_loss, 1.0 / self.ctx.tp)
+                aux = _scale_grad(aux, 1.0 / self.ctx.tp)
+            self.aux_loss = aux
         with torch.no_grad():
             if self._stats is None:
                 self._stats = torch.zeros(self.num_experts + 3, device=selected_E.device)

@@ -132,6 +132,9 @@ class TransformerStage(Transformer):
     creates the whole model's modules and drops the others before anything is allocated."""
 
     layers: nn.ModuleDict  # this stage's blocks, keyed by their global index as a string
+    # Set by engine.pipeline.build_pipeline_model: every stage's layers, each stage's pp rank.
+    pp_stages: list[list[int]]
+    pp_placement: list[int]
 
     def __init__(
         self,

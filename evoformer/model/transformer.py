@@ -17,14 +17,15 @@ from __future__ import annotations
 import dataclasses
 import math
 import zlib
-from typing import NamedTuple
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, NamedTuple, cast
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from evoformer.config.schema import ModelConfig, RopeScalingConfig
-from evoformer.model.attention import KVCache, build_attention
+from evoformer.model.attention import build_attention
 from evoformer.model.layout import LayerSpec, layer_plan
 from evoformer.model.loss import lm_loss
 from evoformer.model.mlp import build_mlp
@@ -41,6 +42,9 @@ from evoformer.parallel.layers import (
     vocab_parallel_logits,
 )
 from evoformer.parallel.sharding import KeepShardSpecs, full_shape, local_piece, mark_partial_grad
+
+if TYPE_CHECKING:
+    from evoformer.model.attention import LayerCache
 
 
 class Block(nn.Module):
@@ -85,23 +89,24 @@ class Block(nn.Module):
             return x
         return self.ctx.dropout(x, self.dropout, self.training)
 
-    def forward(self, x_BTC, rope=None, cache: KVCache | None = None) -> torch.Tensor:
+    def forward(self, x_BTC, rope=None, cache: LayerCache | None = None) -> torch.Tensor:
         if self.parallel:
             h = self.attn_norm(x_BTC)
             return x_BTC + self._drop(self.attn(h, rope, cache) + self.mlp(h))
+        mlp_norm = cast(nn.Module, self.mlp_norm)  # present unless the block is parallel
         if self.placement == "pre":
             x_BTC = x_BTC + self._drop(self.attn(self.attn_norm(x_BTC), rope, cache))
-            return x_BTC + self._drop(self.mlp(self.mlp_norm(x_BTC)))
+            return x_BTC + self._drop(self.mlp(mlp_norm(x_BTC)))
         if self.placement == "post":
             x_BTC = self.attn_norm(x_BTC + self._drop(self.attn(x_BTC, rope, cache)))
-            return self.mlp_norm(x_BTC + self._drop(self.mlp(x_BTC)))
+            return mlp_norm(x_BTC + self._drop(self.mlp(x_BTC)))
         if self.placement == "reordered":
             x_BTC = x_BTC + self._drop(self.attn_norm(self.attn(x_BTC, rope, cache)))
-            return x_BTC + self._drop(self.mlp_norm(self.mlp(x_BTC)))
+            return x_BTC + self._drop(mlp_norm(self.mlp(x_BTC)))
         # sandwich
         h = self.attn_post_norm(self.attn(self.attn_norm(x_BTC), rope, cache))
         x_BTC = x_BTC + self._drop(h)
-        return x_BTC + self._drop(self.mlp_post_norm(self.mlp(self.mlp_norm(x_BTC))))
+        return x_BTC + self._drop(self.mlp_post_norm(self.mlp(mlp_norm(x_BTC))))
 
 
 class ModelOutput(NamedTuple):
@@ -186,14 +191,16 @@ class Transformer(KeepShardSpecs):
         linear_like = (nn.Linear, nn.Embedding, TensorParallelModule)
         rank = self.ctx.tp_rank
         for module in self.modules():
-            if hasattr(module, "reset_parameters") and not isinstance(module, linear_like):
-                module.reset_parameters()
+            reset = getattr(module, "reset_parameters", None)
+            if callable(reset) and not isinstance(module, linear_like):
+                reset()
         for name, module in self.named_modules():
             if isinstance(module, linear_like):
                 s = residual_std if getattr(module, "is_residual_out", False) else std
                 _normal_(module.weight, s, seed, f"{name}.weight", rank)
-                if getattr(module, "bias", None) is not None:
-                    module.bias.zero_()
+                bias = getattr(module, "bias", None)
+                if bias is not None:
+                    bias.zero_()
             # Other weight layouts (stacked MoE experts) name their linear-like parameters.
             for pname, residual in getattr(module, "normal_init", {}).items():
                 s = residual_std if residual else std
@@ -209,14 +216,15 @@ class Transformer(KeepShardSpecs):
 
     # -- forward ---------------------------------------------------------------------------
 
-    def new_caches(self, batch: int, max_len: int) -> list[KVCache]:
+    def new_caches(self, batch: int, max_len: int) -> list[LayerCache]:
         p = self.embed.weight
-        return [layer.attn.new_cache(batch, max_len, p.device, p.dtype) for layer in self.layers]
+        layers = cast(Iterable[Block], self.layers)
+        return [layer.attn.new_cache(batch, max_len, p.device, p.dtype) for layer in layers]
 
     def forward(
         self,
         input_ids: torch.Tensor,
-        caches: list[KVCache] | None = None,
+        caches: list[LayerCache] | None = None,
         targets: torch.Tensor | None = None,
     ) -> torch.Tensor | ModelOutput:
         """Logits [B, T, V]; with ``targets`` [B, T] the training loss instead (ModelOutput)."""
@@ -276,7 +284,10 @@ class Transformer(KeepShardSpecs):
             return lm_loss(F.linear(h_BTC, weight), targets_BT)
         group = self.ctx.tp_group
         local = vocab_parallel_logits(h_BTC, weight, group, sequence_parallel)
-        shard = self.embed if self.head is None else self.head
+        shard = cast(
+            VocabParallelEmbedding | VocabParallelLMHead,
+            self.embed if self.head is None else self.head,
+        )  # under TP both are vocabulary shards
         return vocab_parallel_cross_entropy(
             local, targets_BT, group, shard.vocab_start, shard.vocab_end
         )
@@ -289,7 +300,7 @@ class Transformer(KeepShardSpecs):
         return x_BTC
 
     def hidden_states(
-        self, input_ids: torch.Tensor, caches: list[KVCache] | None = None
+        self, input_ids: torch.Tensor, caches: list[LayerCache] | None = None
     ) -> torch.Tensor:
         """The residual stream after the last block (before the final norm); under sequence
         parallelism this rank's slice of the sequence."""
@@ -300,7 +311,7 @@ class Transformer(KeepShardSpecs):
         positions = torch.arange(start, start + T, device=input_ids.device)
         x_BTC = self.embed_input(input_ids, positions)
         ropes = self.rotary(positions)
-        for i, layer in enumerate(self.layers):
+        for i, layer in enumerate(cast(Iterable[Block], self.layers)):
             x_BTC = layer(x_BTC, ropes[layer.spec.rope], caches[i] if caches else None)
         return x_BTC
 
@@ -325,7 +336,7 @@ class Transformer(KeepShardSpecs):
 
 def aux_loss_of(module: nn.Module) -> torch.Tensor | None:
     """The sum of the MoE aux losses the last forward left on ``module``'s submodules."""
-    aux = [m.aux_loss for m in module.modules() if getattr(m, "aux_loss", None) is not None]
+    aux = [a for m in module.modules() if (a := getattr(m, "aux_loss", None)) is not None]
     return torch.stack(aux).sum() if aux else None
 
 

@@ -50,10 +50,12 @@ M token copies (sent or received), P ep size.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from evoformer.parallel.collectives import group_rank, group_size
 from evoformer.parallel.sharding import is_expert_parallel
@@ -192,6 +194,7 @@ class AllToAllDispatcher(LocalDispatcher):
 
     def combine(self, y_MC: torch.Tensor, d: Dispatched, weights_NK: torch.Tensor) -> torch.Tensor:
         back = y_MC[d.unsort_M]  # (source, local expert) order again
+        assert d.recv_splits is not None and d.send_splits is not None  # set by dispatch
         mine_MC = all_to_all(back, d.recv_splits, d.send_splits, self.group)
         return super().combine(mine_MC, d, weights_NK)
 
@@ -199,7 +202,7 @@ class AllToAllDispatcher(LocalDispatcher):
 def build_dispatcher(num_experts: int, ep_group: dist.ProcessGroup | None) -> LocalDispatcher:
     """:class:`AllToAllDispatcher` over ``ep_group`` when it has more than one rank, else the
     local one."""
-    if group_size(ep_group) > 1:
+    if ep_group is not None and group_size(ep_group) > 1:
         return AllToAllDispatcher(num_experts, ep_group)
     return LocalDispatcher(num_experts)
 
@@ -209,20 +212,19 @@ def build_dispatcher(num_experts: int, ep_group: dist.ProcessGroup | None) -> Lo
 
 @torch.no_grad()
 def reduce_expert_grads(
-    params: list[torch.Tensor], edp_group: dist.ProcessGroup | None, divide_by: int
+    params: Sequence[torch.Tensor], edp_group: dist.ProcessGroup | None, divide_by: int
 ) -> None:
     """Sum the gradients of expert-parallel ``params`` over ``edp_group`` (the ranks holding the
     same experts) and divide by ``divide_by`` (the data-parallel size: the loss is the mean over
     the dp ranks, and each expert gradient already sums the tokens of its whole ep group). One
     flattened all-reduce; a parameter without a gradient (its experts saw no token anywhere)
     takes part with zeros, so every rank issues the same collective."""
-    for p in params:
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-    grads = [p.grad for p in params]
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    for p, g in zip(params, grads):
+        p.grad = g
     if group_size(edp_group) > 1:
-        flat = torch._utils._flatten_dense_tensors(grads)
+        flat = _flatten_dense_tensors(grads)
         dist.all_reduce(flat, group=edp_group)
-        for g, synced in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
+        for g, synced in zip(grads, _unflatten_dense_tensors(flat, grads)):
             g.copy_(synced)
     torch._foreach_div_(grads, float(divide_by))

@@ -67,6 +67,9 @@ class TensorParallelModule(KeepShardSpecs):
     """Base of the parallel layers: the group, this rank's place in it; the parameters' shard
     specs survive ``.to_empty()`` from the meta device."""
 
+    weight: nn.Parameter  # every parallel layer has one (this rank's shard)
+    bias: nn.Parameter | None
+
     def __init__(self, group: dist.ProcessGroup | None) -> None:
         super().__init__()
         self.group = group

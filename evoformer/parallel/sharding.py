@@ -252,13 +252,16 @@ def ep_global_view(t: torch.Tensor, spec: ShardSpec, mesh: Any) -> Any:
     exactly as FSDP2 shards nest inside a TP split (:func:`_nested_global_view`)."""
     from torch.distributed.tensor import DTensor, Shard
 
+    ep, tp = spec.ep, spec.tp
+    assert ep is not None, "ep_global_view of a parameter that is not expert-parallel"
     if isinstance(t, DTensor):
-        return _nested_global_view(t, spec.ep, mesh)
-    placements = [Shard(spec.ep.dim)]
-    shape = [spec.ep.length if d == spec.ep.dim else n for d, n in enumerate(t.shape)]
+        return _nested_global_view(t, ep, mesh)
+    placements = [Shard(ep.dim)]
+    shape = [ep.length if d == ep.dim else n for d, n in enumerate(t.shape)]
     if tuple(mesh.mesh_dim_names or ())[-1:] == ("tp",):
-        placements.append(Shard(spec.tp.dim))
-        shape[spec.tp.dim] *= mesh.size(1)  # experts' hidden splits evenly (validated)
+        assert tp is not None  # an ("ep", "tp") mesh is used for TP-split experts only
+        placements.append(Shard(tp.dim))
+        shape[tp.dim] *= mesh.size(1)  # experts' hidden splits evenly (validated)
     return _from_local(t, mesh, placements, shape)
 
 
