@@ -46,6 +46,7 @@ class MetricsLogger:
     def __init__(self, run: RunConfig, out_dir: Path, max_steps: int, config_dict: dict) -> None:
         self.path = out_dir / "metrics.jsonl"
         self.file = open(self.path, "a", buffering=1)
+        self.console = True  # False once the terminal or pipe reading our output has gone
         self.max_steps = max_steps
         self.bar = None
         interactive = sys.stderr.isatty()
@@ -79,10 +80,20 @@ class MetricsLogger:
         self.start_time = time.perf_counter()
 
     def info(self, text: str) -> None:
-        if self.bar is not None:
-            self.bar.write(text, file=sys.stderr)
-        else:
-            print(text, flush=True)
+        """A line on the console. A console that went away (``| tee`` killed by the same
+        Ctrl-C, a closed ssh session) ends the echo, never the run: the metrics file, the
+        checkpoint and ``status.json`` are still written."""
+        if not self.console:
+            return
+        try:
+            if self.bar is not None:
+                self.bar.write(text, file=sys.stderr)
+            else:
+                print(text, flush=True)
+        except (BrokenPipeError, OSError):
+            self.console = False
+            if self.bar is not None:
+                self.bar.disable = True
 
     def log(self, record: dict[str, Any], echo: bool = True) -> None:
         self.file.write(json.dumps(record) + "\n")
@@ -94,14 +105,17 @@ class MetricsLogger:
                 if k != "step" and isinstance(v, (int, float)):
                     self.tb.add_scalar(k, v, step)
         if "loss" in record:
-            if self.bar is not None:
+            if self.bar is not None and self.console:
                 self.bar.n = step
                 self.bar.set_postfix(
                     loss=f"{record['loss']:.3f}",
                     tok_s=f"{record['tokens_per_s']:.0f}",
                     refresh=False,
                 )
-                self.bar.refresh()
+                try:
+                    self.bar.refresh()
+                except (BrokenPipeError, OSError):
+                    self.console = False
             if echo:
                 self.info(self._line(record))
         elif "val_loss" in record and echo:

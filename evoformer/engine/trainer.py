@@ -223,11 +223,11 @@ class Trainer:
                 if (every and self.step % every == 0) or stopping:
                     self.save()
                 if stopping:
+                    self._write_status("interrupted")  # first: the launcher acts on it
                     self.logger.info(
                         f"stopped by signal at step {self.step}; checkpoint saved, resume with "
                         "checkpoint.load=auto"
                     )
-                    self._write_status("interrupted")
                     return TrainResult(self.step, losses, val_losses, True, self.out_dir)
             if cfg.checkpoint.save_final and not self._saved_at(self.step):
                 self.save()

@@ -135,3 +135,30 @@ def test_banner_names_the_zero_backend_under_every_layout():
     assert describe_layout(dims, pp, "deepspeed stage 1") == (
         "pp 2 (gpipe) x tp 2 x dp 2, deepspeed stage 1"
     )
+
+
+class _GonePipe:
+    """A stdout whose reader has gone (``| tee`` killed by the same Ctrl-C)."""
+
+    def write(self, text):
+        raise BrokenPipeError(32, "Broken pipe")
+
+    def flush(self):
+        raise BrokenPipeError(32, "Broken pipe")
+
+
+def test_a_console_that_goes_away_loses_only_the_echo(run_overrides, tmp_path, monkeypatch):
+    cfg = _cfg(run_overrides, "train.max_steps=6", f"run.output_dir={tmp_path}")
+
+    def hook(step, trainer):
+        if step == 2:
+            monkeypatch.setattr("sys.stdout", _GonePipe())
+        _stop_at(4)(step, trainer)
+
+    result = Trainer(cfg, step_hook=hook).train()
+    monkeypatch.undo()
+    assert result.interrupted and result.step == 4
+    assert json.loads((tmp_path / "status.json").read_text())["state"] == "interrupted"
+    assert (tmp_path / "checkpoints/latest").read_text().strip() == "step_4"
+    steps = [json.loads(x)["step"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]
