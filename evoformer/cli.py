@@ -109,17 +109,20 @@ def cmd_inspect(argv: list[str]) -> int:
 
 def cmd_plan(argv: list[str]) -> int:
     from evoformer.config import load_config
-    from evoformer.planning.memory import estimate, format_plan
+    from evoformer.planning.memory import estimate, fit_verdict, format_plan, parse_size
 
-    gpus = 1
+    gpus, gpu_mem = 1, None
     rest = []
     it = iter(argv)
     for arg in it:
         if arg in ("-h", "--help"):
             print(
-                "usage: evoformer plan [CONFIG.yaml ...] [key=value ...] --gpus N\n\n"
+                "usage: evoformer plan [CONFIG.yaml ...] [key=value ...] --gpus N "
+                "[--gpu-mem 80GB]\n\n"
                 "Per-rank memory estimate of the config's layout on N GPUs (default 1); no "
-                f"file: {DEFAULT_CONFIG}. `evoformer train --help` lists the keys."
+                f"file: {DEFAULT_CONFIG}. --gpu-mem: say whether the busiest rank fits in that "
+                "much memory (binary units: 80GB = 80 GiB) and the largest micro-batch that "
+                "does. `evoformer train --help` lists the keys."
             )
             return 0
         if arg == "--gpus" or arg.startswith("--gpus="):
@@ -127,11 +130,16 @@ def cmd_plan(argv: list[str]) -> int:
             if not value.isdigit() or int(value) < 1:
                 raise UserError(f"--gpus must be a positive integer, got {value!r}")
             gpus = int(value)
+        elif arg == "--gpu-mem" or arg.startswith("--gpu-mem="):
+            gpu_mem = parse_size(arg.split("=", 1)[1] if "=" in arg else next(it, ""))
         else:
             rest.append(arg)
     files, overrides = split_args(rest)
     cfg = load_config(files, overrides)
-    print(format_plan(cfg, estimate(cfg, gpus)))
+    plan = estimate(cfg, gpus)
+    print(format_plan(cfg, plan))
+    if gpu_mem is not None:
+        print("\n".join(fit_verdict(cfg, plan, gpus, gpu_mem)))
     return 0
 
 

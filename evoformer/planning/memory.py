@@ -273,11 +273,18 @@ def _ranges(layers: list[int]) -> str:
     return ",".join(parts)
 
 
-def _meta_parameters(m: ModelConfig) -> list[tuple[str, tuple[int, ...]]]:
+_META_CACHE: dict[str, list[tuple[str, tuple[int, ...]]]] = {}
 
-    with torch.device("meta"):
-        model = Transformer(m)
-    return [(n, tuple(p.shape)) for n, p in model.named_parameters()]
+
+def _meta_parameters(m: ModelConfig) -> list[tuple[str, tuple[int, ...]]]:
+    """(name, global shape) of every parameter; built once per model config (the fit search
+    below estimates one model at many micro-batch sizes)."""
+    key = repr(m)
+    if key not in _META_CACHE:
+        with torch.device("meta"):
+            model = Transformer(m)
+        _META_CACHE[key] = [(n, tuple(p.shape)) for n, p in model.named_parameters()]
+    return _META_CACHE[key]
 
 
 def estimate(cfg: Config, world_size: int) -> Plan:
@@ -378,3 +385,69 @@ def format_plan(cfg: Config, plan: Plan) -> str:
     out += ["  ".join(v.rjust(w) for v, w in zip(row, widths)) for row in rows]
     out += [f"note: {n}" for n in plan.notes]
     return "\n".join(out)
+
+
+_UNITS = {"": 1, "B": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+
+
+def parse_size(text: str) -> int:
+    """``80GB``, ``80GiB``, ``80G``, ``1.5T``, ``81920MB`` -> bytes. Binary units throughout:
+    a GPU sold as "80GB" reports about 80 GiB, which is what the estimate is compared with."""
+    t = text.strip().upper().replace("IB", "").rstrip("B") or "0"
+    unit = t[-1] if t[-1] in _UNITS else ""
+    number = t[: -1 if unit else None]
+    try:
+        value = float(number) * _UNITS[unit]
+    except ValueError:
+        raise UserError(f"--gpu-mem {text!r}: expected a size such as 80GB or 40GiB") from None
+    if value <= 0:
+        raise UserError(f"--gpu-mem {text!r} must be positive")
+    return int(value)
+
+
+def _with_micro_batch(cfg: Config, size: int) -> Config:
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, micro_batch_size=size))
+
+
+def largest_micro_batch(cfg: Config, world_size: int, limit: int, most: int = 4096) -> int:
+    """The largest ``train.micro_batch_size`` (up to ``most``) whose busiest rank fits in
+    ``limit`` bytes; 0 when not even one sequence fits. Per-rank bytes grow with the
+    micro-batch, so doubling then bisecting finds it."""
+
+    def fits(size: int) -> bool:
+        return estimate(_with_micro_batch(cfg, size), world_size).worst.total <= limit
+
+    if not fits(1):
+        return 0
+    low, high = 1, 2
+    while high <= most and fits(high):
+        low, high = high, high * 2
+    high = min(high, most + 1)
+    while high - low > 1:  # fits(low), not fits(high) (or high beyond most)
+        mid = (low + high) // 2
+        low, high = (mid, high) if fits(mid) else (low, mid)
+    return low
+
+
+def fit_verdict(cfg: Config, plan: Plan, world_size: int, limit: int) -> list[str]:
+    """The lines ``evoformer plan --gpu-mem`` adds: does the busiest rank fit in ``limit``,
+    and the largest micro-batch that would."""
+    worst = plan.worst
+    share = f"{_fmt(worst.total)} of {_fmt(limit)}, {100 * worst.total / limit:.0f} %"
+    verdict = "fits" if worst.total <= limit else "does not fit"
+    lines = [f"gpu memory {_fmt(limit)}: {verdict} (busiest rank: pp rank {worst.stage}, {share})"]
+    best = largest_micro_batch(cfg, world_size, limit)
+    one = estimate(_with_micro_batch(cfg, 1), world_size).worst
+    if best == 0 and one.model_state > limit:
+        lines.append(
+            f"no micro-batch fits: the model state alone is {_fmt(one.model_state)} on pp rank "
+            f"{one.stage} (more ranks, a higher ZeRO stage, tp or pp would shard it)"
+        )
+    elif best == 0:
+        lines.append(
+            "no micro-batch fits: one sequence's activations do not fit next to the model "
+            "state (activation checkpointing or a shorter train.seq_len would)"
+        )
+    else:
+        lines.append(f"largest micro-batch that fits: train.micro_batch_size={best}")
+    return lines

@@ -13,6 +13,7 @@ last block. Under pp = 2 each pipeline rank's parameters are exactly the estimat
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -23,7 +24,7 @@ from evoformer.distributed.testing import run_distributed
 from evoformer.engine import Trainer
 from evoformer.model import build_model
 from evoformer.model.costs import count_params
-from evoformer.planning.memory import estimate
+from evoformer.planning.memory import estimate, largest_micro_batch, parse_size
 from tests.conftest import REPO
 
 N_PARAMS = 158_016
@@ -212,9 +213,34 @@ def test_plan_command_prints_a_table_per_stage(capsys):
     [
         (["--gpus", "3", "parallel.tp=2"], "--gpus 3 must be a positive multiple"),
         (["--gpus", "zero"], "--gpus must be a positive integer"),
+        (["--gpu-mem", "lots"], "--gpu-mem 'lots': expected a size"),
     ],
 )
 def test_plan_command_refuses_impossible_layouts(capsys, args, message):
     code, _, stderr = _plan(capsys, "configs/models/tiny/llama.yaml", *args)
     assert code == 2
     assert message in stderr and len(stderr.strip().splitlines()) == 1, stderr
+
+
+def test_parse_size_uses_binary_units():
+    assert parse_size("80GB") == parse_size("80GiB") == parse_size("80G") == 80 * 2**30
+    assert parse_size("1.5T") == int(1.5 * 2**40) and parse_size("512MB") == 512 * 2**20
+
+
+def test_plan_gpu_mem_says_whether_it_fits_and_the_largest_micro_batch(capsys):
+    args = ["configs/models/tiny/llama.yaml", "train.seq_len=32", "train.micro_batch_size=4"]
+    cfg = load_config([str(REPO / args[0])], args[1:])
+
+    def total(mb: int) -> int:
+        train = dataclasses.replace(cfg.train, micro_batch_size=mb)
+        return estimate(dataclasses.replace(cfg, train=train), 1).worst.total
+
+    at = {mb: total(mb) for mb in (4, 6, 7)}
+    limit = (at[6] + at[7]) // 2  # 6 sequences fit, 7 do not
+    assert largest_micro_batch(cfg, 1, limit) == 6
+    code, stdout, stderr = _plan(capsys, *args, "--gpu-mem", str(limit))
+    assert code == 0, stderr
+    assert "gpu memory" in stdout and ": fits (busiest rank: pp rank 0" in stdout
+    assert "largest micro-batch that fits: train.micro_batch_size=6" in stdout
+    code, stdout, _ = _plan(capsys, *args, "--gpu-mem", str(at[4] // 100))
+    assert "does not fit" in stdout and "the model state alone is" in stdout
