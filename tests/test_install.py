@@ -12,6 +12,7 @@ from tests.conftest import REPO
 
 def test_a_wheel_install_trains_from_its_shipped_configs(tmp_path):
     wheels, site = tmp_path / "wheels", tmp_path / "site"
+    # Without build isolation (no download): setuptools and wheel come with the dev extra.
     build = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q"]
     subprocess.run([*build, "-w", str(wheels), str(REPO)], check=True, timeout=300)
     (wheel,) = wheels.glob("evoformer-*.whl")
