@@ -104,6 +104,11 @@ class AttentionConfig:
     qk_rope_head_dim: int = opt(64, "MLA: per-head q/k dims carrying the decoupled RoPE.")
     v_head_dim: int = opt(128, "MLA: per-head value dim.")
 
+    @property
+    def has_qkv_bias(self) -> bool:
+        """Whether q/k/v carry biases (``qkv_bias``; null follows ``bias``)."""
+        return self.bias if self.qkv_bias is None else self.qkv_bias
+
 
 @dataclass
 class MLPConfig:

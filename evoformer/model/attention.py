@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from evoformer.config.schema import ModelConfig
-from evoformer.model.layout import LayerSpec, layer_spec
+from evoformer.model.layout import AttentionSpec, LayerSpec, attention_spec
 from evoformer.model.norms import RMSNorm, sharded_rms_norm
 from evoformer.model.positions import alibi_slopes, apply_rope
 from evoformer.parallel.context import ParallelContext
@@ -131,16 +131,12 @@ def _shared_alibi(
 class Attention(nn.Module):
     """Causal self-attention; ``n_kv_heads < n_heads`` shares each KV head across a group."""
 
-    def __init__(
-        self, cfg: ModelConfig, spec: LayerSpec | None = None, ctx: ParallelContext | None = None
-    ) -> None:
+    def __init__(self, a: AttentionSpec, ctx: ParallelContext | None = None) -> None:
         super().__init__()
-        spec = spec or layer_spec(cfg, 0)
-        a = cfg.attention
         self.ctx = ctx = ctx or ParallelContext()
         self.tp = tp = ctx.tp
-        H, K = a.n_heads, cfg.kv_heads
-        self.head_dim = D = cfg.head_dim
+        H, K = a.n_heads, a.kv_heads
+        self.head_dim = D = a.head_dim
         if H % tp or (K % tp and tp % K):
             raise ValueError(
                 f"tensor parallelism: tp={tp} must divide n_heads={H}, and divide or be a "
@@ -155,11 +151,11 @@ class Attention(nn.Module):
         self.n_kv_heads = K // tp if self.kv_head is None else 1
         self.dropout = a.dropout
         self.scale = a.scale
-        self.window = spec.window
-        self.alibi = cfg.position.kind == "alibi"
+        self.window = a.window
+        self.alibi = a.alibi
         self.qk_norm = a.qk_norm
-        qkv_bias = a.bias if a.qkv_bias is None else a.qkv_bias
-        C, q_out, kv_out = cfg.d_model, H * D, K * D
+        qkv_bias = a.qkv_bias
+        C, q_out, kv_out = a.d_model, H * D, K * D
         self.q_proj = ctx.column(C, q_out, qkv_bias, explicit_comm=True)
         if self.kv_head is None:
             self.k_proj = ctx.column(C, kv_out, qkv_bias, explicit_comm=True)
@@ -178,8 +174,8 @@ class Attention(nn.Module):
             k_sharded = a.qk_norm == "full" and self.kv_head is None
             q_local = q_dim // tp if a.qk_norm == "full" else q_dim
             k_local = k_dim // tp if k_sharded else k_dim
-            self.q_norm = RMSNorm(q_local, cfg.norm.eps, cfg.norm.unit_offset)
-            self.k_norm = RMSNorm(k_local, cfg.norm.eps, cfg.norm.unit_offset)
+            self.q_norm = RMSNorm(q_local, a.norm_eps, a.norm_unit_offset)
+            self.k_norm = RMSNorm(k_local, a.norm_eps, a.norm_unit_offset)
             if tp > 1:
                 # Full norm: the gain is sharded like the projection; per-head norm (and the
                 # full k norm over replicated KV heads): one gain, used for this rank's heads.
@@ -276,8 +272,9 @@ def build_attention(
     cfg: ModelConfig, spec: LayerSpec, ctx: ParallelContext | None = None
 ) -> Attention | MultiHeadLatentAttention:
     """The attention sub-layer of the block ``spec`` describes."""
-    if cfg.attention.kind == "mla":
-        from evoformer.model.mla import MultiHeadLatentAttention
+    sub = attention_spec(cfg, spec)
+    if isinstance(sub, AttentionSpec):
+        return Attention(sub, ctx)
+    from evoformer.model.mla import MultiHeadLatentAttention
 
-        return MultiHeadLatentAttention(cfg, spec.index, ctx)
-    return Attention(cfg, spec, ctx)
+    return MultiHeadLatentAttention(sub, ctx)

@@ -80,7 +80,7 @@ def attention_params(cfg: ModelConfig) -> Count:
     if a.kind == "mla":
         return _mla_params(cfg)
     hd, n_kv = cfg.head_dim, cfg.kv_heads
-    qkv_bias = a.bias if a.qkv_bias is None else a.qkv_bias
+    qkv_bias = a.has_qkv_bias
     c = _linear(d, a.n_heads * hd, qkv_bias) + _linear(d, n_kv * hd, qkv_bias) * 2
     c = c + _linear(a.n_heads * hd, d, a.bias)
     if a.qk_norm == "head":  # one norm over head_dim, shared by all heads (Qwen3, Gemma 3)

@@ -8,13 +8,19 @@ without RoPE, a linear-attention layer) is a new field of ``LayerSpec`` and its 
 
 Multi-token-prediction blocks continue the pattern: depth k's block is layer ``n_layers + k - 1``
 (a DeepSeek-V3 MTP block is an MoE layer, as in the checkpoints).
+
+Each sub-layer receives its own resolved sub-config (``AttentionSpec``, ``LatentAttentionSpec``,
+``MoESpec``) rather than the whole ``ModelConfig``: the defaults (``qkv_bias`` null = ``bias``,
+``head_dim`` null = ``d_model / n_heads``, the YaRN softmax gain, the aux-loss share of one MoE
+layer) are applied here, once.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from evoformer.config.schema import ModelConfig
+from evoformer.config.schema import MLPConfig, ModelConfig
+from evoformer.model.positions import yarn_mscale
 
 
 @dataclass(frozen=True)
@@ -33,6 +39,138 @@ class LayerSpec:
     @property
     def is_local(self) -> bool:
         return self.window is not None
+
+
+@dataclass(frozen=True)
+class AttentionSpec:
+    """What one multi-head (MHA/GQA/MQA) attention layer needs, resolved."""
+
+    d_model: int
+    n_heads: int
+    kv_heads: int
+    head_dim: int
+    bias: bool
+    """Bias on the output projection."""
+    qkv_bias: bool
+    qk_norm: str
+    """none | head | full (see ``AttentionConfig.qk_norm``)."""
+    norm_eps: float
+    norm_unit_offset: bool
+    """The QK-norm's RMSNorm follows ``model.norm`` (Gemma's unit offset)."""
+    scale: float | None
+    dropout: float
+    window: int | None
+    alibi: bool
+
+
+@dataclass(frozen=True)
+class LatentAttentionSpec:
+    """What one multi-head latent attention (MLA) layer needs, resolved."""
+
+    d_model: int
+    n_heads: int
+    q_lora_rank: int
+    kv_lora_rank: int
+    nope_dim: int
+    rope_dim: int
+    v_dim: int
+    bias: bool
+    scale: float
+    """The softmax scale: ``attention.scale``, else ``1/sqrt(qk dim)`` times DeepSeek's YaRN
+    gain ``mscale(factor, mscale_all_dim)^2``."""
+    dropout: float
+
+
+@dataclass(frozen=True)
+class MoESpec:
+    """What one MoE layer needs, resolved (see ``MoEConfig`` for the routing fields)."""
+
+    d_model: int
+    num_experts: int
+    top_k: int
+    score: str
+    norm_topk_prob: bool
+    routed_scaling: float
+    n_groups: int
+    topk_groups: int
+    aux_loss_coef: float
+    """This layer's share: ``moe.aux_loss_coef`` over the number of MoE layers (MTP included)."""
+    bias_update_rate: float
+    capacity_factor: float
+    expert_width: int
+    expert_mlp: MLPConfig
+    """One routed expert's MLP kind, width and activation (experts carry no biases)."""
+    shared_mlp: MLPConfig | None
+    """The always-on shared experts as one MLP (None: no shared experts)."""
+
+
+def attention_spec(cfg: ModelConfig, layer: LayerSpec) -> AttentionSpec | LatentAttentionSpec:
+    """The attention sub-config of block ``layer`` (MLA models: a ``LatentAttentionSpec``)."""
+    a = cfg.attention
+    if a.kind == "mla":
+        if a.qk_norm != "none" or layer.window is not None or cfg.position.kind == "alibi":
+            raise ValueError(
+                "MLA supports none of attention.qk_norm, attention.sliding_window, ALiBi"
+            )
+        if cfg.position.kind == "rope" and a.qk_rope_head_dim % 2:
+            raise ValueError(f"attention.qk_rope_head_dim={a.qk_rope_head_dim} must be even")
+        s = cfg.position.rope_scaling
+        gain = 1.0
+        if cfg.position.kind == "rope" and s.kind != "none" and s.mscale_all_dim:
+            gain = yarn_mscale(s.factor, s.mscale_all_dim) ** 2
+        qk_dim = a.qk_nope_head_dim + a.qk_rope_head_dim
+        return LatentAttentionSpec(
+            d_model=cfg.d_model,
+            n_heads=a.n_heads,
+            q_lora_rank=a.q_lora_rank,
+            kv_lora_rank=a.kv_lora_rank,
+            nope_dim=a.qk_nope_head_dim,
+            rope_dim=a.qk_rope_head_dim,
+            v_dim=a.v_head_dim,
+            bias=a.bias,
+            scale=a.scale if a.scale is not None else qk_dim**-0.5 * gain,
+            dropout=a.dropout,
+        )
+    return AttentionSpec(
+        d_model=cfg.d_model,
+        n_heads=a.n_heads,
+        kv_heads=cfg.kv_heads,
+        head_dim=cfg.head_dim,
+        bias=a.bias,
+        qkv_bias=a.has_qkv_bias,
+        qk_norm=a.qk_norm,
+        norm_eps=cfg.norm.eps,
+        norm_unit_offset=cfg.norm.unit_offset,
+        scale=a.scale,
+        dropout=a.dropout,
+        window=layer.window,
+        alibi=cfg.position.kind == "alibi",
+    )
+
+
+def moe_spec(cfg: ModelConfig) -> MoESpec:
+    """The sub-config every MoE layer of ``cfg`` shares."""
+    m, mlp = cfg.moe, cfg.mlp
+    n_moe = len(moe_layers(cfg, with_mtp=True))
+    shared = None
+    if cfg.shared_width:
+        shared = MLPConfig(kind=mlp.kind, hidden=cfg.shared_width, activation=mlp.activation)
+    return MoESpec(
+        d_model=cfg.d_model,
+        num_experts=m.num_experts,
+        top_k=m.top_k,
+        score=m.score,
+        norm_topk_prob=m.norm_topk_prob,
+        routed_scaling=m.routed_scaling,
+        n_groups=m.n_groups,
+        topk_groups=m.topk_groups,
+        aux_loss_coef=m.aux_loss_coef / max(n_moe, 1),
+        bias_update_rate=m.bias_update_rate,
+        capacity_factor=m.capacity_factor,
+        expert_width=cfg.expert_width,
+        expert_mlp=MLPConfig(kind=mlp.kind, hidden=cfg.expert_width, activation=mlp.activation),
+        shared_mlp=shared,
+    )
 
 
 def layer_spec(cfg: ModelConfig, index: int) -> LayerSpec:

@@ -29,9 +29,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from evoformer.config.schema import ModelConfig
+from evoformer.model.layout import LatentAttentionSpec
 from evoformer.model.norms import RMSNorm
-from evoformer.model.positions import apply_rope, yarn_mscale
+from evoformer.model.positions import apply_rope
 from evoformer.parallel.context import ParallelContext
 from evoformer.parallel.sharding import mark_partial_grad
 
@@ -74,30 +74,20 @@ class MultiHeadLatentAttention(nn.Module):
     a cache, ``kv_b_proj`` is absorbed into the query and the output instead, so attention runs
     on the cached latent directly and per-head keys are never materialised."""
 
-    def __init__(
-        self, cfg: ModelConfig, layer_idx: int, ctx: ParallelContext | None = None
-    ) -> None:
+    def __init__(self, a: LatentAttentionSpec, ctx: ParallelContext | None = None) -> None:
         super().__init__()
-        a = cfg.attention
         self.ctx = ctx = ctx or ParallelContext()
         self.tp = ctx.tp
         if a.n_heads % self.tp:
             raise ValueError(f"tensor parallelism: tp={self.tp} must divide n_heads={a.n_heads}")
-        if a.qk_norm != "none" or a.sliding_window is not None or cfg.position.kind == "alibi":
-            raise ValueError(
-                "MLA supports none of attention.qk_norm, attention.sliding_window, ALiBi"
-            )
-        if cfg.position.kind == "rope" and a.qk_rope_head_dim % 2:
-            raise ValueError(f"attention.qk_rope_head_dim={a.qk_rope_head_dim} must be even")
-        self.layer_idx = layer_idx
         self.n_heads = a.n_heads // self.tp  # this rank's heads
         self.q_lora_rank, self.kv_lora_rank = a.q_lora_rank, a.kv_lora_rank
-        self.nope_dim, self.rope_dim = a.qk_nope_head_dim, a.qk_rope_head_dim
-        self.v_dim = a.v_head_dim
+        self.nope_dim, self.rope_dim = a.nope_dim, a.rope_dim
+        self.v_dim = a.v_dim
         self.qk_dim = self.nope_dim + self.rope_dim
-        self.scale = a.scale if a.scale is not None else self.qk_dim**-0.5 * _yarn_softmax_gain(cfg)
+        self.scale = a.scale
         self.dropout = a.dropout
-        C, H = cfg.d_model, a.n_heads
+        C, H = a.d_model, a.n_heads
         if self.q_lora_rank > 0:
             self.q_a_proj = nn.Linear(C, self.q_lora_rank, bias=a.bias)
             self.q_a_norm = RMSNorm(self.q_lora_rank, LATENT_NORM_EPS)
@@ -198,12 +188,3 @@ class MultiHeadLatentAttention(nn.Module):
             q_BHTD, k_BHSD, v_BHSL, attn_mask=mask, scale=self.scale
         )
         return torch.einsum("bhtl,hvl->bhtv", o_BHTL, w_uv_HVL)
-
-
-def _yarn_softmax_gain(cfg: ModelConfig) -> float:
-    """DeepSeek's YaRN also sharpens the softmax by mscale(factor, mscale_all_dim)^2 (on top of
-    the cos/sin attention factor that the rotary tables carry)."""
-    s = cfg.position.rope_scaling
-    if cfg.position.kind != "rope" or s.kind == "none" or not s.mscale_all_dim:
-        return 1.0
-    return yarn_mscale(s.factor, s.mscale_all_dim) ** 2

@@ -28,8 +28,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from evoformer.config.schema import MLPConfig, ModelConfig
-from evoformer.model.layout import moe_layers
+from evoformer.model.layout import MoESpec
 from evoformer.model.mlp import GatedMLP, activation_fn
 from evoformer.parallel.collectives import group_size
 from evoformer.parallel.context import ParallelContext
@@ -168,11 +167,10 @@ class MoE(nn.Module):
     aux_loss: torch.Tensor | None
 
     def __init__(
-        self, cfg: ModelConfig, layer_idx: int | None = None, ctx: ParallelContext | None = None
+        self, m: MoESpec, layer_idx: int | None = None, ctx: ParallelContext | None = None
     ) -> None:
         super().__init__()
         self.ctx = ctx = ctx or ParallelContext()
-        m = cfg.moe
         E = m.num_experts
         # Routing settings (gated experts, groups, top-k) are checked by config validation.
         self.layer_idx = layer_idx  # names the metrics
@@ -181,11 +179,10 @@ class MoE(nn.Module):
         self.norm_topk_prob = m.norm_topk_prob
         self.routed_scaling = m.routed_scaling
         self.n_groups, self.topk_groups = m.n_groups, m.topk_groups
-        n_moe = len(moe_layers(cfg, with_mtp=True))
-        self.aux_loss_coef = m.aux_loss_coef / max(n_moe, 1)
+        self.aux_loss_coef = m.aux_loss_coef
         self.bias_update_rate = m.bias_update_rate
         self.capacity_factor = m.capacity_factor
-        self.router = nn.Linear(cfg.d_model, E, bias=False)
+        self.router = nn.Linear(m.d_model, E, bias=False)
         if ctx.tp > 1:
             # Replicated, but the gate weights multiply partial expert outputs: each rank's
             # router gradient is its share (the aux loss's is scaled by 1/tp in _observe).
@@ -195,18 +192,14 @@ class MoE(nn.Module):
         self.register_buffer(
             "e_score_correction_bias", torch.empty(E, dtype=torch.float32) if uses_bias else None
         )
-        self.experts = GroupedExperts(E, cfg.d_model, cfg.expert_width, activation_fn(cfg.mlp), ctx)
+        self.experts = GroupedExperts(
+            E, m.d_model, m.expert_width, activation_fn(m.expert_mlp), ctx
+        )
         # All-to-all over the ep group under expert parallelism (parallel/expert.py).
         self.dispatcher: LocalDispatcher = build_dispatcher(E, ctx.ep_group)
         self.shared_experts = None
-        if cfg.shared_width:
-            shared_cfg = MLPConfig(
-                kind=cfg.mlp.kind,
-                hidden=cfg.shared_width,
-                bias=False,
-                activation=cfg.mlp.activation,
-            )
-            self.shared_experts = GatedMLP(shared_cfg, cfg.d_model, ctx, partial_output=True)
+        if m.shared_mlp is not None:
+            self.shared_experts = GatedMLP(m.shared_mlp, m.d_model, ctx, partial_output=True)
         # The reduction group of the load statistics: the data-parallel ranks, which see
         # different tokens (None: one data-parallel rank, nothing to reduce). TP ranks route
         # the same tokens and hold the same statistics already.

@@ -26,7 +26,7 @@ from torch import nn
 
 from evoformer.config.schema import ModelConfig, RopeScalingConfig
 from evoformer.model.attention import build_attention
-from evoformer.model.layout import LayerSpec, layer_plan
+from evoformer.model.layout import LayerSpec, layer_plan, moe_spec
 from evoformer.model.loss import lm_loss
 from evoformer.model.mlp import build_mlp
 from evoformer.model.moe import MoE
@@ -68,7 +68,7 @@ class Block(nn.Module):
         self.attn = build_attention(cfg, spec, ctx)
         self.mlp_norm = None if self.parallel else build_norm(cfg.norm, cfg.d_model)
         if spec.mlp == "moe":
-            self.mlp = MoE(cfg, layer_idx, ctx)  # names its load metrics by layer
+            self.mlp = MoE(moe_spec(cfg), layer_idx, ctx)  # names its load metrics by layer
         else:
             self.mlp = build_mlp(cfg.mlp, cfg.d_model, ctx)
         if self.placement == "sandwich":

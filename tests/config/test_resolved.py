@@ -60,7 +60,7 @@ def test_stages_per_rank_and_placement(schedule, virtual, stages, placement):
 # The defaults the properties resolve, as code would spell them if it resolved them again.
 REPEATED = re.compile(
     r"head_dim or\b|n_kv_heads or\b|expert_hidden or\b|shared_hidden or\b|pp_virtual_stages or\b"
-    r"|\(\"swiglu\", \"geglu\"\)"
+    r"|qkv_bias is None|\(\"swiglu\", \"geglu\"\)"
 )
 
 

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from evoformer.config.schema import MLPConfig, ModelConfig, MoEConfig
 from evoformer.distributed.testing import run_distributed
 from evoformer.model import build_model
+from evoformer.model.layout import moe_spec
 from evoformer.model.moe import MoE
 
 TOL = 1e-5
@@ -49,7 +50,7 @@ def _cfg(n_layers: int = 1, **moe) -> ModelConfig:
 
 
 def _moe(cfg: ModelConfig, seed: int = 0) -> MoE:
-    m = MoE(cfg, layer_idx=0)
+    m = MoE(moe_spec(cfg), layer_idx=0)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in m.parameters():
@@ -157,7 +158,7 @@ def test_balance_loss_by_hand() -> None:
     probs = torch.tensor(
         [[0.5, 0.25, 0.125, 0.125], [0.125, 0.5, 0.25, 0.125], [0.25, 0.125, 0.125, 0.5]]
     )
-    m = MoE(_cfg(num_experts=4, top_k=2, aux_loss_coef=0.1), layer_idx=0).train()
+    m = MoE(moe_spec(_cfg(num_experts=4, top_k=2, aux_loss_coef=0.1)), layer_idx=0).train()
     with torch.no_grad():
         m.router.weight.zero_()
         m.router.weight[:, :3] = probs.log().T  # token n is the n-th unit vector
