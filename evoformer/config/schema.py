@@ -239,6 +239,11 @@ class DataConfig:
     )
     tokenizer_vocab_size: int = opt(8192, "Vocabulary of a tokenizer trained on the corpus.")
     val_fraction: float = opt(0.02, "Share of documents held out for validation.")
+    document_masking: bool = opt(
+        False,
+        "Inside a packed window a token attends only to earlier tokens of its own document, "
+        "and positions restart at each document (documents start at the end-of-document token).",
+    )
     cache_dir: Optional[str] = opt(
         None, "Where tokenised corpora are cached (null = $EVOFORMER_CACHE or ~/.cache/evoformer)."
     )

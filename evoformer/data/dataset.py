@@ -40,7 +40,7 @@ class PackedDataset:
         self.store = store
         self.seq_len = seq_len
         self.vocab_size = store.vocab_size
-        self.eod_id = store.eod_id
+        self.eod_id: int | None = store.eod_id
         offsets = np.asarray(store.offsets, dtype=np.int64)
         if doc_ids is None:
             self._base = offsets[:-1]
@@ -77,7 +77,7 @@ class PackedDataset:
         is_eod = local >= self._lens[d]
         idx = np.where(is_eod, 0, self._base[d] + local)
         out = self.store.tokens[idx].astype(np.int64)
-        out[is_eod] = self.eod_id
+        out[is_eod] = self.store.eod_id
         return out
 
     def __getitem__(self, i: int) -> torch.Tensor:
@@ -102,6 +102,13 @@ class ConcatDataset:
         self.datasets = list(datasets)
         self.seq_len = datasets[0].seq_len
         self.vocab_size = max(ds.vocab_size for ds in datasets)
+        eods = {ds.eod_id for ds in datasets}
+        if len(eods) != 1:
+            raise UserError(
+                f"the data files disagree on the end-of-document id: {sorted(map(str, eods))} "
+                "(were they tokenised with different tokenizers?)"
+            )
+        self.eod_id = eods.pop()
         self._ends = np.cumsum([len(ds) for ds in datasets]).tolist()
 
     def __len__(self) -> int:
@@ -136,6 +143,7 @@ class SyntheticDataset:
         self.seq_len = seq_len
         self.seed = seed
         self.length = length
+        self.eod_id: int | None = None  # random tokens: no documents
 
     def __len__(self) -> int:
         return self.length
@@ -169,3 +177,14 @@ def get_batch(dataset: WindowDataset, indices: Sequence[int] | np.ndarray) -> to
     if not rows:
         return torch.empty(0, dataset.seq_len + 1, dtype=torch.long)
     return torch.from_numpy(np.stack(rows))
+
+
+def document_ids_from_eod(tokens_BT: torch.Tensor, eod_id: int) -> torch.Tensor:
+    """Document ids [B, T] of packed token windows in which ``eod_id`` separates documents
+    (``Transformer.forward(..., document_ids=...)``).
+
+    The end-of-document token opens the next document, in the role of its beginning-of-sequence
+    token: a document run alone is ``[EOD, t1, ..., tn]``, and with ``x = window[:-1]``,
+    ``y = window[1:]`` every prediction is made from one document's tokens only (the last token
+    of a document predicts the EOD that ends it)."""
+    return torch.cumsum(tokens_BT == eod_id, dim=1)

@@ -51,10 +51,12 @@ def parallelize(
     groups: ParallelGroups,
     device: torch.device,
     n_microbatches: int,
+    document_eod: int | None = None,
 ) -> ParallelModel:
     """Build this rank's model for ``cfg`` and make it distributed, in the order of the module
     docstring. ``n_microbatches``: micro-batches per step on this rank (the pipeline schedule
-    is built for that many)."""
+    is built for that many). ``document_eod`` (data.document_masking): the end-of-document id
+    from which the runner derives each window's documents."""
     # 0. This rank's model, initialised from the seed as one process would.
     if dims.pp > 1:
         from evoformer.engine.pipeline import build_pipeline_model
@@ -93,7 +95,9 @@ def parallelize(
         from evoformer.engine.pipeline import PipelineRunner
 
         stage = cast(TransformerStage, model)  # built by build_pipeline_model in step 0
-        pipeline = PipelineRunner(cfg, dims, groups, device, stage, strategy, n_microbatches)
+        pipeline = PipelineRunner(
+            cfg, dims, groups, device, stage, strategy, n_microbatches, document_eod
+        )
         strategy.clip_scope = pipeline.clip_scope  # the norm spans the stages
         return ParallelModel(model, strategy, pipeline)
-    return ParallelModel(model, strategy, LocalRunner(model, strategy))
+    return ParallelModel(model, strategy, LocalRunner(model, strategy, document_eod))

@@ -108,9 +108,11 @@ class PipelineRunner(StepRunner):
         model: TransformerStage,
         strategy: Strategy,
         n_microbatches: int,
+        document_eod: int | None = None,
     ) -> None:
         """``strategy`` (engine.strategy, set up with ``parts=model.chunks``) holds the wrapped
-        chunks; its autocast and loss scale apply to the schedule's forwards and backwards."""
+        chunks; its autocast and loss scale apply to the schedule's forwards and backwards.
+        ``document_eod``: data.document_masking's end-of-document id (``StepRunner``)."""
         import torch.distributed.pipelining as pipelining
 
         parts = strategy.parts
@@ -118,6 +120,7 @@ class PipelineRunner(StepRunner):
         self.scaler = strategy.scaler  # fp16: the schedule's backward runs on the scaled loss
 
         self.cfg, self.dims, self.groups, self.device = cfg, dims, groups, device
+        self.document_eod = document_eod
         self.model = model
         self.chunks = model.chunks
         self.n_micro = n_microbatches
@@ -215,9 +218,11 @@ class PipelineRunner(StepRunner):
             chunk.aux_grad_scale = scale / self.n_micro
         tokens = torch.cat(batches)
         losses: list[torch.Tensor] | None = [] if self.has_last else None
+        docs = self.document_ids(tokens[:, :-1])  # every stage masks (and positions) by them
         self.schedule.step(
             tokens[:, :-1].contiguous(),
             tokens=tokens,
+            **({} if docs is None else {"document_ids": docs}),
             target=tokens if self.has_last else None,
             losses=losses,
             return_outputs=False,
@@ -332,7 +337,11 @@ class PipelineRunner(StepRunner):
             if s > 0 and self.placement[s - 1] != me:
                 x = torch.empty(shape, device=self.device)
                 dist.recv(x, self.pp_ranks[self.placement[s - 1]], group=self.pp_group)
-            out: torch.Tensor = chunk(batch[:, :-1] if s == 0 else x, tokens=batch)
+            out: torch.Tensor = chunk(
+                batch[:, :-1] if s == 0 else x,
+                tokens=batch,
+                document_ids=self.document_ids(batch[:, :-1]),
+            )
             if s == S - 1:
                 chunk.metrics.clear()
                 loss = out.detach().float()

@@ -22,6 +22,7 @@ from typing import cast
 
 import torch
 
+from evoformer.data.dataset import document_ids_from_eod
 from evoformer.engine.memory import MemoryMeter
 from evoformer.engine.strategy import Strategy
 from evoformer.model import Transformer, lm_loss
@@ -34,6 +35,14 @@ class StepRunner(abc.ABC):
     pipeline stages) whose modules hold per-step state."""
 
     model: Transformer
+    # data.document_masking: the end-of-document id that splits a window into documents
+    document_eod: int | None = None
+
+    def document_ids(self, inputs_BT: torch.Tensor) -> torch.Tensor | None:
+        """The ``document_ids`` of model inputs under document masking, else None."""
+        if self.document_eod is None:
+            return None
+        return document_ids_from_eod(inputs_BT, self.document_eod)
 
     @abc.abstractmethod
     def forward_backward(
@@ -72,9 +81,12 @@ def global_numel(p: torch.Tensor) -> int:
 class LocalRunner(StepRunner):
     """Every layer on this rank: micro-batch after micro-batch through ``strategy.module``."""
 
-    def __init__(self, model: Transformer, strategy: Strategy) -> None:
+    def __init__(
+        self, model: Transformer, strategy: Strategy, document_eod: int | None = None
+    ) -> None:
         self.model = model
         self.strategy = strategy
+        self.document_eod = document_eod
 
     def forward_backward(
         self, batches: list[torch.Tensor], memory: MemoryMeter | None = None
@@ -84,12 +96,10 @@ class LocalRunner(StepRunner):
         for i, batch in enumerate(batches):
             with strategy.micro_batch(last=i == n - 1):
                 measured = memory.forward(self.model, first=i == 0) if memory else nullcontext()
+                module = cast(torch.nn.Module, strategy.module)  # the whole model: set
+                x = batch[:, :-1]
                 with strategy.autocast(), measured:
-                    out = cast(
-                        torch.nn.Module, strategy.module
-                    )(  # the whole model: set
-                        batch[:, :-1], targets=batch[:, 1:]
-                    )
+                    out = module(x, targets=batch[:, 1:], document_ids=self.document_ids(x))
                 strategy.backward(out.loss / n)
             for name, value in out.metrics.items():
                 sums[name] = sums.get(name, 0.0) + value.float() / n
@@ -97,8 +107,9 @@ class LocalRunner(StepRunner):
 
     @torch.no_grad()
     def evaluate_loss(self, batch: torch.Tensor) -> torch.Tensor:
+        x = batch[:, :-1]
         with self.strategy.autocast():
-            return lm_loss(self.model(batch[:, :-1]), batch[:, 1:])
+            return lm_loss(self.model(x, document_ids=self.document_ids(x)), batch[:, 1:])
 
     def num_params(self) -> int:
         return sum(global_numel(p) for p in self.model.parameters())

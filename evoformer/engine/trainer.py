@@ -118,7 +118,17 @@ class Trainer:
         # on the ranks of one TP group, which must drop the same units of replicated tensors.
         torch.manual_seed(cfg.run.seed * 1_000_003 + self.dims.dp_rank)
         # The model, made distributed in one readable order (engine.parallelize).
-        parallel = parallelize(cfg, self.dims, self.groups, self.device, self.grad_accum)
+        document_eod = None
+        if cfg.data.document_masking:
+            document_eod = self.data.train.eod_id
+            if document_eod is None:
+                raise UserError(
+                    f"data.document_masking needs documents: data.source={cfg.data.source} has "
+                    "no end-of-document tokens (use data.source=default or files)"
+                )
+        parallel = parallelize(
+            cfg, self.dims, self.groups, self.device, self.grad_accum, document_eod
+        )
         self.model, self.strategy, self.runner = parallel.model, parallel.strategy, parallel.runner
         # Measures the first step (engine.memory); the numbers go on every metrics line.
         self.memory = MemoryMeter(self.device, enabled=cfg.run.measure_memory, compiled=t.compile)

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from evoformer.config.schema import ModelConfig
+from evoformer.model.documents import Documents, document_attention
 from evoformer.model.layout import AttentionSpec, LayerSpec, attention_spec
 from evoformer.model.norms import RMSNorm, sharded_rms_norm
 from evoformer.model.positions import alibi_slopes, apply_rope
@@ -196,7 +197,9 @@ class Attention(nn.Module):
         x_BTC: torch.Tensor,
         rope: tuple[torch.Tensor, torch.Tensor] | None = None,
         cache: KVCache | None = None,
+        docs: Documents | None = None,
     ) -> torch.Tensor:
+        """``docs``: attend within documents only (packed training windows; no cache)."""
         H, K, D = self.n_heads, self.n_kv_heads, self.head_dim
         if self.tp > 1:
             x_BTC = self.ctx.enter(x_BTC)  # once for q, k and v (SP: gathers the sequence)
@@ -233,9 +236,12 @@ class Attention(nn.Module):
         elif past and T > 1:
             # Several new tokens after a prefill: new token t sits at position past + t.
             mask = _shared_mask(T, S, None, q.device, torch.is_inference_mode_enabled())
+        dropout = self.dropout if self.training else 0.0
+        if docs is not None:
+            out = document_attention(q, k, v, docs, mask, self.scale, dropout)
+            return self.o_proj(out.transpose(1, 2).reshape(B, T, H * D))
         # Without a mask: plain causal from the start, or one new token that sees everything.
         causal = mask is None and past == 0 and T > 1
-        dropout = self.dropout if self.training else 0.0
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=causal, dropout_p=dropout, scale=self.scale
         )

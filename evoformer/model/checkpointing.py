@@ -119,8 +119,8 @@ def apply_activation_checkpointing(layers: nn.Module, mode: str | bool | None, e
     return wrapped
 
 
-def _checkpointed_forward(block: nn.Module, x, rope=None, cache=None, *, mode: str):
+def _checkpointed_forward(block: nn.Module, x, rope=None, cache=None, docs=None, *, mode: str):
     plain = functools.partial(type(block).forward, block)
     if block.training and cache is None:
-        return checkpoint_block(plain, mode, x, rope)
-    return plain(x, rope, cache)
+        return checkpoint_block(plain, mode, x, rope, None, docs)
+    return plain(x, rope, cache, docs)

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from evoformer.model.documents import Documents, document_attention
 from evoformer.model.layout import LatentAttentionSpec
 from evoformer.model.norms import RMSNorm
 from evoformer.model.positions import apply_rope
@@ -113,7 +114,9 @@ class MultiHeadLatentAttention(nn.Module):
         x_BTC: torch.Tensor,
         rope: tuple[torch.Tensor, torch.Tensor] | None = None,
         cache: LatentCache | None = None,
+        docs: Documents | None = None,
     ) -> torch.Tensor:
+        """``docs``: attend within documents only (packed training windows; no cache)."""
         if self.tp > 1:
             q, latent_BTL, k_pe_BTR = self._project_tp(x_BTC)
         else:
@@ -131,7 +134,7 @@ class MultiHeadLatentAttention(nn.Module):
         if rope is not None:
             q_pe_BHTR, k_pe_B1TR = apply_rope(q_pe_BHTR, *rope), apply_rope(k_pe_B1TR, *rope)
         if cache is None:
-            out_BHTV = self._attend(q_nope_BHTN, q_pe_BHTR, latent_BTL, k_pe_B1TR)
+            out_BHTV = self._attend(q_nope_BHTN, q_pe_BHTR, latent_BTL, k_pe_B1TR, docs)
         else:
             past = cache.length
             latent_BSL, k_pe_BSR = cache.append(latent_BTL, k_pe_B1TR.squeeze(1))
@@ -154,8 +157,11 @@ class MultiHeadLatentAttention(nn.Module):
         kv_latent, k_pe = latents.split([self.kv_lora_rank, self.rope_dim], -1)
         return self.q_proj(x_BTC), kv_latent, k_pe
 
-    def _attend(self, q_nope_BHTN, q_pe_BHTR, latent_BSL, k_pe_B1SR) -> torch.Tensor:
-        """Causal attention over per-head keys/values expanded from the latent."""
+    def _attend(
+        self, q_nope_BHTN, q_pe_BHTR, latent_BSL, k_pe_B1SR, docs: Documents | None = None
+    ) -> torch.Tensor:
+        """Causal attention over per-head keys/values expanded from the latent (within each
+        document of ``docs`` when given)."""
         B, H, T, _ = q_nope_BHTN.shape
         S = latent_BSL.shape[1]
         kv = self.kv_b_proj(latent_BSL).view(B, S, H, self.nope_dim + self.v_dim).transpose(1, 2)
@@ -163,6 +169,8 @@ class MultiHeadLatentAttention(nn.Module):
         k_BHSD = torch.cat([k_nope_BHSN, k_pe_B1SR.expand(B, H, S, self.rope_dim)], dim=-1)
         q_BHTD = torch.cat([q_nope_BHTN, q_pe_BHTR], dim=-1)
         dropout = self.dropout if self.training else 0.0
+        if docs is not None:
+            return document_attention(q_BHTD, k_BHSD, v_BHSV, docs, None, self.scale, dropout)
         return F.scaled_dot_product_attention(
             q_BHTD, k_BHSD, v_BHSV, is_causal=T > 1, dropout_p=dropout, scale=self.scale
         )

@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from evoformer.config.schema import ModelConfig
+from evoformer.model.documents import Documents
 from evoformer.model.layout import layer_spec
 from evoformer.model.norms import build_norm
 from evoformer.model.transformer import Block
@@ -50,10 +51,12 @@ class MTPModule(nn.Module):
         self.block = Block(cfg, layer_spec(cfg, cfg.n_layers + depth - 1), ctx)
         self.out_norm = build_norm(cfg.norm, cfg.d_model)
 
-    def forward(self, h_BTC: torch.Tensor, embedded_BTC: torch.Tensor, rope) -> torch.Tensor:
+    def forward(
+        self, h_BTC: torch.Tensor, embedded_BTC: torch.Tensor, rope, docs: Documents | None = None
+    ) -> torch.Tensor:
         """The normalised output hidden state of this depth."""
         x = torch.cat([self.embed_norm(embedded_BTC), self.hidden_norm(h_BTC)], dim=-1)
-        return self.out_norm(self.block(self.proj(x), rope))
+        return self.out_norm(self.block(self.proj(x), rope, None, docs))
 
 
 class MultiTokenPrediction(nn.Module):
@@ -65,24 +68,31 @@ class MultiTokenPrediction(nn.Module):
         self.layers = nn.ModuleList(MTPModule(cfg, k, ctx) for k in range(1, cfg.mtp.depth + 1))
 
     def forward(
-        self, hidden_BTC: torch.Tensor, input_ids: torch.Tensor, targets: torch.Tensor, model
+        self,
+        hidden_BTC: torch.Tensor,
+        input_ids: torch.Tensor,
+        targets: torch.Tensor,
+        model,
+        docs: Documents | None = None,
     ) -> torch.Tensor:
         """``hidden_BTC``: the main model's last hidden state (before its final norm) for
         ``input_ids`` [B, T]; ``targets`` [B, T] are the next tokens (< 0 ignored). Returns the
-        mean over depths of each depth's mean cross-entropy."""
-        hidden = self.hidden_states(hidden_BTC, input_ids, model)
+        mean over depths of each depth's mean cross-entropy. ``docs``: the main stack's
+        documents; depth k's position i keeps the document of position i."""
+        hidden = self.hidden_states(hidden_BTC, input_ids, model, docs)
         losses = [model.head_loss(h, targets[:, k:]) for k, h in enumerate(hidden, start=1)]
         return torch.stack(losses).mean()
 
     def logits(
-        self, hidden_BTC: torch.Tensor, input_ids: torch.Tensor, model
+        self, hidden_BTC: torch.Tensor, input_ids: torch.Tensor, model, docs=None
     ) -> list[torch.Tensor]:
         """Depth k's logits [B, T-k, V]: position i predicts token i+k+1 (T must exceed the
         depth; causal attention makes a prefix of the sequence exact, no padding needed)."""
-        return [model.head_logits(h) for h in self.hidden_states(hidden_BTC, input_ids, model)]
+        hidden = self.hidden_states(hidden_BTC, input_ids, model, docs)
+        return [model.head_logits(h) for h in hidden]
 
     def hidden_states(
-        self, hidden_BTC: torch.Tensor, input_ids: torch.Tensor, model
+        self, hidden_BTC: torch.Tensor, input_ids: torch.Tensor, model, docs=None
     ) -> list[torch.Tensor]:
         """Depth k's normalised output [B, T-k, C] (full sequence, also under SP)."""
         T = input_ids.shape[1]
@@ -99,15 +109,16 @@ class MultiTokenPrediction(nn.Module):
             embedded = gather_from_sequence_parallel_region(
                 model.embed_tokens(input_ids), group, reduce_grad=False
             )
-        positions = torch.arange(T - 1, device=input_ids.device)
+        docs = docs.prefix(T - 1) if docs is not None else None
+        positions = model.positions(T - 1, input_ids.device, docs=docs)
         ropes = model.rotary(positions)
         out = []
         for k, layer in enumerate(self.layers, start=1):
             layer = cast(MTPModule, layer)  # a ModuleList yields plain nn.Module
             n = T - k
             r = ropes[layer.block.spec.rope]
-            r = None if r is None else (r[0][:n], r[1][:n])
+            r = None if r is None else (r[0][..., :n, :], r[1][..., :n, :])
             e = embedded[:, k:] if embedded is not None else model.embed_tokens(input_ids[:, k:])
-            h = layer(h[:, :n], e, r)
+            h = layer(h[:, :n], e, r, docs.prefix(n) if docs is not None else None)
             out.append(h)
         return out

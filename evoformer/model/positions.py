@@ -105,12 +105,15 @@ class RotaryEmbedding(nn.Module):
         self.sin.copy_((emb.sin() * factor).to(self.sin.dtype))
 
     def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin for the given positions [T] -> [T, D] each."""
+        """cos, sin for the given positions: [T] -> [T, D] each, or per row (document
+        masking restarts positions) [B, T] -> [B, T, D]."""
         return self.cos[positions], self.sin[positions]
 
 
 def apply_rope(x_BHTD: torch.Tensor, cos_TD: torch.Tensor, sin_TD: torch.Tensor) -> torch.Tensor:
-    """Rotate q or k by position."""
+    """Rotate q or k by position (tables [T, D], or [B, T, D] for per-row positions)."""
+    if cos_TD.dim() == 3:  # [B, T, D]: one table per row, shared by the heads
+        cos_TD, sin_TD = cos_TD[:, None], sin_TD[:, None]
     half = x_BHTD.shape[-1] // 2
     x1, x2 = x_BHTD[..., :half], x_BHTD[..., half:]
     rotated = torch.cat((-x2, x1), dim=-1)

@@ -28,6 +28,7 @@ from torch import nn
 
 from evoformer.config.schema import ModelConfig
 from evoformer.model.costs import attention_flops, block_params, mtp_module_params
+from evoformer.model.documents import Documents
 from evoformer.model.transformer import Block, Transformer, aux_loss_of, materialise
 from evoformer.parallel.context import ParallelContext
 
@@ -205,26 +206,31 @@ class StageChunk(nn.Module):
         self.aux_grad_scale = 1.0  # d(step loss)/d(aux loss): 1 / micro-batches (set by engine)
         self.metrics: list[dict[str, torch.Tensor]] = []
 
-    def forward(self, x: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, tokens: torch.Tensor, document_ids: torch.Tensor | None = None
+    ) -> torch.Tensor:
         m = self._model
         T = tokens.shape[1] - 1
-        positions = torch.arange(T, device=tokens.device)
+        docs = Documents(document_ids) if document_ids is not None else None
+        positions = m.positions(T, tokens.device, docs=docs)
         x_BTC = m.embed_input(x, positions) if self.is_first else x
         ropes = m.rotary(positions)
         for layer in self.layers.values():
             layer = cast(Block, layer)  # a ModuleDict yields plain nn.Module
-            x_BTC = layer(x_BTC, ropes[layer.spec.rope])
+            x_BTC = layer(x_BTC, ropes[layer.spec.rope], None, docs)
         if not self.is_last:
             aux = aux_loss_of(self)
             if aux is not None:
                 self.metrics.append({"aux_loss": aux.detach()})
                 x_BTC = attach_aux_loss(x_BTC, aux, self.aux_grad_scale)
             return x_BTC
-        return self._loss(x_BTC, tokens)
+        return self._loss(x_BTC, tokens, docs)
 
-    def _loss(self, hidden_BTC: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    def _loss(
+        self, hidden_BTC: torch.Tensor, tokens: torch.Tensor, docs: Documents | None
+    ) -> torch.Tensor:
         out = self._model.training_loss(
-            hidden_BTC, tokens[:, :-1], tokens[:, 1:], aux_from=self, extras=self.training
+            hidden_BTC, tokens[:, :-1], tokens[:, 1:], self, extras=self.training, docs=docs
         )
         self.metrics.append(out.metrics)
         return out.loss

@@ -26,6 +26,7 @@ from torch import nn
 
 from evoformer.config.schema import ModelConfig, RopeScalingConfig
 from evoformer.model.attention import build_attention
+from evoformer.model.documents import Documents
 from evoformer.model.layout import LayerSpec, layer_plan, moe_spec
 from evoformer.model.loss import lm_loss
 from evoformer.model.mlp import build_mlp
@@ -89,22 +90,25 @@ class Block(nn.Module):
             return x
         return self.ctx.dropout(x, self.dropout, self.training)
 
-    def forward(self, x_BTC, rope=None, cache: LayerCache | None = None) -> torch.Tensor:
+    def forward(
+        self, x_BTC, rope=None, cache: LayerCache | None = None, docs: Documents | None = None
+    ) -> torch.Tensor:
+        """``docs``: the batch's documents, when attention stays inside them."""
         if self.parallel:
             h = self.attn_norm(x_BTC)
-            return x_BTC + self._drop(self.attn(h, rope, cache) + self.mlp(h))
+            return x_BTC + self._drop(self.attn(h, rope, cache, docs) + self.mlp(h))
         mlp_norm = cast(nn.Module, self.mlp_norm)  # present unless the block is parallel
         if self.placement == "pre":
-            x_BTC = x_BTC + self._drop(self.attn(self.attn_norm(x_BTC), rope, cache))
+            x_BTC = x_BTC + self._drop(self.attn(self.attn_norm(x_BTC), rope, cache, docs))
             return x_BTC + self._drop(self.mlp(mlp_norm(x_BTC)))
         if self.placement == "post":
-            x_BTC = self.attn_norm(x_BTC + self._drop(self.attn(x_BTC, rope, cache)))
+            x_BTC = self.attn_norm(x_BTC + self._drop(self.attn(x_BTC, rope, cache, docs)))
             return mlp_norm(x_BTC + self._drop(self.mlp(x_BTC)))
         if self.placement == "reordered":
-            x_BTC = x_BTC + self._drop(self.attn_norm(self.attn(x_BTC, rope, cache)))
+            x_BTC = x_BTC + self._drop(self.attn_norm(self.attn(x_BTC, rope, cache, docs)))
             return x_BTC + self._drop(mlp_norm(self.mlp(x_BTC)))
         # sandwich
-        h = self.attn_post_norm(self.attn(self.attn_norm(x_BTC), rope, cache))
+        h = self.attn_post_norm(self.attn(self.attn_norm(x_BTC), rope, cache, docs))
         x_BTC = x_BTC + self._drop(h)
         return x_BTC + self._drop(self.mlp_post_norm(self.mlp(mlp_norm(x_BTC))))
 
@@ -226,12 +230,18 @@ class Transformer(KeepShardSpecs):
         input_ids: torch.Tensor,
         caches: list[LayerCache] | None = None,
         targets: torch.Tensor | None = None,
+        document_ids: torch.Tensor | None = None,
     ) -> torch.Tensor | ModelOutput:
-        """Logits [B, T, V]; with ``targets`` [B, T] the training loss instead (ModelOutput)."""
-        hidden_BTC = self.hidden_states(input_ids, caches)
+        """Logits [B, T, V]; with ``targets`` [B, T] the training loss instead (ModelOutput).
+
+        ``document_ids`` [B, T] (packed windows, no ``caches``): a document is a run of equal
+        consecutive ids; each token attends only to earlier tokens of its run and positions
+        restart at the run's first token (``model.documents``)."""
+        docs = Documents(document_ids) if document_ids is not None else None
+        hidden_BTC = self.hidden_states(input_ids, caches, docs)
         if targets is None:
             return self.logits(hidden_BTC)
-        return self.training_loss(hidden_BTC, input_ids, targets, aux_from=self)
+        return self.training_loss(hidden_BTC, input_ids, targets, aux_from=self, docs=docs)
 
     def training_loss(
         self,
@@ -240,6 +250,7 @@ class Transformer(KeepShardSpecs):
         targets: torch.Tensor,
         aux_from: nn.Module,
         extras: bool = True,
+        docs: Documents | None = None,
     ) -> ModelOutput:
         """The loss of the last hidden state -- next-token CE, + ``mtp.loss_weight`` x MTP, +
         the MoE aux losses of ``aux_from``'s modules -- and its detached terms. The one place
@@ -249,7 +260,7 @@ class Transformer(KeepShardSpecs):
         ce = self.head_loss(h, targets, self.ctx.sp)
         loss, metrics = ce, {"ce_loss": ce.detach()}
         if extras and self.mtp is not None:  # first: its blocks may hold MoE layers with aux
-            mtp_loss = self.mtp(hidden_BTC, input_ids, targets, self)
+            mtp_loss = self.mtp(hidden_BTC, input_ids, targets, self, docs)
             loss = loss + self.cfg.mtp.loss_weight * mtp_loss
             metrics["mtp_loss"] = mtp_loss.detach()
         aux = aux_loss_of(aux_from) if extras else None
@@ -300,7 +311,10 @@ class Transformer(KeepShardSpecs):
         return x_BTC
 
     def hidden_states(
-        self, input_ids: torch.Tensor, caches: list[LayerCache] | None = None
+        self,
+        input_ids: torch.Tensor,
+        caches: list[LayerCache] | None = None,
+        docs: Documents | None = None,
     ) -> torch.Tensor:
         """The residual stream after the last block (before the final norm); under sequence
         parallelism this rank's slice of the sequence."""
@@ -308,20 +322,32 @@ class Transformer(KeepShardSpecs):
         start = caches[0].length if caches else 0
         if start + T > self.cfg.max_seq_len:
             raise ValueError(f"sequence of {start + T} exceeds max_seq_len={self.cfg.max_seq_len}")
-        positions = torch.arange(start, start + T, device=input_ids.device)
+        positions = self.positions(T, input_ids.device, start, docs)
+        if docs is not None and caches:
+            raise ValueError("document_ids are for packed training windows, not cached decoding")
         x_BTC = self.embed_input(input_ids, positions)
         ropes = self.rotary(positions)
         for i, layer in enumerate(cast(Iterable[Block], self.layers)):
-            x_BTC = layer(x_BTC, ropes[layer.spec.rope], caches[i] if caches else None)
+            x_BTC = layer(x_BTC, ropes[layer.spec.rope], caches[i] if caches else None, docs)
         return x_BTC
+
+    @staticmethod
+    def positions(
+        T: int, device: torch.device, start: int = 0, docs: Documents | None = None
+    ) -> torch.Tensor:
+        """Positions of ``T`` tokens: ``start, start + 1, ...`` [T], or per row from each
+        document's first token [B, T] under document masking."""
+        if docs is not None:
+            return docs.positions
+        return torch.arange(start, start + T, device=device)
 
     def embed_input(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """The start of the residual stream: token (+ learned position) embeddings and
         embedding dropout; under sequence parallelism this rank's slice of the sequence."""
         x_BTC = self.embed_tokens(input_ids)
         if self.pos_embed is not None:
-            first, n = self.ctx.seq_shard(positions.numel())
-            x_BTC = x_BTC + self.pos_embed(positions[first : first + n])
+            first, n = self.ctx.seq_shard(positions.shape[-1])
+            x_BTC = x_BTC + self.pos_embed(positions[..., first : first + n])
         if self.cfg.dropout:
             x_BTC = self.ctx.dropout(x_BTC, self.cfg.dropout, self.training)
         return x_BTC
