@@ -231,6 +231,11 @@ class DataConfig:
     paths: list[str] = opt(
         [], "With source=files: .txt / .jsonl files or preprocessed token stores (.tok)."
     )
+    weights: list[float] = opt(
+        [],
+        "With source=files: each path's share of every global batch (normalised; empty = the "
+        "paths concatenated, each weighing its size). A source that runs out starts a new epoch.",
+    )
     val_paths: list[str] = opt(
         [], "With source=files: validation files (empty = hold out val_fraction of documents)."
     )

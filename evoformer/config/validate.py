@@ -106,6 +106,7 @@ def validate(cfg: Config) -> None:
         _fail("data.val_fraction", cfg.data.val_fraction, "must be in [0, 1)")
     if cfg.data.source == "files" and not cfg.data.paths:
         _fail("data.paths", cfg.data.paths, "data.source=files needs at least one path")
+    validate_blend(cfg)
     if not 0.0 <= cfg.optim.min_lr_ratio <= 1.0:
         _fail("optim.min_lr_ratio", cfg.optim.min_lr_ratio, "must be in [0, 1]")
     if not 0.0 < cfg.optim.decay_fraction <= 1.0:
@@ -117,6 +118,19 @@ def validate(cfg: Config) -> None:
     validate_deepspeed(cfg)
     validate_precision(cfg)
     _not_yet(cfg)
+
+
+def validate_blend(cfg: Config) -> None:
+    """``data.weights``: one non-negative weight per path, not all zero."""
+    w, paths = list(cfg.data.weights), list(cfg.data.paths)
+    if not w:
+        return
+    if cfg.data.source != "files":
+        _fail("data.weights", w, "blends data.paths, which needs data.source=files")
+    if len(w) != len(paths):
+        _fail("data.weights", w, f"needs one weight per data.paths entry ({len(paths)} paths)")
+    if min(w) < 0 or sum(w) <= 0:
+        _fail("data.weights", w, "must be >= 0 and not all 0")
 
 
 def validate_precision(cfg: Config) -> None:

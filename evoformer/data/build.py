@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -33,11 +33,26 @@ _SYNTHETIC_VAL_LEN = 1 << 16
 
 @dataclass
 class DataBundle:
-    """What the trainer gets: the datasets and, for real text, the tokenizer."""
+    """What the trainer gets: the datasets and, for real text, the tokenizer.
+
+    With ``data.weights`` (a blend) ``train`` is the sources laid end to end (``ConcatDataset``,
+    in ``data.paths`` order) and ``sources`` names them, with their share and, when documents
+    are held out of each, their own validation windows."""
 
     train: WindowDataset
     val: WindowDataset | None
     tokenizer: Tokenizer | None
+    sources: list[Source] = field(default_factory=list)
+
+
+@dataclass
+class Source:
+    """One source of a blend: a name for the metrics, its weight, train samples and val set."""
+
+    name: str
+    weight: float
+    samples: int
+    val: WindowDataset | None
 
 
 def _check_vocab(what: str, vocab: int, model_vocab: int) -> None:
@@ -160,12 +175,70 @@ def _datasets(
     return parts[0] if len(parts) == 1 else ConcatDataset(parts)
 
 
+def source_names(paths: Sequence[str]) -> list[str]:
+    """Metric names of blend sources: each path's file name without its suffixes, made unique."""
+    names: list[str] = []
+    for raw in paths:
+        name = Path(raw).name.split(".")[0] or "source"
+        base, k = name, 2
+        while name in names:
+            name, k = f"{base}{k}", k + 1
+        names.append(name)
+    return names
+
+
+def _build_blend(
+    cfg: DataConfig, seq_len: int, vocab_size: int, tokenizer: Tokenizer | None, log: Log
+) -> DataBundle:
+    """``data.weights``: one source per path, each held out on its own (``Source.val``)."""
+    if len(cfg.weights) != len(cfg.paths):
+        raise UserError(
+            f"data.weights has {len(cfg.weights)} entries but data.paths {len(cfg.paths)}"
+        )
+    train_parts, sources = [], []
+    for raw, name, weight in zip(cfg.paths, source_names(cfg.paths), cfg.weights, strict=True):
+        (store,) = _open_stores([raw], "data.paths", tokenizer, cfg, vocab_size, log)
+        train_ids = val_ids = None
+        if not cfg.val_paths and cfg.val_fraction > 0:
+            is_val = held_out_mask(
+                [digest(store.doc(i).tobytes()) for i in range(store.n_docs)], cfg.val_fraction
+            )
+            train_ids, val_ids = np.flatnonzero(~is_val), np.flatnonzero(is_val)
+        try:
+            train = PackedDataset(store, seq_len, train_ids)
+        except UserError as exc:
+            raise UserError(f"data.paths source {raw}: {exc}") from None
+        val = None
+        if val_ids is not None and val_ids.size:
+            try:
+                val = PackedDataset(store, seq_len, val_ids)
+            except UserError:
+                val = None  # too little held out for one window: no per-source val loss
+        train_parts.append(train)
+        sources.append(Source(name, float(weight), len(train), val))
+    vals = [s.val for s in sources if s.val is not None]
+    val: WindowDataset | None = (
+        (vals[0] if len(vals) == 1 else ConcatDataset(vals)) if vals else None
+    )
+    if cfg.val_paths:
+        val_stores = _open_stores(cfg.val_paths, "data.val_paths", tokenizer, cfg, vocab_size, log)
+        val = _datasets(val_stores, seq_len, [None] * len(val_stores))
+    total = sum(cfg.weights)
+    log(
+        "blending "
+        + ", ".join(f"{s.name} {s.weight / total:.0%} ({s.samples:,} windows)" for s in sources)
+    )
+    return DataBundle(ConcatDataset(train_parts), val, tokenizer, sources)
+
+
 def _build_files(cfg: DataConfig, seq_len: int, vocab_size: int, log: Log) -> DataBundle:
     if not cfg.paths:
         raise UserError("data.source=files needs data.paths (text, .jsonl or .tok files)")
     tokenizer = Tokenizer(cfg.tokenizer) if cfg.tokenizer else None
     if tokenizer is not None:
         _check_vocab(f"tokenizer {tokenizer.path}", tokenizer.vocab_size, vocab_size)
+    if cfg.weights:
+        return _build_blend(cfg, seq_len, vocab_size, tokenizer, log)
     train_stores = _open_stores(cfg.paths, "data.paths", tokenizer, cfg, vocab_size, log)
     if cfg.val_paths:
         val_stores = _open_stores(cfg.val_paths, "data.val_paths", tokenizer, cfg, vocab_size, log)

@@ -101,10 +101,15 @@ class GlobalBatchSampler:
         """Sample indices (int64, length global_batch_size) of the global batch at ``step``."""
         if step < 0:
             raise ValueError(f"step must be >= 0, got {step}")
-        n, g = self.num_samples, self.global_batch_size
-        pos = np.arange(step * g, step * g + g, dtype=np.int64)
-        epochs, within = np.divmod(pos, n)
-        out = np.empty(g, dtype=np.int64)
+        g = self.global_batch_size
+        return self.order(np.arange(step * g, step * g + g, dtype=np.int64))
+
+    def order(self, pos: np.ndarray) -> np.ndarray:
+        """The sample at each position ``pos`` (int64, ascending) of the epochs laid end to end."""
+        if not pos.size:
+            return np.empty(0, dtype=np.int64)
+        epochs, within = np.divmod(pos, self.num_samples)
+        out = np.empty(pos.size, dtype=np.int64)
         for e in range(int(epochs[0]), int(epochs[-1]) + 1):
             sel = epochs == e
             out[sel] = self._permutation(e)[within[sel]]
@@ -164,6 +169,117 @@ class GlobalBatchSampler:
         if int(state["seed"]) != self.seed:
             self.seed = int(state["seed"])
             self._perms.clear()
+
+
+# Steps per block of the blend's per-step draws: the counts before a step are summed block by
+# block (cached), so resuming at step s costs s / _BLEND_BLOCK vectorised blocks.
+_BLEND_BLOCK = 4096
+
+
+class BlendedSampler(GlobalBatchSampler):
+    """Global batches drawn from several sources in given proportions (``data.weights``).
+
+    The sources are datasets laid end to end (``ConcatDataset``; ``sizes`` their samples). Each
+    step's global batch of ``g`` takes ``floor(g * w_k)`` samples from source k plus, for the
+    ``g - sum(floor)`` remaining slots, one more from each source chosen by systematic sampling
+    over the fractional parts: source k gets the extra sample with probability exactly
+    ``g * w_k - floor(g * w_k)``. So every step holds within one sample of ``g * w_k`` of each
+    source and the expectation is exact. Inside a source, samples follow that source's own
+    epoch permutations (as ``GlobalBatchSampler``), from the position its earlier steps reached:
+    a source that runs out wraps to a new epoch of itself. The batch is then shuffled, so each
+    data-parallel rank sees the mix. Everything is a function of ``(seed, step)``: resuming, or
+    another data-parallel size, gives the same batches.
+    """
+
+    def __init__(
+        self, sizes: list[int], weights: list[float], global_batch_size: int, seed: int
+    ) -> None:
+        if len(sizes) != len(weights) or not sizes:
+            raise ValueError(f"{len(sizes)} sources but {len(weights)} weights")
+        if min(weights) < 0 or sum(weights) <= 0:
+            raise UserError(f"data.weights must be >= 0 and not all 0, got {weights}")
+        super().__init__(sum(sizes), global_batch_size, seed)
+        self.sizes = [int(n) for n in sizes]
+        total = float(sum(weights))
+        self.weights = [w / total for w in weights]
+        self.offsets = np.cumsum([0] + self.sizes[:-1]).astype(np.int64)
+        self._orders = [
+            GlobalBatchSampler(n, 1, seed * 1_000_003 + 7919 * (k + 1))
+            for k, n in enumerate(self.sizes)
+        ]
+        ideal = np.asarray(self.weights) * self.global_batch_size
+        self._floor = np.floor(ideal + 1e-9).astype(np.int64)
+        self._frac = np.clip(ideal - self._floor, 0.0, None)
+        self._before: dict[int, np.ndarray] = {0: np.zeros(len(sizes), dtype=np.int64)}
+
+    def _block_counts(self, block: int) -> np.ndarray:
+        """Samples per source [steps of the block, K] of the steps in block ``block``."""
+        u = np.random.default_rng([self.seed % (1 << 64), 0xB1E4D, block]).random(_BLEND_BLOCK)
+        extra = int(round(self._frac.sum()))
+        edges = np.concatenate([[0.0], np.cumsum(self._frac)])
+        counts = np.tile(self._floor, (_BLEND_BLOCK, 1))
+        for j in range(extra):  # the points u + j fall into distinct sources' intervals
+            k = np.searchsorted(edges, u + j, side="right") - 1
+            np.add.at(counts, (np.arange(_BLEND_BLOCK), np.clip(k, 0, len(self.sizes) - 1)), 1)
+        return counts
+
+    def counts_before(self, step: int) -> np.ndarray:
+        """Samples drawn from each source by the steps before ``step`` (int64 [K])."""
+        block, within = divmod(step, _BLEND_BLOCK)
+        start = max(b for b in self._before if b <= block)
+        acc = self._before[start]
+        for b in range(start, block):
+            acc = acc + self._block_counts(b).sum(0)
+            self._before[b + 1] = acc
+        return acc + self._block_counts(block)[:within].sum(0)
+
+    def step_counts(self, step: int) -> np.ndarray:
+        """Samples from each source in the global batch of ``step`` (int64 [K], sum g)."""
+        block, within = divmod(step, _BLEND_BLOCK)
+        return self._block_counts(block)[within]
+
+    def global_batch(self, step: int) -> np.ndarray:
+        if step < 0:
+            raise ValueError(f"step must be >= 0, got {step}")
+        before, now = self.counts_before(step), self.step_counts(step)
+        parts = [
+            self.offsets[k] + self._orders[k].order(np.arange(before[k], before[k] + now[k]))
+            for k in range(len(self.sizes))
+        ]
+        batch = np.concatenate(parts)
+        rng = np.random.default_rng([self.seed % (1 << 64), 0x5F1E, step])
+        return batch[rng.permutation(batch.size)]
+
+    def epoch(self, step: int) -> float:
+        """Epochs of the largest-share source completed before ``step`` (for logging)."""
+        k = int(np.argmax(self.weights))
+        return float(self.counts_before(step)[k]) / self.sizes[k]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "sizes": self.sizes, "weights": self.weights}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """As ``GlobalBatchSampler``, and refuses a checkpoint of other sources or weights."""
+        if "sizes" not in state:
+            raise UserError(
+                "cannot resume the data order: the checkpoint was trained without data.weights"
+            )
+        if [int(n) for n in state["sizes"]] != self.sizes:
+            raise UserError(
+                f"cannot resume the data order: the checkpoint's sources have {state['sizes']} "
+                f"samples, this run's {self.sizes} (did data.paths or train.seq_len change?)"
+            )
+        if not np.allclose(state["weights"], self.weights, rtol=0, atol=1e-12):
+            raise UserError(
+                f"cannot resume the data order: the checkpoint used data.weights "
+                f"{state['weights']} (normalised), this run {self.weights}"
+            )
+        super().load_state_dict(state)
+        self._orders = [
+            GlobalBatchSampler(n, 1, self.seed * 1_000_003 + 7919 * (k + 1))
+            for k, n in enumerate(self.sizes)
+        ]
+        self._before = {0: self._before[0]}
 
 
 class EvalBatches:

@@ -34,6 +34,8 @@ from evoformer.checkpoint import list_checkpoints, resolve_checkpoint, write_tex
 from evoformer.config import Config, to_yaml
 from evoformer.config.schema import ParallelConfig
 from evoformer.data import EvalBatches, GlobalBatchSampler, build_datasets, get_batch
+from evoformer.data.dataset import WindowDataset
+from evoformer.data.sampler import BlendedSampler
 from evoformer.distributed import ParallelDims, init_process_group, pick_device
 from evoformer.engine.memory import MemoryMeter
 from evoformer.engine.metrics import MetricsLogger, NullLogger, truncate_metrics
@@ -111,7 +113,7 @@ class Trainer:
 
         log = print if self.dims.is_main else (lambda *a, **k: None)
         self.data = build_datasets(cfg.data, t.seq_len, cfg.run.seed, cfg.model.vocab_size, log=log)
-        self.sampler = GlobalBatchSampler(len(self.data.train), t.global_batch_size, cfg.run.seed)
+        self.sampler = self._build_sampler()
 
         # Weights come from per-tensor generators (build_model); the global RNG drives dropout.
         # It differs per data-parallel rank, so replicas drop different units, and is the same
@@ -143,6 +145,24 @@ class Trainer:
         return opt
 
     # -- setup -------------------------------------------------------------------------------
+
+    def _build_sampler(self) -> GlobalBatchSampler:
+        """The step -> samples order: uniform over the data, or a blend of the sources."""
+        g, seed = self.cfg.train.global_batch_size, self.cfg.run.seed
+        sources = self.data.sources
+        if sources:
+            return BlendedSampler(
+                [s.samples for s in sources], [s.weight for s in sources], g, seed
+            )
+        return GlobalBatchSampler(len(self.data.train), g, seed)
+
+    def _source_tokens(self, step: int) -> dict[str, int]:
+        """Tokens seen from each blend source by the steps before ``step`` (metrics)."""
+        if not isinstance(self.sampler, BlendedSampler):
+            return {}
+        counts = self.sampler.counts_before(step)
+        seq = self.cfg.train.seq_len
+        return {f"tokens/{s.name}": int(c) * seq for s, c in zip(self.data.sources, counts)}
 
     def _resolve_resume(self) -> Path | None:
         load = self.cfg.checkpoint.load
@@ -219,13 +239,21 @@ class Trainer:
                             "grad_norm": grad_norm,
                             "tokens_per_s": tokens_per_step * window_steps / max(elapsed, 1e-9),
                             "tokens": self.step * tokens_per_step,
+                            **self._source_tokens(self.step),
                             **extra,
                         }
                     )
                     window_start, window_steps = time.perf_counter(), 0
                 if t.eval_every and (self.step % t.eval_every == 0 or self.step == t.max_steps):
                     val_losses[self.step] = self.evaluate()
-                    self.logger.log({"step": self.step, "val_loss": val_losses[self.step]})
+                    per_source = {
+                        f"val_loss/{s.name}": self.evaluate(s.val)
+                        for s in self.data.sources
+                        if s.val is not None
+                    }
+                    self.logger.log(
+                        {"step": self.step, "val_loss": val_losses[self.step], **per_source}
+                    )
                 if self.step_hook is not None:
                     self.step_hook(self.step, self)
                 stopping = self._should_stop()
@@ -284,13 +312,16 @@ class Trainer:
         return loss, result.grad_norm, values
 
     @torch.no_grad()
-    def evaluate(self) -> float:
-        """Mean loss over the fixed validation batches (split across dp ranks)."""
-        if self.data.val is None:
+    def evaluate(self, dataset: WindowDataset | None = None) -> float:
+        """Mean loss over the fixed validation batches of ``dataset`` (default: the validation
+        split; a blend source's own held-out windows for its ``val_loss/<name>``), split across
+        dp ranks."""
+        dataset = dataset if dataset is not None else self.data.val
+        if dataset is None:
             return float("nan")
         self.model.eval()
         batches = list(
-            EvalBatches(self.data.val, self.cfg.train.micro_batch_size, self.cfg.train.eval_batches)
+            EvalBatches(dataset, self.cfg.train.micro_batch_size, self.cfg.train.eval_batches)
         )
         acc = torch.zeros(2, dtype=torch.float64, device=self.device)
         mine = batches[self.dims.dp_rank :: self.dims.dp]

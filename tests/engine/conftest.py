@@ -39,3 +39,20 @@ def run_overrides(text_corpus, tmp_path) -> list[str]:
         f"run.output_dir={Path(tmp_path) / 'run'}",
         "run.progress=off",
     ]
+
+
+@pytest.fixture(scope="session")
+def short_docs(tmp_path_factory, cache_dir) -> dict[str, str]:
+    """Documents of 1-2 lines from a few standard-library files, and a 512-token tokenizer."""
+    root = tmp_path_factory.mktemp("short_docs")
+    lines = [ln for p in default_corpus_files()[::40][:8] for ln in p.read_text().splitlines()]
+    lines = [ln for ln in lines if ln.strip()]
+    docs, i = [], 0
+    while i < len(lines) and len(docs) < 400:
+        n = 1 + len(docs) % 2
+        docs.append("\n".join(lines[i : i + n]))
+        i += n
+    path = root / "docs.jsonl"
+    path.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    tok = train_tokenizer(docs, root / "tok", 512, seed=0)
+    return {"path": str(path), "tokenizer": str(tok)}

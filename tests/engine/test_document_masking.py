@@ -9,13 +9,11 @@ masking changes the numbers (checked: off and on differ).
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 
 from evoformer.config import load_config
-from evoformer.data import default_corpus_files, get_batch, train_tokenizer
+from evoformer.data import get_batch
 from evoformer.data.dataset import document_ids_from_eod
 from evoformer.distributed.testing import run_distributed
 from evoformer.engine import Trainer
@@ -26,23 +24,6 @@ from tests.engine.parity import max_rel
 
 STEPS = 6
 LOSS_RTOL = 1e-5
-
-
-@pytest.fixture(scope="module")
-def short_docs(tmp_path_factory, cache_dir) -> dict[str, str]:
-    """Documents of 1-2 lines from a few standard-library files, and a 512-token tokenizer."""
-    root = tmp_path_factory.mktemp("short_docs")
-    lines = [ln for p in default_corpus_files()[::40][:8] for ln in p.read_text().splitlines()]
-    lines = [ln for ln in lines if ln.strip()]
-    docs, i = [], 0
-    while i < len(lines) and len(docs) < 400:
-        n = 1 + len(docs) % 2
-        docs.append("\n".join(lines[i : i + n]))
-        i += n
-    path = root / "docs.jsonl"
-    path.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
-    tok = train_tokenizer(docs, root / "tok", 512, seed=0)
-    return {"path": str(path), "tokenizer": str(tok)}
 
 
 def _cfg(short_docs, out_dir, *overrides: str, family: str = "llama"):
