@@ -231,6 +231,9 @@ class DataConfig:
     paths: list[str] = opt(
         [], "With source=files: .txt / .jsonl files or preprocessed token stores (.tok)."
     )
+    prefetch: int = opt(
+        2, "Steps of batches read ahead on a background thread (0 = read inside the step)."
+    )
     weights: list[float] = opt(
         [],
         "With source=files: each path's share of every global batch (normalised; empty = the "

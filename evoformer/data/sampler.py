@@ -9,6 +9,7 @@ just takes a different slice).
 
 from __future__ import annotations
 
+import threading
 from collections import OrderedDict
 from collections.abc import Iterator
 from typing import Any
@@ -80,6 +81,8 @@ class GlobalBatchSampler:
         self.global_batch_size = int(global_batch_size)
         self.seed = int(seed)
         self._perms: OrderedDict[int, Any] = OrderedDict()
+        # The prefetch thread reads batches while the loop logs from the caches.
+        self._lock = threading.RLock()
 
     def _permutation(self, epoch: int) -> Any:
         """The epoch's permutation: an array, or an on-the-fly bijection for huge datasets."""
@@ -102,7 +105,8 @@ class GlobalBatchSampler:
         if step < 0:
             raise ValueError(f"step must be >= 0, got {step}")
         g = self.global_batch_size
-        return self.order(np.arange(step * g, step * g + g, dtype=np.int64))
+        with self._lock:
+            return self.order(np.arange(step * g, step * g + g, dtype=np.int64))
 
     def order(self, pos: np.ndarray) -> np.ndarray:
         """The sample at each position ``pos`` (int64, ascending) of the epochs laid end to end."""
@@ -226,11 +230,12 @@ class BlendedSampler(GlobalBatchSampler):
     def counts_before(self, step: int) -> np.ndarray:
         """Samples drawn from each source by the steps before ``step`` (int64 [K])."""
         block, within = divmod(step, _BLEND_BLOCK)
-        start = max(b for b in self._before if b <= block)
-        acc = self._before[start]
-        for b in range(start, block):
-            acc = acc + self._block_counts(b).sum(0)
-            self._before[b + 1] = acc
+        with self._lock:
+            start = max(b for b in self._before if b <= block)
+            acc = self._before[start]
+            for b in range(start, block):
+                acc = acc + self._block_counts(b).sum(0)
+                self._before[b + 1] = acc
         return acc + self._block_counts(block)[:within].sum(0)
 
     def step_counts(self, step: int) -> np.ndarray:
@@ -241,6 +246,10 @@ class BlendedSampler(GlobalBatchSampler):
     def global_batch(self, step: int) -> np.ndarray:
         if step < 0:
             raise ValueError(f"step must be >= 0, got {step}")
+        with self._lock:
+            return self._blend(step)
+
+    def _blend(self, step: int) -> np.ndarray:
         before, now = self.counts_before(step), self.step_counts(step)
         parts = [
             self.offsets[k] + self._orders[k].order(np.arange(before[k], before[k] + now[k]))

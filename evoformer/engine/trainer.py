@@ -35,6 +35,7 @@ from evoformer.config import Config, to_yaml
 from evoformer.config.schema import ParallelConfig
 from evoformer.data import EvalBatches, GlobalBatchSampler, build_datasets, get_batch
 from evoformer.data.dataset import WindowDataset
+from evoformer.data.prefetch import Prefetcher
 from evoformer.data.sampler import BlendedSampler
 from evoformer.distributed import ParallelDims, init_process_group, pick_device
 from evoformer.engine.memory import MemoryMeter
@@ -114,6 +115,10 @@ class Trainer:
         log = print if self.dims.is_main else (lambda *a, **k: None)
         self.data = build_datasets(cfg.data, t.seq_len, cfg.run.seed, cfg.model.vocab_size, log=log)
         self.sampler = self._build_sampler()
+        # The next steps' micro-batches are read on a thread while this one trains.
+        self.prefetcher = Prefetcher(
+            self._read_step, cfg.data.prefetch, pin=self.device.type == "cuda"
+        )
 
         # Weights come from per-tensor generators (build_model); the global RNG drives dropout.
         # It differs per data-parallel rank, so replicas drop different units, and is the same
@@ -155,6 +160,12 @@ class Trainer:
                 [s.samples for s in sources], [s.weight for s in sources], g, seed
             )
         return GlobalBatchSampler(len(self.data.train), g, seed)
+
+    def _read_step(self, step: int) -> list[torch.Tensor]:
+        """This rank's micro-batches of ``step`` ([B, T+1] token windows, on the host)."""
+        d, mbs = self.dims, self.cfg.train.micro_batch_size
+        micro = self.sampler.micro_batches(step, d.dp_rank, d.dp, mbs)
+        return [get_batch(self.data.train, ix) for ix in micro]
 
     def _source_tokens(self, step: int) -> dict[str, int]:
         """Tokens seen from each blend source by the steps before ``step`` (metrics)."""
@@ -221,13 +232,14 @@ class Trainer:
         losses: dict[int, float] = {}
         val_losses: dict[int, float] = {}
         tokens_per_step = t.global_batch_size * t.seq_len
-        window_start, window_steps = time.perf_counter(), 0
+        window_start, window_steps, window_wait = time.perf_counter(), 0, 0.0
         try:
             while self.step < t.max_steps:
                 lr = lr_at(self.step, t.max_steps, cfg.optim)
                 loss, grad_norm, extra = self.train_step(self.step, lr)
                 self.step += 1
                 window_steps += 1
+                window_wait += self.prefetcher.wait
                 losses[self.step] = loss
                 if self.step % t.log_every == 0 or self.step in (1, t.max_steps):
                     elapsed = time.perf_counter() - window_start
@@ -238,12 +250,14 @@ class Trainer:
                             "lr": lr,
                             "grad_norm": grad_norm,
                             "tokens_per_s": tokens_per_step * window_steps / max(elapsed, 1e-9),
+                            # what the steps blocked on their batches (prefetch: ~0)
+                            "data_wait_ms": 1e3 * window_wait / window_steps,
                             "tokens": self.step * tokens_per_step,
                             **self._source_tokens(self.step),
                             **extra,
                         }
                     )
-                    window_start, window_steps = time.perf_counter(), 0
+                    window_start, window_steps, window_wait = time.perf_counter(), 0, 0.0
                 if t.eval_every and (self.step % t.eval_every == 0 or self.step == t.max_steps):
                     val_losses[self.step] = self.evaluate()
                     per_source = {
@@ -270,6 +284,7 @@ class Trainer:
             if cfg.checkpoint.save_final and not self._saved_at(self.step):
                 self.save()
         finally:
+            self.prefetcher.close()
             self.stop.restore()
             self.logger.close()
         self._write_status("finished")
@@ -290,11 +305,9 @@ class Trainer:
 
         Returns the mean next-token loss (``ce_loss``, comparable across architectures), the
         gradient norm, and the means of the other loss terms (MoE aux, MTP) when present."""
-        t = self.cfg.train
         strategy = self.strategy
-        dims = self.dims
-        micro = self.sampler.micro_batches(step, dims.dp_rank, dims.dp, t.micro_batch_size)
-        batches = [get_batch(self.data.train, ix).to(self.device) for ix in micro]
+        # pinned on a GPU, so the copies run asynchronously
+        batches = [b.to(self.device, non_blocking=True) for b in self.prefetcher.get(step)]
         sums = self.runner.forward_backward(batches, self.memory)
         names = sorted(sums)
         stacked = torch.stack([sums[n] for n in names])

@@ -36,11 +36,21 @@ def test_loss_falls_and_metrics_are_written(run_overrides):
     train = [x for x in lines if "loss" in x]
     evals = [x for x in lines if "val_loss" in x]
     assert [x["step"] for x in train] == list(range(1, 41))
-    for key in ("loss", "lr", "grad_norm", "tokens_per_s"):
+    for key in ("loss", "lr", "grad_norm", "tokens_per_s", "data_wait_ms"):
         assert all(isinstance(x[key], float) for x in train)
     assert [x["step"] for x in evals] == [20, 40]
     assert (result.output_dir / "config.yaml").is_file()
     assert (result.output_dir / "checkpoints/latest").read_text().strip() == "step_40"
+
+
+def test_prefetch_changes_no_number(run_overrides, tmp_path):
+    """Batches read ahead on a thread are the batches read inside the step."""
+    runs = {}
+    for depth in (0, 2):
+        out = f"run.output_dir={tmp_path / f'prefetch{depth}'}"
+        cfg = _cfg(run_overrides, "train.max_steps=6", f"data.prefetch={depth}", out)
+        runs[depth] = Trainer(cfg).train().losses
+    assert runs[0] == runs[2]
 
 
 def _stop_at(step_to_stop):
