@@ -238,7 +238,7 @@ class Attention(nn.Module):
             mask = _shared_mask(T, S, None, q.device, torch.is_inference_mode_enabled())
         dropout = self.dropout if self.training else 0.0
         if docs is not None:
-            out = document_attention(q, k, v, docs, mask, self.scale, dropout)
+            out = document_attention(q, k, v, docs, mask, self.scale, dropout, self.window)
             return self.o_proj(out.transpose(1, 2).reshape(B, T, H * D))
         # Without a mask: plain causal from the start, or one new token that sees everything.
         causal = mask is None and past == 0 and T > 1

@@ -7,18 +7,26 @@ consecutive ids. Inside a window a token attends only to earlier tokens of its o
 position (RoPE, learned embeddings) counts from the start of the run, so every token sees what
 it would see if its document were run alone.
 
-The attention itself is computed per document (``document_attention``): each run is its own
-causal SDPA call on the slices of q/k/v, which is exact (the same kernel on the same numbers as
-the document alone) and skips the cross-document blocks a dense mask would still compute.
-Sliding windows and ALiBi are sliced from the full-window mask or bias, whose values inside a
-diagonal block equal those of the document alone.
+The attention itself (``document_attention``) has two exact implementations:
+
+- per document (CPU, and wherever flex does not apply): each run is its own causal SDPA call on
+  the slices of q/k/v -- the same kernel on the same numbers as the document alone -- and the
+  cross-document blocks a dense mask would still compute are skipped. Sliding windows and ALiBi
+  are sliced from the full-window mask or bias, whose diagonal blocks equal the document-alone
+  ones.
+- ``flex_attention`` with a block mask (CUDA): one compiled kernel for the whole batch that
+  skips the empty blocks, no host sync; for plain and sliding-window attention without dropout
+  (ALiBi and attention dropout take the per-document path). On CPU flex runs forward only (its
+  backward is not implemented there), so training never takes it.
 
 Shapes: B batch, H heads, T sequence, D head dim (V value head dim).
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -39,6 +47,7 @@ class Documents:
         first_BT = torch.where(starts_BT, idx_BT, 0).cummax(dim=1).values
         self.positions = idx_BT - first_BT  # [B, T], 0 at each document's first token
         self._segments: list[tuple[tuple[int, int], ...]] | None = None
+        self._block_masks: dict[tuple[int | None, int], Any] = {}
 
     @property
     def segments(self) -> list[tuple[tuple[int, int], ...]]:
@@ -53,6 +62,25 @@ class Documents:
             self._segments = segments
         return self._segments
 
+    def block_mask(self, window: int | None, heads: int) -> Any:
+        """flex_attention's block mask of causal attention inside documents (within
+        ``window`` tokens when given), built once per forward and window."""
+        key = (window, heads)
+        if key not in self._block_masks:
+            from torch.nn.attention.flex_attention import create_block_mask
+
+            ids = self.ids
+
+            def mask_mod(b, h, q, kv):
+                allowed = (ids[b, q] == ids[b, kv]) & (q >= kv)
+                return allowed & (q - kv < window) if window is not None else allowed
+
+            B, T = ids.shape
+            self._block_masks[key] = create_block_mask(
+                mask_mod, B, None, T, T, device=str(ids.device)
+            )
+        return self._block_masks[key]
+
     def prefix(self, n: int) -> Documents:
         """The first ``n`` positions (MTP depth k runs on T - k of them)."""
         return Documents(self.ids[:, :n])
@@ -66,13 +94,46 @@ def document_attention(
     mask: torch.Tensor | None = None,
     scale: float | None = None,
     dropout_p: float = 0.0,
+    window: int | None = None,
+    flex: bool | None = None,
 ) -> torch.Tensor:
-    """Causal SDPA within each document of ``docs``: [B, H, T, V].
+    """Causal attention within each document of ``docs``: [B, H, T, V].
 
     ``mask``: the full window's additive bias or boolean mask ([T, T] or [H, T, T]: a sliding
-    window, ALiBi) when plain causal is not enough; each document uses its diagonal block.
-    Rows with the same runs are computed together, so a batch without boundaries costs one call.
+    window of ``window`` tokens, ALiBi) when plain causal is not enough. ``flex``: use
+    ``flex_attention`` (default: on CUDA when the attention is plain or windowed, no dropout).
     """
+    alibi = mask is not None and mask.dtype != torch.bool
+    if flex is None:
+        flex = q_BHTD.is_cuda and not alibi and dropout_p == 0.0
+    if flex:
+        if alibi or dropout_p:
+            raise ValueError("the flex path takes no ALiBi bias and no attention dropout")
+        block_mask = docs.block_mask(window, q_BHTD.shape[1])
+        return _flex(q_BHTD.is_cuda)(q_BHTD, k_BHTD, v_BHTV, block_mask=block_mask, scale=scale)
+    return _per_document(q_BHTD, k_BHTD, v_BHTV, docs, mask, scale, dropout_p)
+
+
+@functools.cache
+def _flex(compiled: bool) -> Callable[..., Any]:
+    from torch.nn.attention.flex_attention import flex_attention
+
+    # Compiled, flex generates one fused kernel; eager (CPU forward, tests) it materialises
+    # the scores and is for checking only.
+    return torch.compile(flex_attention) if compiled else flex_attention
+
+
+def _per_document(
+    q_BHTD: torch.Tensor,
+    k_BHTD: torch.Tensor,
+    v_BHTV: torch.Tensor,
+    docs: Documents,
+    mask: torch.Tensor | None,
+    scale: float | None,
+    dropout_p: float,
+) -> torch.Tensor:
+    """One SDPA call per document run (each using its diagonal block of ``mask``); rows with
+    the same runs are computed together, so a batch without boundaries costs one call."""
     sdpa: Callable[..., torch.Tensor] = F.scaled_dot_product_attention
 
     def attend(rows: slice, start: int, end: int) -> torch.Tensor:

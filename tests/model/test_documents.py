@@ -178,3 +178,22 @@ def test_training_gradients_match_documents_alone() -> None:
     want = torch.autograd.grad(alone, list(model.parameters()))
     for g, w in zip(grads, want, strict=True):
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("window", [None, 6])
+def test_flex_block_mask_equals_per_document_attention(window) -> None:
+    """The GPU path (flex_attention with a block mask, run eagerly here, forward only) computes
+    what the per-document SDPA calls compute, with a value width other than the key's (MLA)."""
+    from evoformer.model.attention import causal_window_mask
+    from evoformer.model.documents import document_attention
+
+    g = torch.Generator().manual_seed(0)
+    x, _ = _packed_batch()
+    docs = Documents(document_ids_from_eod(x, EOD))
+    B, T = x.shape
+    q, k = (torch.randn(B, 4, T, 16, generator=g) for _ in range(2))
+    v = torch.randn(B, 4, T, 8, generator=g)
+    mask = causal_window_mask(T, T, window) if window else None
+    want = document_attention(q, k, v, docs, mask, 0.3, window=window, flex=False)
+    got = document_attention(q, k, v, docs, mask, 0.3, window=window, flex=True)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
