@@ -20,7 +20,12 @@ from evoformer.checkpoint.hf.family import Family
 from evoformer.checkpoint.hf.registry import FAMILIES
 from evoformer.checkpoint.hf.roundtrip import hf_config_for
 from evoformer.checkpoint.hf.weights import SafetensorsReader, hf_state_dict, load_hf_weights
-from evoformer.checkpoint.io import list_checkpoints, save_checkpoint, write_text_atomic
+from evoformer.checkpoint.io import (
+    WEIGHTS_ONLY,
+    list_checkpoints,
+    save_checkpoint,
+    write_text_atomic,
+)
 from evoformer.checkpoint.model_io import load_model
 from evoformer.config.loader import to_yaml
 from evoformer.config.schema import Config, ModelConfig
@@ -109,7 +114,7 @@ def convert_from_hf(hf_dir: Path, out_dir: Path) -> Conversion:
         step=0,
         model=model,
         optimizer=None,
-        trainer_state={"source": "hf"},
+        trainer_state={"source": "hf", WEIGHTS_ONLY: True},
         config_yaml=config_yaml,
     )
     write_text_atomic(out_dir / "config.yaml", config_yaml)
