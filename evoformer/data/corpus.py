@@ -100,8 +100,8 @@ def prepare_default_corpus(
     The cache key covers the file list with sizes and modification times, ``vocab_size``,
     ``val_fraction``, the tokenizer's content digest (when given), the ``eod_id`` override (when
     given) and a format version; ``tokenizer_path`` is anything :func:`load_tokenizer` reads.
-    Safe to call from many processes at once: one builds under a file lock while the others wait, and a killed
-    build leaves only a temporary directory that the next build removes.
+    Safe to call from many processes at once: one builds under a file lock while the others
+    wait, and a killed build leaves only a temporary directory that the next build removes.
     """
     files = default_corpus_files()
     if not files:
