@@ -192,6 +192,11 @@ class SentencePieceTokenizer(Tokenizer):
     def pad_id(self) -> int:
         return int(self._sp.pad_id())
 
+    @property
+    def unk_id(self) -> int:
+        """The unknown piece's id (-1 if the model has none)."""
+        return int(self._sp.unk_id())
+
     def encode(self, text: str) -> list[int]:
         return self._sp.encode(text, out_type=int)
 
