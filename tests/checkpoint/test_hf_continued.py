@@ -2,7 +2,8 @@
 
 A tiny HF LLaMA (random weights) with a byte-level BPE tokenizer is imported; training from the
 import's step_0 (weights only) starts at step 0 with a fresh optimizer, on one process and under
-DDP and FSDP2 (dp=2), and its first loss is the loss of the imported weights. Then import ->
+DDP, FSDP2 and DeepSpeed ZeRO-3 (dp=2) and TP 2, and its first loss is the loss of the imported
+weights. Then import ->
 train -> export-hf: ``AutoTokenizer`` round-trips text with our ids and ``pipeline(...)`` greedy
 tokens equal ``evoformer generate``'s; a sentencepiece run exports a converted tokenizer too.
 """
@@ -140,7 +141,12 @@ def test_training_from_an_import_starts_fresh(imported: Path, tmp_path: Path, ca
     assert state["step"] == 3 and "weights_only" not in state
 
 
-LAYOUTS = {"ddp": [], "fsdp2": ["zero.backend=fsdp2", "zero.stage=3"]}
+LAYOUTS = {
+    "ddp": [],
+    "fsdp2": ["zero.backend=fsdp2", "zero.stage=3"],
+    "deepspeed": ["zero.backend=deepspeed", "zero.stage=3"],
+    "tp2": ["parallel.tp=2"],
+}
 
 
 def _train_dp2(rank: int, world: int, imported: str, root: str) -> dict[str, dict[int, float]]:
