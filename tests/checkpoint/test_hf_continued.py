@@ -3,9 +3,9 @@
 A tiny HF LLaMA (random weights) with a byte-level BPE tokenizer is imported; training from the
 import's step_0 (weights only) starts at step 0 with a fresh optimizer, on one process and under
 DDP, FSDP2 and DeepSpeed ZeRO-3 (dp=2) and TP 2, and its first loss is the loss of the imported
-weights. Then import ->
-train -> export-hf: ``AutoTokenizer`` round-trips text with our ids and ``pipeline(...)`` greedy
-tokens equal ``evoformer generate``'s; a sentencepiece run exports a converted tokenizer too.
+weights. Then import -> train -> export-hf: ``AutoTokenizer`` round-trips text with our ids and
+``pipeline(...)`` greedy tokens equal ``evoformer generate``'s; a sentencepiece run exports a
+converted tokenizer too.
 """
 
 from __future__ import annotations
