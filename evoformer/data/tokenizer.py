@@ -308,8 +308,8 @@ class HFTokenizer(Tokenizer):
                 raise UserError(f"{self.config_path}: {key} {value!r} is not in the vocabulary")
             return found
         for token in known:
-            if token in specials:
-                return int(self._tok.token_to_id(token))
+            if token in specials and (found := self._tok.token_to_id(token)) is not None:
+                return found
         return -1
 
     def _no_eos_message(self) -> str:

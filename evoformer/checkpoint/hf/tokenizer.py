@@ -167,14 +167,15 @@ def sentencepiece_to_hf(tok: SentencePieceTokenizer):
     ``<0xNN>`` byte pieces, user-defined pieces (our ``\\n``) are added tokens matched before the
     model, control pieces (``<s>``, ``</s>``, ``<unk>``) special added tokens.
     """
-    from sentencepiece import sentencepiece_model_pb2
+    from sentencepiece import sentencepiece_model_pb2 as generated
     from tokenizers import AddedToken, Regex, decoders, models, normalizers
     from tokenizers import Tokenizer as HFBackend
 
-    proto = sentencepiece_model_pb2.ModelProto()
+    pb2: Any = generated  # protobuf-generated classes: invisible to type checkers
+    proto = pb2.ModelProto()
     proto.ParseFromString(tok.path.read_bytes())
     spec, norm = proto.trainer_spec, proto.normalizer_spec
-    if spec.model_type != sentencepiece_model_pb2.TrainerSpec.BPE:
+    if spec.model_type != pb2.TrainerSpec.BPE:
         raise UserError(f"export-hf: {tok.path} is not a BPE sentencepiece model")
     if norm.precompiled_charsmap or norm.remove_extra_whitespaces:
         raise UserError(
@@ -182,7 +183,7 @@ def sentencepiece_to_hf(tok: SentencePieceTokenizer):
             f"{norm.remove_extra_whitespaces}); only identity-normalised models (as "
             "`evoformer tokenizer train` makes) convert exactly"
         )
-    piece_type = sentencepiece_model_pb2.ModelProto.SentencePiece
+    piece_type = pb2.ModelProto.SentencePiece
     vocab = {p.piece: i for i, p in enumerate(proto.pieces)}
     normal = {p.piece for p in proto.pieces if p.type == piece_type.NORMAL}
     merges = []
@@ -202,7 +203,9 @@ def sentencepiece_to_hf(tok: SentencePieceTokenizer):
             byte_fallback=spec.byte_fallback,
         )
     )
-    steps = [normalizers.Replace(Regex(" "), "\u2581")] if norm.escape_whitespaces else []
+    steps: list[Any] = (
+        [normalizers.Replace(Regex(" "), "\u2581")] if norm.escape_whitespaces else []
+    )
     if norm.add_dummy_prefix:
         steps.insert(0, normalizers.Prepend("\u2581"))
     backend.normalizer = normalizers.Sequence(steps)
