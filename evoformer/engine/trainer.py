@@ -29,7 +29,12 @@ import torch
 import torch.distributed as dist
 from omegaconf import OmegaConf
 
-from evoformer.checkpoint import list_checkpoints, resolve_checkpoint, write_text_atomic
+from evoformer.checkpoint import (
+    WEIGHTS_ONLY,
+    list_checkpoints,
+    resolve_checkpoint,
+    write_text_atomic,
+)
 from evoformer.checkpoint.tokenizer import copy_tokenizer
 from evoformer.config import Config, to_yaml
 from evoformer.config.schema import ParallelConfig
@@ -164,13 +169,13 @@ class Trainer:
         if self.resume_from is None:
             return
         state = self.strategy.load_checkpoint(self.resume_from)
-        if state.get("weights_only"):
-            # e.g. an import-hf checkpoint: a new run from those weights, not a resume
-            self.weights_only = True
-            return
-        self.step = int(state["step"])
-        if "sampler" in state:
-            self.sampler.load_state_dict(state["sampler"])
+        # Weights only (an import-hf checkpoint): a new run from those weights, at step 0 with
+        # the fresh optimizer and data order, not a resume.
+        self.weights_only = bool(state.get(WEIGHTS_ONLY))
+        if not self.weights_only:
+            self.step = int(state["step"])
+            if "sampler" in state:
+                self.sampler.load_state_dict(state["sampler"])
         if self.dims.is_main:
             truncate_metrics(self.out_dir / "metrics.jsonl", self.step)
 

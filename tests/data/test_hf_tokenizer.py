@@ -18,8 +18,10 @@ from evoformer.data import (
     SentencePieceTokenizer,
     Tokenizer,
     TokenStore,
+    corpus,
     default_corpus_files,
     load_tokenizer,
+    prepare_default_corpus,
 )
 from evoformer.errors import UserError
 from tests.tokenizer_testing import write_hf_folder
@@ -139,3 +141,22 @@ def test_preprocess_with_an_hf_folder_and_eod_id(hf_tokenizer_dir: Path, tmp_pat
     assert main([*argv[:-1], str(tmp_path / "b.tok"), "--eod-id", "1"]) == 0
     assert TokenStore(tmp_path / "b.tok").eod_id == 1
     assert main([*argv[:-1], str(tmp_path / "c.tok"), "--eod-id", "999"]) == 2
+
+
+def test_default_corpus_with_an_hf_folder(
+    hf_tokenizer_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(corpus, "default_corpus_files", lambda: list(SAMPLE))
+    logs: list[str] = []
+    files = prepare_default_corpus(str(tmp_path), 999, 0.2, str(hf_tokenizer_dir), logs.append)
+    assert files.tokenizer == hf_tokenizer_dir.resolve()
+    assert "tokenising with" in logs[0]
+    train, val = TokenStore(files.train), TokenStore(files.val)
+    assert (train.vocab_size, train.eod_id) == (512, 0)
+    tok = load_tokenizer(hf_tokenizer_dir)
+    docs = sorted(train.doc(i).tolist() for i in range(train.n_docs))
+    docs += [val.doc(i).tolist() for i in range(val.n_docs)]
+    assert sorted(docs) == sorted(tok.encode_batch([p.read_text() for p in SAMPLE]))
+    # the override is another cache entry, with its separator
+    other = prepare_default_corpus(str(tmp_path), 999, 0.2, str(hf_tokenizer_dir), eod_id=1)
+    assert other.train.parent != files.train.parent and TokenStore(other.train).eod_id == 1
