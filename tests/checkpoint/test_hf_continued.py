@@ -267,3 +267,30 @@ def test_sentencepiece_run_exports_an_hf_tokenizer(docs: Path, tmp_path: Path, c
         n_tokens += len(ids)
     assert n_tokens > 20_000
     assert _greedy_hf(out, PROMPT, 8) == _greedy_ours(run, PROMPT, 8, capsys)
+
+
+def test_import_tokenizer_errors_and_generation_config_eos(hf_llama: Path, tmp_path: Path, capsys):
+    # a corrupt tokenizer.json: one line naming the user's file, exit status 2
+    bad = tmp_path / "bad"
+    shutil.copytree(hf_llama, bad)
+    (bad / "tokenizer.json").write_text('{"not": "a tokenizer"}')
+    assert main(["import-hf", str(bad), str(tmp_path / "out-bad")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and f"{bad / 'tokenizer.json'} is not a HuggingFace" in err
+    # no eos in the tokenizer itself: generation_config.json's eos_token_id becomes data.eod_id
+    noeos = tmp_path / "noeos"
+    shutil.copytree(hf_llama, noeos)
+    data = json.loads((noeos / "tokenizer.json").read_text())
+    for t in data["added_tokens"]:
+        t["content"] = t["content"].replace("<|endoftext|>", "<|doc|>")
+    data["model"]["vocab"] = {
+        k.replace("<|endoftext|>", "<|doc|>"): v for k, v in data["model"]["vocab"].items()
+    }
+    (noeos / "tokenizer.json").write_text(json.dumps(data))
+    config = json.loads((noeos / "tokenizer_config.json").read_text())
+    (noeos / "tokenizer_config.json").write_text(json.dumps({**config, "eos_token": None}))
+    gen = json.loads((noeos / "generation_config.json").read_text())
+    (noeos / "generation_config.json").write_text(json.dumps({**gen, "eos_token_id": [0, 1]}))
+    out = tmp_path / "out"
+    assert main(["import-hf", str(noeos), str(out)]) == 0
+    assert load_config([str(out / "config.yaml")]).data.eod_id == 0

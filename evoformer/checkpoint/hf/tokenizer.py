@@ -68,26 +68,27 @@ def import_tokenizer(hf_dir: Path, out_dir: Path) -> tuple[Path, int | None] | N
     tokenizer. The override is needed only when the tokenizer names no end of document itself:
     it is then ``generation_config.json``'s (first) ``eos_token_id``."""
     present = [n for n in HF_FILES if (hf_dir / n).is_file()]
-    gen = hf_dir / GENERATION_CONFIG
+    if HF_JSON not in present and SP_FILE not in present:
+        return None
+    source = hf_dir if HF_JSON in present else hf_dir / SP_FILE
+    eod_id = None
+    try:  # read before copying, so an error names the user's file
+        load_tokenizer(source)
+    except UserError:
+        gen = hf_dir / GENERATION_CONFIG
+        eod_id = _first_id(_read_json(gen).get("eos_token_id")) if gen.is_file() else None
+        if eod_id is None:
+            raise
+        load_tokenizer(source, eod_id)  # still a UserError if the id is outside the vocabulary
     if HF_JSON in present:
         path = out_dir / HF_DIR
         path.mkdir(parents=True, exist_ok=True)
         for name in present:
             _copy(hf_dir / name, path / name)
-    elif SP_FILE in present:
+    else:
         path = out_dir / SP_FILE
         _copy(hf_dir / SP_FILE, path)
-    else:
-        return None
-    try:
-        load_tokenizer(path)
-        return path, None
-    except UserError:
-        eos = _first_id(_read_json(gen).get("eos_token_id")) if gen.is_file() else None
-        if eos is None:
-            raise
-        load_tokenizer(path, eos)  # still a UserError if the id is outside the vocabulary
-        return path, eos
+    return path, eod_id
 
 
 # -- export ---------------------------------------------------------------------------------------
