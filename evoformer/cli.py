@@ -26,7 +26,7 @@ commands:
   plan [CONFIG.yaml ...] [key=value ...] --gpus N   per-rank memory estimate of a layout
   (train, config, inspect and plan with no file read configs/quickstart.yaml)
   tokenizer train [FILES ...] --out PREFIX  train a sentencepiece BPE tokenizer
-  preprocess FILES ... --tokenizer M --out F.tok   tokenise text/jsonl into a token store
+  preprocess FILES ... --tokenizer T --out F.tok   tokenise text/jsonl into a token store
   import-hf HF_DIR OUT_DIR                  HuggingFace folder -> evoformer checkpoint
   export-hf CKPT_DIR OUT_DIR                evoformer checkpoint -> HuggingFace folder
 
@@ -157,16 +157,18 @@ def cmd_generate(argv: list[str]) -> int:
     parser.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed")
     parser.add_argument("--no-cache", action="store_true", help="recompute without a KV cache")
-    parser.add_argument("--tokenizer", help="sentencepiece model (default: the checkpoint's)")
+    parser.add_argument(
+        "--tokenizer",
+        help="sentencepiece .model, HF tokenizer.json or HF folder (default: the checkpoint's)",
+    )
     args = parser.parse_args(argv)
 
     from evoformer.checkpoint import load_model, resolve_checkpoint
-    from evoformer.data import Tokenizer
+    from evoformer.checkpoint.tokenizer import checkpoint_tokenizer
     from evoformer.model.generate import generate
 
     ckpt = resolve_checkpoint(args.checkpoint)
-    tok_path = args.tokenizer or _find_tokenizer(ckpt)
-    tokenizer = Tokenizer(tok_path)
+    tokenizer = checkpoint_tokenizer(ckpt, args.tokenizer)
     model = load_model(ckpt)
     prompt = tokenizer.encode(args.prompt)
     if not prompt:
@@ -184,13 +186,6 @@ def cmd_generate(argv: list[str]) -> int:
     )
     print(args.prompt + tokenizer.decode([t for t in new if t != tokenizer.eod_id]))
     return 0
-
-
-def _find_tokenizer(ckpt: Path) -> str:
-    for candidate in (ckpt / "tokenizer.model", ckpt.parent.parent / "tokenizer.model"):
-        if candidate.is_file():
-            return str(candidate)
-    raise UserError(f"no tokenizer.model in {ckpt} or its run folder; pass --tokenizer")
 
 
 TOKENIZER_USAGE = "usage: evoformer tokenizer train [FILES ...] --out PREFIX --vocab-size N"

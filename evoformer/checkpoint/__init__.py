@@ -1,6 +1,7 @@
 """Sharded, atomic checkpoints (torch.distributed.checkpoint) and model loading."""
 
 from evoformer.checkpoint.io import (
+    WEIGHTS_ONLY,
     list_checkpoints,
     load_checkpoint,
     read_trainer_state,
@@ -11,6 +12,7 @@ from evoformer.checkpoint.io import (
 from evoformer.checkpoint.model_io import checkpoint_config, load_model
 
 __all__ = [
+    "WEIGHTS_ONLY",
     "checkpoint_config",
     "list_checkpoints",
     "load_checkpoint",

@@ -5,7 +5,8 @@ Layout of a run's ``checkpoints/`` folder::
     step_<N>/            a complete checkpoint (appears only by an atomic rename)
       .metadata, *.distcp  DCP shards: {"model": ..., "optim": ...} keyed by parameter name
       config.yaml          the resolved config, so the checkpoint describes its own model
-      trainer.json         step, schedule and sampler position
+      trainer.json         step, schedule and sampler position ("weights_only": true for a
+                           checkpoint of weights alone, e.g. from import-hf)
       rng_rank<R>.pt       each rank's RNG states (tensors only; loaded with weights_only)
     latest               text file naming the newest complete checkpoint
     .tmp-step_<N>-*/     a save in progress; never taken for a checkpoint, swept on next save
@@ -38,6 +39,9 @@ from evoformer.errors import UserError
 from evoformer.parallel.sharding import ep_global_view, shard_spec, tp_global_view
 
 LATEST = "latest"
+# trainer.json key of a checkpoint holding weights and no optimizer state (import-hf writes it):
+# training from it starts a new run at step 0 with a fresh optimizer and data order.
+WEIGHTS_ONLY = "weights_only"
 STEP_PREFIX = "step_"
 
 
@@ -126,7 +130,8 @@ def save_checkpoint(
     if _rank() == 0:
         (tmp / "config.yaml").write_text(config_yaml)
         (tmp / "trainer.json").write_text(json.dumps({"step": step, **trainer_state}, indent=1))
-        for name, src in (extra_files or {}).items():
+        for name, src in (extra_files or {}).items():  # a name may hold a sub-folder
+            (tmp / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(src, tmp / name)
         for f in tmp.rglob("*"):  # a backend's sub-folder (write_extra) included
             if f.is_dir():

@@ -243,7 +243,14 @@ class DataConfig:
         [], "With source=files: validation files (empty = hold out val_fraction of documents)."
     )
     tokenizer: Optional[str] = opt(
-        None, "sentencepiece .model file (null = train one on the corpus and cache it)."
+        None,
+        "sentencepiece .model, HuggingFace tokenizer.json, or HF tokenizer folder (tokenizer.json"
+        " + tokenizer_config.json); null = train a sentencepiece one on the corpus and cache it.",
+    )
+    eod_id: Optional[int] = opt(
+        None,
+        "End-of-document token id between packed documents (null = the tokenizer's eos: "
+        "tokenizer_config.json's eos_token, else a known one such as <|endoftext|>).",
     )
     tokenizer_vocab_size: int = opt(8192, "Vocabulary of a tokenizer trained on the corpus.")
     val_fraction: float = opt(0.02, "Share of documents held out for validation.")

@@ -15,7 +15,13 @@ from evoformer.data.dataset import ConcatDataset, PackedDataset, SyntheticDatase
 from evoformer.data.preprocess import preprocess, read_documents
 from evoformer.data.sampler import EvalBatches, GlobalBatchSampler
 from evoformer.data.store import TokenStore, TokenStoreWriter, write_token_store
-from evoformer.data.tokenizer import Tokenizer, train_tokenizer
+from evoformer.data.tokenizer import (
+    HFTokenizer,
+    SentencePieceTokenizer,
+    Tokenizer,
+    load_tokenizer,
+    train_tokenizer,
+)
 
 __all__ = [
     "ConcatDataset",
@@ -23,7 +29,9 @@ __all__ = [
     "DataBundle",
     "EvalBatches",
     "GlobalBatchSampler",
+    "HFTokenizer",
     "PackedDataset",
+    "SentencePieceTokenizer",
     "SyntheticDataset",
     "TokenStore",
     "TokenStoreWriter",
@@ -32,6 +40,7 @@ __all__ = [
     "cache_root",
     "default_corpus_files",
     "get_batch",
+    "load_tokenizer",
     "prepare_default_corpus",
     "preprocess",
     "read_documents",

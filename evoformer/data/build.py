@@ -22,11 +22,11 @@ from evoformer.data.corpus import prepare_default_corpus
 from evoformer.data.dataset import ConcatDataset, PackedDataset, SyntheticDataset, WindowDataset
 from evoformer.data.preprocess import preprocess
 from evoformer.data.store import TokenStore, is_token_store
-from evoformer.data.tokenizer import Tokenizer
+from evoformer.data.tokenizer import Tokenizer, load_tokenizer
 from evoformer.errors import UserError
 
 # Bump when preprocessing output changes so stale cached stores are not reused.
-_FILES_CACHE_VERSION = 1
+_FILES_CACHE_VERSION = 2
 # Validation windows of the synthetic source: plenty for any eval_batches setting.
 _SYNTHETIC_VAL_LEN = 1 << 16
 
@@ -87,11 +87,17 @@ def _build_default(cfg: DataConfig, seq_len: int, vocab_size: int, log: Log) -> 
         # fail before spending time training a tokenizer the model cannot use
         _check_vocab("the tokenizer", cfg.tokenizer_vocab_size, vocab_size)
     else:
-        _check_vocab(f"tokenizer {cfg.tokenizer}", Tokenizer(cfg.tokenizer).vocab_size, vocab_size)
+        given = load_tokenizer(cfg.tokenizer, cfg.eod_id)
+        _check_vocab(f"tokenizer {cfg.tokenizer}", given.vocab_size, vocab_size)
     files = prepare_default_corpus(
-        cfg.cache_dir, cfg.tokenizer_vocab_size, cfg.val_fraction, cfg.tokenizer, log=log
+        cfg.cache_dir,
+        cfg.tokenizer_vocab_size,
+        cfg.val_fraction,
+        cfg.tokenizer,
+        log=log,
+        eod_id=cfg.eod_id,
     )
-    tokenizer = Tokenizer(files.tokenizer)
+    tokenizer = load_tokenizer(files.tokenizer, cfg.eod_id)
     _check_vocab(f"tokenizer {files.tokenizer}", tokenizer.vocab_size, vocab_size)
     val_store = TokenStore(files.val)
     val = None
@@ -143,7 +149,8 @@ def _open_stores(
             {
                 "format": _FILES_CACHE_VERSION,
                 "inputs": [file_stamp(p) for p in texts],
-                "tokenizer": file_stamp(tokenizer.path),
+                "tokenizer": tokenizer.digest,
+                "eod_id": tokenizer.eod_id,
             }
         )
         root = cache_root(cfg.cache_dir)
@@ -234,7 +241,7 @@ def _build_blend(
 def _build_files(cfg: DataConfig, seq_len: int, vocab_size: int, log: Log) -> DataBundle:
     if not cfg.paths:
         raise UserError("data.source=files needs data.paths (text, .jsonl or .tok files)")
-    tokenizer = Tokenizer(cfg.tokenizer) if cfg.tokenizer else None
+    tokenizer = load_tokenizer(cfg.tokenizer, cfg.eod_id) if cfg.tokenizer else None
     if tokenizer is not None:
         _check_vocab(f"tokenizer {tokenizer.path}", tokenizer.vocab_size, vocab_size)
     if cfg.weights:

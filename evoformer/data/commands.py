@@ -13,7 +13,7 @@ from pathlib import Path
 
 from evoformer.data.corpus import default_corpus_files
 from evoformer.data.preprocess import preprocess
-from evoformer.data.tokenizer import Tokenizer, train_tokenizer
+from evoformer.data.tokenizer import load_tokenizer, train_tokenizer
 from evoformer.errors import UserError
 
 
@@ -57,13 +57,13 @@ def tokenizer_train_main(argv: list[str]) -> int:
     print(f"training a {args.vocab_size}-token tokenizer on {what}...")
     t0 = time.perf_counter()
     model = train_tokenizer(inputs, Path(args.out), args.vocab_size, seed=args.seed)
-    tok = Tokenizer(model)
+    tok = load_tokenizer(model)
     print(f"wrote {model} ({tok.vocab_size} tokens) in {time.perf_counter() - t0:.1f} s")
     return 0
 
 
 def preprocess_main(argv: list[str]) -> int:
-    """`evoformer preprocess INPUT... --tokenizer MODEL --out FILE.tok`."""
+    """`evoformer preprocess INPUT... --tokenizer T [--eod-id ID] --out FILE.tok`."""
     parser = argparse.ArgumentParser(
         prog="evoformer preprocess",
         description="Tokenise text/.jsonl files into a token store for data.source=files.",
@@ -74,10 +74,21 @@ def preprocess_main(argv: list[str]) -> int:
         metavar="INPUT",
         help="text files (one document each) or .jsonl files (a 'text' field per line)",
     )
-    parser.add_argument("--tokenizer", required=True, metavar="MODEL", help="sentencepiece .model")
+    parser.add_argument(
+        "--tokenizer",
+        required=True,
+        metavar="TOKENIZER",
+        help="sentencepiece .model, HuggingFace tokenizer.json or HF tokenizer folder",
+    )
+    parser.add_argument(
+        "--eod-id",
+        type=int,
+        metavar="ID",
+        help="end-of-document id between documents (default: the tokenizer's eos)",
+    )
     parser.add_argument("--out", required=True, metavar="FILE.tok", help="token store to write")
     args = parser.parse_args(argv)
     paths = _check_inputs(args.inputs)
-    tokenizer = Tokenizer(args.tokenizer)
+    tokenizer = load_tokenizer(args.tokenizer, args.eod_id)
     preprocess(paths, tokenizer, Path(args.out), log=print)
     return 0

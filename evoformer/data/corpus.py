@@ -28,7 +28,7 @@ from evoformer.data._common import (
     locked,
 )
 from evoformer.data.store import TokenStore, TokenStoreWriter
-from evoformer.data.tokenizer import Tokenizer, train_tokenizer
+from evoformer.data.tokenizer import load_tokenizer, train_tokenizer
 from evoformer.errors import UserError
 
 __all__ = ["CorpusFiles", "cache_root", "default_corpus_files", "prepare_default_corpus"]
@@ -82,7 +82,7 @@ def _cached(entry: Path, tokenizer: Path | None) -> CorpusFiles | None:
         train=entry / "train.tok",
         val=entry / "val.tok",
     )
-    if all(p.is_file() for p in (files.tokenizer, files.train, files.val)):
+    if files.tokenizer.exists() and files.train.is_file() and files.val.is_file():
         return files
     return None
 
@@ -93,30 +93,31 @@ def prepare_default_corpus(
     val_fraction: float,
     tokenizer_path: str | None = None,
     log: Log = print,
+    eod_id: int | None = None,
 ) -> CorpusFiles:
     """Tokenise the default corpus once and cache it; returns the cached files.
 
     The cache key covers the file list with sizes and modification times, ``vocab_size``,
-    ``val_fraction``, the tokenizer file (when given) and a format version. Safe to call from
-    many processes at once: one builds under a file lock while the others wait, and a killed
-    build leaves only a temporary directory that the next build removes.
+    ``val_fraction``, the tokenizer's content digest (when given), the ``eod_id`` override (when
+    given) and a format version; ``tokenizer_path`` is anything :func:`load_tokenizer` reads.
+    Safe to call from many processes at once: one builds under a file lock while the others
+    wait, and a killed build leaves only a temporary directory that the next build removes.
     """
     files = default_corpus_files()
     if not files:
         stdlib = sysconfig.get_paths()["stdlib"]
         raise UserError(f"the default corpus is empty: no .py files under {stdlib}")
     tok_path = Path(tokenizer_path).resolve() if tokenizer_path else None
-    if tok_path is not None and not tok_path.is_file():
-        raise UserError(f"tokenizer file {tokenizer_path} not found")
-    key = fingerprint(
-        {
-            "format": FORMAT_VERSION,
-            "files": [file_stamp(f) for f in files],
-            "vocab_size": None if tok_path else vocab_size,
-            "val_fraction": val_fraction,
-            "tokenizer": file_stamp(tok_path) if tok_path else None,
-        }
-    )
+    parts = {
+        "format": FORMAT_VERSION,
+        "files": [file_stamp(f) for f in files],
+        "vocab_size": None if tok_path else vocab_size,
+        "val_fraction": val_fraction,
+        "tokenizer": load_tokenizer(tok_path, eod_id).digest if tok_path else None,
+    }
+    if eod_id is not None:  # only then: the keys of existing caches stay valid
+        parts["eod_id"] = eod_id
+    key = fingerprint(parts)
     root = cache_root(cache_dir)
     entry = root / f"corpus-{key}"
     found = _cached(entry, tok_path)
@@ -132,7 +133,7 @@ def prepare_default_corpus(
             shutil.rmtree(entry)
         tmp = Path(tempfile.mkdtemp(prefix=f"corpus-{key}.tmp-", dir=root))
         try:
-            _build(files, tmp, entry, vocab_size, val_fraction, tok_path, log)
+            _build(files, tmp, entry, vocab_size, val_fraction, tok_path, log, eod_id)
             os.rename(tmp, entry)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -156,6 +157,7 @@ def _build(
     val_fraction: float,
     tok_path: Path | None,
     log: Log,
+    eod_id: int | None,
 ) -> None:
     t0 = time.perf_counter()
     texts = [_read(f) for f in files]
@@ -165,7 +167,7 @@ def _build(
         log(f"trained tokenizer in {time.perf_counter() - t0:.1f} s; tokenising...")
     else:
         log(f"preparing default corpus (first use): tokenising with {tok_path}...")
-    tokenizer = Tokenizer(tok_path)
+    tokenizer = load_tokenizer(tok_path, eod_id)
     kept = [i for i, t in enumerate(texts) if t]
     is_val = held_out_mask([digest(texts[i].encode("utf-8")) for i in kept], val_fraction)
     chars = sum(len(texts[i]) for i in kept)

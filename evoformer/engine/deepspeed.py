@@ -42,7 +42,7 @@ from typing import Any, cast
 import torch
 import torch.distributed as dist
 
-from evoformer.checkpoint import read_trainer_state, save_checkpoint
+from evoformer.checkpoint import WEIGHTS_ONLY, load_checkpoint, read_trainer_state, save_checkpoint
 from evoformer.checkpoint.io import restore_rng_state
 from evoformer.config import Config
 from evoformer.distributed import ParallelDims
@@ -387,16 +387,21 @@ class DeepSpeedStrategy(Strategy):
 
     def load_checkpoint(self, ckpt: Path) -> dict[str, Any]:
         """Restore DeepSpeed's engine (weights, master weights, optimizer state) from the
-        checkpoint's ``deepspeed/`` folder, saved on the same dp layout, and the RNG states."""
+        checkpoint's ``deepspeed/`` folder, saved on the same dp layout, and the RNG states; a
+        checkpoint of weights only (import-hf) loads its weights into the engine instead."""
+        saved = read_trainer_state(ckpt)
+        if saved.get(WEIGHTS_ONLY):
+            self._load_weights(ckpt)
+            return saved
         if not (ckpt / DS_TAG).is_dir():
             raise UserError(
                 f"checkpoint {ckpt} was not saved with zero.backend=deepspeed (no {DS_TAG}/ "
                 "folder); resume it with the backend that saved it"
             )
-        saved = read_trainer_state(ckpt).get("strategy", {})
-        if saved.get("dp", self.dims.dp) != self.dims.dp:
+        layout = saved.get("strategy", {})
+        if layout.get("dp", self.dims.dp) != self.dims.dp:
             raise UserError(
-                f"checkpoint {ckpt}: DeepSpeed state saved at dp={saved['dp']} cannot resume at "
+                f"checkpoint {ckpt}: DeepSpeed state saved at dp={layout['dp']} cannot resume at "
                 f"dp={self.dims.dp} (DeepSpeed checkpoints are per dp partition)"
             )
         path, _ = self.engine.load_checkpoint(
@@ -409,6 +414,23 @@ class DeepSpeedStrategy(Strategy):
             raise UserError(f"checkpoint {ckpt}: DeepSpeed could not load {ckpt / DS_TAG}")
         restore_rng_state(ckpt, self.dims.rank - self.dims.tp_rank)
         return read_trainer_state(ckpt)
+
+    def _load_weights(self, ckpt: Path) -> None:
+        """DCP weights into the engine's model (gathered under ZeRO-3, every rank reading the
+        whole tensors, then re-partitioned from rank 0), then into ZeRO's fp32 master copies,
+        which the next step would otherwise write back over them."""
+        gathered: contextlib.AbstractContextManager = contextlib.nullcontext()
+        if self.cfg.zero.stage == 3:
+            import deepspeed
+
+            gathered = deepspeed.zero.GatheredParameters(
+                list(self.model.parameters()), modifier_rank=0
+            )
+        with gathered:
+            load_checkpoint(ckpt, self.model, None, restore_rng=False, tp_mesh=self.tp_mesh)
+        refresh = getattr(self.engine.optimizer, "refresh_fp32_params", None)
+        if refresh is not None:
+            refresh()
 
     # -- memory --------------------------------------------------------------------------------
 

@@ -29,7 +29,12 @@ import torch
 from torch.distributed.fsdp import FSDPModule
 from torch.nn.parallel import DistributedDataParallel
 
-from evoformer.checkpoint import load_checkpoint, read_trainer_state, save_checkpoint
+from evoformer.checkpoint import (
+    WEIGHTS_ONLY,
+    load_checkpoint,
+    read_trainer_state,
+    save_checkpoint,
+)
 from evoformer.config import Config
 from evoformer.distributed import ParallelDims
 from evoformer.distributed.dims import ParallelGroups
@@ -207,8 +212,21 @@ class Strategy:
         )
 
     def load_checkpoint(self, ckpt: Path) -> dict[str, Any]:
-        """Restore model + optimizer + RNG in place; returns the trainer state."""
-        if read_trainer_state(ckpt).get("strategy", {}).get("backend") == "deepspeed":
+        """Restore model + optimizer + RNG in place; returns the trainer state. A checkpoint of
+        weights only (``weights_only`` in its trainer state: ``import-hf``) loads the weights
+        and leaves the fresh optimizer and RNG alone."""
+        saved = read_trainer_state(ckpt)
+        if saved.get(WEIGHTS_ONLY):
+            load_checkpoint(
+                ckpt,
+                self.model,
+                None,
+                restore_rng=False,
+                tp_mesh=self.tp_mesh,
+                ep_mesh=self.ep_mesh,
+            )
+            return saved
+        if saved.get("strategy", {}).get("backend") == "deepspeed":
             raise UserError(
                 f"checkpoint {ckpt} holds DeepSpeed's optimizer state (zero.backend=deepspeed); "
                 "resume it with zero.backend=deepspeed (load_model / export-hf read its weights)"

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import shutil
 import signal
 import threading
 import time
@@ -30,7 +29,13 @@ import torch
 import torch.distributed as dist
 from omegaconf import OmegaConf
 
-from evoformer.checkpoint import list_checkpoints, resolve_checkpoint, write_text_atomic
+from evoformer.checkpoint import (
+    WEIGHTS_ONLY,
+    list_checkpoints,
+    resolve_checkpoint,
+    write_text_atomic,
+)
+from evoformer.checkpoint.tokenizer import copy_tokenizer
 from evoformer.config import Config, to_yaml
 from evoformer.config.schema import ParallelConfig
 from evoformer.data import EvalBatches, GlobalBatchSampler, build_datasets, get_batch
@@ -44,8 +49,6 @@ from evoformer.engine.optim import lr_at
 from evoformer.engine.parallelize import parallelize
 from evoformer.engine.runtime import tune_glibc_malloc
 from evoformer.errors import UserError
-
-TOKENIZER_FILE = "tokenizer.model"
 
 
 @dataclasses.dataclass
@@ -140,6 +143,8 @@ class Trainer:
         # Measures the first step (engine.memory); the numbers go on every metrics line.
         self.memory = MemoryMeter(self.device, enabled=cfg.run.measure_memory, compiled=t.compile)
         self.step = 0
+        # Set by _restore for a checkpoint of weights only (trainer.json "weights_only").
+        self.weights_only = False
         self.stop = StopFlag()
         self.logger: MetricsLogger | NullLogger = NullLogger()
 
@@ -193,8 +198,8 @@ class Trainer:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             (self.out_dir / "config.yaml").write_text(to_yaml(self.cfg))
             tok = self.data.tokenizer
-            if tok is not None:
-                shutil.copyfile(tok.path, self.out_dir / TOKENIZER_FILE)
+            if tok is not None:  # tokenizer.model or tokenizer/ (checkpoint.tokenizer)
+                copy_tokenizer(tok, self.out_dir)
         self._barrier()
 
     def _barrier(self) -> None:
@@ -205,9 +210,13 @@ class Trainer:
         if self.resume_from is None:
             return
         state = self.strategy.load_checkpoint(self.resume_from)
-        self.step = int(state["step"])
-        if "sampler" in state:
-            self.sampler.load_state_dict(state["sampler"])
+        # Weights only (an import-hf checkpoint): a new run from those weights, at step 0 with
+        # the fresh optimizer and data order, not a resume.
+        self.weights_only = bool(state.get(WEIGHTS_ONLY))
+        if not self.weights_only:
+            self.step = int(state["step"])
+            if "sampler" in state:
+                self.sampler.load_state_dict(state["sampler"])
         if self.dims.is_main:
             truncate_metrics(self.out_dir / "metrics.jsonl", self.step)
 
@@ -224,7 +233,12 @@ class Trainer:
                 t.max_steps,
                 cast(dict, OmegaConf.to_container(OmegaConf.structured(cfg))),  # a mapping
             )
-        if self.resume_from is not None:
+        if self.weights_only:
+            self.logger.info(
+                f"loaded weights from {self.resume_from} (no optimizer state): starting at step "
+                "0 with a fresh optimizer"
+            )
+        elif self.resume_from is not None:
             self.logger.info(f"resumed from {self.resume_from} at step {self.step}")
         self.logger.info(self._banner())
         self.logger.set_start(self.step)
@@ -358,10 +372,8 @@ class Trainer:
     # -- checkpoints and stopping ------------------------------------------------------------
 
     def save(self) -> Path:
-        extra = {}
-        tok = self.out_dir / TOKENIZER_FILE
-        if tok.is_file():
-            extra[TOKENIZER_FILE] = tok
+        tok = self.data.tokenizer
+        extra = {name: self.out_dir / name for name in tok.files} if tok is not None else {}
         path = self.strategy.save_checkpoint(
             self.ckpt_root,
             self.step,

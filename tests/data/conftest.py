@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from evoformer.data import Tokenizer, default_corpus_files, train_tokenizer
+from evoformer.data import Tokenizer, default_corpus_files, load_tokenizer, train_tokenizer
 
 SMALL_VOCAB = 1024
 
@@ -25,7 +25,7 @@ def small_tokenizer(
 ) -> Tokenizer:
     """A 1024-token tokenizer trained on the small corpus (shared by the whole session)."""
     out = tmp_path_factory.mktemp("tok") / "small"
-    return Tokenizer(train_tokenizer(small_corpus, out, SMALL_VOCAB, seed=0))
+    return load_tokenizer(train_tokenizer(small_corpus, out, SMALL_VOCAB, seed=0))
 
 
 @pytest.fixture

@@ -14,6 +14,7 @@ from evoformer.data import (
     cache_root,
     corpus,
     default_corpus_files,
+    load_tokenizer,
     prepare_default_corpus,
 )
 
@@ -50,7 +51,11 @@ def test_prepare_and_cache_hit(small_default: list[Path], tmp_path: Path) -> Non
     logs: list[str] = []
     files = prepare_default_corpus(str(tmp_path), 512, 0.1, log=logs.append)
     assert logs[0] == "preparing default corpus (first use): training tokenizer (512 tokens)..."
-    train, val, tok = TokenStore(files.train), TokenStore(files.val), Tokenizer(files.tokenizer)
+    train, val, tok = (
+        TokenStore(files.train),
+        TokenStore(files.val),
+        load_tokenizer(files.tokenizer),
+    )
     assert logs[-1].startswith(f"tokenised {len(small_default)} files -> {train.n_tokens} train")
     assert f"{val.n_tokens} val tokens" in logs[-1]
     assert tok.vocab_size == 512 and train.eod_id == tok.eod_id == 2
@@ -73,7 +78,7 @@ def test_prepare_and_cache_hit(small_default: list[Path], tmp_path: Path) -> Non
     # another split is another cache entry; the split is a function of the documents only
     other = prepare_default_corpus(str(tmp_path), 512, 0.5, log=logs.append)
     assert other.train.parent != files.train.parent
-    assert Tokenizer(other.tokenizer).encode("def f(): pass") == tok.encode("def f(): pass")
+    assert load_tokenizer(other.tokenizer).encode("def f(): pass") == tok.encode("def f(): pass")
     assert TokenStore(other.val).n_docs > val.n_docs
 
 

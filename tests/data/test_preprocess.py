@@ -10,6 +10,7 @@ from evoformer.data import (
     Tokenizer,
     TokenStore,
     commands,
+    load_tokenizer,
     preprocess,
     read_documents,
     train_tokenizer,
@@ -89,7 +90,7 @@ def test_commands(
     inputs = [str(p) for p in small_corpus[:8]]
     assert tokenizer_train_main([*inputs, "--out", str(tmp_path / "t"), "--vocab-size", "400"]) == 0
     model = tmp_path / "t.model"
-    assert Tokenizer(model).vocab_size == 400
+    assert load_tokenizer(model).vocab_size == 400
     out = tmp_path / "c.tok"
     assert preprocess_main([*inputs[:3], "--tokenizer", str(model), "--out", str(out)]) == 0
     store = TokenStore(out)

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from evoformer.data import Tokenizer, train_tokenizer
+from evoformer.data import Tokenizer, load_tokenizer, train_tokenizer
 from evoformer.errors import UserError
 
 SOURCE = '''\
@@ -75,7 +75,7 @@ def test_training_is_deterministic(small_corpus: list[Path], tmp_path: Path) -> 
 def test_training_accepts_texts(tmp_path: Path) -> None:
     texts = [f"def f{i}(x):\n    return x + {i}\n" * 5 for i in range(200)]
     model = train_tokenizer(iter(texts), tmp_path / "t", 300)
-    tok = Tokenizer(model)
+    tok = load_tokenizer(model)
     assert tok.vocab_size == 300
     assert tok.decode(tok.encode(texts[7])) == texts[7]
 
@@ -94,11 +94,11 @@ def test_training_errors(tmp_path: Path) -> None:
 
 def test_load_errors(tmp_path: Path) -> None:
     with pytest.raises(UserError, match=r"tokenizer file .*nope.model not found"):
-        Tokenizer(tmp_path / "nope.model")
+        load_tokenizer(tmp_path / "nope.model")
     bad = tmp_path / "bad.model"
     bad.write_text("this is not a protobuf")
     with pytest.raises(UserError, match="is not a sentencepiece model"):
-        Tokenizer(bad)
+        load_tokenizer(bad)
 
 
 def test_pickle_reloads(small_tokenizer: Tokenizer) -> None:

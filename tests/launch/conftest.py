@@ -21,7 +21,12 @@ from pathlib import Path
 import pytest
 
 from evoformer.config import load_config
-from evoformer.data import Tokenizer, default_corpus_files, preprocess, train_tokenizer
+from evoformer.data import (
+    default_corpus_files,
+    load_tokenizer,
+    preprocess,
+    train_tokenizer,
+)
 from evoformer.engine import Trainer
 from tests.conftest import REPO
 from tests.launch.slurm_cluster import LocalSlurm
@@ -115,7 +120,7 @@ def token_store(tmp_path_factory) -> Path:
     tokenises anything."""
     root = tmp_path_factory.mktemp("launch-corpus")
     files = default_corpus_files()[::20][:30]
-    tokenizer = Tokenizer(train_tokenizer(files, root / "tok", 512, seed=0))
+    tokenizer = load_tokenizer(train_tokenizer(files, root / "tok", 512, seed=0))
     preprocess(files, tokenizer, root / "corpus.tok", log=lambda *a, **k: None)
     return root / "corpus.tok"
 

@@ -19,12 +19,21 @@ from safetensors.torch import save_file
 from evoformer.checkpoint.hf.family import Family
 from evoformer.checkpoint.hf.registry import FAMILIES
 from evoformer.checkpoint.hf.roundtrip import hf_config_for
+from evoformer.checkpoint.hf.tokenizer import export_tokenizer, import_tokenizer
 from evoformer.checkpoint.hf.weights import SafetensorsReader, hf_state_dict, load_hf_weights
-from evoformer.checkpoint.io import list_checkpoints, save_checkpoint, write_text_atomic
+from evoformer.checkpoint.io import (
+    WEIGHTS_ONLY,
+    list_checkpoints,
+    resolve_checkpoint,
+    save_checkpoint,
+    write_text_atomic,
+)
 from evoformer.checkpoint.model_io import load_model
+from evoformer.checkpoint.tokenizer import copy_tokenizer
 from evoformer.config.loader import to_yaml
 from evoformer.config.schema import Config, ModelConfig
 from evoformer.config.validate import validate_model
+from evoformer.data.tokenizer import load_tokenizer
 from evoformer.errors import UserError
 from evoformer.model import build_model
 
@@ -79,9 +88,11 @@ def _checked_config(model_cfg: ModelConfig) -> Config:
 def import_hf(hf_dir: str | Path, out_dir: str | Path) -> Path:
     """Convert a HuggingFace ``save_pretrained`` folder into an evoformer run folder.
 
-    Writes ``out_dir/config.yaml`` and ``out_dir/checkpoints/step_0`` so that
-    ``load_model(out_dir)`` (and ``checkpoint.load=PATH`` training) can use it; returns
-    ``out_dir``. Refuses an ``out_dir`` that already holds checkpoints.
+    Writes ``out_dir/config.yaml`` and ``out_dir/checkpoints/step_0`` (weights only: training
+    from it starts at step 0 with a fresh optimizer) so that ``load_model(out_dir)`` and
+    ``checkpoint.load=PATH`` training can use it; the folder's tokenizer files are copied into
+    ``out_dir/tokenizer/`` (and the checkpoint) and named by the config's ``data.tokenizer``.
+    Returns ``out_dir``. Refuses an ``out_dir`` that already holds checkpoints.
     """
     return convert_from_hf(Path(hf_dir), Path(out_dir)).out_dir
 
@@ -102,15 +113,25 @@ def convert_from_hf(hf_dir: Path, out_dir: Path) -> Conversion:
         load_hf_weights(family, reader, model, hf_cfg)
     finally:
         reader.close()
-    config_yaml = to_yaml(cfg)
     out_dir.mkdir(parents=True, exist_ok=True)
+    extra: dict[str, Path] = {}
+    imported = import_tokenizer(hf_dir, out_dir)
+    if imported is not None:
+        # An absolute path: training from the import (`evoformer train OUT/config.yaml ...`)
+        # runs from anywhere; generate and export-hf read the checkpoint's own copy.
+        tok_path, cfg.data.eod_id = imported
+        cfg.data.tokenizer = str(tok_path.resolve())
+        extra = copy_tokenizer(load_tokenizer(tok_path, cfg.data.eod_id), out_dir)
+    config_yaml = to_yaml(cfg)
     save_checkpoint(
         out_dir / "checkpoints",
         step=0,
         model=model,
         optimizer=None,
-        trainer_state={"source": "hf"},
+        # weights only: training from here starts at step 0 with a fresh optimizer
+        trainer_state={"source": "hf", WEIGHTS_ONLY: True},
         config_yaml=config_yaml,
+        extra_files=extra,
     )
     write_text_atomic(out_dir / "config.yaml", config_yaml)
     return Conversion(out_dir, family, model.num_params())
@@ -138,23 +159,28 @@ def export_hf(ckpt_path: str | Path, out_dir: str | Path, family: str | None = N
     ``model.safetensors``) that ``AutoModelForCausalLM.from_pretrained(out_dir)`` loads.
 
     ``ckpt_path`` is anything :func:`load_model` accepts. ``family`` forces one HF architecture;
-    by default the first in :data:`FAMILIES` that can express the model is used. No tokenizer or
-    generation config is written (token ids are not part of the model config). Returns ``out_dir``.
+    by default the first in :data:`FAMILIES` that can express the model is used. The
+    checkpoint's tokenizer (kept in it or its run folder) is written as HF tokenizer files with
+    a ``generation_config.json`` whose eos is the end-of-document id (``hf/tokenizer.py``), so
+    ``AutoTokenizer`` and ``pipeline("text-generation")`` work on ``out_dir``; without one the
+    token ids stay null. Returns ``out_dir``.
     """
     return convert_to_hf(ckpt_path, Path(out_dir), family).out_dir
 
 
 def convert_to_hf(ckpt_path: str | Path, out_dir: Path, family: str | None) -> Conversion:
     """:func:`export_hf`, also telling which family was written and how many parameters."""
-    model = load_model(ckpt_path)
+    ckpt = resolve_checkpoint(ckpt_path)
+    model = load_model(ckpt)
     fam = family_for_model_config(model.cfg, family)
     hf_cfg = hf_config_for(fam, model.cfg)
     state = hf_state_dict(fam, model)
     dtype = str(next(iter(state.values())).dtype).removeprefix("torch.")
-    # Our configs carry no token ids; HF's class defaults (e.g. GPT-2's 50256) may not even fit
-    # the vocabulary, so say "unknown" rather than inherit them.
-    hf_cfg = {**hf_cfg, "dtype": dtype, "bos_token_id": None, "eos_token_id": None}
     out_dir.mkdir(parents=True, exist_ok=True)
+    # The ids come from the tokenizer; without one, HF's class defaults (e.g. GPT-2's 50256) may
+    # not even fit the vocabulary, so they say "unknown" rather than inherit them.
+    ids = export_tokenizer(ckpt, out_dir, model.cfg.max_seq_len)
+    hf_cfg = {**hf_cfg, "dtype": dtype, **ids}
     tmp = out_dir / f".model.safetensors.{uuid.uuid4().hex[:8]}.tmp"
     save_file(state, str(tmp), metadata={"format": "pt"})
     os.replace(tmp, out_dir / "model.safetensors")
