@@ -32,6 +32,7 @@ from omegaconf import OmegaConf
 from evoformer.checkpoint import (
     WEIGHTS_ONLY,
     list_checkpoints,
+    read_trainer_state,
     resolve_checkpoint,
     write_text_atomic,
 )
@@ -47,6 +48,7 @@ from evoformer.engine.memory import MemoryMeter
 from evoformer.engine.metrics import MetricsLogger, NullLogger, truncate_metrics
 from evoformer.engine.optim import lr_at
 from evoformer.engine.parallelize import parallelize
+from evoformer.engine.resume import check_resume
 from evoformer.engine.runtime import tune_glibc_malloc
 from evoformer.errors import UserError
 
@@ -114,6 +116,16 @@ class Trainer:
         self.out_dir = Path(cfg.run.output_dir)
         self.ckpt_root = self.out_dir / "checkpoints"
         self.resume_from = self._resolve_resume()
+        # Before any data or model is built: a resume that would change the model or the data
+        # order is refused; the other changed settings are reported when training starts.
+        self.resume_changes: list[str] = []
+        self.resume_step = 0
+        self.config_file = self.out_dir / "config.yaml"  # where this run's settings are
+        if self.resume_from is not None:
+            state = read_trainer_state(self.resume_from)
+            if not state.get(WEIGHTS_ONLY):  # weights only: a new run from those weights
+                self.resume_changes = check_resume(self.resume_from, cfg)
+                self.resume_step = int(state.get("step", 0))
 
         log = print if self.dims.is_main else (lambda *a, **k: None)
         self.data = build_datasets(cfg.data, t.seq_len, cfg.run.seed, cfg.model.vocab_size, log=log)
@@ -196,11 +208,23 @@ class Trainer:
     def _prepare_run_dir(self) -> None:
         if self.dims.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
-            (self.out_dir / "config.yaml").write_text(to_yaml(self.cfg))
+            self._write_config()
             tok = self.data.tokenizer
             if tok is not None:  # tokenizer.model or tokenizer/ (checkpoint.tokenizer)
                 copy_tokenizer(tok, self.out_dir)
         self._barrier()
+
+    def _write_config(self) -> None:
+        """``config.yaml`` holds the run's first settings and is never replaced once the run has
+        checkpoints; a resume with other settings records them as ``config.step_N.yaml``."""
+        first = self.out_dir / "config.yaml"
+        text = to_yaml(self.cfg)
+        if not first.is_file() or not list_checkpoints(self.ckpt_root):
+            write_text_atomic(first, text)
+            self.config_file = first
+        elif self.resume_changes and first.read_text() != text:
+            self.config_file = self.out_dir / f"config.step_{self.resume_step}.yaml"
+            write_text_atomic(self.config_file, text)
 
     def _barrier(self) -> None:
         if self.dims.distributed:
@@ -239,7 +263,23 @@ class Trainer:
                 "0 with a fresh optimizer"
             )
         elif self.resume_from is not None:
-            self.logger.info(f"resumed from {self.resume_from} at step {self.step}")
+            self.logger.info(
+                f"resumed from {self.resume_from} at step {self.step} of {t.max_steps}"
+            )
+            if self.resume_changes:
+                self.logger.info(
+                    "changed settings: "
+                    + ", ".join(self.resume_changes)
+                    + f" (recorded in {self.config_file.name})"
+                )
+            if self.step >= t.max_steps:
+                self.logger.info(
+                    f"nothing to train: {self.out_dir} finished at step {self.step} "
+                    f"(train.max_steps={t.max_steps}); raise train.max_steps to continue it, "
+                    "or set another run.output_dir for a new run"
+                )
+                self.logger.close()
+                return TrainResult(self.step, {}, {}, False, self.out_dir)
         self.logger.info(self._banner())
         self.logger.set_start(self.step)
         self.stop.install()

@@ -172,3 +172,34 @@ def test_a_console_that_goes_away_loses_only_the_echo(run_overrides, tmp_path, m
     assert (tmp_path / "checkpoints/latest").read_text().strip() == "step_4"
     steps = [json.loads(x)["step"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4]
+
+
+def test_rerun_resume_changes_and_config_files(run_overrides, capsys):
+    """A rerun into a finished run says there is nothing to train and writes nothing; a resume
+    reports what changed and records it beside the untouched config.yaml; a change of the model
+    is refused naming the key."""
+    first = Trainer(_cfg(run_overrides, "train.max_steps=3")).train()
+    out = first.output_dir
+    ckpt = out / "checkpoints/step_3"
+    stamp = (ckpt / "trainer.json").stat().st_mtime_ns
+    config = (out / "config.yaml").read_text()
+    capsys.readouterr()
+
+    again = Trainer(_cfg(run_overrides, "train.max_steps=3", "checkpoint.load=auto")).train()
+    said = capsys.readouterr().out
+    assert again.step == 3 and again.losses == {}
+    assert "nothing to train" in said and "finished at step 3" in said
+    assert (ckpt / "trainer.json").stat().st_mtime_ns == stamp  # not re-saved
+
+    more = _cfg(run_overrides, "train.max_steps=5", "optim.lr=1e-3", "checkpoint.load=auto")
+    resumed = Trainer(more).train()
+    said = capsys.readouterr().out
+    assert sorted(resumed.losses) == [4, 5]
+    assert "changed settings: " in said and "train.max_steps 3 -> 5" in said
+    assert "optim.lr 0.003 -> 0.001" in said
+    assert (out / "config.yaml").read_text() == config  # the run's first settings stay
+    assert "max_steps: 5" in (out / "config.step_3.yaml").read_text()
+
+    wider = _cfg(run_overrides, "train.max_steps=8", "model.d_model=96", "checkpoint.load=auto")
+    with pytest.raises(UserError, match=r"changed model\.d_model \(64 -> 96\)"):
+        Trainer(wider)
