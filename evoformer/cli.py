@@ -55,6 +55,32 @@ def split_args(argv: list[str]) -> tuple[list[str], list[str]]:
     return files or [find_config(DEFAULT_CONFIG)], overrides
 
 
+def sizing_overrides(files: list[str], overrides: list[str]) -> tuple[list[str], str]:
+    """What ``inspect`` and ``plan`` size a model at when the config does not say: the model's
+    own context length (``model.max_seq_len``) and bf16, not the training defaults (256 tokens,
+    fp32) that suit a CPU test run. Returns the extra overrides and a line saying so."""
+    from omegaconf import OmegaConf
+
+    given = {o.split("=", 1)[0].lstrip("+") for o in overrides}
+    for f in files:
+        try:
+            tree = OmegaConf.load(f)
+        except Exception:  # load_config reports a bad file with its own line
+            continue
+        for key in ("train.seq_len", "precision"):
+            if OmegaConf.select(tree, key) is not None:
+                given.add(key)
+    extra, said = [], []
+    if "train.seq_len" not in given:
+        extra.append("train.seq_len=${model.max_seq_len}")
+        said.append("seq_len = model.max_seq_len")
+    if "precision" not in given:
+        extra.append("precision=bf16")
+        said.append("bf16")
+    note = f"sized at {' in '.join(said)} (set train.seq_len / precision to change)" if said else ""
+    return extra, note
+
+
 def _wants_help(argv: list[str]) -> bool:
     return "-h" in argv or "--help" in argv
 
@@ -103,7 +129,10 @@ def cmd_inspect(argv: list[str]) -> int:
     from evoformer.planning import describe
 
     files, overrides = split_args(argv)
-    print(describe(load_config(files, overrides)))
+    extra, note = sizing_overrides(files, overrides)
+    if note:
+        print(note)
+    print(describe(load_config(files, [*extra, *overrides])))
     return 0
 
 
@@ -135,7 +164,10 @@ def cmd_plan(argv: list[str]) -> int:
         else:
             rest.append(arg)
     files, overrides = split_args(rest)
-    cfg = load_config(files, overrides)
+    extra, note = sizing_overrides(files, overrides)
+    if note:
+        print(note)
+    cfg = load_config(files, [*extra, *overrides])
     plan = estimate(cfg, gpus)
     print(format_plan(cfg, plan))
     if gpu_mem is not None:

@@ -238,3 +238,21 @@ def test_sigint_saves_a_checkpoint_and_exits_cleanly(tmp_path):
     )
     assert resumed.returncode == 0, resumed.stderr
     assert f"resumed from {out / 'checkpoints' / latest} at step {step}" in resumed.stdout
+
+
+def test_inspect_and_plan_size_a_preset_at_its_context_in_bf16(capsys):
+    """A preset that names no training length or precision is sized at model.max_seq_len in
+    bf16 (not the CPU test defaults, 256 tokens in fp32); what the config says wins."""
+    preset = "configs/models/llama3-8b.yaml"
+    assert _exit_status(["inspect", preset]) == 0
+    out = capsys.readouterr().out
+    assert "sized at seq_len = model.max_seq_len in bf16" in out
+    assert "FLOPs/token training (seq 8192)" in out
+    assert _exit_status(["inspect", preset, "train.seq_len=1024", "precision=fp32"]) == 0
+    out = capsys.readouterr().out
+    assert "sized at" not in out and "(seq 1024)" in out
+    assert _exit_status(["plan", preset, "--gpus", "8"]) == 0
+    out = capsys.readouterr().out
+    assert "precision bf16" in out and "seq 8192" in out
+    assert _exit_status(["inspect"]) == 0  # the quickstart says fp32 and 256 itself
+    assert "sized at" not in capsys.readouterr().out
