@@ -16,6 +16,11 @@ class UserError(Exception):
     """A mistake the user can fix (bad input, missing file, ...): printed as one line, exit 2."""
 
 
+class TrainingDiverged(UserError):
+    """Training stopped after ``train.nonfinite_patience`` non-finite steps in a row: one line
+    naming the step and the newest (finite) checkpoint, exit status 2."""
+
+
 def report_user_error(err: UserError) -> int:
     """Print ``error: ...`` once per job and return the exit status. Under torchrun every rank
     hits the same mistake: each writes it to its torchelastic error file

@@ -289,6 +289,17 @@ class TrainConfig:
     eval_every: int = opt(0, "Evaluate on the validation split every N steps (0 = never).")
     eval_batches: int = opt(8, "Micro-batches per evaluation.")
     log_every: int = opt(10, "Write a metrics line every N steps.")
+    nonfinite_patience: int = opt(
+        3,
+        "Steps in a row whose loss or gradients are not finite (each skipped on every rank, "
+        "weights unchanged) before the run stops (0 = stop at the first).",
+    )
+    spike_sigma: float = opt(
+        0.0,
+        "Skip a step whose loss exceeds the mean of the last spike_window steps by this many "
+        "standard deviations (0 = off; OLMo-core uses 6).",
+    )
+    spike_window: int = opt(100, "Steps of loss history for spike_sigma.")
     compile: bool = opt(
         False,
         "Compile each transformer block with torch.compile (names and checkpoints unchanged; "

@@ -45,6 +45,7 @@ POSITIVE = (
     "train.seq_len",
     "train.eval_batches",
     "train.log_every",
+    "train.spike_window",
     "parallel.tp",
     "parallel.pp",
     "parallel.ep",
@@ -61,6 +62,9 @@ NON_NEGATIVE = (
     "optim.grad_clip",
     "run.threads",
     "zero.stage",
+    "train.nonfinite_patience",
+    "train.spike_sigma",
+    "data.prefetch",
 )
 
 
@@ -231,6 +235,18 @@ DEEPSPEED_OWNED_KEYS = {
 
 
 def validate_deepspeed(cfg: Config) -> None:
+    """DeepSpeed's own limits (see engine.deepspeed)."""
+    _validate_deepspeed(cfg)
+    if cfg.zero.backend == "deepspeed" and cfg.zero.stage > 0 and cfg.train.spike_sigma > 0:
+        _fail(
+            "train.spike_sigma",
+            cfg.train.spike_sigma,
+            "skipping loss spikes needs zero.backend ddp/fsdp2 or DeepSpeed stage 0 (ZeRO 1-3 "
+            "apply every finite step inside DeepSpeed)",
+        )
+
+
+def _validate_deepspeed(cfg: Config) -> None:
     """zero.backend=deepspeed: stages 0-3 over dp, with our TP as its mpu; no pipeline."""
     z = cfg.zero
     offload = ("none", "cpu", "nvme")

@@ -57,7 +57,11 @@ class Source:
 
 def _check_vocab(what: str, vocab: int, model_vocab: int) -> None:
     if vocab > model_vocab:
-        raise UserError(f"{what} has {vocab} tokens but model.vocab_size is {model_vocab}")
+        raise UserError(
+            f"{what} has {vocab} tokens but model.vocab_size is {model_vocab}: set "
+            f"model.vocab_size={vocab} (or more, e.g. a multiple of 128), or use a tokenizer of "
+            f"at most {model_vocab} tokens"
+        )
 
 
 def build_datasets(

@@ -319,16 +319,24 @@ class DeepSpeedStrategy(Strategy):
         # The trainer already divided by the micro-batch count: no second division.
         self.engine.backward(loss, scale_wrt_gas=False)
 
-    def step(self, lr: float, max_norm: float) -> StepResult:
+    def step(self, lr: float, max_norm: float, skip: bool = False) -> StepResult:
+        """As ``Strategy.step``. ZeRO 1-3 skip a step whose gradient norm is not finite inside
+        DeepSpeed (its overflow check, on in every precision), which we read back from its
+        skipped-step count; stage 0 is checked here. ``skip`` (a non-finite loss: its gradients
+        are non-finite too, so DeepSpeed skips it) is honoured by stage 0 directly."""
         set_lr(self.optimizer, lr)
         stage = self.cfg.zero.stage
         if stage == 0:
             # DeepSpeed all-reduced the gradients on the boundary backward; clip as one process.
-            norm = clip_grad_norm_(
+            norm_t = clip_grad_norm_(
                 self.model.parameters(),
                 max_norm if max_norm > 0 else float("inf"),
                 ClipScope(self.groups.tp_group),
-            ).item()
+            )
+            norm = norm_t.item()
+            if skip or (self.cfg.precision != "fp16" and not math.isfinite(norm)):
+                self.engine.zero_grad()
+                return StepResult(grad_norm=norm, skipped=True, nonfinite=True)
         elif max_norm != self.cfg.optim.grad_clip:
             raise ValueError(
                 f"deepspeed clips at optim.grad_clip={self.cfg.optim.grad_clip} (fixed at setup), "
@@ -336,16 +344,17 @@ class DeepSpeedStrategy(Strategy):
             )
         self.engine.step()
         metrics: dict[str, float] = {}
-        skipped = False
+        skipped = self.engine.skipped_steps > self._skipped
+        self._skipped = self.engine.skipped_steps
         if self.cfg.precision == "fp16":
             metrics["loss_scale"] = float(self.engine.optimizer.cur_scale)
-            skipped = self.engine.skipped_steps > self._skipped
-            self._skipped = self.engine.skipped_steps
             metrics["skipped_steps"] = float(self._skipped)
         if stage > 0:
             ds_norm = self.engine.get_global_grad_norm()
             norm = float(ds_norm) if ds_norm is not None else float("nan")
-        return StepResult(grad_norm=norm, skipped=skipped, metrics=metrics)
+        # fp16 overflows are the loss scaler's; in bf16/fp32 a skip means non-finite gradients
+        nonfinite = skipped and (self.cfg.precision != "fp16" or skip)
+        return StepResult(grad_norm=norm, skipped=skipped, metrics=metrics, nonfinite=nonfinite)
 
     # -- checkpoints ---------------------------------------------------------------------------
 

@@ -59,6 +59,9 @@ class StepResult:
     grad_norm: float
     skipped: bool = False
     metrics: dict[str, float] = dataclasses.field(default_factory=dict)
+    # Not applied because the gradients were not finite (bf16/fp32; fp16 overflows are the
+    # loss scaler's business) or because the caller asked (a non-finite or spiking loss).
+    nonfinite: bool = False
 
 
 class Strategy:
@@ -153,9 +156,13 @@ class Strategy:
             loss = self.scaler.scale_loss(loss)
         loss.backward()
 
-    def step(self, lr: float, max_norm: float) -> StepResult:
+    def step(self, lr: float, max_norm: float, skip: bool = False) -> StepResult:
         """Finish the gradients (TP partial sums), clip to ``max_norm`` (<= 0: no clipping) by
-        the global norm, update with learning rate ``lr``, and zero the gradients."""
+        the global norm, update with learning rate ``lr``, and zero the gradients.
+
+        The update is not applied (``nonfinite``) when the global gradient norm is not finite
+        -- the norm is the same on every rank, so all ranks skip together -- or when ``skip``
+        (the caller's decision, the same on every rank: a non-finite or spiking loss)."""
         set_lr(self.optimizer, lr)
         sync_sequence_parallel_grads(self.partial_grad_params, self.groups.tp_group)
         self._sync_expert_grads()
@@ -163,6 +170,9 @@ class Strategy:
         if self.scaler is not None:
             self.scaler.unscale_(params)  # the norm and the clipping see true gradients
         norm = clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"), self.clip_scope)
+        if skip or (self.scaler is None and found_overflow(norm, self.groups.tp_group)):
+            self.optimizer.zero_grad(set_to_none=True)
+            return StepResult(grad_norm=norm.item(), skipped=True, nonfinite=True)
         if self.scaler is None:
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)

@@ -16,8 +16,10 @@ The loop below branches on neither.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
+import math
 import signal
 import threading
 import time
@@ -50,7 +52,7 @@ from evoformer.engine.optim import lr_at
 from evoformer.engine.parallelize import parallelize
 from evoformer.engine.resume import check_resume
 from evoformer.engine.runtime import tune_glibc_malloc
-from evoformer.errors import UserError
+from evoformer.errors import TrainingDiverged, UserError
 
 
 @dataclasses.dataclass
@@ -157,6 +159,12 @@ class Trainer:
         self.step = 0
         # Set by _restore for a checkpoint of weights only (trainer.json "weights_only").
         self.weights_only = False
+        # Steps not applied: non-finite in a row (the run stops past the patience), in total,
+        # and loss spikes; the recent finite losses the spike test compares with.
+        self.nonfinite_streak = 0
+        self.last_skip: str | None = None
+        self.skips = {"nonfinite": 0, "spike": 0}
+        self.recent_losses: collections.deque[float] = collections.deque(maxlen=t.spike_window)
         self.stop = StopFlag()
         self.logger: MetricsLogger | NullLogger = NullLogger()
 
@@ -241,6 +249,9 @@ class Trainer:
             self.step = int(state["step"])
             if "sampler" in state:
                 self.sampler.load_state_dict(state["sampler"])
+            guard = state.get("guard", {})
+            self.recent_losses.extend(guard.get("recent_losses", []))
+            self.skips.update(guard.get("skips", {}))
         if self.dims.is_main:
             truncate_metrics(self.out_dir / "metrics.jsonl", self.step)
 
@@ -291,6 +302,7 @@ class Trainer:
             while self.step < t.max_steps:
                 lr = lr_at(self.step, t.max_steps, cfg.optim)
                 loss, grad_norm, extra = self.train_step(self.step, lr)
+                self._check_divergence(self.step + 1, loss)
                 self.step += 1
                 window_steps += 1
                 window_wait += self.prefetcher.wait
@@ -326,7 +338,9 @@ class Trainer:
                     self.step_hook(self.step, self)
                 stopping = self._should_stop()
                 every = cfg.checkpoint.save_every
-                if (every and self.step % every == 0) or stopping:
+                # Never save inside a non-finite streak: the weights may be what went wrong,
+                # and keep_last would prune the newest finite checkpoint.
+                if ((every and self.step % every == 0) or stopping) and not self.nonfinite_streak:
                     self.save()
                 if stopping:
                     self._write_status("interrupted")  # first: the launcher acts on it
@@ -336,7 +350,8 @@ class Trainer:
                     )
                     return TrainResult(self.step, losses, val_losses, True, self.out_dir)
             if cfg.checkpoint.save_final and not self._saved_at(self.step):
-                self.save()
+                if not self.nonfinite_streak:
+                    self.save()
         finally:
             self.prefetcher.close()
             self.stop.restore()
@@ -368,8 +383,18 @@ class Trainer:
         if self.dims.dp > 1:  # the losses are already the same on the ranks of a TP group
             dist.all_reduce(stacked, op=dist.ReduceOp.AVG, group=self.groups.dp_group)
         self.memory.after_backward(strategy)  # gradients at their peak
-        result = strategy.step(lr, self.cfg.optim.grad_clip)
-        values = {**dict(zip(names, stacked.tolist())), **result.metrics}
+        terms = dict(zip(names, stacked.tolist()))  # the same on every rank
+        reason = self._skip_reason(terms)
+        result = strategy.step(lr, self.cfg.optim.grad_clip, skip=reason is not None)
+        if result.nonfinite:
+            reason = reason or "nonfinite"  # the gradients
+            self.skips[reason] += 1
+        elif reason is None:
+            self.recent_losses.append(terms["ce_loss"])
+        self.last_skip = reason if result.nonfinite else None
+        values = {**terms, **result.metrics}
+        if any(self.skips.values()):
+            values.update({f"skipped_{k}": float(v) for k, v in self.skips.items()})
         if self.cfg.run.measure_memory:
             values.update(self.memory.after_step(strategy))
         # Modules with per-step state (MoE load statistics, aux-loss-free router biases) see the
@@ -377,6 +402,45 @@ class Trainer:
         values.update(self.runner.end_of_step())
         loss = values.pop("ce_loss")
         return loss, result.grad_norm, values
+
+    def _skip_reason(self, terms: dict[str, float]) -> str | None:
+        """Why this step's update must not be applied, from its loss terms: ``nonfinite`` (a
+        term is NaN/inf) or ``spike`` (the loss beyond ``train.spike_sigma`` standard deviations
+        of the recent losses, once half the window is filled); None to apply it."""
+        if not all(math.isfinite(v) for v in terms.values()):
+            return "nonfinite"
+        k, recent = self.cfg.train.spike_sigma, self.recent_losses
+        if k > 0 and len(recent) >= max(2, (recent.maxlen or 2) // 2):
+            mean = sum(recent) / len(recent)
+            std = math.sqrt(sum((x - mean) ** 2 for x in recent) / len(recent))
+            if terms["ce_loss"] > mean + k * std:
+                return "spike"
+        return None
+
+    def _check_divergence(self, step: int, loss: float) -> None:
+        """Count a non-finite step (its update was skipped on every rank); past
+        ``train.nonfinite_patience`` in a row, stop with one line."""
+        if self.last_skip == "spike":
+            self.logger.info(f"step {step}: loss {loss:.4g} is a spike, update skipped")
+        if self.last_skip != "nonfinite":
+            self.nonfinite_streak = 0
+            return
+        self.nonfinite_streak += 1
+        patience = self.cfg.train.nonfinite_patience
+        self.logger.info(
+            f"step {step}: loss {loss:.4g} or gradients not finite, update skipped on every rank "
+            f"({self.nonfinite_streak} in a row; the run stops after {patience + 1})"
+        )
+        if self.nonfinite_streak > patience:
+            self.step = step
+            self._write_status("diverged")
+            newest = list_checkpoints(self.ckpt_root)
+            kept = f"the newest checkpoint is {newest[-1]}" if newest else "there is no checkpoint"
+            raise TrainingDiverged(
+                f"training diverged: step {step} is the {self.nonfinite_streak}th in a row with a "
+                f"non-finite loss or gradients (train.nonfinite_patience={patience}); nothing was "
+                f"saved since and {kept} (resume from it with a lower optim.lr or more clipping)"
+            )
 
     @torch.no_grad()
     def evaluate(self, dataset: WindowDataset | None = None) -> float:
@@ -417,7 +481,11 @@ class Trainer:
         path = self.strategy.save_checkpoint(
             self.ckpt_root,
             self.step,
-            trainer_state={"sampler": self.sampler.state_dict()},
+            trainer_state={
+                "sampler": self.sampler.state_dict(),
+                # the loss-spike window and skip counts continue exactly on resume
+                "guard": {"recent_losses": list(self.recent_losses), "skips": self.skips},
+            },
             config_yaml=to_yaml(self.cfg),
             keep_last=self.cfg.checkpoint.keep_last,
             extra_files=extra,
