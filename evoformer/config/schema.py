@@ -434,6 +434,11 @@ class RunConfig:
         "Measure per-rank parameter, gradient, optimizer and activation bytes on the first step "
         "and log them (mem_*_bytes) with every metrics line.",
     )
+    peak_tflops: Optional[float] = opt(
+        None,
+        "Peak TFLOP/s per device for the logged mfu (null = a table of common GPUs by name "
+        "and precision; on CPU the measured fp32 matmul rate).",
+    )
 
 
 @dataclass

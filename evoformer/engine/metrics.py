@@ -128,7 +128,8 @@ class MetricsLogger:
         return (
             f"step {r['step']:>6}/{self.max_steps} | loss {r['loss']:.4f} | lr {r['lr']:.2e} | "
             f"grad_norm {r['grad_norm']:.3f} | {r['tokens_per_s']:,.0f} tok/s | "
-            f"eta {format_duration(eta)}"
+            + (f"mfu {r['mfu']:.1%} | " if "mfu" in r else "")
+            + f"eta {format_duration(eta)}"
         )
 
     def close(self) -> None:

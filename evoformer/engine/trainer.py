@@ -52,7 +52,9 @@ from evoformer.engine.optim import lr_at
 from evoformer.engine.parallelize import parallelize
 from evoformer.engine.resume import check_resume
 from evoformer.engine.runtime import tune_glibc_malloc
+from evoformer.engine.throughput import device_peak, throughput
 from evoformer.errors import TrainingDiverged, UserError
+from evoformer.model.costs import train_flops_per_token
 
 
 @dataclasses.dataclass
@@ -167,6 +169,12 @@ class Trainer:
         self.recent_losses: collections.deque[float] = collections.deque(maxlen=t.spike_window)
         self.stop = StopFlag()
         self.logger: MetricsLogger | NullLogger = NullLogger()
+        # MFU: the config's model FLOPs per token against the device's peak (engine.throughput)
+        self.flops_per_token = train_flops_per_token(cfg.model, t.seq_len)
+        self.peak_flops, self.peak_source = device_peak(
+            self.device, cfg.precision, cfg.fp8.enabled, cfg.run.peak_tflops
+        )
+        self.checkpoint_time = 0.0  # seconds spent saving since the last metrics line
 
     @property
     def optimizer(self) -> torch.optim.Optimizer:
@@ -185,6 +193,14 @@ class Trainer:
                 [s.samples for s in sources], [s.weight for s in sources], g, seed
             )
         return GlobalBatchSampler(len(self.data.train), g, seed)
+
+    def _peak_memory(self) -> dict[str, float]:
+        """GPU: the peak allocated memory of this device since the last metrics line (GiB)."""
+        if self.device.type != "cuda":
+            return {}
+        peak = torch.cuda.max_memory_allocated(self.device) / 2**30
+        torch.cuda.reset_peak_memory_stats(self.device)
+        return {"mem_peak_gib": peak}
 
     def _read_step(self, step: int) -> list[torch.Tensor]:
         """This rank's micro-batches of ``step`` ([B, T+1] token windows, on the host)."""
@@ -292,6 +308,13 @@ class Trainer:
                 self.logger.close()
                 return TrainResult(self.step, {}, {}, False, self.out_dir)
         self.logger.info(self._banner())
+        if self.peak_flops:
+            self.logger.info(
+                f"mfu against {self.peak_flops / 1e12:.3g} TFLOP/s per device "
+                f"({self.peak_source}); {self.flops_per_token / 1e9:.4g} GFLOP per token"
+            )
+        else:
+            self.logger.info(f"mfu not logged: {self.peak_source}")
         self.logger.set_start(self.step)
         self.stop.install()
         losses: dict[int, float] = {}
@@ -309,21 +332,33 @@ class Trainer:
                 losses[self.step] = loss
                 if self.step % t.log_every == 0 or self.step in (1, t.max_steps):
                     elapsed = time.perf_counter() - window_start
+                    tokens_per_s = tokens_per_step * window_steps / max(elapsed, 1e-9)
                     self.logger.log(
                         {
                             "step": self.step,
                             "loss": loss,
                             "lr": lr,
                             "grad_norm": grad_norm,
-                            "tokens_per_s": tokens_per_step * window_steps / max(elapsed, 1e-9),
-                            # what the steps blocked on their batches (prefetch: ~0)
+                            "tokens_per_s": tokens_per_s,
+                            **throughput(
+                                tokens_per_s,
+                                self.flops_per_token,
+                                self.dims.world_size,
+                                self.peak_flops,
+                            ),
+                            # where the window's time went, per step: all of it, blocked on
+                            # batches (prefetch: ~0), saving checkpoints
+                            "step_ms": 1e3 * elapsed / window_steps,
                             "data_wait_ms": 1e3 * window_wait / window_steps,
+                            "checkpoint_ms": 1e3 * self.checkpoint_time / window_steps,
+                            **self._peak_memory(),
                             "tokens": self.step * tokens_per_step,
                             **self._source_tokens(self.step),
                             **extra,
                         }
                     )
                     window_start, window_steps, window_wait = time.perf_counter(), 0, 0.0
+                    self.checkpoint_time = 0.0
                 if t.eval_every and (self.step % t.eval_every == 0 or self.step == t.max_steps):
                     val_losses[self.step] = self.evaluate()
                     per_source = {
@@ -476,6 +511,7 @@ class Trainer:
     # -- checkpoints and stopping ------------------------------------------------------------
 
     def save(self) -> Path:
+        t0 = time.perf_counter()
         tok = self.data.tokenizer
         extra = {name: self.out_dir / name for name in tok.files} if tok is not None else {}
         path = self.strategy.save_checkpoint(
@@ -491,7 +527,9 @@ class Trainer:
             extra_files=extra,
         )
         self._last_saved = self.step
-        self.logger.info(f"saved checkpoint {path}")
+        took = time.perf_counter() - t0
+        self.checkpoint_time += took
+        self.logger.info(f"saved checkpoint {path} in {took:.2f} s")
         return path
 
     def _saved_at(self, step: int) -> bool:
