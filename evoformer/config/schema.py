@@ -434,6 +434,12 @@ class RunConfig:
         "Measure per-rank parameter, gradient, optimizer and activation bytes on the first step "
         "and log them (mem_*_bytes) with every metrics line.",
     )
+    profile: list[int] = opt(
+        [],
+        "[first, last] steps to trace with torch.profiler (1-based, inclusive; [] = off): a "
+        "Chrome trace per rank in run.output_dir/profile (open in ui.perfetto.dev), and on GPU "
+        "a CUDA memory snapshot (open in pytorch.org/memory_viz).",
+    )
     peak_tflops: Optional[float] = opt(
         None,
         "Peak TFLOP/s per device for the logged mfu (null = a table of common GPUs by name "

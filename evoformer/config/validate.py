@@ -111,6 +111,9 @@ def validate(cfg: Config) -> None:
     if cfg.data.source == "files" and not cfg.data.paths:
         _fail("data.paths", cfg.data.paths, "data.source=files needs at least one path")
     validate_blend(cfg)
+    prof = list(cfg.run.profile)
+    if prof and (len(prof) != 2 or not 1 <= prof[0] <= prof[1]):
+        _fail("run.profile", prof, "give [first, last] steps, 1 <= first <= last")
     if not 0.0 <= cfg.optim.min_lr_ratio <= 1.0:
         _fail("optim.min_lr_ratio", cfg.optim.min_lr_ratio, "must be in [0, 1]")
     if not 0.0 < cfg.optim.decay_fraction <= 1.0:

@@ -50,6 +50,7 @@ from evoformer.engine.memory import MemoryMeter
 from evoformer.engine.metrics import MetricsLogger, NullLogger, truncate_metrics
 from evoformer.engine.optim import lr_at
 from evoformer.engine.parallelize import parallelize
+from evoformer.engine.profile import StepProfiler
 from evoformer.engine.resume import check_resume
 from evoformer.engine.runtime import tune_glibc_malloc
 from evoformer.engine.throughput import device_peak, throughput
@@ -175,6 +176,7 @@ class Trainer:
             self.device, cfg.precision, cfg.fp8.enabled, cfg.run.peak_tflops
         )
         self.checkpoint_time = 0.0  # seconds spent saving since the last metrics line
+        self.profiler = StepProfiler(cfg.run.profile, self.out_dir / "profile", self.dims.rank)
 
     @property
     def optimizer(self) -> torch.optim.Optimizer:
@@ -324,7 +326,9 @@ class Trainer:
         try:
             while self.step < t.max_steps:
                 lr = lr_at(self.step, t.max_steps, cfg.optim)
+                self.profiler.before_step(self.step + 1)
                 loss, grad_norm, extra = self.train_step(self.step, lr)
+                self.profiler.after_step(self.step + 1)
                 self._check_divergence(self.step + 1, loss)
                 self.step += 1
                 window_steps += 1
@@ -388,6 +392,7 @@ class Trainer:
                 if not self.nonfinite_streak:
                     self.save()
         finally:
+            self.profiler.close()
             self.prefetcher.close()
             self.stop.restore()
             self.logger.close()

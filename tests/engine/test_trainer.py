@@ -203,3 +203,17 @@ def test_rerun_resume_changes_and_config_files(run_overrides, capsys):
     wider = _cfg(run_overrides, "train.max_steps=8", "model.d_model=96", "checkpoint.load=auto")
     with pytest.raises(UserError, match=r"changed model\.d_model \(64 -> 96\)"):
         Trainer(wider)
+
+
+def test_profile_writes_a_trace_of_the_chosen_steps(run_overrides, tmp_path):
+    out = tmp_path / "prof"
+    cfg = _cfg(run_overrides, "train.max_steps=4", "run.profile=[2,3]", f"run.output_dir={out}")
+    trainer = Trainer(cfg)
+    trainer.train()
+    trace = out / "profile/trace_rank0.json"
+    assert trainer.profiler.written == [trace]
+    events = json.loads(trace.read_text())["traceEvents"]
+    names = {e.get("name") for e in events}
+    assert "aten::mm" in names or "aten::addmm" in names  # the steps' matmuls were recorded
+    with pytest.raises(UserError, match=r"run.profile=\[3, 2\]"):
+        Trainer(_cfg(run_overrides, "run.profile=[3,2]"))
