@@ -266,6 +266,11 @@ class DataConfig:
 
 @dataclass
 class OptimConfig:
+    name: str = opt(
+        "adamw",
+        "adamw | muon (orthogonalised momentum for the hidden matrices; AdamW with beta1/beta2/"
+        "eps for embeddings, LM head, norms and biases; one lr for both, see muon_lr_scale).",
+    )
     lr: float = opt(3e-4, "Peak learning rate.")
     min_lr_ratio: float = opt(0.1, "Final learning rate as a fraction of lr (cosine, wsd).")
     schedule: str = opt("cosine", "Schedule after warmup: cosine | wsd | constant.")
@@ -276,6 +281,19 @@ class OptimConfig:
     beta2: float = opt(0.95, "AdamW beta2.")
     eps: float = opt(1e-8, "AdamW epsilon.")
     grad_clip: float = opt(1.0, "Clip the global gradient norm to this (0 = off).")
+    muon_momentum: float = opt(0.95, "Muon momentum.")
+    muon_nesterov: bool = opt(True, "Muon: Nesterov momentum (orthogonalise g + m * momentum).")
+    muon_ns_steps: int = opt(5, "Muon: Newton-Schulz iterations.")
+    muon_ns_coefficients: list[float] = opt(
+        [3.4445, -4.775, 2.0315],
+        "Muon: Newton-Schulz polynomial (a, b, c) of x -> a x + b (x x^T) x + c (x x^T)^2 x "
+        "(the default is Keller Jordan's quintic; [1.5, -0.5, 0] is the classic cubic).",
+    )
+    muon_lr_scale: str = opt(
+        "rms",
+        "Muon update scale per [out, in] matrix: rms (0.2 sqrt(max(out, in)): the update RMS of "
+        "AdamW, so optim.lr serves both halves; Moonlight) | spectral (sqrt(max(1, out/in))).",
+    )
 
 
 @dataclass

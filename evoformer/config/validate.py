@@ -114,6 +114,7 @@ def validate(cfg: Config) -> None:
     prof = list(cfg.run.profile)
     if prof and (len(prof) != 2 or not 1 <= prof[0] <= prof[1]):
         _fail("run.profile", prof, "give [first, last] steps, 1 <= first <= last")
+    validate_optimizer(cfg)
     if not 0.0 <= cfg.optim.min_lr_ratio <= 1.0:
         _fail("optim.min_lr_ratio", cfg.optim.min_lr_ratio, "must be in [0, 1]")
     if not 0.0 < cfg.optim.decay_fraction <= 1.0:
@@ -125,6 +126,25 @@ def validate(cfg: Config) -> None:
     validate_deepspeed(cfg)
     validate_precision(cfg)
     _not_yet(cfg)
+
+
+def validate_optimizer(cfg: Config) -> None:
+    """``optim.name`` and Muon's keys."""
+    o = cfg.optim
+    if o.name not in ("adamw", "muon"):
+        _fail("optim.name", o.name, "must be one of adamw, muon")
+    if o.name != "muon":
+        return
+    if cfg.zero.backend == "deepspeed":
+        _fail("optim.name", o.name, "Muon runs with zero.backend ddp or fsdp2, not deepspeed")
+    if len(o.muon_ns_coefficients) != 3:
+        _fail("optim.muon_ns_coefficients", list(o.muon_ns_coefficients), "needs 3 numbers")
+    if o.muon_lr_scale not in ("rms", "spectral"):
+        _fail("optim.muon_lr_scale", o.muon_lr_scale, "must be one of rms, spectral")
+    if o.muon_ns_steps < 1:
+        _fail("optim.muon_ns_steps", o.muon_ns_steps, "must be >= 1")
+    if not 0.0 <= o.muon_momentum < 1.0:
+        _fail("optim.muon_momentum", o.muon_momentum, "must be in [0, 1)")
 
 
 def validate_blend(cfg: Config) -> None:

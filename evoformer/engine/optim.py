@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from evoformer.config.schema import OptimConfig
@@ -35,8 +36,49 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     ]
 
 
-def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
-    """AdamW over ``param_groups``; the learning rate is set every step by ``lr_at``."""
+def muon_param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Muon's hidden matrices (every weight of >= 2 dims but the embeddings and the LM head),
+    and AdamW's rest, decayed as ``param_groups`` decays them."""
+    head = getattr(model, "head", None)
+    adam_only = {id(p) for p in (getattr(head, "weight", None),) if p is not None}
+    groups = param_groups(model, weight_decay)
+    decay, no_decay = groups
+    muon = [p for p in decay["params"] if id(p) not in adam_only]
+    return [
+        {"params": muon, "weight_decay": weight_decay, "muon": True},
+        {
+            "params": [p for p in decay["params"] if id(p) in adam_only],
+            "weight_decay": weight_decay,
+        },
+        {"params": no_decay["params"], "weight_decay": 0.0},
+    ]
+
+
+def build_optimizer(
+    model: nn.Module, cfg: OptimConfig, tp_group: dist.ProcessGroup | None = None
+) -> torch.optim.Optimizer:
+    """``optim.name``: AdamW over ``param_groups``, or Muon (``engine.muon``; ``tp_group`` is
+    where tensor-parallel slices of a matrix are gathered). The learning rate is set every
+    step by ``lr_at``."""
+    if cfg.name == "muon":
+        from evoformer.engine.muon import Muon
+
+        return Muon(
+            muon_param_groups(model, cfg.weight_decay),
+            lr=cfg.lr,
+            momentum=cfg.muon_momentum,
+            nesterov=cfg.muon_nesterov,
+            ns_steps=cfg.muon_ns_steps,
+            ns_coefficients=(
+                cfg.muon_ns_coefficients[0],
+                cfg.muon_ns_coefficients[1],
+                cfg.muon_ns_coefficients[2],
+            ),
+            lr_scale=cfg.muon_lr_scale,
+            betas=(cfg.beta1, cfg.beta2),
+            eps=cfg.eps,
+            tp_group=tp_group,
+        )
     params = [p for p in model.parameters() if p.requires_grad]
     # The fused kernel (CPU and CUDA) is the fastest AdamW torch has; same update rule.
     fused = bool(params) and all(

@@ -122,7 +122,7 @@ class Strategy:
             self.module = None
         else:
             self.module = self._wrap(model)
-        self.optimizer = build_optimizer(model, self.cfg.optim)
+        self.optimizer = build_optimizer(model, self.cfg.optim, self.groups.tp_group)
 
     def _wrap(self, model: torch.nn.Module) -> torch.nn.Module:
         return model
