@@ -430,6 +430,12 @@ class CheckpointConfig:
         0, "Save a checkpoint every N steps (0 = never; the end is always saved)."
     )
     load: Optional[str] = opt(None, "Resume from: null | auto (latest in run.output_dir) | PATH.")
+    init_from: Optional[str] = opt(
+        None,
+        "Start a new run from this checkpoint's weights only (any layout and backend): fresh "
+        "optimizer, step 0, a new data order. Unlike checkpoint.load, which continues a run "
+        "(optimizer, step, data order); once this run has checkpoints, load=auto resumes them.",
+    )
     keep_last: int = opt(3, "Keep only the newest K checkpoints (0 = keep all).")
     save_final: bool = opt(True, "Save a checkpoint when training ends or is interrupted.")
 

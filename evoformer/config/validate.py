@@ -115,6 +115,13 @@ def validate(cfg: Config) -> None:
     if prof and (len(prof) != 2 or not 1 <= prof[0] <= prof[1]):
         _fail("run.profile", prof, "give [first, last] steps, 1 <= first <= last")
     validate_optimizer(cfg)
+    c = cfg.checkpoint
+    if c.init_from and c.load not in (None, "", "none", "auto"):
+        _fail(
+            "checkpoint.init_from",
+            c.init_from,
+            f"starts a new run; checkpoint.load={c.load} continues one: set only one of them",
+        )
     if not 0.0 <= cfg.optim.min_lr_ratio <= 1.0:
         _fail("optim.min_lr_ratio", cfg.optim.min_lr_ratio, "must be in [0, 1]")
     if not 0.0 < cfg.optim.decay_fraction <= 1.0:

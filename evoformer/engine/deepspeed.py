@@ -394,12 +394,12 @@ class DeepSpeedStrategy(Strategy):
         with deepspeed.zero.GatheredParameters(list(self.model.parameters())):
             return {k: v.detach().clone() for k, v in self.model.state_dict().items()}
 
-    def load_checkpoint(self, ckpt: Path) -> dict[str, Any]:
+    def load_checkpoint(self, ckpt: Path, weights_only: bool = False) -> dict[str, Any]:
         """Restore DeepSpeed's engine (weights, master weights, optimizer state) from the
         checkpoint's ``deepspeed/`` folder, saved on the same dp layout, and the RNG states; a
         checkpoint of weights only (import-hf) loads its weights into the engine instead."""
         saved = read_trainer_state(ckpt)
-        if saved.get(WEIGHTS_ONLY):
+        if weights_only or saved.get(WEIGHTS_ONLY):
             self._load_weights(ckpt)
             return saved
         if not (ckpt / DS_TAG).is_dir():

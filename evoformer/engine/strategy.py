@@ -221,12 +221,13 @@ class Strategy:
             **kwargs,
         )
 
-    def load_checkpoint(self, ckpt: Path) -> dict[str, Any]:
+    def load_checkpoint(self, ckpt: Path, weights_only: bool = False) -> dict[str, Any]:
         """Restore model + optimizer + RNG in place; returns the trainer state. A checkpoint of
-        weights only (``weights_only`` in its trainer state: ``import-hf``) loads the weights
-        and leaves the fresh optimizer and RNG alone."""
+        weights only (``weights_only`` in its trainer state: ``import-hf``), or any checkpoint
+        when ``weights_only`` (``checkpoint.init_from``), loads the weights and leaves the fresh
+        optimizer and RNG alone."""
         saved = read_trainer_state(ckpt)
-        if saved.get(WEIGHTS_ONLY):
+        if weights_only or saved.get(WEIGHTS_ONLY):
             load_checkpoint(
                 ckpt,
                 self.model,

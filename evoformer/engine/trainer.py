@@ -121,6 +121,10 @@ class Trainer:
         self.out_dir = Path(cfg.run.output_dir)
         self.ckpt_root = self.out_dir / "checkpoints"
         self.resume_from = self._resolve_resume()
+        # checkpoint.init_from: a new run from those weights, until it has checkpoints of its own
+        self.init_from: Path | None = None
+        if cfg.checkpoint.init_from and self.resume_from is None:
+            self.init_from = resolve_checkpoint(cfg.checkpoint.init_from)
         # Before any data or model is built: a resume that would change the model or the data
         # order is refused; the other changed settings are reported when training starts.
         self.resume_changes: list[str] = []
@@ -257,6 +261,10 @@ class Trainer:
             dist.barrier()
 
     def _restore(self) -> None:
+        if self.init_from is not None:
+            self.strategy.load_checkpoint(self.init_from, weights_only=True)
+            self.weights_only = True
+            return
         if self.resume_from is None:
             return
         state = self.strategy.load_checkpoint(self.resume_from)
@@ -288,7 +296,8 @@ class Trainer:
             )
         if self.weights_only:
             self.logger.info(
-                f"loaded weights from {self.resume_from} (no optimizer state): starting at step "
+                f"loaded weights from {self.init_from or self.resume_from} (no optimizer state): "
+                "starting at step "
                 "0 with a fresh optimizer"
             )
         elif self.resume_from is not None:

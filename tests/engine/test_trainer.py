@@ -217,3 +217,29 @@ def test_profile_writes_a_trace_of_the_chosen_steps(run_overrides, tmp_path):
     assert "aten::mm" in names or "aten::addmm" in names  # the steps' matmuls were recorded
     with pytest.raises(UserError, match=r"run.profile=\[3, 2\]"):
         Trainer(_cfg(run_overrides, "run.profile=[3,2]"))
+
+
+def test_init_from_starts_a_new_run_from_weights(run_overrides, tmp_path):
+    """checkpoint.init_from: the weights of another run, a fresh optimizer, step 0; resumed
+    runs continue from their own checkpoints."""
+    a = Trainer(_cfg(run_overrides, "train.max_steps=3", f"run.output_dir={tmp_path / 'a'}"))
+    a.train()
+    ckpt = tmp_path / "a/checkpoints/step_3"
+    b_cfg = _cfg(
+        run_overrides,
+        "train.max_steps=1",
+        "optim.lr=0",  # the one step leaves the weights as loaded
+        f"checkpoint.init_from={ckpt}",
+        "checkpoint.load=auto",
+        f"run.output_dir={tmp_path / 'b'}",
+    )
+    b = Trainer(b_cfg)
+    result = b.train()
+    assert sorted(result.losses) == [1]  # step 0 of a new run
+    for (name, p), q in zip(a.model.named_parameters(), b.model.parameters(), strict=True):
+        assert torch.equal(p, q), name
+    # a fresh optimizer: one AdamW step taken here, not A's three
+    assert {float(s["step"]) for s in b.optimizer.state.values()} == {1.0}
+    assert {float(s["step"]) for s in a.optimizer.state.values()} == {3.0}
+    with pytest.raises(UserError, match="set only one of them"):
+        _cfg(run_overrides, f"checkpoint.init_from={ckpt}", f"checkpoint.load={ckpt}")
