@@ -307,6 +307,18 @@ class TrainConfig:
     eval_every: int = opt(0, "Evaluate on the validation split every N steps (0 = never).")
     eval_batches: int = opt(8, "Micro-batches per evaluation.")
     log_every: int = opt(10, "Write a metrics line every N steps.")
+    batch_ramp: list[int] = opt(
+        [],
+        "[start, increment, tokens]: the global batch starts at `start` sequences and grows by "
+        "`increment` at equal steps of consumed tokens until global_batch_size, reached after "
+        "`tokens` (Megatron's --rampup-batch-size, in tokens; [] = off).",
+    )
+    seq_len_schedule: list[list[int]] = opt(
+        [],
+        "[[step, seq_len], ...]: from each step on, train on sequences of that length, each a "
+        "divisor of train.seq_len; a window of train.seq_len tokens is cut into shorter ones, "
+        "so the tokens per step stay the same (sequence-length warmup; [] = off).",
+    )
     nonfinite_patience: int = opt(
         3,
         "Steps in a row whose loss or gradients are not finite (each skipped on every rank, "

@@ -115,6 +115,7 @@ def validate(cfg: Config) -> None:
     if prof and (len(prof) != 2 or not 1 <= prof[0] <= prof[1]):
         _fail("run.profile", prof, "give [first, last] steps, 1 <= first <= last")
     validate_optimizer(cfg)
+    validate_ramps(cfg)
     c = cfg.checkpoint
     if c.init_from and c.load not in (None, "", "none", "auto"):
         _fail(
@@ -133,6 +134,45 @@ def validate(cfg: Config) -> None:
     validate_deepspeed(cfg)
     validate_precision(cfg)
     _not_yet(cfg)
+
+
+def validate_ramps(cfg: Config) -> None:
+    """``train.batch_ramp`` and ``train.seq_len_schedule``."""
+    t = cfg.train
+    ramp, sched = list(t.batch_ramp), [list(x) for x in t.seq_len_schedule]
+    if ramp:
+        if len(ramp) != 3 or min(ramp) <= 0:
+            _fail("train.batch_ramp", ramp, "give [start, increment, tokens], all > 0")
+        start, inc, _ = ramp
+        if start >= t.global_batch_size or (t.global_batch_size - start) % inc:
+            _fail(
+                "train.batch_ramp",
+                ramp,
+                f"start must be below train.global_batch_size={t.global_batch_size}, which "
+                "start + k * increment must reach",
+            )
+        for key, bad in (
+            ("parallel.pp", cfg.parallel.pp > 1),
+            ("zero.backend", cfg.zero.backend == "deepspeed"),
+            ("data.weights", bool(cfg.data.weights)),
+        ):
+            if bad:
+                _fail("train.batch_ramp", ramp, f"is not supported with this {key}")
+    if sched:
+        steps = [s[0] for s in sched if len(s) == 2]
+        if len(steps) != len(sched) or steps[0] != 0 or steps != sorted(set(steps)):
+            _fail("train.seq_len_schedule", sched, "give [[0, len], [step, len], ...] by step")
+        tp = cfg.parallel.tp if cfg.parallel.sequence_parallel else 1
+        for _, n in sched:
+            if n <= cfg.model.mtp.depth or t.seq_len % n or n % tp:
+                _fail(
+                    "train.seq_len_schedule",
+                    sched,
+                    f"every length must divide train.seq_len={t.seq_len} (and be a multiple of "
+                    "tp under sequence parallelism)",
+                )
+        if cfg.parallel.pp > 1:
+            _fail("train.seq_len_schedule", sched, "is not supported with parallel.pp > 1")
 
 
 def validate_optimizer(cfg: Config) -> None:

@@ -9,6 +9,8 @@ just takes a different slice).
 
 from __future__ import annotations
 
+import bisect
+import math
 import threading
 from collections import OrderedDict
 from collections.abc import Iterator
@@ -62,6 +64,51 @@ class _FeistelPermutation:
         return y.astype(np.int64)
 
 
+class BatchSchedule:
+    """The global batch of each step, constant or ramped up (``train.batch_ramp``).
+
+    A ramp ``(start, increment, ramp_samples)`` (Megatron's ``--rampup-batch-size``) begins at
+    ``start`` sequences and grows by ``increment`` each time another ``ramp_samples / n``
+    samples have been consumed (n = the number of increments to ``full``), then stays at
+    ``full``. ``size(step)`` and ``start(step)`` (samples consumed before ``step``) are pure
+    functions of the step, computed stage by stage.
+    """
+
+    def __init__(self, full: int, ramp: tuple[int, int, int] | None = None) -> None:
+        self.full = int(full)
+        self.ramp = ramp
+        # (first step, first sample, size) of each stage, the last one open-ended
+        self.stages: list[tuple[int, int, int]] = [(0, 0, self.full)]
+        if ramp is not None:
+            start, inc, samples = (int(x) for x in ramp)
+            n = (self.full - start) // inc
+            per_stage = samples / n
+            stages, step, consumed, size = [], 0, 0, start
+            for k in range(n):
+                stages.append((step, consumed, size))
+                end = math.ceil((k + 1) * per_stage)  # the next size starts once this is reached
+                steps = max(1, -(-(end - consumed) // size))
+                step, consumed, size = step + steps, consumed + steps * size, size + inc
+            stages.append((step, consumed, self.full))
+            self.stages = stages
+
+    def _stage(self, step: int) -> tuple[int, int, int]:
+        k = bisect.bisect_right([s[0] for s in self.stages], step) - 1
+        return self.stages[k]
+
+    def size(self, step: int) -> int:
+        """Sequences in the global batch of ``step``."""
+        return self._stage(step)[2]
+
+    def start(self, step: int) -> int:
+        """Samples consumed by the steps before ``step``."""
+        first, consumed, size = self._stage(step)
+        return consumed + (step - first) * size
+
+    def sizes(self) -> list[int]:
+        return sorted({s[2] for s in self.stages})
+
+
 class GlobalBatchSampler:
     """Which samples make up the global batch of each optimizer step.
 
@@ -72,13 +119,20 @@ class GlobalBatchSampler:
     what the order was built from, so a mismatched resume is caught.
     """
 
-    def __init__(self, num_samples: int, global_batch_size: int, seed: int) -> None:
+    def __init__(
+        self,
+        num_samples: int,
+        global_batch_size: int,
+        seed: int,
+        schedule: BatchSchedule | None = None,
+    ) -> None:
         if num_samples <= 0:
             raise UserError(f"the dataset has no samples to draw batches from ({num_samples})")
         if global_batch_size <= 0:
             raise ValueError(f"global_batch_size must be positive, got {global_batch_size}")
         self.num_samples = int(num_samples)
         self.global_batch_size = int(global_batch_size)
+        self.schedule = schedule or BatchSchedule(global_batch_size)
         self.seed = int(seed)
         self._perms: OrderedDict[int, Any] = OrderedDict()
         # The prefetch thread reads batches while the loop logs from the caches.
@@ -104,9 +158,9 @@ class GlobalBatchSampler:
         """Sample indices (int64, length global_batch_size) of the global batch at ``step``."""
         if step < 0:
             raise ValueError(f"step must be >= 0, got {step}")
-        g = self.global_batch_size
+        start, g = self.schedule.start(step), self.schedule.size(step)
         with self._lock:
-            return self.order(np.arange(step * g, step * g + g, dtype=np.int64))
+            return self.order(np.arange(start, start + g, dtype=np.int64))
 
     def order(self, pos: np.ndarray) -> np.ndarray:
         """The sample at each position ``pos`` (int64, ascending) of the epochs laid end to end."""
@@ -128,7 +182,7 @@ class GlobalBatchSampler:
         into micro-batches of ``micro_batch_size``; together the ranks cover the global batch
         exactly once, whatever ``dp_size`` is.
         """
-        g = self.global_batch_size
+        g = self.schedule.size(step)
         if dp_size <= 0 or g % dp_size:
             raise ValueError(f"global batch {g} is not divisible by data-parallel size {dp_size}")
         if not 0 <= dp_rank < dp_size:
@@ -144,15 +198,18 @@ class GlobalBatchSampler:
 
     def epoch(self, step: int) -> float:
         """Epochs completed before ``step`` (fractional; for logging)."""
-        return step * self.global_batch_size / self.num_samples
+        return self.schedule.start(step) / self.num_samples
 
-    def state_dict(self) -> dict[str, int]:
+    def state_dict(self) -> dict[str, Any]:
         """What the order was built from (the position is the step, saved by the trainer)."""
-        return {
+        state: dict[str, Any] = {
             "seed": self.seed,
             "num_samples": self.num_samples,
             "global_batch_size": self.global_batch_size,
         }
+        if self.schedule.ramp is not None:
+            state["batch_ramp"] = list(self.schedule.ramp)
+        return state
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         """Adopt a checkpoint's order; refuses one built for other data or another batch size.
@@ -169,6 +226,12 @@ class GlobalBatchSampler:
             raise UserError(
                 f"cannot resume the data order: the checkpoint used train.global_batch_size="
                 f"{state['global_batch_size']}, this run has {self.global_batch_size}"
+            )
+        ramp = list(self.schedule.ramp) if self.schedule.ramp is not None else None
+        if state.get("batch_ramp") != ramp:
+            raise UserError(
+                f"cannot resume the data order: the checkpoint used train.batch_ramp="
+                f"{state.get('batch_ramp')}, this run has {ramp}"
             )
         if int(state["seed"]) != self.seed:
             self.seed = int(state["seed"])

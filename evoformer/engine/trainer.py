@@ -44,7 +44,7 @@ from evoformer.config.schema import ParallelConfig
 from evoformer.data import EvalBatches, GlobalBatchSampler, build_datasets, get_batch
 from evoformer.data.dataset import WindowDataset
 from evoformer.data.prefetch import Prefetcher
-from evoformer.data.sampler import BlendedSampler
+from evoformer.data.sampler import BatchSchedule, BlendedSampler
 from evoformer.distributed import ParallelDims, init_process_group, pick_device
 from evoformer.engine.memory import MemoryMeter
 from evoformer.engine.metrics import MetricsLogger, NullLogger, truncate_metrics
@@ -192,13 +192,48 @@ class Trainer:
 
     def _build_sampler(self) -> GlobalBatchSampler:
         """The step -> samples order: uniform over the data, or a blend of the sources."""
-        g, seed = self.cfg.train.global_batch_size, self.cfg.run.seed
+        t = self.cfg.train
+        g, seed = t.global_batch_size, self.cfg.run.seed
         sources = self.data.sources
         if sources:
             return BlendedSampler(
                 [s.samples for s in sources], [s.weight for s in sources], g, seed
             )
-        return GlobalBatchSampler(len(self.data.train), g, seed)
+        ramp = None
+        if t.batch_ramp:  # [start, increment, tokens] -> samples of train.seq_len windows
+            start, inc, tokens = t.batch_ramp
+            ramp = (start, inc, max(1, tokens // t.seq_len))
+        schedule = BatchSchedule(g, ramp)
+        for size in schedule.sizes():
+            if size % (self.dims.dp * t.micro_batch_size):
+                raise UserError(
+                    f"config: train.batch_ramp={list(t.batch_ramp)}: a global batch of {size} "
+                    f"does not divide into dp * micro_batch_size = {self.dims.dp} * "
+                    f"{t.micro_batch_size}"
+                )
+        return GlobalBatchSampler(len(self.data.train), g, seed, schedule)
+
+    def seq_len_at(self, step: int) -> int:
+        """The training sequence length of ``step`` (0-based): ``train.seq_len``, or the
+        ``train.seq_len_schedule`` entry in force."""
+        length = self.cfg.train.seq_len
+        for first, n in self.cfg.train.seq_len_schedule:
+            if step >= first:
+                length = n
+        return length
+
+    def _flops_per_token(self, seq_len: int) -> float:
+        if seq_len == self.cfg.train.seq_len:
+            return self.flops_per_token
+        return train_flops_per_token(self.cfg.model, seq_len)
+
+    def _ramps(self, step: int, seq_len: int) -> dict[str, int]:
+        """The global batch (sequences) and seq_len of ``step`` when either is scheduled."""
+        t = self.cfg.train
+        if not (t.batch_ramp or t.seq_len_schedule):
+            return {}
+        windows = self.sampler.schedule.size(step)
+        return {"batch_size": windows * (t.seq_len // seq_len), "seq_len": seq_len}
 
     def _peak_memory(self) -> dict[str, float]:
         """GPU: the peak allocated memory of this device since the last metrics line (GiB)."""
@@ -212,7 +247,13 @@ class Trainer:
         """This rank's micro-batches of ``step`` ([B, T+1] token windows, on the host)."""
         d, mbs = self.dims, self.cfg.train.micro_batch_size
         micro = self.sampler.micro_batches(step, d.dp_rank, d.dp, mbs)
-        return [get_batch(self.data.train, ix) for ix in micro]
+        batches = [get_batch(self.data.train, ix) for ix in micro]
+        n = self.seq_len_at(step)
+        if n == self.cfg.train.seq_len:
+            return batches
+        # sequence-length warmup: each window of seq_len + 1 tokens becomes seq_len / n windows
+        # of n + 1 (overlapping by one token, as consecutive windows do): the same targets
+        return [b.unfold(1, n + 1, n).reshape(-1, n + 1) for b in batches]
 
     def _source_tokens(self, step: int) -> dict[str, int]:
         """Tokens seen from each blend source by the steps before ``step`` (metrics)."""
@@ -330,8 +371,9 @@ class Trainer:
         self.stop.install()
         losses: dict[int, float] = {}
         val_losses: dict[int, float] = {}
-        tokens_per_step = t.global_batch_size * t.seq_len
+        schedule = self.sampler.schedule
         window_start, window_steps, window_wait = time.perf_counter(), 0, 0.0
+        window_tokens = 0
         try:
             while self.step < t.max_steps:
                 lr = lr_at(self.step, t.max_steps, cfg.optim)
@@ -339,13 +381,15 @@ class Trainer:
                 loss, grad_norm, extra = self.train_step(self.step, lr)
                 self.profiler.after_step(self.step + 1)
                 self._check_divergence(self.step + 1, loss)
+                window_tokens += schedule.size(self.step) * t.seq_len
                 self.step += 1
                 window_steps += 1
                 window_wait += self.prefetcher.wait
                 losses[self.step] = loss
                 if self.step % t.log_every == 0 or self.step in (1, t.max_steps):
                     elapsed = time.perf_counter() - window_start
-                    tokens_per_s = tokens_per_step * window_steps / max(elapsed, 1e-9)
+                    tokens_per_s = window_tokens / max(elapsed, 1e-9)
+                    seq_len = self.seq_len_at(self.step - 1)
                     self.logger.log(
                         {
                             "step": self.step,
@@ -355,7 +399,7 @@ class Trainer:
                             "tokens_per_s": tokens_per_s,
                             **throughput(
                                 tokens_per_s,
-                                self.flops_per_token,
+                                self._flops_per_token(seq_len),
                                 self.dims.world_size,
                                 self.peak_flops,
                             ),
@@ -365,12 +409,14 @@ class Trainer:
                             "data_wait_ms": 1e3 * window_wait / window_steps,
                             "checkpoint_ms": 1e3 * self.checkpoint_time / window_steps,
                             **self._peak_memory(),
-                            "tokens": self.step * tokens_per_step,
+                            "tokens": schedule.start(self.step) * t.seq_len,
+                            **self._ramps(self.step - 1, seq_len),
                             **self._source_tokens(self.step),
                             **extra,
                         }
                     )
                     window_start, window_steps, window_wait = time.perf_counter(), 0, 0.0
+                    window_tokens = 0
                     self.checkpoint_time = 0.0
                 if t.eval_every and (self.step % t.eval_every == 0 or self.step == t.max_steps):
                     val_losses[self.step] = self.evaluate()
