@@ -228,7 +228,12 @@ def test_parse_size_uses_binary_units():
 
 
 def test_plan_gpu_mem_says_whether_it_fits_and_the_largest_micro_batch(capsys):
-    args = ["configs/models/tiny/llama.yaml", "train.seq_len=32", "train.micro_batch_size=4"]
+    args = [
+        "configs/models/tiny/llama.yaml",
+        "train.seq_len=32",
+        "train.micro_batch_size=4",
+        "precision=fp32",
+    ]
     cfg = load_config([str(REPO / args[0])], args[1:])
 
     def total(mb: int) -> int:

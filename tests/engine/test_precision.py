@@ -184,12 +184,12 @@ def _inject_into_local_shard(trainer: Trainer, name: str) -> None:
     of a TP-replicated parameter. Only rank 0 holds it; every rank must still skip."""
     step = trainer.strategy.step
 
-    def step_with_inf(lr, max_norm):
+    def step_with_inf(lr, max_norm, **kwargs):
         if trainer.step + 1 in OVERFLOW_STEPS:
             grad = trainer.model.get_parameter(name).grad
             local = grad.to_local() if isinstance(grad, DTensor) else grad
             local.view(-1)[0] = torch.inf
-        return step(lr, max_norm)
+        return step(lr, max_norm, **kwargs)
 
     trainer.strategy.step = step_with_inf
 
