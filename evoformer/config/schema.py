@@ -281,6 +281,11 @@ class OptimConfig:
     beta2: float = opt(0.95, "AdamW beta2.")
     eps: float = opt(1e-8, "AdamW epsilon.")
     grad_clip: float = opt(1.0, "Clip the global gradient norm to this (0 = off).")
+    qk_clip: float = opt(
+        0.0,
+        "QK-clip (MuonClip, Kimi K2: 100): after each step, scale back the query/key "
+        "projections of every head whose largest attention logit exceeded this (0 = off).",
+    )
     muon_momentum: float = opt(0.95, "Muon momentum.")
     muon_nesterov: bool = opt(True, "Muon: Nesterov momentum (orthogonalise g + m * momentum).")
     muon_ns_steps: int = opt(5, "Muon: Newton-Schulz iterations.")

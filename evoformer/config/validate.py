@@ -180,6 +180,17 @@ def validate_optimizer(cfg: Config) -> None:
     o = cfg.optim
     if o.name not in ("adamw", "muon"):
         _fail("optim.name", o.name, "must be one of adamw, muon")
+    if o.qk_clip < 0:
+        _fail("optim.qk_clip", o.qk_clip, "must be >= 0")
+    if o.qk_clip > 0:
+        if cfg.model.attention.qk_norm != "none":
+            _fail("optim.qk_clip", o.qk_clip, "has no effect with QK-norm (it rescales q and k)")
+        if cfg.zero.backend != "ddp":
+            _fail(
+                "optim.qk_clip",
+                o.qk_clip,
+                f"scales rows of whole weights: zero.backend=ddp only, not {cfg.zero.backend}",
+            )
     if o.name != "muon":
         return
     if cfg.zero.backend == "deepspeed":

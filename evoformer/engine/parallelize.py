@@ -31,6 +31,7 @@ from evoformer.engine.runner import LocalRunner, StepRunner
 from evoformer.engine.strategy import Strategy, build_strategy
 from evoformer.model import Block, Transformer, build_model
 from evoformer.model.checkpointing import apply_activation_checkpointing
+from evoformer.model.qk_clip import QKClip
 from evoformer.model.stages import TransformerStage
 
 
@@ -81,6 +82,9 @@ def parallelize(
     apply_activation_checkpointing(
         model.layers, cfg.activation_checkpointing, cfg.activation_checkpointing_every
     )
+    # 2b. QK-clip trackers on the attention layers (optim.qk_clip), clipping after each step.
+    if cfg.optim.qk_clip > 0:
+        attach_qk_clip(model, cfg.optim.qk_clip, groups)
     # 3. Compile, in place: parameter names (and checkpoints) do not change.
     if cfg.train.compile:
         for block in model.modules():
@@ -101,3 +105,14 @@ def parallelize(
         strategy.clip_scope = pipeline.clip_scope  # the norm spans the stages
         return ParallelModel(model, strategy, pipeline)
     return ParallelModel(model, strategy, LocalRunner(model, strategy, document_eod))
+
+
+def attach_qk_clip(model: Transformer, threshold: float, groups: ParallelGroups) -> None:
+    """Give each block's attention a ``QKClip`` tracker (``model.qk_clip``): it records the
+    step's largest logit per head and clips after the optimizer step (``end_of_step``)."""
+    for block in model.modules():
+        if isinstance(block, Block):
+            attn = block.attn
+            attn.qk_clip = QKClip(
+                threshold, f"L{block.layer_idx}", groups.dp_group, groups.tp_group
+            )

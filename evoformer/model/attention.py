@@ -28,6 +28,7 @@ from evoformer.model.documents import Documents, document_attention
 from evoformer.model.layout import AttentionSpec, LayerSpec, attention_spec
 from evoformer.model.norms import RMSNorm, sharded_rms_norm
 from evoformer.model.positions import alibi_slopes, apply_rope
+from evoformer.model.qk_clip import QKClip, scale_head_rows
 from evoformer.parallel.context import ParallelContext
 from evoformer.parallel.sharding import mark_partial_grad, mark_sharded
 
@@ -155,6 +156,7 @@ class Attention(nn.Module):
         self.window = a.window
         self.alibi = a.alibi
         self.qk_norm = a.qk_norm
+        self.qk_clip: QKClip | None = None  # optim.qk_clip, attached by engine.parallelize
         qkv_bias = a.qkv_bias
         C, q_out, kv_out = a.d_model, H * D, K * D
         self.q_proj = ctx.column(C, q_out, qkv_bias, explicit_comm=True)
@@ -237,6 +239,8 @@ class Attention(nn.Module):
             # Several new tokens after a prefill: new token t sits at position past + t.
             mask = _shared_mask(T, S, None, q.device, torch.is_inference_mode_enabled())
         dropout = self.dropout if self.training else 0.0
+        if self.qk_clip is not None and self.training and past == 0:
+            self.qk_clip.observe(q, k, self.scale, self.window, docs)
         if docs is not None:
             out = document_attention(q, k, v, docs, mask, self.scale, dropout, self.window)
             return self.o_proj(out.transpose(1, 2).reshape(B, T, H * D))
@@ -246,6 +250,21 @@ class Attention(nn.Module):
             q, k, v, attn_mask=mask, is_causal=causal, dropout_p=dropout, scale=self.scale
         )
         return self.o_proj(out.transpose(1, 2).reshape(B, T, H * D))
+
+    def end_of_step(self) -> dict[str, float]:
+        """QK-clip after the optimizer step (``model.qk_clip``): collective over dp and tp."""
+        if self.qk_clip is None:
+            return {}
+        gamma_H, stats = self.qk_clip.finish()
+        if gamma_H is not None:
+            D = self.head_dim
+            if self.n_kv_heads == self.n_heads and self.kv_head is None:  # MHA: split the factor
+                root = gamma_H.sqrt()
+                scale_head_rows(self.q_proj, root, D, slice(None))
+                scale_head_rows(self.k_proj, root, D, slice(None))
+            else:  # shared key heads: the query rows carry it all
+                scale_head_rows(self.q_proj, gamma_H, D, slice(None))
+        return stats
 
     def _project_tp(self, x_BTC: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """q, k, v of this rank's heads from the (entered) input, QK-norm "full" applied."""

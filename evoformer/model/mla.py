@@ -33,6 +33,7 @@ from evoformer.model.documents import Documents, document_attention
 from evoformer.model.layout import LatentAttentionSpec
 from evoformer.model.norms import RMSNorm
 from evoformer.model.positions import apply_rope
+from evoformer.model.qk_clip import QKClip, scale_head_rows
 from evoformer.parallel.context import ParallelContext
 from evoformer.parallel.sharding import mark_partial_grad
 
@@ -88,6 +89,7 @@ class MultiHeadLatentAttention(nn.Module):
         self.qk_dim = self.nope_dim + self.rope_dim
         self.scale = a.scale
         self.dropout = a.dropout
+        self.qk_clip: QKClip | None = None  # optim.qk_clip, attached by engine.parallelize
         C, H = a.d_model, a.n_heads
         if self.q_lora_rank > 0:
             self.q_a_proj = nn.Linear(C, self.q_lora_rank, bias=a.bias)
@@ -141,6 +143,20 @@ class MultiHeadLatentAttention(nn.Module):
             out_BHTV = self._attend_latent(q_nope_BHTN, q_pe_BHTR, latent_BSL, k_pe_BSR, past)
         return self.o_proj(out_BHTV.transpose(1, 2).reshape(B, T, self.n_heads * self.v_dim))
 
+    def end_of_step(self) -> dict[str, float]:
+        """QK-clip after the optimizer step (Kimi K2's split: q_nope and k_nope by sqrt(gamma),
+        q_rope by gamma, the shared rotary key untouched). Collective over dp and tp."""
+        if self.qk_clip is None:
+            return {}
+        gamma_H, stats = self.qk_clip.finish()
+        if gamma_H is not None:
+            q = self.q_b_proj if self.q_lora_rank > 0 else self.q_proj
+            root, nope = gamma_H.sqrt(), slice(0, self.nope_dim)
+            scale_head_rows(q, root, self.qk_dim, nope)
+            scale_head_rows(q, gamma_H, self.qk_dim, slice(self.nope_dim, self.qk_dim))
+            scale_head_rows(self.kv_b_proj, root, self.nope_dim + self.v_dim, nope)
+        return stats
+
     def _project_tp(self, x_BTC: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """(q of this rank's heads, normalised KV latent, shared RoPE key), the latents entering
         the TP region in one piece (SP: gathered along T from the sequence shard)."""
@@ -169,6 +185,8 @@ class MultiHeadLatentAttention(nn.Module):
         k_BHSD = torch.cat([k_nope_BHSN, k_pe_B1SR.expand(B, H, S, self.rope_dim)], dim=-1)
         q_BHTD = torch.cat([q_nope_BHTN, q_pe_BHTR], dim=-1)
         dropout = self.dropout if self.training else 0.0
+        if self.qk_clip is not None and self.training:
+            self.qk_clip.observe(q_BHTD, k_BHSD, self.scale, None, docs)
         if docs is not None:
             return document_attention(q_BHTD, k_BHSD, v_BHSV, docs, None, self.scale, dropout)
         return F.scaled_dot_product_attention(
