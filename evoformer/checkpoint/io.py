@@ -90,6 +90,7 @@ def save_checkpoint(
     model_state_dict: dict[str, torch.Tensor] | None = None,
     ep_mesh: Any = None,
     write_extra: Callable[[Path], None] | None = None,
+    planner: Any = None,
 ) -> Path:
     """Save a complete checkpoint as ``ckpt_root/step_<step>`` and point ``latest`` at it.
 
@@ -101,6 +102,7 @@ def save_checkpoint(
     ``model_state_dict`` replaces ``model.state_dict()`` when the model's own tensors are not
     its weights (DeepSpeed ZeRO-3 partitions); ``write_extra(tmp)`` runs on every rank after the
     DCP shards are written, for a backend's own files inside the same atomic folder.
+    ``planner``: DCP's save planner (a streamed import's tensors are made as DCP writes them).
     """
     root = Path(ckpt_root)
     final = root / f"{STEP_PREFIX}{step}"
@@ -122,7 +124,7 @@ def save_checkpoint(
     _wrap_tensor_parallel(state, model, tp_mesh)
     with warnings.catch_warnings():  # DCP warns that one process means no process group
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.save(state, checkpoint_id=str(tmp), no_dist=not _dist())
+        dcp.save(state, checkpoint_id=str(tmp), no_dist=not _dist(), planner=planner)
     torch.save(_rng_state(), tmp / f"rng_rank{_rank()}.pt")
     if write_extra is not None:
         write_extra(tmp)
