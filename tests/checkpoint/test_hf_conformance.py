@@ -261,3 +261,33 @@ def test_refusals_name_the_key(change: dict, message: str, tmp_path: Path) -> No
     save_file({"x": torch.zeros(1)}, str(tmp_path / "hf" / "model.safetensors"))
     with pytest.raises(UserError, match=message.replace("(", r"\(").replace(")", r"\)")):
         import_hf(tmp_path / "hf", tmp_path / "out")
+
+
+def test_sharded_export_and_reimport(imported, tmp_path: Path) -> None:
+    """Export in shards of at most 40 kB (the index names every tensor once, no file exceeds
+    the limit unless one tensor does), transformers loads them, and the shards import back to
+    the same checkpoint tensors."""
+    case, _, ids, ref, root, _ = imported
+    if case not in ("llama", "mixtral"):
+        pytest.skip("one dense and one MoE family suffice")
+    from evoformer.checkpoint.hf.stream import INDEX, StoredTensors
+
+    limit = 40_000
+    export_hf(root / "ours", tmp_path / "hf", max_shard_size=limit)
+    index = json.loads((tmp_path / "hf" / INDEX).read_text())
+    files = sorted(set(index["weight_map"].values()))
+    assert len(files) > 3 and not (tmp_path / "hf" / "model.safetensors").exists()
+    for f in files:
+        tensors = load_file(tmp_path / "hf" / f)
+        assert set(tensors) == {n for n, v in index["weight_map"].items() if v == f}
+        size = sum(t.numel() * t.element_size() for t in tensors.values())
+        assert size <= limit or len(tensors) == 1
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    with torch.no_grad():
+        assert rel_err(back(input_ids=ids).logits, ref) <= TOL
+    import_hf(tmp_path / "hf", tmp_path / "again")
+    first = StoredTensors(root / "ours" / "checkpoints" / "step_0")
+    again = StoredTensors(tmp_path / "again" / "checkpoints" / "step_0")
+    assert first.infos == again.infos
+    a, b = first.load(first.infos), again.load(first.infos)
+    assert all(torch.equal(a[n], b[n]) for n in a)

@@ -203,6 +203,7 @@ def convert_from_hf(hf_dir: Path, out_dir: Path) -> Conversion:
             extra_files=extra,
             model_state_dict={n: stand_in(i) for n, i in plan.infos.items()},
             planner=planner,
+            file_per_tensor=True,
         )
     except CheckpointException:  # (a BaseException) wraps what failed while DCP wrote
         if planner.error is not None:  # a tensor's check failed
