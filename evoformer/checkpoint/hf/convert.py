@@ -82,7 +82,7 @@ def _read_hf_config(hf_dir: Path) -> dict[str, Any]:
 def _unwrap(hf_cfg: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
     """A multimodal wrapper's ``text_config`` (with the wrapper-level keys it inherits) as the
     text family's config, and what was dropped; other configs as they are."""
-    model_type = hf_cfg.get("model_type")
+    model_type = str(hf_cfg.get("model_type"))
     family = next((f for f in FAMILIES.values() if model_type in f.wrappers), None)
     if family is None:
         return hf_cfg, []

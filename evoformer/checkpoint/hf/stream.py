@@ -27,6 +27,7 @@ from typing import Any, NamedTuple
 import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.distributed.checkpoint.planner import WriteItem
 
 from evoformer.checkpoint.safe_reader import SafeFileSystemReader, SafeLoadPlanner
@@ -206,7 +207,7 @@ class StoredTensors:
         meta = SafeFileSystemReader(str(ckpt)).read_metadata()
         self.infos: dict[str, TensorInfo] = {}
         for key, md in meta.state_dict_metadata.items():
-            if key.startswith("model.") and hasattr(md, "size"):
+            if key.startswith("model.") and isinstance(md, TensorStorageMetadata):
                 self.infos[key.removeprefix("model.")] = TensorInfo(
                     md.properties.dtype, tuple(md.size)
                 )

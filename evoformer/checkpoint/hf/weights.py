@@ -221,7 +221,8 @@ class ImportPlan:
             part = self._piece(src).to(info.dtype)
             key = src.rule.index
             if key in first:  # a checkpoint may store copies (DeepSeek's MTP layers)
-                held = out if key is None else out[key]  # type: ignore[index]
+                assert out is not None
+                held = out if key is None else out[key]
                 if not torch.equal(held, part):
                     raise UserError(
                         f"{self.family.name}: tensors {first[key]} and {src.rule.hf} should hold "
