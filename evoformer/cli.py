@@ -242,11 +242,13 @@ def cmd_preprocess(argv: list[str]) -> int:
 
 def _report(prog: str, convert: Callable[[], Conversion], verb: str) -> int:
     try:
-        out, family, n_params = convert()
+        out, family, n_params, notes = convert()
     except UserError as err:
         print(f"{prog}: error: {err}", file=sys.stderr)
         return 2
     print(f"{verb} {family.name} model ({n_params:,} parameters) -> {out}")
+    for note in notes:
+        print(f"  {family.name}: {note}")
     return 0
 
 
@@ -269,22 +271,36 @@ def import_hf_main(argv: Sequence[str] | None = None) -> int:
 
 
 def export_hf_main(argv: Sequence[str] | None = None) -> int:
-    """``evoformer export-hf CKPT_DIR OUT_DIR [--family NAME]``; returns the exit status."""
+    """``evoformer export-hf CKPT_DIR OUT_DIR [--family NAME] [--max-shard-size SIZE]``;
+    returns the exit status."""
     from evoformer.checkpoint.hf import FAMILIES, convert_to_hf
+    from evoformer.checkpoint.hf.stream import parse_size
 
     prog = "evoformer export-hf"
     parser = argparse.ArgumentParser(
         prog=prog,
         description="Write an evoformer checkpoint as a HuggingFace folder (config.json + "
-        "model.safetensors) that AutoModelForCausalLM.from_pretrained loads.",
+        "safetensors, sharded with an index past --max-shard-size) that "
+        "AutoModelForCausalLM.from_pretrained loads; tensors are streamed one at a time.",
     )
     parser.add_argument(
         "ckpt_dir", help="checkpoint step folder, checkpoints/ folder or run folder"
     )
     parser.add_argument("out_dir", type=Path, help="folder to write the HF files into")
     parser.add_argument("--family", choices=list(FAMILIES), help="HF architecture (default: auto)")
+    parser.add_argument(
+        "--max-shard-size",
+        default="5GB",
+        help="largest safetensors file, e.g. 5GB, 500MB, 2GiB (default 5GB, as save_pretrained); "
+        "a larger model is written as shards with model.safetensors.index.json",
+    )
     ns = parser.parse_args(argv)
-    return _report(prog, lambda: convert_to_hf(ns.ckpt_dir, ns.out_dir, ns.family), "exported")
+
+    def run() -> Conversion:
+        size = parse_size(ns.max_shard_size)
+        return convert_to_hf(ns.ckpt_dir, ns.out_dir, ns.family, size)
+
+    return _report(prog, run, "exported")
 
 
 COMMANDS = {

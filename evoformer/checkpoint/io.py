@@ -28,6 +28,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import FileSystemWriter
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_state_dict,
@@ -90,6 +91,8 @@ def save_checkpoint(
     model_state_dict: dict[str, torch.Tensor] | None = None,
     ep_mesh: Any = None,
     write_extra: Callable[[Path], None] | None = None,
+    planner: Any = None,
+    file_per_tensor: bool = False,
 ) -> Path:
     """Save a complete checkpoint as ``ckpt_root/step_<step>`` and point ``latest`` at it.
 
@@ -101,6 +104,9 @@ def save_checkpoint(
     ``model_state_dict`` replaces ``model.state_dict()`` when the model's own tensors are not
     its weights (DeepSpeed ZeRO-3 partitions); ``write_extra(tmp)`` runs on every rank after the
     DCP shards are written, for a backend's own files inside the same atomic folder.
+    ``planner``: DCP's save planner (a streamed import's tensors are made as DCP writes them).
+    ``file_per_tensor``: one DCP file per tensor; DCP's writer keeps every tensor of a file until
+    the file is closed, so a streamed save must close a file after each tensor.
     """
     root = Path(ckpt_root)
     final = root / f"{STEP_PREFIX}{step}"
@@ -122,7 +128,14 @@ def save_checkpoint(
     _wrap_tensor_parallel(state, model, tp_mesh)
     with warnings.catch_warnings():  # DCP warns that one process means no process group
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.save(state, checkpoint_id=str(tmp), no_dist=not _dist())
+        writer = FileSystemWriter(str(tmp), single_file_per_rank=False) if file_per_tensor else None
+        dcp.save(
+            state,
+            checkpoint_id=str(tmp),
+            no_dist=not _dist(),
+            planner=planner,
+            storage_writer=writer,
+        )
     torch.save(_rng_state(), tmp / f"rng_rank{_rank()}.pt")
     if write_extra is not None:
         write_extra(tmp)

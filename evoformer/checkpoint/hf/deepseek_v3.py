@@ -71,7 +71,12 @@ DEEPSEEK_V3_DEFAULTS: dict[str, Any] = {
     "attention_bias": False,
     "attention_dropout": 0.0,
     "num_nextn_predict_layers": 1,
+    "aux_loss_alpha": 0.0,
 }
+
+# The per-step update speed of the router's selection bias (the DeepSeek-V3 report's gamma,
+# 0.001 for the first 14.3T tokens): set on import so continued pretraining keeps balancing.
+BIAS_UPDATE_RATE = 0.001
 
 
 def deepseek_v3_to_model_config(hf_cfg: dict[str, Any]) -> ModelConfig:
@@ -99,8 +104,7 @@ def deepseek_v3_to_model_config(hf_cfg: dict[str, Any]) -> ModelConfig:
         n_heads=c["num_attention_heads"],
         bias=bool(c["attention_bias"]),
         dropout=float(c["attention_dropout"]),
-        # null means a full-rank query (the defaults merge would read it as "unset")
-        q_lora_rank=hf_cfg.get("q_lora_rank", c["q_lora_rank"]) or 0,
+        q_lora_rank=c["q_lora_rank"] or 0,  # null: a full-rank query
         kv_lora_rank=c["kv_lora_rank"],
         qk_nope_head_dim=c["qk_nope_head_dim"],
         qk_rope_head_dim=c["qk_rope_head_dim"],
@@ -118,9 +122,20 @@ def deepseek_v3_to_model_config(hf_cfg: dict[str, Any]) -> ModelConfig:
         n_groups=c["n_group"] or 1,
         topk_groups=c["topk_group"] or 1,
         first_k_dense=c["first_k_dense_replace"] or 0,
+        # DeepSeek's own config.json names the (sequence-wise) balance loss aux_loss_alpha.
+        aux_loss_coef=float(c["aux_loss_alpha"] or 0.0),
+        bias_update_rate=BIAS_UPDATE_RATE,
     )
     m.mtp = MTPConfig(depth=c["num_nextn_predict_layers"] or 0)
     return m
+
+
+def deepseek_v3_notes(hf_cfg: dict[str, Any], m: ModelConfig) -> tuple[str, ...]:
+    """What config.json does not say: the aux-loss-free balancing rate."""
+    return (
+        f"aux-loss-free balancing on: model.moe.bias_update_rate={m.moe.bias_update_rate} "
+        "(DeepSeek-V3's gamma; config.json has no key for it, 0 freezes the router bias)",
+    )
 
 
 def deepseek_v3_refine(m: ModelConfig, names: set[str]) -> ModelConfig:
@@ -177,6 +192,7 @@ def deepseek_v3_to_hf_config(m: ModelConfig) -> dict[str, Any]:
         "attention_bias": a.bias,
         "rope_interleave": True,  # DeepSeek's layout, which vLLM and SGLang assume
         "num_nextn_predict_layers": m.mtp.depth,
+        "aux_loss_alpha": m.moe.aux_loss_coef,
     }
 
 
@@ -285,4 +301,5 @@ FAMILY = Family(
     extra_rules=deepseek_v3_extra_rules,
     transform=deepseek_v3_transform,
     refine=deepseek_v3_refine,
+    notes=deepseek_v3_notes,
 )

@@ -18,7 +18,7 @@ from evoformer.checkpoint.hf.family import (
     rule,
     unsupported,
 )
-from evoformer.checkpoint.hf.rope import flat_rope_from_hf, flat_rope_to_hf
+from evoformer.checkpoint.hf.rope import rope_from_hf, rope_to_hf
 from evoformer.config.schema import (
     AttentionConfig,
     InitConfig,
@@ -97,7 +97,7 @@ def llama_like(family: str, c: dict[str, Any], **attention: Any) -> ModelConfig:
         max_seq_len=c["max_position_embeddings"],
         tie_embeddings=bool(c["tie_word_embeddings"]),
         norm=NormConfig(kind="rmsnorm", eps=float(c["rms_norm_eps"]), bias=False),
-        position=flat_rope_from_hf(c, family),
+        position=rope_from_hf(c, family),
         attention=AttentionConfig(
             n_heads=n_heads,
             n_kv_heads=c["num_key_value_heads"] or n_heads,
@@ -155,7 +155,7 @@ def llama_like_to_hf(
         "rms_norm_eps": m.norm.eps,
         "tie_word_embeddings": m.tie_embeddings,
         "attention_dropout": a.dropout,
-        **flat_rope_to_hf(m.position),
+        **rope_to_hf(m.position),
     }
     if head_dim_field:
         out["head_dim"] = head_dim

@@ -44,6 +44,12 @@ class Family:
     # refine(model_config, hf_tensor_names): settings config.json cannot tell (DeepSeek's MTP
     # modules, counted by the config but present only in some files).
     refine: Callable[[ModelConfig, set[str]], ModelConfig] | None = None
+    # notes(hf_config, model_config): one line each for what the import drops or chooses that
+    # config.json does not say (router jitter, DeepSeek's bias update rate), printed by the CLI.
+    notes: Callable[[dict[str, Any], ModelConfig], tuple[str, ...]] | None = None
+    # Multimodal wrappers whose text_config is this family's model (gemma3 -> gemma3_text):
+    # HF model_type -> the wrapper's architectures.
+    wrappers: dict[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)
 
 
 def rule(hf: str, *ours: str, transpose: bool = False) -> WeightRule:
@@ -55,9 +61,11 @@ def rule(hf: str, *ours: str, transpose: bool = False) -> WeightRule:
 
 
 def hf_defaults(hf: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
-    """``hf`` over the HF class ``defaults``: save_pretrained may write only the keys that differ
-    from them (a null stays null unless the class has a default for the key)."""
-    return {**defaults, **{k: v for k, v in hf.items() if v is not None or k not in defaults}}
+    """``hf`` over the HF class ``defaults``, which fill only the keys the file omits (as the
+    class's ``__init__`` defaults do). A null in the file stays null and means what the HF class
+    makes of it: no sliding window, as many KV heads as heads, ``head_dim = hidden / heads``,
+    a full-rank query; each converter reads it so (the policy: docs/decisions.md)."""
+    return {**defaults, **hf}
 
 
 def invert(mapping: dict[str, str]) -> dict[str, str]:

@@ -69,8 +69,8 @@ def _gemma3_rope(c: dict[str, Any], has_local: bool) -> PositionConfig:
         local.setdefault("rope_theta", c.get("rope_local_base_freq") or 10_000.0)
     full.setdefault("rope_theta", 1_000_000.0)
     local.setdefault("rope_theta", 10_000.0)
-    pos = rope_params_from_hf(full, "gemma3", c["max_position_embeddings"])
-    loc = rope_params_from_hf(local, "gemma3", c["max_position_embeddings"])
+    pos = rope_params_from_hf(full, "gemma3", c["max_position_embeddings"], c)
+    loc = rope_params_from_hf(local, "gemma3", c["max_position_embeddings"], c)
     if has_local and (loc.rope_theta, loc.rope_scaling) != (pos.rope_theta, pos.rope_scaling):
         if loc.rope_scaling.kind != "none":
             raise unsupported("gemma3", f"rope scaling on sliding layers ({local})")
@@ -94,7 +94,7 @@ def gemma3_to_model_config(hf: dict[str, Any]) -> ModelConfig:
     n = c["num_hidden_layers"]
     types = c["layer_types"] or [SLIDING if (i + 1) % pattern else FULL for i in range(n)]
     window, every = window_layout("gemma3", types, c["sliding_window"])
-    head_dim = c["head_dim"]
+    head_dim = c["head_dim"] or c["hidden_size"] // c["num_attention_heads"]
     scalar = c["query_pre_attn_scalar"]
     return ModelConfig(
         vocab_size=c["vocab_size"],
@@ -203,4 +203,6 @@ FAMILY = Family(
     rules=GEMMA3_RULES,
     base_prefix="model.",
     ignore=ROTARY_BUFFERS,
+    # Gemma 3 4B / 12B / 27B ship as the multimodal wrapper around a gemma3_text model.
+    wrappers={"gemma3": ("Gemma3ForConditionalGeneration",)},
 )

@@ -56,4 +56,6 @@ FAMILY = Family(
     rules=LLAMA_RULES,
     base_prefix="model.",
     ignore=ROTARY_BUFFERS,
+    # Mistral Small 3.1 / Pixtral-style releases: the text model is a Mistral.
+    wrappers={"mistral3": ("Mistral3ForConditionalGeneration",)},
 )

@@ -12,7 +12,6 @@ from evoformer.checkpoint.hf.family import (
     check,
     hf_defaults,
     rule,
-    unsupported,
 )
 from evoformer.checkpoint.hf.moe import (
     aux_from_hf,
@@ -54,8 +53,6 @@ def mixtral_to_model_config(hf_cfg: dict[str, Any]) -> ModelConfig:
     """Mixtral ``config.json`` -> ModelConfig: Mistral attention, every layer a softmax top-k
     MoE with renormalised weights."""
     c = hf_defaults(hf_cfg, MIXTRAL_DEFAULTS)
-    if c["router_jitter_noise"]:
-        raise unsupported("mixtral", f"router_jitter_noise={c['router_jitter_noise']}")
     m = moe_skeleton("mixtral", c, gqa(c, sliding_window=c["sliding_window"]))
     m.moe = MoEConfig(
         num_experts=c["num_local_experts"],
@@ -66,6 +63,15 @@ def mixtral_to_model_config(hf_cfg: dict[str, Any]) -> ModelConfig:
         aux_loss_coef=aux_from_hf(c),
     )
     return m
+
+
+def mixtral_notes(hf_cfg: dict[str, Any], m: ModelConfig) -> tuple[str, ...]:
+    """Router jitter is train-time noise on the router input (HF applies it only in training):
+    the function is the same without it, and evoformer trains without it."""
+    jitter = hf_cfg.get("router_jitter_noise")
+    if not jitter:
+        return ()
+    return (f"dropped router_jitter_noise={jitter} (train-time router noise; evoformer has none)",)
 
 
 def mixtral_to_hf_config(m: ModelConfig) -> dict[str, Any]:
@@ -127,4 +133,5 @@ FAMILY = Family(
     base_prefix="model.",
     ignore=ROTARY_BUFFERS,
     extra_rules=mixtral_expert_rules,
+    notes=mixtral_notes,
 )

@@ -117,15 +117,16 @@ def gqa_to_hf(m: ModelConfig) -> dict[str, Any]:
 
 
 def aux_from_hf(c: dict[str, Any]) -> float:
-    """Our ``moe.aux_loss_coef`` from HF's router settings."""
-    # HF adds the balance loss only with output_router_logits.
-    return float(c["router_aux_loss_coef"]) if c["output_router_logits"] else 0.0
+    """Our ``moe.aux_loss_coef``: HF's ``router_aux_loss_coef``, the weight the model was
+    trained with. (``output_router_logits`` only says whether HF's forward computes the loss
+    by default, false in every published file; it does not switch balancing off.)"""
+    return float(c["router_aux_loss_coef"] or 0.0)
 
 
 def aux_to_hf(m: ModelConfig) -> dict[str, Any]:
-    """Our ``moe.aux_loss_coef`` as HF's router settings."""
-    coef = m.moe.aux_loss_coef
-    return {"output_router_logits": coef > 0, "router_aux_loss_coef": coef or 0.001}
+    """Our ``moe.aux_loss_coef`` as HF's router settings (written as the families ship them:
+    the weight, with HF's forward not computing the loss unless asked)."""
+    return {"output_router_logits": False, "router_aux_loss_coef": m.moe.aux_loss_coef}
 
 
 # (HF name, ours) of the three expert matrices, as Qwen3-MoE and DeepSeek-V3 name them.

@@ -5,6 +5,12 @@ lacks (biases, an untied head) are skipped, so optional tensors need no special 
 tensor left unconsumed is an error rather than silently dropped weights. Weights are read with
 ``safetensors`` only: pickled ``pytorch_model.bin`` files can run arbitrary code when loaded, so
 they are refused.
+
+Both directions work tensor by tensor, so nothing here holds a model: :func:`import_plan` checks
+every name and shape from the files' headers and says which HF tensors make each of ours
+(:meth:`ImportPlan.produce` then makes one); :func:`export_plan` says which of ours make each HF
+tensor. :func:`load_hf_weights` and :func:`hf_state_dict` are the same plans applied to a model
+in memory.
 """
 
 from __future__ import annotations
@@ -12,16 +18,26 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
 
+from evoformer.checkpoint.hf import fp8
 from evoformer.checkpoint.hf.family import Family, WeightRule
+from evoformer.checkpoint.hf.stream import INDEX, SINGLE, TensorInfo, read_header
+from evoformer.config.schema import ModelConfig
 from evoformer.errors import UserError
 from evoformer.model import Transformer
+
+# Prefixes of a multimodal wrapper's text model (transformers 4 files and save_pretrained in 5,
+# then the in-memory layout of 5) and of the parts of it evoformer does not train.
+WRAPPER_TEXT = (("language_model.model.", "model."), ("language_model.lm_head.", "lm_head."))
+WRAPPER_TEXT += (("model.language_model.", "model."),)
+WRAPPER_DROPPED = ("vision_tower.", "multi_modal_projector.", "model.vision_tower.")
+WRAPPER_DROPPED += ("model.multi_modal_projector.",)
 
 
 def _expand(rules: Sequence[WeightRule], n_layers: int, have: set[str]) -> list[WeightRule]:
@@ -47,21 +63,39 @@ def _expand(rules: Sequence[WeightRule], n_layers: int, have: set[str]) -> list[
     return out
 
 
-class SafetensorsReader:
-    """The tensors of a ``save_pretrained`` folder (one file or an index of shards), read on
-    demand so peak memory stays near one copy of the model."""
+def family_rules(family: Family, cfg: ModelConfig, have: set[str]) -> list[WeightRule]:
+    """``family``'s rules for a model of ``cfg`` whose tensors are ``have``."""
+    extra = family.extra_rules(cfg) if family.extra_rules is not None else ()
+    return _expand((*family.rules, *extra), cfg.n_layers, have)
 
-    def __init__(self, hf_dir: Path, base_prefix: str) -> None:
-        index = hf_dir / "model.safetensors.index.json"
-        single = hf_dir / "model.safetensors"
+
+class SafetensorsReader:
+    """The tensors of a ``save_pretrained`` folder (one file or an index of shards). Names,
+    dtypes and shapes come from the file headers; each tensor is read on demand with its file
+    opened for that read only, so memory holds the tensors in flight and never a whole shard.
+
+    ``fp8_block``: FP8 block-scaled weights are returned dequantized (bf16) and their
+    ``weight_scale_inv`` tensors are consumed with them. ``wrapper``: the folder holds a
+    multimodal wrapper; its text model's tensors get the text family's names and the vision
+    tower and projector are left out (:attr:`dropped` counts them)."""
+
+    def __init__(
+        self,
+        hf_dir: Path,
+        base_prefix: str,
+        fp8_block: tuple[int, int] | None = None,
+        wrapper: bool = False,
+    ) -> None:
+        index = hf_dir / INDEX
+        single = hf_dir / SINGLE
         if index.is_file():
             try:
                 weight_map = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError, TypeError) as err:
-                raise UserError(f"{index}: not a safetensors index ({err})") from None
-            files = {name: hf_dir / fname for name, fname in weight_map.items()}
+                files = {str(name): hf_dir / str(fname) for name, fname in weight_map.items()}
+            except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as err:
+                raise UserError(f"{index}: not a safetensors index ({err!r})") from None
         elif single.is_file():
-            files = {name: single for name in self._keys(single)}
+            files = {name: single for name in read_header(single)}
         else:
             bins = [p.name for p in hf_dir.glob("pytorch_model*.bin*")]
             if bins:
@@ -70,51 +104,194 @@ class SafetensorsReader:
                     "loads (unpickling can run arbitrary code); convert them to safetensors first "
                     "(save_pretrained in transformers >= 4.35 writes model.safetensors)"
                 )
-            raise UserError(f"{hf_dir}: no model.safetensors or model.safetensors.index.json")
-        for path in set(files.values()):
+            raise UserError(f"{hf_dir}: no {SINGLE} or {INDEX}")
+        headers: dict[str, TensorInfo] = {}
+        for path in sorted(set(files.values())):
             if not path.is_file():
                 raise UserError(f"{hf_dir}: weight shard {path.name} is missing")
+            header = read_header(path)
+            headers.update({n: info for n, info in header.items() if files.get(n) == path})
+        missing = sorted(set(files) - set(headers))
+        if missing:
+            raise UserError(f"{index}: tensor {missing[0]} is not in {files[missing[0]].name}")
+        stored = {n: n for n in files}  # our-facing name -> the name in the file
+        self.dropped = 0
+        if wrapper:
+            stored = {}
+            for n in files:
+                if n.startswith(WRAPPER_DROPPED):
+                    self.dropped += 1
+                    continue
+                new = next((to + n[len(fr) :] for fr, to in WRAPPER_TEXT if n.startswith(fr)), n)
+                stored[new] = n
         # Bare-model files (GPT2Model, or the original GPT-2 release) lack the decoder prefix.
-        if not any(n.startswith(base_prefix) for n in files):
-            files = {
-                (n if n.startswith("lm_head.") else base_prefix + n): p for n, p in files.items()
+        if not any(n.startswith(base_prefix) for n in stored):
+            stored = {
+                (n if n.startswith("lm_head.") else base_prefix + n): s for n, s in stored.items()
             }
-            self._strip = base_prefix
-        else:
-            self._strip = ""
+        self.fp8_block = fp8_block
+        self.scales: dict[str, str] = {}  # our-facing weight name -> its scale's stored name
+        if fp8_block is not None:
+            for n in [n for n in stored if n.endswith(fp8.SCALE_SUFFIX)]:
+                weight = n.removesuffix(fp8.SCALE_SUFFIX)
+                if weight not in stored:
+                    raise UserError(f"{hf_dir}: {n} scales no tensor ({weight} is missing)")
+                self.scales[weight] = stored.pop(n)
         self.files = files
-        self._handles: dict[Path, Any] = {}
-
-    @staticmethod
-    def _keys(path: Path) -> list[str]:
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                return list(f.keys())
-        except (SafetensorError, OSError) as err:
-            raise UserError(f"{path}: unreadable safetensors file ({err})") from None
+        self._stored = stored
+        self._headers = headers
+        self.dequantized = 0
 
     def names(self) -> list[str]:
-        return list(self.files)
+        return list(self._stored)
 
-    def close(self) -> None:
-        for handle in self._handles.values():
-            handle.__exit__(None, None, None)
-        self._handles.clear()
+    def info(self, name: str) -> TensorInfo:
+        """Dtype and shape of what :meth:`get` returns (FP8 weights: bf16)."""
+        info = self._headers[self._stored[name]]
+        if name in self.scales:
+            return TensorInfo(fp8.OUT_DTYPE, info.shape)
+        return info
 
-    def get(self, name: str) -> torch.Tensor:
-        path = self.files[name]
-        stored = name[len(self._strip) :] if self._strip and name.startswith(self._strip) else name
+    def _read(self, stored: str) -> torch.Tensor:
+        path = self.files[stored]
         try:
-            if path not in self._handles:
-                self._handles[path] = safe_open(str(path), framework="pt")
-            return self._handles[path].get_tensor(stored)
+            with safe_open(str(path), framework="pt") as f:
+                return f.get_tensor(stored)
         except (SafetensorError, OSError) as err:
             raise UserError(f"{path}: cannot read tensor {stored} ({err})") from None
 
+    def get(self, name: str) -> torch.Tensor:
+        stored = self._stored[name]
+        t = self._read(stored)
+        if name in self.scales:
+            assert self.fp8_block is not None
+            scale = self._read(self.scales[name])
+            if t.dtype != torch.float8_e4m3fn or t.ndim != 2:
+                raise UserError(
+                    f"{stored}: has a weight_scale_inv but is {t.dtype} {tuple(t.shape)}, not a "
+                    "2-D float8_e4m3fn weight"
+                )
+            try:
+                t = fp8.dequantize(t, scale, self.fp8_block)
+            except ValueError as err:
+                raise UserError(f"{stored}: {err} of {self.fp8_block}") from None
+            self.dequantized += 1
+        elif t.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+            raise UserError(
+                f"{stored} is {t.dtype} without a weight_scale_inv (and config.json's "
+                "quantization_config must say how it was quantized)"
+            )
+        return t
 
-def _rules(family: Family, model: Transformer, have: set[str]) -> list[WeightRule]:
-    extra = family.extra_rules(model.cfg) if family.extra_rules is not None else ()
-    return _expand((*family.rules, *extra), model.cfg.n_layers, have)
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+    """One HF tensor's contribution to one of ours: part ``part`` of its (transposed) rows
+    split by ``sizes``; ``index``: slice [index] of ours (a stacked expert)."""
+
+    rule: WeightRule
+    part: int
+    sizes: tuple[int, ...] | None
+
+
+@dataclasses.dataclass
+class ImportPlan:
+    """Which HF tensors make each of our tensors, checked against the headers."""
+
+    family: Family
+    reader: SafetensorsReader
+    hf_cfg: dict[str, Any]
+    sources: dict[str, list[Source]]
+    infos: dict[str, TensorInfo]  # what each of our tensors is stored as (HF's dtype)
+
+    def _piece(self, src: Source) -> torch.Tensor:
+        t = self.reader.get(src.rule.hf)
+        if self.family.transform is not None:
+            t = self.family.transform(src.rule.hf, t, self.hf_cfg, True)
+        t = t.t() if src.rule.transpose else t
+        return t.split(list(src.sizes), dim=0)[src.part] if src.sizes is not None else t
+
+    def produce(self, name: str) -> torch.Tensor:
+        """Our tensor ``name``, made from its HF tensors (stacked experts slice by slice;
+        copies of one tensor checked equal)."""
+        info = self.infos[name]
+        out = None
+        first: dict[int | None, str] = {}
+        for src in self.sources[name]:
+            part = self._piece(src).to(info.dtype)
+            key = src.rule.index
+            if key in first:  # a checkpoint may store copies (DeepSeek's MTP layers)
+                assert out is not None
+                held = out if key is None else out[key]
+                if not torch.equal(held, part):
+                    raise UserError(
+                        f"{self.family.name}: tensors {first[key]} and {src.rule.hf} should hold "
+                        f"the same weights ({name}) but differ"
+                    )
+                continue
+            first[key] = src.rule.hf
+            if key is None:
+                out = part.contiguous()
+            else:
+                if out is None:
+                    out = torch.empty(info.shape, dtype=info.dtype)
+                out[key].copy_(part)
+        assert out is not None
+        return out
+
+
+def import_plan(
+    family: Family,
+    reader: SafetensorsReader,
+    cfg: ModelConfig,
+    ours: dict[str, torch.Tensor],
+    hf_cfg: dict[str, Any],
+) -> ImportPlan:
+    """Check every HF tensor against ``ours`` (our state dict, meta tensors are enough) and
+    say which make each of ours: one UserError for a missing, misshapen or unconsumed tensor,
+    before anything is read."""
+    rules = family_rules(family, cfg, set(ours))
+    available = set(reader.names())
+    sources: dict[str, list[Source]] = {}
+    dtypes: dict[str, torch.dtype] = {}
+    for rule in rules:
+        if rule.hf not in available:
+            raise UserError(f"{family.name}: tensor {rule.hf} is missing from the weights")
+        info = reader.info(rule.hf)
+        shape = tuple(reversed(info.shape)) if rule.transpose else info.shape
+        targets = [
+            tuple(ours[n].shape if rule.index is None else ours[n].shape[1:]) for n in rule.ours
+        ]
+        sizes = tuple(t[0] for t in targets) if len(targets) > 1 else None
+        parts = [(s, *shape[1:]) for s in sizes] if sizes and shape[0] == sum(sizes) else [shape]
+        if len(parts) != len(targets) or any(p != t for p, t in zip(parts, targets)):
+            raise UserError(
+                f"{family.name}: tensor {rule.hf} has shape {info.shape}, but config.json "
+                f"implies {' + '.join(str(t) for t in targets)}"
+            )
+        for k, name in enumerate(rule.ours):
+            sources.setdefault(name, []).append(Source(rule, k, sizes))
+            dtypes.setdefault(name, info.dtype)
+        available.discard(rule.hf)
+    ignore = re.compile("|".join(family.ignore)) if family.ignore else None
+    for name in sorted(available):
+        if name == "lm_head.weight" and cfg.tie_embeddings:
+            continue  # some tied checkpoints store the head anyway
+        if ignore is not None and ignore.fullmatch(name):
+            continue
+        raise UserError(
+            f"{family.name}: tensor {name} has no evoformer counterpart (a feature config.json "
+            "does not declare, or an unsupported variant)"
+        )
+    missing = sorted(n for n in ours if n not in sources)
+    if missing:
+        raise UserError(f"{family.name}: no HF tensor provides {missing[0]}")
+    for name, srcs in sources.items():
+        stacked = srcs[0].rule.index is not None
+        if stacked and {s.rule.index for s in srcs} != set(range(ours[name].shape[0])):
+            raise UserError(f"{family.name}: the HF tensors do not provide every slice of {name}")
+    infos = {n: TensorInfo(dtypes[n], tuple(ours[n].shape)) for n in ours}
+    return ImportPlan(family, reader, hf_cfg, sources, infos)
 
 
 @torch.no_grad()
@@ -124,71 +301,46 @@ def load_hf_weights(
     model: Transformer,
     hf_cfg: dict[str, Any] | None = None,
 ) -> None:
-    """Copy every HF tensor into the model (converting dtype), checking names and shapes."""
+    """Copy every HF tensor into a model in memory (converting dtype), checking names and
+    shapes."""
     ours = model.state_dict()
-    rules = _rules(family, model, set(ours))
-    available = set(reader.names())
-    filled: dict[tuple[str, int | None], str] = {}  # (our tensor, slice) -> the HF tensor
-    for rule in rules:
-        if rule.hf not in available:
-            raise UserError(f"{family.name}: tensor {rule.hf} is missing from the weights")
-        t = reader.get(rule.hf)
-        if family.transform is not None:
-            t = family.transform(rule.hf, t, hf_cfg or {}, True)
-        t = t.t() if rule.transpose else t
-        targets = [ours[n] if rule.index is None else ours[n][rule.index] for n in rule.ours]
-        sizes = [x.shape[0] for x in targets]
-        parts = t.split(sizes, dim=0) if len(rule.ours) > 1 and t.shape[0] == sum(sizes) else [t]
-        for name, target, part in zip(rule.ours, targets, parts):
-            if len(parts) != len(rule.ours) or part.shape != target.shape:
-                raise UserError(
-                    f"{family.name}: tensor {rule.hf} has shape {tuple(t.shape)}, but config.json "
-                    f"implies {' + '.join(str(tuple(x.shape)) for x in targets)}"
-                )
-            key = (name, rule.index)
-            if key in filled and not torch.equal(target, part.to(target.dtype)):
-                # A checkpoint may store copies (DeepSeek's MTP layers repeat the embedding).
-                raise UserError(
-                    f"{family.name}: tensors {filled[key]} and {rule.hf} should hold the same "
-                    f"weights ({name}) but differ"
-                )
-            target.copy_(part)
-            filled[key] = rule.hf
-        available.discard(rule.hf)
-    ignore = re.compile("|".join(family.ignore)) if family.ignore else None
-    for name in sorted(available):
-        if name == "lm_head.weight" and model.cfg.tie_embeddings:
-            continue  # some tied checkpoints store the head anyway
-        if ignore is not None and ignore.fullmatch(name):
-            continue
-        raise UserError(
-            f"{family.name}: tensor {name} has no evoformer counterpart (a feature config.json "
-            "does not declare, or an unsupported variant)"
-        )
-    filled_names = {name for name, _ in filled}
-    missing = sorted(n for n, p in model.named_parameters() if n not in filled_names)
-    if missing:
-        raise UserError(f"{family.name}: no HF tensor provides {missing[0]}")
+    plan = import_plan(family, reader, model.cfg, ours, hf_cfg or {})
+    for name, target in ours.items():
+        target.copy_(plan.produce(name))
+
+
+def export_plan(
+    family: Family, cfg: ModelConfig, have: set[str], params: set[str]
+) -> list[WeightRule]:
+    """The HF tensors ``family`` writes for a model of ``cfg`` (tensors ``have``), each made
+    by its rule from ours; a UserError when one of our ``params`` would not be written."""
+    rules = family_rules(family, cfg, have)
+    left = sorted(params - {n for r in rules for n in r.ours})
+    if left:
+        raise UserError(f"{family.name}: no HF tensor holds evoformer's {left[0]}")
+    return rules
+
+
+def hf_tensor(
+    family: Family,
+    rule: WeightRule,
+    fetch: Callable[[str], torch.Tensor],
+    hf_cfg: dict[str, Any],
+) -> torch.Tensor:
+    """HF tensor ``rule.hf`` from our tensors (``fetch(name)``): fresh and contiguous."""
+    parts = [fetch(n) if rule.index is None else fetch(n)[rule.index] for n in rule.ours]
+    t = torch.cat(parts, dim=0) if len(parts) > 1 else parts[0]
+    t = t.t() if rule.transpose else t
+    if family.transform is not None:
+        t = family.transform(rule.hf, t, hf_cfg, False)
+    return t.contiguous().clone()
 
 
 def hf_state_dict(family: Family, model: Transformer) -> dict[str, torch.Tensor]:
     """``model``'s weights under ``family``'s HF names: fresh contiguous tensors, none shared
     (as safetensors requires), ready for ``save_file`` or an HF model's ``load_state_dict``."""
     ours = {n: t.detach() for n, t in model.state_dict().items()}
-    transform = family.transform
-    hf_cfg = family.to_hf_config(model.cfg) if transform is not None else {}
-    out: dict[str, torch.Tensor] = {}
-    used: set[str] = set()
-    for rule in _rules(family, model, set(ours)):
-        parts = [ours[n] if rule.index is None else ours[n][rule.index] for n in rule.ours]
-        t = torch.cat(parts, dim=0) if len(parts) > 1 else parts[0]
-        t = t.t() if rule.transpose else t
-        if transform is not None:
-            t = transform(rule.hf, t, hf_cfg, False)
-        out[rule.hf] = t.contiguous().clone()
-        used.update(rule.ours)
+    hf_cfg = family.to_hf_config(model.cfg) if family.transform is not None else {}
     params = {n for n, _ in model.named_parameters()}
-    left = sorted(params - used)
-    if left:
-        raise UserError(f"{family.name}: no HF tensor holds evoformer's {left[0]}")
-    return out
+    rules = export_plan(family, model.cfg, set(ours), params)
+    return {r.hf: hf_tensor(family, r, ours.__getitem__, hf_cfg) for r in rules}
