@@ -263,13 +263,12 @@ def test_refusals_name_the_key(change: dict, message: str, tmp_path: Path) -> No
         import_hf(tmp_path / "hf", tmp_path / "out")
 
 
+@pytest.mark.parametrize("imported", ["llama", "mixtral"], indirect=True)  # dense and MoE
 def test_sharded_export_and_reimport(imported, tmp_path: Path) -> None:
     """Export in shards of at most 40 kB (the index names every tensor once, no file exceeds
     the limit unless one tensor does), transformers loads them, and the shards import back to
     the same checkpoint tensors."""
     case, _, ids, ref, root, _ = imported
-    if case not in ("llama", "mixtral"):
-        pytest.skip("one dense and one MoE family suffice")
     from evoformer.checkpoint.hf.stream import INDEX, StoredTensors
 
     limit = 40_000
