@@ -281,6 +281,11 @@ class OptimConfig:
     beta2: float = opt(0.95, "AdamW beta2.")
     eps: float = opt(1e-8, "AdamW epsilon.")
     grad_clip: float = opt(1.0, "Clip the global gradient norm to this (0 = off).")
+    z_loss: float = opt(
+        0.0,
+        "Weight of the z-loss, mean(logsumexp(logits)^2), added to the training loss to keep "
+        "the softmax normaliser near 1 (PaLM, OLMo 2: 1e-4; 0 = off; logged as z_loss).",
+    )
     qk_clip: float = opt(
         0.0,
         "QK-clip (MuonClip, Kimi K2: 100): after each step, scale back the query/key "

@@ -63,6 +63,7 @@ NON_NEGATIVE = (
     "run.threads",
     "zero.stage",
     "train.nonfinite_patience",
+    "optim.z_loss",
     "train.spike_sigma",
     "data.prefetch",
 )

@@ -9,7 +9,8 @@ package that owns it:
 1. FP8: swap the linear layers for FP8 ones (``engine.fp8``), before anything wraps or shards
    them (FSDP2 then shards the swapped modules);
 2. activation checkpointing of the chosen blocks (``model.checkpointing``), from outside the
-   model;
+   model; then the optimizer-side terms the model computes (the z-loss weight, QK-clip
+   trackers on the attention layers);
 3. compile each block (lazily: traced at its first forward, so after the wrapping below);
 4. data parallelism: the strategy wraps or shards the model (DDP, FSDP2, DeepSpeed) and builds
    the optimizer over the result (``engine.strategy``);
@@ -82,7 +83,9 @@ def parallelize(
     apply_activation_checkpointing(
         model.layers, cfg.activation_checkpointing, cfg.activation_checkpointing_every
     )
-    # 2b. QK-clip trackers on the attention layers (optim.qk_clip), clipping after each step.
+    # 2b. Optimizer-side terms on the model: the z-loss weight (optim.z_loss), and QK-clip
+    #     trackers on the attention layers (optim.qk_clip), clipping after each step.
+    model.z_loss_weight = cfg.optim.z_loss
     if cfg.optim.qk_clip > 0:
         attach_qk_clip(model, cfg.optim.qk_clip, groups)
     # 3. Compile, in place: parameter names (and checkpoints) do not change.

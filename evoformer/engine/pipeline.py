@@ -166,6 +166,8 @@ class PipelineRunner(StepRunner):
         self.metric_names = ["ce_loss"]
         if m.mtp.depth > 0:
             self.metric_names.append("mtp_loss")
+        if cfg.optim.z_loss > 0:
+            self.metric_names.append("z_loss")
         n_total = m.n_layers + m.mtp.depth
         if m.moe.aux_loss_coef > 0 and any(layer_spec(m, i).mlp == "moe" for i in range(n_total)):
             self.metric_names.append("aux_loss")

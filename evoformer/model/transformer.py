@@ -34,7 +34,7 @@ from evoformer.model.moe import MoE
 from evoformer.model.norms import build_norm
 from evoformer.model.positions import RotaryEmbedding
 from evoformer.parallel.context import ParallelContext
-from evoformer.parallel.cross_entropy import vocab_parallel_cross_entropy
+from evoformer.parallel.cross_entropy import vocab_parallel_cross_entropy, vocab_parallel_z_loss
 from evoformer.parallel.layers import (
     TensorParallelModule,
     VocabParallelEmbedding,
@@ -157,6 +157,8 @@ class Transformer(KeepShardSpecs):
             for module in (self.pos_embed, self.norm):
                 if module is not None:
                     mark_partial_grad(module, "weight", "bias")
+        # optim.z_loss (set by engine.parallelize): weight of the z-loss in the training loss
+        self.z_loss_weight = 0.0
         self.mtp = None
         if cfg.mtp.depth > 0:
             from evoformer.model.mtp import MultiTokenPrediction
@@ -257,8 +259,13 @@ class Transformer(KeepShardSpecs):
         the loss is assembled (the whole model and the pipeline's last stage both call it);
         ``extras=False`` (a stage in eval mode): CE only."""
         h = self.norm(hidden_BTC) if self.norm is not None else hidden_BTC
-        ce = self.head_loss(h, targets, self.ctx.sp)
+        local = self._local_logits(h, self.ctx.sp)
+        ce = self._cross_entropy(local, targets)
         loss, metrics = ce, {"ce_loss": ce.detach()}
+        if self.z_loss_weight > 0:
+            z = vocab_parallel_z_loss(local, targets, self.ctx.tp_group, self._real_columns())
+            loss = loss + self.z_loss_weight * z
+            metrics["z_loss"] = z.detach()
         if extras and self.mtp is not None:  # first: its blocks may hold MoE layers with aux
             mtp_loss = self.mtp(hidden_BTC, input_ids, targets, self, docs)
             loss = loss + self.cfg.mtp.loss_weight * mtp_loss
@@ -290,17 +297,34 @@ class Transformer(KeepShardSpecs):
     ) -> torch.Tensor:
         """Mean next-token cross-entropy of normalised hidden states; under TP computed from
         each rank's vocabulary shard (vocab-parallel cross-entropy, no full logits)."""
+        return self._cross_entropy(self._local_logits(h_BTC, sequence_parallel), targets_BT)
+
+    def _local_logits(self, h_BTC: torch.Tensor, sequence_parallel: bool) -> torch.Tensor:
+        """The logits of this rank's vocabulary shard (all of them at tp = 1)."""
         weight = self.embed.weight if self.head is None else self.head.weight
         if self.ctx.tp == 1:
-            return lm_loss(F.linear(h_BTC, weight), targets_BT)
-        group = self.ctx.tp_group
-        local = vocab_parallel_logits(h_BTC, weight, group, sequence_parallel)
-        shard = cast(
+            return F.linear(h_BTC, weight)
+        return vocab_parallel_logits(h_BTC, weight, self.ctx.tp_group, sequence_parallel)
+
+    def _vocab_shard(self) -> VocabParallelEmbedding | VocabParallelLMHead:
+        return cast(
             VocabParallelEmbedding | VocabParallelLMHead,
             self.embed if self.head is None else self.head,
         )  # under TP both are vocabulary shards
+
+    def _real_columns(self) -> int:
+        """Columns of this rank's logits that are real tokens (the rest: vocabulary padding)."""
+        if self.ctx.tp == 1:
+            return self.cfg.vocab_size
+        shard = self._vocab_shard()
+        return shard.vocab_end - shard.vocab_start
+
+    def _cross_entropy(self, local: torch.Tensor, targets_BT: torch.Tensor) -> torch.Tensor:
+        if self.ctx.tp == 1:
+            return lm_loss(local, targets_BT)
+        shard = self._vocab_shard()
         return vocab_parallel_cross_entropy(
-            local, targets_BT, group, shard.vocab_start, shard.vocab_end
+            local, targets_BT, self.ctx.tp_group, shard.vocab_start, shard.vocab_end
         )
 
     def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:

@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 from torch.autograd.function import once_differentiable
 
-from evoformer.parallel.collectives import all_reduce_
+from evoformer.parallel.collectives import all_reduce_, reduce_from_parallel_region
 
 
 class _VocabParallelCrossEntropy(torch.autograd.Function):
@@ -91,3 +91,23 @@ def vocab_parallel_cross_entropy(
     return _VocabParallelCrossEntropy.apply(
         logits_NV, targets_BT.reshape(-1), group, vocab_start, vocab_end
     )
+
+
+def vocab_parallel_z_loss(
+    logits_local_BTV: torch.Tensor,
+    targets_BT: torch.Tensor,
+    group: dist.ProcessGroup | None,
+    n_real: int,
+) -> torch.Tensor:
+    """Mean over the scored tokens of ``logsumexp(logits)^2`` over the full vocabulary (the
+    PaLM/OLMo z-loss, which keeps the softmax normaliser near 1), in fp32 from this rank's
+    shard: its first ``n_real`` columns are real tokens. Every rank returns the same value and
+    backpropagates into its own columns."""
+    x_NV = logits_local_BTV.reshape(-1, logits_local_BTV.shape[-1])[:, :n_real].float()
+    valid_N = targets_BT.reshape(-1) >= 0
+    with torch.no_grad():
+        max_N = x_NV.amax(dim=1) if n_real else x_NV.new_full((x_NV.shape[0],), float("-inf"))
+        all_reduce_(max_N, group, dist.ReduceOp.MAX)
+    sum_N = reduce_from_parallel_region(torch.exp(x_NV - max_N[:, None]).sum(dim=1), group)
+    lse_N = torch.log(sum_N) + max_N
+    return torch.where(valid_N, lse_N.square(), 0.0).sum() / valid_N.sum().clamp(min=1)

@@ -138,12 +138,16 @@ def test_resume_is_exact_and_crosses_layouts(single, tmp_path):
         assert one[s] == pytest.approx(full[s], rel=LOSS_RTOL), s
 
 
-CLIP = ["optim.qk_clip=0.1"]  # low: this tiny model's logits reach ~0.2, so heads get clipped
+CLIP = [
+    "optim.qk_clip=0.1",
+    "optim.z_loss=1e-2",
+]  # low: this tiny model's logits reach ~0.2, so heads get clipped
 
 
 def test_muonclip_layouts_and_metrics(tmp_path):
-    """MuonClip (Muon + QK-clip) under tp=2 (heads split) and dp=2 (maxima over replicas)
-    trains like one process, and the per-layer maximum logit is logged."""
+    """MuonClip (Muon + QK-clip) with a z-loss under tp=2 (heads split, the z-loss from the
+    vocabulary shards) and dp=2 (maxima over replicas) trains like one process, and the
+    per-layer maximum logit is logged."""
     ref = Trainer(_cfg("llama", tmp_path / "one", *CLIP)).train().losses
     layouts = {"tp2": ["parallel.tp=2", *CLIP], "dp2": CLIP}
     got = run_distributed(_train, 2, "llama", layouts, str(tmp_path), timeout=180)[0]
@@ -153,4 +157,4 @@ def test_muonclip_layouts_and_metrics(tmp_path):
     assert max_rel(plain, ref) > 1e-4  # the clip changed the run
     rows = (tmp_path / "one/metrics.jsonl").read_text().splitlines()
     last = __import__("json").loads(rows[-1])
-    assert {"qk/L0/max_logit", "qk/L1/max_logit"} <= set(last)
+    assert {"qk/L0/max_logit", "qk/L1/max_logit", "z_loss"} <= set(last)

@@ -243,3 +243,25 @@ def test_init_from_starts_a_new_run_from_weights(run_overrides, tmp_path):
     assert {float(s["step"]) for s in a.optimizer.state.values()} == {3.0}
     with pytest.raises(UserError, match="set only one of them"):
         _cfg(run_overrides, f"checkpoint.init_from={ckpt}", f"checkpoint.load={ckpt}")
+
+
+def test_z_loss_by_hand(run_overrides, tmp_path):
+    """optim.z_loss adds w * mean(logsumexp(logits)^2); the logged z_loss is that mean."""
+    from evoformer.data import get_batch
+    from evoformer.model import build_model
+
+    cfg = _cfg(run_overrides, "train.max_steps=1", "optim.z_loss=0.01")
+    trainer = Trainer(cfg)
+    model = build_model(cfg.model, seed=cfg.run.seed)
+    micro = trainer.sampler.micro_batches(0, 0, 1, cfg.train.micro_batch_size)
+    with torch.no_grad():
+        zs, ces = [], []
+        for ix in micro:
+            b = get_batch(trainer.data.train, ix)
+            logits = model(b[:, :-1]).float()
+            zs.append(torch.logsumexp(logits, -1).square().mean())
+            ces.append(torch.nn.functional.cross_entropy(logits.flatten(0, 1), b[:, 1:].flatten()))
+    trainer.train()
+    row = json.loads((trainer.out_dir / "metrics.jsonl").read_text().splitlines()[0])
+    assert row["z_loss"] == pytest.approx(torch.stack(zs).mean().item(), rel=1e-5)
+    assert row["loss"] == pytest.approx(torch.stack(ces).mean().item(), rel=1e-5)  # CE alone
