@@ -206,9 +206,7 @@ def _text_docs(
             else:
                 cut = data.rfind(b"\n") + 1
                 if cut == 0:  # one over-long line: cut it, but never inside a UTF-8 character
-                    cut = cap
-                    while cut > 1 and data[cut] & 0xC0 == 0x80:
-                        cut -= 1
+                    cut = _char_boundary(data)
             piece, pending = data[:cut], data[cut:]
             counters["bytes"] += len(piece)
             if piece:
@@ -225,6 +223,16 @@ def _text_docs(
             offset += cut
             if len(data) < cap:
                 return
+
+
+def _char_boundary(data: bytes) -> int:
+    """The largest cut <= len(data) that does not split a UTF-8 character."""
+    j = len(data) - 1
+    while j > 0 and data[j] & 0xC0 == 0x80:  # back to the last character's lead byte
+        j -= 1
+    lead = data[j]
+    need = 1 if lead < 0xC0 else 2 if lead < 0xE0 else 3 if lead < 0xF0 else 4
+    return j if j + need > len(data) and j > 0 else len(data)
 
 
 def _jsonl_docs(
