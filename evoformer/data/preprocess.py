@@ -27,8 +27,9 @@ import shutil
 import tempfile
 import time
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
+from contextlib import closing
 from itertools import chain
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -137,7 +138,7 @@ def _batches(
 
 def _encoded(
     batches: Iterator[list[str]], tokenizer: Tokenizer, dtype: np.dtype, workers: int
-) -> Iterator[tuple[np.ndarray, ...]]:
+) -> Generator[tuple[np.ndarray, ...], None, None]:
     """Encoded batches in input order; ``workers=0`` encodes in this process."""
     if workers == 0:
         for batch in batches:
@@ -277,10 +278,12 @@ def preprocess(
         writer = ShardWriter(tmp, tokenizer.vocab_size, tokenizer.eod_id, shard_tokens)
         try:
             batches = _batches(files, text_key, skipped, max_doc_bytes, counters)
-            for tokens, lengths in _encoded(batches, tokenizer, dtype, workers):
-                keep = lengths > 0
-                empty += int(lengths.size - keep.sum())
-                writer.add(tokens, lengths[keep])
+            # closing: on a failure here the worker pool shuts down now, not at garbage collection
+            with closing(_encoded(batches, tokenizer, dtype, workers)) as encoded:
+                for tokens, lengths in encoded:
+                    keep = lengths > 0
+                    empty += int(lengths.size - keep.sum())
+                    writer.add(tokens, lengths[keep])
             shards = writer.finish()
         except BaseException:
             writer.abort()

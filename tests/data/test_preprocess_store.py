@@ -254,3 +254,26 @@ def test_build_datasets_reads_a_sharded_store(
     (out / "index.json").unlink()
     with pytest.raises(UserError, match="not a complete token store"):
         build_datasets(cfg, seq_len=64, seed=0, vocab_size=1024, log=_quiet)
+
+
+def test_the_pipeline_reads_only_a_bounded_window_ahead(small_tokenizer: Tokenizer) -> None:
+    """Structure, not RSS: with an endless input, the first encoded batch comes back after
+    only the in-flight window (3 batches per worker) has been read, in input order."""
+    pulled = {"n": 0}
+
+    def endless():
+        while True:
+            pulled["n"] += 1
+            yield [f"x = {pulled['n']}"]
+
+    dtype = np.dtype("<u2")
+    with preprocess_module.closing(
+        preprocess_module._encoded(endless(), small_tokenizer, dtype, workers=2)
+    ) as encoded:
+        first_tokens, first_lengths = next(encoded)
+        assert pulled["n"] == 6
+        second_tokens, _ = next(encoded)
+        assert pulled["n"] == 7
+    assert first_tokens.tolist() == small_tokenizer.encode("x = 1")
+    assert second_tokens.tolist() == small_tokenizer.encode("x = 2")
+    assert first_lengths.tolist() == [len(first_tokens)]
