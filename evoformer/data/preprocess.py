@@ -1,12 +1,14 @@
 """Tokenising raw corpora into a sharded token store (`evoformer preprocess`).
 
-The pipeline: the calling process streams documents from the inputs (:mod:`readers`: text,
+The pipeline: the calling process streams raw records from the inputs (:mod:`readers`: text,
 JSON lines plain/gzip/zstd, parquet; files, folders, globs), groups them into batches of at most
-``_BATCH_DOCS`` documents / ``_BATCH_BYTES`` bytes, and hands them to ``workers`` spawned
-processes, each pinned to one core and holding its own tokenizer (sent by path). Results come
-back in submission order with at most ``_INFLIGHT_PER_WORKER`` batches per worker in flight, so
-memory is bounded by a few batches whatever the corpus size, and the output (documents, order,
-shard boundaries) depends only on the inputs, never on the number of workers.
+``_BATCH_DOCS`` records / ``_BATCH_BYTES`` bytes, and hands them to ``workers`` spawned
+processes, each pinned to one core and holding its own tokenizer (sent by path), which decode
+them (UTF-8, JSON: the costly part of reading, so it scales with the workers too) and tokenise.
+Results come back in submission order with at most ``_INFLIGHT_PER_WORKER`` batches per worker
+in flight, so memory is bounded by a few batches whatever the corpus size, and the output
+(documents, order, shard boundaries, skip counts) depends only on the inputs, never on the
+number of workers.
 
 Everything is written into a hidden temporary folder next to ``out`` and renamed into place once
 complete (shards fsynced, ``index.json`` last): a failed or killed run never leaves a store under
@@ -39,8 +41,11 @@ import numpy as np
 from evoformer.data._common import Log, file_stamp, fingerprint, fsync_dir
 from evoformer.data.readers import (
     DEFAULT_MAX_DOC_BYTES,
+    Record,
     Skipped,
+    decode_record,
     expand_inputs,
+    raw_records,
     read_documents,
 )
 from evoformer.data.sharded import (
@@ -84,7 +89,9 @@ def default_workers() -> int:
 _worker: dict[str, Any] = {}
 
 
-def _init_worker(tokenizer: Tokenizer, dtype: str, counter: Any, cpus: list[int]) -> None:
+def _init_worker(
+    tokenizer: Tokenizer, dtype: str, text_key: str, counter: Any, cpus: list[int]
+) -> None:
     # One core per worker: the tokenizer's own thread pool (sentencepiece sizes it from the
     # machine's cores, HF tokenizers from RAYON_NUM_THREADS) then shares that core instead of
     # oversubscribing the machine, so N workers use N cores.
@@ -97,19 +104,31 @@ def _init_worker(tokenizer: Tokenizer, dtype: str, counter: Any, cpus: list[int]
             os.sched_setaffinity(0, {cpus[k % len(cpus)]})
         except OSError:
             pass
-    _worker["tokenizer"], _worker["dtype"] = tokenizer, np.dtype(dtype)
+    _worker.update(tokenizer=tokenizer, dtype=np.dtype(dtype), text_key=text_key)
 
 
-def _encode(tokenizer: Tokenizer, dtype: np.dtype, texts: list[str]) -> tuple[np.ndarray, ...]:
-    """Ids of ``texts`` back to back (in ``dtype``) and each document's length."""
-    ids = tokenizer.encode_batch(texts)
+Encoded = tuple[np.ndarray, np.ndarray, int, Skipped]
+
+
+def _encode(tokenizer: Tokenizer, dtype: np.dtype, text_key: str, batch: list[Record]) -> Encoded:
+    """Decode and tokenise a batch of raw records: the ids back to back (in ``dtype``), each
+    document's length, the characters read, and the records skipped."""
+    texts: list[str] = []
+    skipped = Skipped()
+    for record in batch:
+        text, reason, where, _ = decode_record(record, text_key)
+        if text is None:
+            skipped.add(reason, where)
+        else:
+            texts.append(text)
+    ids = tokenizer.encode_batch(texts) if texts else []
     lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
     tokens = np.fromiter(chain.from_iterable(ids), dtype=dtype, count=int(lengths.sum()))
-    return tokens, lengths
+    return tokens, lengths, sum(map(len, texts)), skipped
 
 
-def _encode_in_worker(texts: list[str]) -> tuple[np.ndarray, ...]:
-    return _encode(_worker["tokenizer"], _worker["dtype"], texts)
+def _encode_in_worker(batch: list[Record]) -> Encoded:
+    return _encode(_worker["tokenizer"], _worker["dtype"], _worker["text_key"], batch)
 
 
 # --- the main side -----------------------------------------------------------------------------
@@ -121,28 +140,36 @@ def _batches(
     skipped: Skipped,
     max_doc_bytes: int,
     counters: dict[str, int],
-) -> Iterator[list[str]]:
-    batch: list[str] = []
+) -> Iterator[tuple[list[Record], Skipped]]:
+    """Raw records of all ``files`` in order, grouped into batches, each with what was skipped
+    while reading it (whole files: truncated, unreadable, no such column)."""
+    batch: list[Record] = []
     size = 0
+    skipped = Skipped()
     for path in files:
-        for doc in read_documents(path, text_key, skipped, max_doc_bytes, counters):
-            batch.append(doc)
-            size += len(doc)
-            counters["chars"] += len(doc)
+        for record in raw_records(path, text_key, skipped, max_doc_bytes, counters):
+            batch.append(record)
+            payload = record[3]
+            size += len(payload) if payload is not None else 0
             if len(batch) >= _BATCH_DOCS or size >= _BATCH_BYTES:
-                yield batch
-                batch, size = [], 0
-    if batch:
-        yield batch
+                yield batch, skipped
+                batch, size, skipped = [], 0, Skipped()
+    if batch or skipped.total:
+        yield batch, skipped
 
 
 def _encoded(
-    batches: Iterator[list[str]], tokenizer: Tokenizer, dtype: np.dtype, workers: int
-) -> Generator[tuple[np.ndarray, ...], None, None]:
-    """Encoded batches in input order; ``workers=0`` encodes in this process."""
+    batches: Iterator[tuple[list[Record], Skipped]],
+    tokenizer: Tokenizer,
+    dtype: np.dtype,
+    text_key: str,
+    workers: int,
+) -> Generator[tuple[Encoded, Skipped], None, None]:
+    """Encoded batches in input order, each with its reading skips; ``workers=0`` encodes in
+    this process."""
     if workers == 0:
-        for batch in batches:
-            yield _encode(tokenizer, dtype, batch)
+        for batch, read_skips in batches:
+            yield _encode(tokenizer, dtype, text_key, batch), read_skips
         return
     ctx = mp.get_context("spawn")  # safe under threads / CUDA (build.py runs inside training)
     cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
@@ -150,16 +177,18 @@ def _encoded(
         max_workers=workers,
         mp_context=ctx,
         initializer=_init_worker,
-        initargs=(tokenizer, dtype.str, ctx.Value("i", 0), cpus),
+        initargs=(tokenizer, dtype.str, text_key, ctx.Value("i", 0), cpus),
     )
-    inflight: deque[Future[tuple[np.ndarray, ...]]] = deque()
+    inflight: deque[tuple[Future[Encoded], Skipped]] = deque()
     try:
-        for batch in batches:
-            inflight.append(pool.submit(_encode_in_worker, batch))
+        for batch, read_skips in batches:
+            inflight.append((pool.submit(_encode_in_worker, batch), read_skips))
             if len(inflight) >= _INFLIGHT_PER_WORKER * workers:
-                yield inflight.popleft().result()
+                future, read_skips = inflight.popleft()
+                yield future.result(), read_skips
         while inflight:
-            yield inflight.popleft().result()
+            future, read_skips = inflight.popleft()
+            yield future.result(), read_skips
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
 
@@ -279,8 +308,11 @@ def preprocess(
         try:
             batches = _batches(files, text_key, skipped, max_doc_bytes, counters)
             # closing: on a failure here the worker pool shuts down now, not at garbage collection
-            with closing(_encoded(batches, tokenizer, dtype, workers)) as encoded:
-                for tokens, lengths in encoded:
+            with closing(_encoded(batches, tokenizer, dtype, text_key, workers)) as encoded:
+                for (tokens, lengths, chars, bad), read_skips in encoded:
+                    counters["chars"] += chars
+                    skipped.update(read_skips)
+                    skipped.update(bad)
                     keep = lengths > 0
                     empty += int(lengths.size - keep.sum())
                     writer.add(tokens, lengths[keep])

@@ -1,10 +1,14 @@
 """Reading raw documents from corpus files: text, JSON lines (plain, gzip, zstd) and parquet.
 
 Every reader is a generator that holds at most one record (one line, one parquet batch, one
-capped text document) in memory, whatever the file size. Bad records are either fatal (strict
-mode, the default: one :class:`UserError` naming file and line) or counted per reason in a
-:class:`Skipped` and passed over (what `evoformer preprocess` does, so one bad line in a
-terabyte never stops a run halfway).
+capped text document) in memory, whatever the file size. Reading is split in two: the raw
+records (:func:`raw_records`: bytes of a line or document, a parquet value) and their decoding
+(:func:`decode_record`: UTF-8, JSON, the text key), so `evoformer preprocess` reads in its main
+process and decodes in the worker processes, where the tokenizing happens.
+
+Bad records are either fatal (strict mode, the default: one :class:`UserError` naming file and
+line) or counted per reason in a :class:`Skipped` and passed over (what `evoformer preprocess`
+does, so one bad line in a terabyte never stops a run halfway).
 
 Formats, by file name (compression suffixes ``.gz`` / ``.zst`` are peeled off first):
 ``.parquet`` (a string column, ``text_key``); ``.jsonl`` / ``.ndjson`` (one JSON object per line
@@ -46,6 +50,13 @@ class Skipped:
         locs = self.where.setdefault(reason, [])
         if len(locs) < _KEEP_LOCATIONS:
             locs.append(location)
+
+    def update(self, other: Skipped) -> None:
+        """Add ``other``'s counts (its locations come after this one's)."""
+        for reason, n in other.counts.items():
+            self.counts[reason] = self.counts.get(reason, 0) + n
+            locs = self.where.setdefault(reason, [])
+            locs += other.where[reason][: _KEEP_LOCATIONS - len(locs)]
 
     @property
     def total(self) -> int:
@@ -161,19 +172,22 @@ def _corrupt_errors() -> tuple[type[BaseException], ...]:
     return tuple(errors)
 
 
-def read_documents(
+# A raw record: (path, kind, location, payload). kind "json" = a JSON line (bytes), "utf8" = a
+# text document (bytes), "value" = a parquet value (str, bytes or None). The location is the
+# line number, byte offset or row. Raw records are cheap to produce and to send to another
+# process; decoding them (UTF-8, JSON) is the costly part, done by whoever tokenises.
+Record = tuple[str, str, int, Any]
+
+
+def raw_records(
     path: str | Path,
     text_key: str = "text",
     skipped: Skipped | None = None,
     max_doc_bytes: int = DEFAULT_MAX_DOC_BYTES,
     counters: dict[str, int] | None = None,
-) -> Iterator[str]:
-    """The documents of one input file (see the module docstring for the formats).
-
-    With ``skipped=None`` a bad record raises :class:`UserError` naming file and line; with a
-    :class:`Skipped` it is counted there and passed over. ``counters["bytes"]`` (when given)
-    grows by the uncompressed bytes read.
-    """
+) -> Iterator[Record]:
+    """The undecoded records of one input file, streamed; file-level problems (truncated
+    compression, unreadable parquet, missing column) go to ``skipped`` (None: raise)."""
     path = Path(path)
     if not path.exists():
         raise UserError(f"input file {path} not found")
@@ -183,20 +197,76 @@ def read_documents(
     counters.setdefault("bytes", 0)
     kind = file_kind(path)
     if kind == "parquet":
-        yield from _parquet_docs(path, text_key, skipped, counters)
+        yield from _parquet_records(path, text_key, skipped, counters)
         return
-    reader = _jsonl_docs if kind == "jsonl" else _text_docs
-    gen = reader(path, text_key, skipped, max_doc_bytes, counters)
+    reader = _jsonl_records if kind == "jsonl" else _text_records
     try:
-        yield from gen
+        yield from reader(path, max_doc_bytes, counters)
     except _corrupt_errors() as exc:
         reason = str(exc) or type(exc).__name__
         _bad(skipped, "unreadable file", str(path), f"{path} is truncated or corrupt ({reason})")
 
 
-def _text_docs(
-    path: Path, _key: str, skipped: Skipped | None, cap: int, counters: dict[str, int]
+def decode_record(record: Record, text_key: str) -> tuple[str | None, str, str, str]:
+    """``(text, "", "", "")`` for a good record, else ``(None, reason, location, message)``."""
+    path, kind, loc, payload = record
+    if kind == "utf8":
+        try:
+            return payload.decode("utf-8"), "", "", ""
+        except UnicodeDecodeError as exc:
+            at = loc + exc.start
+            msg = f"{path} is not UTF-8 text (bad byte at offset {at})"
+            return None, "invalid UTF-8", f"{path}@byte{at}", msg
+    where = f"{path}:{loc}" if kind == "json" else f"{path}:row{loc}"
+    if kind == "value":
+        if isinstance(payload, str):
+            return payload, "", "", ""
+        if payload is None:
+            return None, "non-string text", where, f'{where}: "{text_key}" is null'
+        try:
+            return payload.decode("utf-8"), "", "", ""
+        except UnicodeDecodeError:
+            return None, "invalid UTF-8", where, f"{where}: not UTF-8 text"
+    try:
+        line = payload.decode("utf-8")
+    except UnicodeDecodeError:
+        return None, "invalid UTF-8", where, f"{where}: not UTF-8 text"
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as exc:
+        return None, "invalid JSON", where, f"{where}: invalid JSON ({exc.msg})"
+    if not isinstance(obj, dict) or text_key not in obj:
+        msg = f'{where}: JSON object has no "{text_key}" field'
+        return None, f'missing key "{text_key}"', where, msg
+    text = obj[text_key]
+    if not isinstance(text, str):
+        return None, "non-string text", where, f'{where}: "{text_key}" is not a string'
+    return text, "", "", ""
+
+
+def read_documents(
+    path: str | Path,
+    text_key: str = "text",
+    skipped: Skipped | None = None,
+    max_doc_bytes: int = DEFAULT_MAX_DOC_BYTES,
+    counters: dict[str, int] | None = None,
 ) -> Iterator[str]:
+    """The documents of one input file (see the module docstring for the formats), streamed.
+
+    With ``skipped=None`` a bad record raises :class:`UserError` naming file and line; with a
+    :class:`Skipped` it is counted there and passed over. ``counters["bytes"]`` (when given)
+    grows by the uncompressed bytes read.
+    """
+    for record in raw_records(path, text_key, skipped, max_doc_bytes, counters):
+        text, reason, where, msg = decode_record(record, text_key)
+        if text is None:
+            _bad(skipped, reason, where, msg)
+        else:
+            yield text
+
+
+def _text_records(path: Path, cap: int, counters: dict[str, int]) -> Iterator[Record]:
+    name = str(path)
     with _open_binary(path) as fh:
         pending, offset = b"", 0
         while True:
@@ -210,16 +280,7 @@ def _text_docs(
             piece, pending = data[:cut], data[cut:]
             counters["bytes"] += len(piece)
             if piece:
-                try:
-                    yield piece.decode("utf-8")
-                except UnicodeDecodeError as exc:
-                    at = offset + exc.start
-                    _bad(
-                        skipped,
-                        "invalid UTF-8",
-                        f"{path}@byte{at}",
-                        f"{path} is not UTF-8 text (bad byte at offset {at})",
-                    )
+                yield name, "utf8", offset, piece
             offset += cut
             if len(data) < cap:
                 return
@@ -235,39 +296,18 @@ def _char_boundary(data: bytes) -> int:
     return j if j + need > len(data) and j > 0 else len(data)
 
 
-def _jsonl_docs(
-    path: Path, key: str, skipped: Skipped | None, _cap: int, counters: dict[str, int]
-) -> Iterator[str]:
+def _jsonl_records(path: Path, _cap: int, counters: dict[str, int]) -> Iterator[Record]:
+    name = str(path)
     with _open_binary(path) as fh:
         for lineno, raw in enumerate(fh, start=1):
             counters["bytes"] += len(raw)
-            if not raw.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError:
-                _bad(skipped, "invalid UTF-8", where, f"{where}: not UTF-8 text")
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                _bad(skipped, "invalid JSON", where, f"{where}: invalid JSON ({exc.msg})")
-                continue
-            if not isinstance(obj, dict) or key not in obj:
-                msg = f'{where}: JSON object has no "{key}" field'
-                _bad(skipped, f'missing key "{key}"', where, msg)
-                continue
-            text = obj[key]
-            if not isinstance(text, str):
-                _bad(skipped, "non-string text", where, f'{where}: "{key}" is not a string')
-                continue
-            yield text
+            if raw.strip():
+                yield name, "json", lineno, raw
 
 
-def _parquet_docs(
+def _parquet_records(
     path: Path, key: str, skipped: Skipped | None, counters: dict[str, int]
-) -> Iterator[str]:
+) -> Iterator[Record]:
     try:
         import pyarrow as pa
         import pyarrow.compute as pc
@@ -286,7 +326,7 @@ def _parquet_docs(
         msg = f'{path} has no column "{key}" (columns: {", ".join(names)}): set --text-key'
         _bad(skipped, f'missing key "{key}"', f"{path} (no such column)", msg, pf.metadata.num_rows)
         return
-    row = 0
+    name, row = str(path), 0
     try:
         for batch in pf.iter_batches(batch_size=_PARQUET_BATCH_ROWS, columns=[key]):
             col = batch.column(0)
@@ -300,17 +340,8 @@ def _parquet_docs(
                 continue
             counters["bytes"] += int(pc.sum(pc.binary_length(col)).as_py() or 0)
             for value in col.to_pylist():
-                where = f"{path}:row{row}"
+                yield name, "value", row, value
                 row += 1
-                if value is None:
-                    _bad(skipped, "non-string text", where, f'{where}: "{key}" is null')
-                elif isinstance(value, bytes):
-                    try:
-                        yield value.decode("utf-8")
-                    except UnicodeDecodeError:
-                        _bad(skipped, "invalid UTF-8", where, f"{where}: not UTF-8 text")
-                else:
-                    yield value
     except pa.ArrowException as exc:
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         _bad(skipped, "unreadable file", f"{path}:row{row}", f"{path} is corrupt ({reason})")

@@ -15,6 +15,7 @@ from evoformer.config.schema import DataConfig
 from evoformer.data import (
     PackedDataset,
     ShardedStore,
+    Skipped,
     Tokenizer,
     build_datasets,
     merge_slices,
@@ -264,15 +265,14 @@ def test_the_pipeline_reads_only_a_bounded_window_ahead(small_tokenizer: Tokeniz
     def endless():
         while True:
             pulled["n"] += 1
-            yield [f"x = {pulled['n']}"]
+            yield [("mem", "utf8", 0, f"x = {pulled['n']}".encode())], Skipped()
 
     dtype = np.dtype("<u2")
-    with preprocess_module.closing(
-        preprocess_module._encoded(endless(), small_tokenizer, dtype, workers=2)
-    ) as encoded:
-        first_tokens, first_lengths = next(encoded)
-        assert pulled["n"] == 6
-        second_tokens, _ = next(encoded)
+    pipeline = preprocess_module._encoded(endless(), small_tokenizer, dtype, "text", workers=2)
+    with preprocess_module.closing(pipeline) as encoded:
+        (first_tokens, first_lengths, chars, _), _ = next(encoded)
+        assert pulled["n"] == 6 and chars == 5
+        (second_tokens, *_), _ = next(encoded)
         assert pulled["n"] == 7
     assert first_tokens.tolist() == small_tokenizer.encode("x = 1")
     assert second_tokens.tolist() == small_tokenizer.encode("x = 2")
