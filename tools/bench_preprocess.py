@@ -12,8 +12,9 @@ One run on one machine measures, on the same documents and cores:
   sentencepiece model, and ``preprocess_hf_wN`` with the HF model behind a small duck-typed
   wrapper (path, vocab_size, eod_id, encode_batch; pickled by path);
 
-plus the peak memory of the whole process tree during each preprocess run (sum of RSS and of
-PSS over the main process and its workers, sampled every 0.2 s). Throughput is compared in
+plus the peak memory of each preprocess run, which runs in a child process of its own: its
+main process's and its largest worker's peak RSS (``ru_maxrss``), and the peak of the summed
+RSS of the whole tree (sampled every 0.5 s from outside). Throughput is compared in
 tokens/s (the same tokenizer gives the same tokens on the same documents); MB/s is of input
 bytes read (for the limits: UTF-8 bytes of the texts).
 
@@ -31,6 +32,7 @@ import json
 import os
 import platform
 import shutil
+import subprocess
 import sys
 import tempfile
 import threading
@@ -105,25 +107,24 @@ def train_hf(texts: list[str], vocab: int, out: Path) -> Path:
 
 
 class TreeMemory:
-    """Peak summed RSS / PSS of this process and its children while active."""
+    """Peak summed RSS of this process's children while active (cheap: /proc/PID/statm, every
+    0.5 s; the measured process itself runs no sampler)."""
 
-    def __init__(self, interval: float = 0.2) -> None:
-        self.interval, self.peak_rss, self.peak_pss = interval, 0, 0
+    def __init__(self, interval: float = 0.5) -> None:
+        self.interval, self.peak_rss = interval, 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
         me = psutil.Process()
         while not self._stop.is_set():
-            rss = pss = 0
-            for p in [me, *me.children(recursive=True)]:
+            rss = 0
+            for p in me.children(recursive=True):
                 try:
-                    info = p.memory_full_info()
+                    rss += p.memory_info().rss
                 except (psutil.NoSuchProcess, psutil.AccessDenied):
                     continue
-                rss += info.rss
-                pss += getattr(info, "pss", info.rss)
-            self.peak_rss, self.peak_pss = max(self.peak_rss, rss), max(self.peak_pss, pss)
+            self.peak_rss = max(self.peak_rss, rss)
             self._stop.wait(self.interval)
 
     def __enter__(self) -> TreeMemory:
@@ -137,22 +138,46 @@ class TreeMemory:
 
 def wait_idle(max_busy: float, timeout: float = 180.0) -> float:
     """Wait until the machine's CPUs are at most ``max_busy`` percent busy (the machine may be
-    shared: a measurement under someone else's load says nothing); returns the seconds waited."""
+    shared: a measurement under someone else's load says little); returns the seconds waited."""
     t0 = time.perf_counter()
-    while time.perf_counter() - t0 < timeout:
+    while max_busy < 100 and time.perf_counter() - t0 < timeout:
         if psutil.cpu_percent(interval=2.0) <= max_busy:
             break
     return round(time.perf_counter() - t0, 1)
 
 
-def run_preprocess(name: str, src: Path, tok: Any, out: Path, workers: int) -> dict[str, Any]:
+def one_run(spec: dict[str, Any]) -> None:
+    """Child mode: one preprocess run; prints its numbers as JSON on the last line."""
+    import resource
+
+    tok = HFTok(spec["tokenizer"]) if spec["hf"] else Tokenizer(spec["tokenizer"])
+    t0 = time.perf_counter()
+    store = preprocess([spec["src"]], tok, spec["out"], log=print, workers=spec["workers"])
+    secs = time.perf_counter() - t0
+    self_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    child_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    got = {"seconds": secs, "stats": store.meta["stats"], "self_kib": self_kib}
+    print(json.dumps({**got, "child_kib": child_kib}))
+
+
+def run_preprocess(
+    name: str, src: Path, tok_path: Path, out: Path, workers: int, hf: bool = False
+) -> dict[str, Any]:
     shutil.rmtree(out, ignore_errors=True)
     waited = wait_idle(MAX_BUSY)
+    spec = {"src": str(src), "tokenizer": str(tok_path), "out": str(out)}
+    spec.update(workers=workers, hf=hf)
     with TreeMemory() as mem:
-        t0 = time.perf_counter()
-        store = preprocess([src], tok, out, log=lambda line: print(f"  {line}"), workers=workers)
-        secs = time.perf_counter() - t0
-    stats = store.meta["stats"]
+        proc = subprocess.run(
+            [sys.executable, __file__, "--one", json.dumps(spec)],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+    lines = proc.stdout.strip().splitlines()
+    print("\n".join(f"  {line}" for line in lines[:-1]))
+    got = json.loads(lines[-1])
+    stats, secs = got["stats"], got["seconds"]
     result = {
         "workers": workers,
         "seconds": round(secs, 2),
@@ -161,8 +186,9 @@ def run_preprocess(name: str, src: Path, tok: Any, out: Path, workers: int) -> d
         "input_mb": round(stats["input_bytes"] / 1e6, 1),
         "mb_per_s": round(stats["input_bytes"] / 1e6 / secs, 2),
         "tokens_per_s": round(stats["tokens"] / secs),
-        "peak_tree_rss_mib": round(mem.peak_rss / 2**20),
-        "peak_tree_pss_mib": round(mem.peak_pss / 2**20),
+        "peak_rss_main_mib": round(got["self_kib"] / 1024),
+        "peak_rss_worker_mib": round(got["child_kib"] / 1024),
+        "peak_rss_tree_mib": round(mem.peak_rss / 2**20),
         "waited_for_idle_s": waited,
         "loadavg_1min_after": round(os.getloadavg()[0], 2),
     }
@@ -200,6 +226,9 @@ MAX_BUSY = 100.0
 
 
 def main() -> None:
+    if len(sys.argv) == 3 and sys.argv[1] == "--one":
+        one_run(json.loads(sys.argv[2]))
+        return
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size-mb", type=float, default=1000, help="input size (1000)")
     ap.add_argument(
@@ -229,7 +258,6 @@ def main() -> None:
     print(f"training tokenizers ({args.vocab} tokens) on {len(sample)} files ...")
     sp_path = train_tokenizer(sample, work / "sp", args.vocab, seed=0)
     hf_path = train_hf(sample, args.vocab, work / "hf.json")
-    sp, hf = Tokenizer(sp_path), HFTok(hf_path)
     big, small = work / "input.jsonl", work / "input-w1.jsonl"
     size = write_input(big, texts, args.size_mb)
     write_input(small, texts, w1_mb)
@@ -247,11 +275,11 @@ def main() -> None:
         "vocab": args.vocab,
     }
     n = args.workers
-    results["preprocess_w1"] = run_preprocess("preprocess_w1", small, sp, work / "o", 1)
-    results[f"preprocess_w{n}"] = run_preprocess(f"preprocess_w{n}", big, sp, work / "o", n)
+    results["preprocess_w1"] = run_preprocess("preprocess_w1", small, sp_path, work / "o", 1)
+    results[f"preprocess_w{n}"] = run_preprocess(f"preprocess_w{n}", big, sp_path, work / "o", n)
     if not args.no_hf:
         results[f"preprocess_hf_w{n}"] = run_preprocess(
-            f"preprocess_hf_w{n}", big, hf, work / "o", n
+            f"preprocess_hf_w{n}", big, hf_path, work / "o", n, hf=True
         )
     # the limits, on the first --limit-mb of the same documents (in memory)
     docs: list[str] = []
@@ -283,7 +311,7 @@ def main() -> None:
             wn["tokens_per_s"] / results["limit_sentencepiece"]["tokens_per_s"], 3
         ),
         "speedup_1_to_n": round(wn["tokens_per_s"] / results["preprocess_w1"]["tokens_per_s"], 3),
-        "peak_tree_pss_mib": wn["peak_tree_pss_mib"],
+        "peak_rss_tree_mib": wn["peak_rss_tree_mib"],
     }
     if not args.no_hf:
         summary["hf_vs_hf_limit"] = round(

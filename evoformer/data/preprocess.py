@@ -31,6 +31,7 @@ import time
 from collections import deque
 from collections.abc import Generator, Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from contextlib import closing
 from itertools import chain
 from pathlib import Path
@@ -189,6 +190,11 @@ def _encoded(
         while inflight:
             future, read_skips = inflight.popleft()
             yield future.result(), read_skips
+    except BrokenProcessPool:
+        raise UserError(
+            "a tokenizer worker process died (out of memory, killed, or started from a script "
+            "without an `if __name__ == '__main__':` guard; workers=0 tokenises in-process)"
+        ) from None
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
 

@@ -338,7 +338,8 @@ def _parquet_records(
                 _bad(skipped, "non-string text", where, msg, len(col))
                 row += len(col)
                 continue
-            counters["bytes"] += int(pc.sum(pc.binary_length(col)).as_py() or 0)
+            lengths = pc.call_function("binary_length", [col])
+            counters["bytes"] += int(pc.call_function("sum", [lengths]).as_py() or 0)
             for value in col.to_pylist():
                 yield name, "value", row, value
                 row += 1
