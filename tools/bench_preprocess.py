@@ -12,9 +12,9 @@ One run on one machine measures, on the same documents and cores:
   sentencepiece model, and ``preprocess_hf_wN`` with the HF model behind a small duck-typed
   wrapper (path, vocab_size, eod_id, encode_batch; pickled by path);
 
-plus the peak memory of each preprocess run, which runs in a child process of its own: its
-main process's and its largest worker's peak RSS (``ru_maxrss``), and the peak of the summed
-RSS of the whole tree (sampled every 0.5 s from outside). Throughput is compared in
+plus the peak memory of each preprocess run, which runs in a child process of its own: the
+peak RSS of its main process, of its largest worker, and of the sum over the whole tree (sampled
+every 0.5 s from outside, so the measured process runs no sampler). Throughput is compared in
 tokens/s (the same tokenizer gives the same tokens on the same documents); MB/s is of input
 bytes read (for the limits: UTF-8 bytes of the texts).
 
@@ -32,6 +32,7 @@ import json
 import os
 import platform
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -111,7 +112,7 @@ class TreeMemory:
     0.5 s; the measured process itself runs no sampler)."""
 
     def __init__(self, interval: float = 0.5) -> None:
-        self.interval, self.peak_rss = interval, 0
+        self.interval, self.peak_rss, self.peak_main, self.peak_worker = interval, 0, 0, 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -121,9 +122,15 @@ class TreeMemory:
             rss = 0
             for p in me.children(recursive=True):
                 try:
-                    rss += p.memory_info().rss
+                    one = p.memory_info().rss
+                    is_main = p.ppid() == me.pid
                 except (psutil.NoSuchProcess, psutil.AccessDenied):
                     continue
+                rss += one
+                if is_main:
+                    self.peak_main = max(self.peak_main, one)
+                else:
+                    self.peak_worker = max(self.peak_worker, one)
             self.peak_rss = max(self.peak_rss, rss)
             self._stop.wait(self.interval)
 
@@ -148,16 +155,11 @@ def wait_idle(max_busy: float, timeout: float = 180.0) -> float:
 
 def one_run(spec: dict[str, Any]) -> None:
     """Child mode: one preprocess run; prints its numbers as JSON on the last line."""
-    import resource
-
     tok = HFTok(spec["tokenizer"]) if spec["hf"] else Tokenizer(spec["tokenizer"])
     t0 = time.perf_counter()
     store = preprocess([spec["src"]], tok, spec["out"], log=print, workers=spec["workers"])
     secs = time.perf_counter() - t0
-    self_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    child_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    got = {"seconds": secs, "stats": store.meta["stats"], "self_kib": self_kib}
-    print(json.dumps({**got, "child_kib": child_kib}))
+    print(json.dumps({"seconds": secs, "stats": store.meta["stats"]}))
 
 
 def run_preprocess(
@@ -186,8 +188,9 @@ def run_preprocess(
         "input_mb": round(stats["input_bytes"] / 1e6, 1),
         "mb_per_s": round(stats["input_bytes"] / 1e6 / secs, 2),
         "tokens_per_s": round(stats["tokens"] / secs),
-        "peak_rss_main_mib": round(got["self_kib"] / 1024),
-        "peak_rss_worker_mib": round(got["child_kib"] / 1024),
+        # sampled from outside: ru_maxrss would count the forked image of this (large) process
+        "peak_rss_main_mib": round(mem.peak_main / 2**20),
+        "peak_rss_worker_mib": round(mem.peak_worker / 2**20),
         "peak_rss_tree_mib": round(mem.peak_rss / 2**20),
         "waited_for_idle_s": waited,
         "loadavg_1min_after": round(os.getloadavg()[0], 2),
@@ -241,6 +244,15 @@ def main() -> None:
     ap.add_argument("--workdir", default=None, help="where to write the input (a temp dir)")
     ap.add_argument("--json", default=None, help="write the results here")
     ap.add_argument(
+        "--paired",
+        type=int,
+        default=3,
+        help="then R rounds of limit / preprocess-w1 / preprocess-wN on the same --paired-mb of "
+        "documents, back to back, so each ratio is taken under the same machine load (3)",
+    )
+    ap.add_argument("--paired-mb", type=float, default=40, help="text per paired round (40)")
+    ap.add_argument("--skip-full", action="store_true", help="only the paired rounds")
+    ap.add_argument(
         "--max-busy",
         type=float,
         default=15.0,
@@ -275,6 +287,12 @@ def main() -> None:
         "vocab": args.vocab,
     }
     n = args.workers
+    if args.paired:
+        results["paired"] = paired(args, texts, work, sp_path, hf_path, n)
+        print(json.dumps(results["paired"]["median"], indent=1))
+    if args.skip_full:
+        _finish(args, results, work)
+        return
     results["preprocess_w1"] = run_preprocess("preprocess_w1", small, sp_path, work / "o", 1)
     results[f"preprocess_w{n}"] = run_preprocess(f"preprocess_w{n}", big, sp_path, work / "o", n)
     if not args.no_hf:
@@ -282,15 +300,7 @@ def main() -> None:
             f"preprocess_hf_w{n}", big, hf_path, work / "o", n, hf=True
         )
     # the limits, on the first --limit-mb of the same documents (in memory)
-    docs: list[str] = []
-    total = 0
-    while total < args.limit_mb * 1e6:
-        for t in texts:
-            if t:
-                docs.append(t)
-                total += len(t)
-                if total >= args.limit_mb * 1e6:
-                    break
+    docs = _docs(texts, args.limit_mb)
     proc = spm.SentencePieceProcessor(model_file=str(sp_path))
     results["limit_sentencepiece"] = limit(
         "limit_sentencepiece",
@@ -319,10 +329,70 @@ def main() -> None:
         )
     results["summary"] = summary
     print(json.dumps(summary, indent=1))
+    _finish(args, results, work)
+
+
+def _finish(args: argparse.Namespace, results: dict[str, Any], work: Path) -> None:
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1) + "\n")
     if not args.workdir:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def _hf_ids(tok: HFTokenizer, batch: list[str]) -> list[list[int]]:
+    return [e.ids for e in tok.encode_batch(batch, add_special_tokens=False)]
+
+
+def _docs(texts: list[str], mb: float) -> list[str]:
+    """The corpus's documents, repeated, up to ``mb`` of text."""
+    docs: list[str] = []
+    total = 0
+    while total < mb * 1e6:
+        for t in texts:
+            if t:
+                docs.append(t)
+                total += len(t)
+                if total >= mb * 1e6:
+                    break
+    return docs
+
+
+def paired(
+    args: argparse.Namespace, texts: list[str], work: Path, sp_path: Path, hf_path: Path, n: int
+) -> dict[str, Any]:
+    """Rounds of (limit, preprocess w1, preprocess wN) on the same documents, back to back."""
+    docs = _docs(texts, args.paired_mb)
+    src = work / "paired.jsonl"
+    with open(src, "w") as fh:
+        for d in docs:
+            fh.write(json.dumps({"text": d}) + "\n")
+    proc = spm.SentencePieceProcessor(model_file=str(sp_path))
+    os.environ["RAYON_NUM_THREADS"] = str(n)
+    raw = HFTokenizer.from_file(str(hf_path))
+    rounds = []
+    for r in range(args.paired):
+        print(f"paired round {r + 1}/{args.paired}")
+        sp_lim = limit("  limit_sentencepiece", lambda b: proc.encode(b, num_threads=n), docs)
+        w1 = run_preprocess("  preprocess_w1", src, sp_path, work / "o", 1)
+        wn = run_preprocess(f"  preprocess_w{n}", src, sp_path, work / "o", n)
+        row = {
+            "vs_sentencepiece_limit": wn["tokens_per_s"] / sp_lim["tokens_per_s"],
+            "speedup_1_to_n": wn["tokens_per_s"] / w1["tokens_per_s"],
+            "limit_sp_tokens_per_s": sp_lim["tokens_per_s"],
+            "w1_tokens_per_s": w1["tokens_per_s"],
+            "wn_tokens_per_s": wn["tokens_per_s"],
+        }
+        if not args.no_hf:
+            hf_lim = limit("  limit_hf", lambda b: _hf_ids(raw, b), docs)
+            hfn = run_preprocess(f"  preprocess_hf_w{n}", src, hf_path, work / "o", n, hf=True)
+            row["hf_vs_hf_limit"] = hfn["tokens_per_s"] / hf_lim["tokens_per_s"]
+            row["limit_hf_tokens_per_s"] = hf_lim["tokens_per_s"]
+            row["hf_wn_tokens_per_s"] = hfn["tokens_per_s"]
+        row["loadavg_1min"] = round(os.getloadavg()[0], 2)
+        rounds.append({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()})
+    keys = [k for k in rounds[0] if k != "loadavg_1min"]
+    median = {k: round(float(statistics.median(r[k] for r in rounds)), 3) for k in keys}
+    return {"text_mb": args.paired_mb, "documents": len(docs), "rounds": rounds, "median": median}
 
 
 if __name__ == "__main__":

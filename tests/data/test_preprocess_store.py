@@ -277,3 +277,16 @@ def test_the_pipeline_reads_only_a_bounded_window_ahead(small_tokenizer: Tokeniz
     assert first_tokens.tolist() == small_tokenizer.encode("x = 1")
     assert second_tokens.tolist() == small_tokenizer.encode("x = 2")
     assert first_lengths.tolist() == [len(first_tokens)]
+
+
+def test_every_format_through_the_workers(tmp_path: Path, small_tokenizer: Tokenizer) -> None:
+    """Parquet values, zstd and gzip lines and text files, decoded in a worker process."""
+    from tests.data.test_readers import DOCS, _write_all_formats
+
+    (tmp_path / "in").mkdir()
+    _write_all_formats(tmp_path / "in")
+    (tmp_path / "in" / "e.txt").write_text(DOCS[0], encoding="utf-8")
+    store = preprocess([tmp_path / "in"], small_tokenizer, tmp_path / "o", log=_quiet, workers=1)
+    kept = [d for d in DOCS if d]  # the empty document tokenises to nothing and is dropped
+    assert _tokens_of(store) == [small_tokenizer.encode(d) for d in kept * 4 + [DOCS[0]]]
+    assert store.meta["stats"]["empty_documents"] == 4
