@@ -369,9 +369,12 @@ def paired(
     proc = spm.SentencePieceProcessor(model_file=str(sp_path))
     os.environ["RAYON_NUM_THREADS"] = str(n)
     raw = HFTokenizer.from_file(str(hf_path))
+    global MAX_BUSY
+    busy, MAX_BUSY = MAX_BUSY, 100.0  # wait once per round, then measure back to back
     rounds = []
     for r in range(args.paired):
-        print(f"paired round {r + 1}/{args.paired}")
+        waited = wait_idle(busy)
+        print(f"paired round {r + 1}/{args.paired} (waited {waited} s for an idle machine)")
         sp_lim = limit("  limit_sentencepiece", lambda b: proc.encode(b, num_threads=n), docs)
         w1 = run_preprocess("  preprocess_w1", src, sp_path, work / "o", 1)
         wn = run_preprocess(f"  preprocess_w{n}", src, sp_path, work / "o", n)
@@ -390,6 +393,7 @@ def paired(
             row["hf_wn_tokens_per_s"] = hfn["tokens_per_s"]
         row["loadavg_1min"] = round(os.getloadavg()[0], 2)
         rounds.append({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()})
+    MAX_BUSY = busy
     keys = [k for k in rounds[0] if k != "loadavg_1min"]
     median = {k: round(float(statistics.median(r[k] for r in rounds)), 3) for k in keys}
     return {"text_mb": args.paired_mb, "documents": len(docs), "rounds": rounds, "median": median}
