@@ -26,7 +26,8 @@ commands:
   plan [CONFIG.yaml ...] [key=value ...] --gpus N   per-rank memory estimate of a layout
   (train, config, inspect and plan with no file read configs/quickstart.yaml)
   tokenizer train [FILES ...] --out PREFIX  train a sentencepiece BPE tokenizer
-  preprocess FILES ... --tokenizer T --out F.tok   tokenise text/jsonl into a token store
+  preprocess INPUTS ... --tokenizer T --out DIR    tokenise txt/jsonl(.gz/.zst)/parquet into a
+                                            sharded token store (--merge: join slices)
   import-hf HF_DIR OUT_DIR                  HuggingFace folder -> evoformer checkpoint
   export-hf CKPT_DIR OUT_DIR                evoformer checkpoint -> HuggingFace folder
 

@@ -159,10 +159,11 @@ def test_tokenizer_preprocess_and_train_on_files(tmp_path):
     assert proc.returncode == 0, proc.stderr
     model = tmp_path / "tok.model"
     assert model.is_file()
-    store = tmp_path / "corpus.tok"
+    store = tmp_path / "corpus"
     proc = run_cli("preprocess", str(src), "--tokenizer", str(model), "--out", str(store))
     assert proc.returncode == 0, proc.stderr
-    assert store.stat().st_size > 1000
+    shard = store / "shard-00000.tok"
+    assert shard.stat().st_size > 1000 and (store / "index.json").is_file()
     out = tmp_path / "run"
     base = [
         TINY,
@@ -185,9 +186,9 @@ def test_tokenizer_preprocess_and_train_on_files(tmp_path):
     proc = run_cli("train", TINY, "train.seq_len=32", *empty)
     assert_clean_error(proc, "empty.txt")
     # A truncated token store too.
-    store.write_bytes(store.read_bytes()[:-64])
+    shard.write_bytes(shard.read_bytes()[:-64])
     proc = run_cli("train", *base[:-1], f"run.output_dir={tmp_path / 'run3'}")
-    assert_clean_error(proc, "corpus.tok")
+    assert_clean_error(proc, "shard-00000.tok")
 
 
 def test_sigint_saves_a_checkpoint_and_exits_cleanly(tmp_path):

@@ -229,7 +229,9 @@ class DataConfig:
         "default (embedded corpus: the Python standard library's source) | files | synthetic.",
     )
     paths: list[str] = opt(
-        [], "With source=files: .txt / .jsonl files or preprocessed token stores (.tok)."
+        [],
+        "With source=files: .txt / .jsonl files, token stores (a folder written by `evoformer "
+        "preprocess`, or a .tok file) or Megatron .bin/.idx corpora (these need data.tokenizer).",
     )
     prefetch: int = opt(
         2, "Steps of batches read ahead on a background thread (0 = read inside the step)."

@@ -20,13 +20,17 @@ from evoformer.data._common import (
 )
 from evoformer.data.corpus import prepare_default_corpus
 from evoformer.data.dataset import ConcatDataset, PackedDataset, SyntheticDataset, WindowDataset
-from evoformer.data.preprocess import preprocess
-from evoformer.data.store import TokenStore, is_token_store
+from evoformer.data.megatron import MegatronStore, megatron_prefix
+from evoformer.data.preprocess import default_workers, preprocess
+from evoformer.data.sharded import ShardedStore, is_sharded_store
+from evoformer.data.store import DocumentStore, TokenStore, is_token_store
 from evoformer.data.tokenizer import Tokenizer, load_tokenizer
 from evoformer.errors import UserError
 
 # Bump when preprocessing output changes so stale cached stores are not reused.
-_FILES_CACHE_VERSION = 2
+_FILES_CACHE_VERSION = 3
+# Text inputs below this size are tokenised in the calling process (see _preprocess_workers).
+_IN_PROCESS_BYTES = 32 << 20
 # Validation windows of the synthetic source: plenty for any eval_batches setting.
 _SYNTHETIC_VAL_LEN = 1 << 16
 
@@ -115,6 +119,35 @@ def _build_default(cfg: DataConfig, seq_len: int, vocab_size: int, log: Log) -> 
     )
 
 
+def _preprocess_workers(texts: Sequence[Path]) -> int:
+    """Worker processes for tokenising ``texts`` at first use: none (this process) for small
+    inputs, where starting processes would cost more than it saves; else up to the cores."""
+    total = sum(p.stat().st_size for p in texts)
+    if total < _IN_PROCESS_BYTES:
+        return 0
+    return min(default_workers(), -(-total // _IN_PROCESS_BYTES))
+
+
+def _open_one(path: Path, field: str, tokenizer: Tokenizer | None) -> DocumentStore | None:
+    """The store ``path`` names (sharded folder, Megatron prefix/.bin/.idx, token-store file),
+    or None for a text file to tokenise."""
+    if path.is_dir():
+        return ShardedStore(path)
+    prefix = megatron_prefix(path)
+    if prefix is not None:
+        if tokenizer is None:
+            raise UserError(
+                f"{field}: Megatron corpus {prefix} needs data.tokenizer (the tokenizer it was "
+                "made with: .bin/.idx files carry no vocabulary size or end-of-document id)"
+            )
+        return MegatronStore(prefix, tokenizer.vocab_size, tokenizer.eod_id)
+    if not path.is_file():
+        raise UserError(f"{field}: file {path} not found")
+    if path.suffix == ".tok" or is_token_store(path):
+        return TokenStore(path)
+    return None
+
+
 def _open_stores(
     paths: Sequence[str],
     field: str,
@@ -122,27 +155,26 @@ def _open_stores(
     cfg: DataConfig,
     vocab_size: int,
     log: Log,
-) -> list[TokenStore]:
-    """Token stores for ``paths``: token stores (.tok, or any file with the store's magic bytes)
-    as they are; all text/jsonl files tokenised together into one store cached under the cache
-    root (keyed by the inputs and the tokenizer)."""
-    stores: list[TokenStore] = []
+) -> list[DocumentStore]:
+    """Stores for ``paths``: sharded stores (folders written by `evoformer preprocess`), token
+    stores (.tok, or any file with the store's magic bytes) and Megatron corpora as they are;
+    all text/jsonl files tokenised together into one store cached under the cache root (keyed by
+    the inputs and the tokenizer)."""
+    stores: list[DocumentStore] = []
     texts: list[Path] = []
     for raw in paths:
         path = Path(raw)
-        if not path.is_file():
-            raise UserError(f"{field}: file {raw} not found")
-        if path.suffix == ".tok" or is_token_store(path):
-            store = TokenStore(path)
-            _check_vocab(f"token store {path}", store.vocab_size, vocab_size)
-            if tokenizer is not None and store.vocab_size != tokenizer.vocab_size:
-                raise UserError(
-                    f"token store {path} was made with a {store.vocab_size}-token vocabulary but "
-                    f"data.tokenizer {tokenizer.path} has {tokenizer.vocab_size} tokens"
-                )
-            stores.append(store)
-        else:
+        store = _open_one(path, field, tokenizer)
+        if store is None:
             texts.append(path)
+            continue
+        _check_vocab(f"token store {path}", store.vocab_size, vocab_size)
+        if tokenizer is not None and store.vocab_size != tokenizer.vocab_size:
+            raise UserError(
+                f"token store {path} was made with a {store.vocab_size}-token vocabulary but "
+                f"data.tokenizer {tokenizer.path} has {tokenizer.vocab_size} tokens"
+            )
+        stores.append(store)
     if texts:
         if tokenizer is None:
             raise UserError(
@@ -158,26 +190,33 @@ def _open_stores(
             }
         )
         root = cache_root(cfg.cache_dir)
-        out = root / f"files-{key}.tok"
-        if not out.is_file():
+        out = root / f"files-{key}"
+        if not is_sharded_store(out):
             with locked(root / f"files-{key}.lock", log, "tokenising data files"):
-                if not out.is_file():  # another rank may have finished while we waited
+                if not is_sharded_store(out):  # another rank may have finished while we waited
                     log(f"tokenising {len(texts)} file(s) of {field} (first use)...")
-                    preprocess(texts, tokenizer, out, log=log)
-        stores.append(TokenStore(out))
+                    workers = _preprocess_workers(texts)
+                    # force: whatever is there is not a complete store, and we hold the lock
+                    preprocess(texts, tokenizer, out, log=log, workers=workers, force=True)
+        stores.append(ShardedStore(out))
     return stores
 
 
+def _packed(store: DocumentStore, seq_len: int, doc_ids: np.ndarray | None) -> PackedDataset:
+    # PackedDataset reads only the DocumentStore interface (tokens, offsets, ids, path)
+    return PackedDataset(store, seq_len, doc_ids)
+
+
 def _datasets(
-    stores: Sequence[TokenStore], seq_len: int, doc_ids: Sequence[np.ndarray | None]
+    stores: Sequence[DocumentStore], seq_len: int, doc_ids: Sequence[np.ndarray | None]
 ) -> WindowDataset:
     if len(stores) == 1:
-        return PackedDataset(stores[0], seq_len, doc_ids[0])
+        return _packed(stores[0], seq_len, doc_ids[0])
     # With several files, one too short for a single window is skipped rather than fatal.
     parts, first_error = [], None
     for store, ids in zip(stores, doc_ids, strict=True):
         try:
-            parts.append(PackedDataset(store, seq_len, ids))
+            parts.append(_packed(store, seq_len, ids))
         except UserError as exc:
             first_error = first_error or exc
     if not parts:
@@ -244,7 +283,10 @@ def _build_blend(
 
 def _build_files(cfg: DataConfig, seq_len: int, vocab_size: int, log: Log) -> DataBundle:
     if not cfg.paths:
-        raise UserError("data.source=files needs data.paths (text, .jsonl or .tok files)")
+        raise UserError(
+            "data.source=files needs data.paths (text/.jsonl files, token stores from "
+            "`evoformer preprocess`, or Megatron .bin/.idx corpora)"
+        )
     tokenizer = load_tokenizer(cfg.tokenizer, cfg.eod_id) if cfg.tokenizer else None
     if tokenizer is not None:
         _check_vocab(f"tokenizer {tokenizer.path}", tokenizer.vocab_size, vocab_size)

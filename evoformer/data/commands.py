@@ -12,7 +12,9 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from evoformer.data.corpus import default_corpus_files
-from evoformer.data.preprocess import preprocess
+from evoformer.data.preprocess import merge_slices, preprocess
+from evoformer.data.readers import DEFAULT_MAX_DOC_BYTES
+from evoformer.data.sharded import DEFAULT_SHARD_TOKENS
 from evoformer.data.tokenizer import load_tokenizer, train_tokenizer
 from evoformer.errors import UserError
 
@@ -63,20 +65,23 @@ def tokenizer_train_main(argv: list[str]) -> int:
 
 
 def preprocess_main(argv: list[str]) -> int:
-    """`evoformer preprocess INPUT... --tokenizer T [--eod-id ID] --out FILE.tok`."""
+    """`evoformer preprocess INPUT... --tokenizer T [--eod-id ID] --out DIR [options]`, or
+    `evoformer preprocess --merge --out DIR`."""
     parser = argparse.ArgumentParser(
         prog="evoformer preprocess",
-        description="Tokenise text/.jsonl files into a token store for data.source=files.",
+        description="Tokenise a corpus into a sharded token store (a folder: shard-*.tok files "
+        "and index.json) that data.paths=[DIR] reads. Inputs: .txt and any other text file (one "
+        "document each), .jsonl / .jsonl.gz / .jsonl.zst (one JSON object per line), .parquet; "
+        "files, folders (every file below) or globs. Bad records are skipped and counted.",
     )
     parser.add_argument(
         "inputs",
-        nargs="+",
+        nargs="*",
         metavar="INPUT",
-        help="text files (one document each) or .jsonl files (a 'text' field per line)",
+        help="files, folders or quoted globs ('data/**/*.jsonl.zst')",
     )
     parser.add_argument(
         "--tokenizer",
-        required=True,
         metavar="TOKENIZER",
         help="sentencepiece .model, HuggingFace tokenizer.json or HF tokenizer folder",
     )
@@ -86,9 +91,69 @@ def preprocess_main(argv: list[str]) -> int:
         metavar="ID",
         help="end-of-document id between documents (default: the tokenizer's eos)",
     )
-    parser.add_argument("--out", required=True, metavar="FILE.tok", help="token store to write")
+    parser.add_argument("--out", required=True, metavar="DIR", help="token store folder to write")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="tokenizer processes, one core each (default: the cores; 0 = in this process)",
+    )
+    parser.add_argument(
+        "--text-key", default="text", help="JSON field / parquet column with the text (text)"
+    )
+    parser.add_argument(
+        "--shard-tokens",
+        type=int,
+        default=DEFAULT_SHARD_TOKENS,
+        help=f"tokens per shard file before a new one starts ({DEFAULT_SHARD_TOKENS})",
+    )
+    parser.add_argument(
+        "--max-doc-mb",
+        type=float,
+        default=DEFAULT_MAX_DOC_BYTES / (1 << 20),
+        help="a text file larger than this is cut at line ends into several documents (64)",
+    )
+    parser.add_argument(
+        "--num-slices",
+        type=int,
+        default=1,
+        help="split the input files into N contiguous slices (one per job-array task)",
+    )
+    parser.add_argument(
+        "--slice-index", type=int, default=0, help="the slice this run tokenises (0..N-1)"
+    )
+    parser.add_argument(
+        "--merge",
+        action="store_true",
+        help="write DIR/index.json over the finished slices under DIR (no inputs, no tokenizer)",
+    )
+    parser.add_argument("--force", action="store_true", help="replace an existing store at --out")
     args = parser.parse_args(argv)
-    paths = _check_inputs(args.inputs)
+    if args.merge:
+        if args.inputs:
+            raise UserError("--merge takes no inputs: it merges the slices under --out")
+        merge_slices(
+            args.out, log=print, num_slices=args.num_slices if args.num_slices > 1 else None
+        )
+        return 0
+    if not args.inputs:
+        raise UserError("evoformer preprocess: no inputs given (files, folders or globs)")
+    if not args.tokenizer:
+        raise UserError("evoformer preprocess: --tokenizer TOKENIZER is required")
+    if args.shard_tokens <= 0 or args.max_doc_mb <= 0:
+        raise UserError("--shard-tokens and --max-doc-mb must be positive")
     tokenizer = load_tokenizer(args.tokenizer, args.eod_id)
-    preprocess(paths, tokenizer, Path(args.out), log=print)
+    preprocess(
+        args.inputs,
+        tokenizer,
+        Path(args.out),
+        log=print,
+        workers=args.workers,
+        text_key=args.text_key,
+        shard_tokens=args.shard_tokens,
+        max_doc_bytes=int(args.max_doc_mb * (1 << 20)),
+        num_slices=args.num_slices,
+        slice_index=args.slice_index,
+        force=args.force,
+    )
     return 0

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from evoformer.data.store import TokenStore
+from evoformer.data.store import DocumentStore
 from evoformer.errors import UserError
 
 
@@ -22,7 +22,7 @@ def _seed_u64(seed: int) -> int:
 
 
 class PackedDataset:
-    """Fixed windows over the documents of one :class:`TokenStore`, packed back to back.
+    """Fixed windows over the documents of one :class:`DocumentStore`, packed back to back.
 
     The documents (optionally only those in ``doc_ids``, in that order) form one stream with the
     store's EOD token after each; sample ``i`` is ``stream[i*seq_len : i*seq_len + seq_len + 1]``
@@ -33,7 +33,7 @@ class PackedDataset:
     """
 
     def __init__(
-        self, store: TokenStore, seq_len: int, doc_ids: Sequence[int] | np.ndarray | None = None
+        self, store: DocumentStore, seq_len: int, doc_ids: Sequence[int] | np.ndarray | None = None
     ) -> None:
         if seq_len <= 0:
             raise ValueError(f"seq_len must be positive, got {seq_len}")

@@ -22,7 +22,7 @@ from array import array
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -35,6 +35,24 @@ HEADER_SIZE = 64
 _HEADER = struct.Struct("<8sIIQQIi")
 _DTYPES = {1: np.dtype("<u2"), 2: np.dtype("<u4")}
 _OFFSET_DTYPE = np.dtype("<i8")
+
+
+class DocumentStore(Protocol):
+    """What the datasets read from a corpus of documents, whatever its files: this module's
+    :class:`TokenStore`, a sharded store (``sharded.py``) or a Megatron corpus (``megatron.py``).
+    Document ``d`` is ``tokens[offsets[d] : offsets[d + 1]]``, without an EOD token."""
+
+    path: Path
+    n_tokens: int
+    n_docs: int
+    vocab_size: int
+    eod_id: int
+    tokens: Any
+    offsets: np.ndarray
+
+    def doc(self, i: int) -> np.ndarray: ...
+
+    def doc_lengths(self) -> np.ndarray: ...
 
 
 def is_token_store(path: str | Path) -> bool:
@@ -112,6 +130,23 @@ class TokenStoreWriter:
                 raise ValueError(f"token id {lo if lo < 0 else hi} outside [0, {self.vocab_size})")
             self._fh.write(arr.astype(self._dtype, copy=False).tobytes())
         self._offsets.append(self._offsets[-1] + arr.size)
+
+    def add_concatenated(self, tokens: np.ndarray, lengths: np.ndarray) -> None:
+        """Append several documents at once: ``tokens`` holds them back to back, ``lengths``
+        their sizes (one range check and one write for the lot, not one per document)."""
+        lengths = np.asarray(lengths, dtype=np.int64)
+        if tokens.ndim != 1 or int(lengths.sum()) != tokens.size or (lengths < 0).any():
+            total = int(lengths.sum())
+            raise ValueError(f"{tokens.size} tokens do not split into lengths summing to {total}")
+        if tokens.size:
+            if tokens.dtype.kind not in "iu":
+                raise ValueError(f"token ids must be integers, got dtype {tokens.dtype}")
+            lo, hi = int(tokens.min()), int(tokens.max())
+            if lo < 0 or hi >= self.vocab_size:
+                raise ValueError(f"token id {lo if lo < 0 else hi} outside [0, {self.vocab_size})")
+            self._fh.write(tokens.astype(self._dtype, copy=False).tobytes())
+        ends = self._offsets[-1] + np.cumsum(lengths)
+        self._offsets.extend(ends.tolist())
 
     def commit(self) -> Path:
         """Finish the file, fsync it and rename it to its final name; returns that path."""

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from evoformer.data import (
+    ShardedStore,
     Tokenizer,
-    TokenStore,
     commands,
     load_tokenizer,
     preprocess,
@@ -57,8 +57,8 @@ def test_preprocess(tmp_path: Path, small_tokenizer: Tokenizer, quiet: list[str]
     txt = tmp_path / "a.py"
     txt.write_text("def f():\n    return 1\n", encoding="utf-8")
     jl = _jsonl(tmp_path / "b.jsonl", [{"text": "x = 1"}, {"text": ""}, {"text": "y = 2\n"}])
-    store = preprocess([txt, jl], small_tokenizer, tmp_path / "out.tok", log=quiet.append)
-    assert isinstance(store, TokenStore)
+    store = preprocess([txt, jl], small_tokenizer, tmp_path / "out", log=quiet.append, workers=0)
+    assert isinstance(store, ShardedStore) and ShardedStore(tmp_path / "out").n_docs == 3
     texts = [txt.read_text(), "x = 1", "y = 2\n"]  # the empty document is skipped
     assert store.n_docs == 3
     assert (store.vocab_size, store.eod_id) == (small_tokenizer.vocab_size, small_tokenizer.eod_id)
@@ -66,11 +66,12 @@ def test_preprocess(tmp_path: Path, small_tokenizer: Tokenizer, quiet: list[str]
         np.testing.assert_array_equal(store.doc(i), small_tokenizer.encode(text))
         assert small_tokenizer.decode(store.doc(i)) == text
     assert len(quiet) == 1 and f"3 documents, {store.n_tokens} tokens" in quiet[0]
+    assert "MB/s" in quiet[0] and "tokens/s" in quiet[0]
     assert "1 empty documents skipped" in quiet[0]
 
 
 def test_preprocess_errors(tmp_path: Path, small_tokenizer: Tokenizer) -> None:
-    out = tmp_path / "out.tok"
+    out = tmp_path / "out"
     with pytest.raises(UserError, match="not found"):
         preprocess([tmp_path / "missing.txt"], small_tokenizer, out, log=lambda _: None)
     empty = tmp_path / "empty.txt"
@@ -78,10 +79,10 @@ def test_preprocess_errors(tmp_path: Path, small_tokenizer: Tokenizer) -> None:
     with pytest.raises(UserError, match="the corpus is empty"):
         preprocess([empty], small_tokenizer, out, log=lambda _: None)
     bad = tmp_path / "bad.jsonl"
-    bad.write_text('{"text": "fine"}\n{"nope": 1}\n')
-    with pytest.raises(UserError, match=r"bad\.jsonl:2"):
-        preprocess([bad], small_tokenizer, out, log=lambda _: None)
-    assert not out.exists()
+    bad.write_text('{"nope": "fine"}\n{"nope": 1}\n')
+    with pytest.raises(UserError, match=r'missing key "text" 2 \(first: .*bad\.jsonl:1, .*:2\)'):
+        preprocess([bad], small_tokenizer, out, log=lambda _: None, workers=0)
+    assert not out.exists() and not list(tmp_path.glob(".out*"))
 
 
 def test_commands(
@@ -91,16 +92,19 @@ def test_commands(
     assert tokenizer_train_main([*inputs, "--out", str(tmp_path / "t"), "--vocab-size", "400"]) == 0
     model = tmp_path / "t.model"
     assert load_tokenizer(model).vocab_size == 400
-    out = tmp_path / "c.tok"
-    assert preprocess_main([*inputs[:3], "--tokenizer", str(model), "--out", str(out)]) == 0
-    store = TokenStore(out)
+    out = tmp_path / "c"
+    argv = [*inputs[:3], "--tokenizer", str(model), "--out", str(out), "--workers", "0"]
+    assert preprocess_main(argv) == 0
+    store = ShardedStore(out)
     assert store.n_docs == 3 and store.vocab_size == 400
     printed = capsys.readouterr().out
     assert "(400 tokens)" in printed and f"{store.n_tokens} tokens" in printed
     with pytest.raises(UserError, match="not found"):
         preprocess_main(["nope.txt", "--tokenizer", str(model), "--out", str(out)])
+    with pytest.raises(UserError, match="already exists"):
+        preprocess_main(argv)
     with pytest.raises(UserError, match="is not a sentencepiece model"):
-        preprocess_main([inputs[0], "--tokenizer", inputs[0], "--out", str(out)])
+        preprocess_main([inputs[0], "--tokenizer", inputs[0], "--out", str(tmp_path / "d")])
     with pytest.raises(SystemExit):  # argparse usage error: --out is required
         tokenizer_train_main(inputs)
 

@@ -121,7 +121,7 @@ def token_store(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("launch-corpus")
     files = default_corpus_files()[::20][:30]
     tokenizer = load_tokenizer(train_tokenizer(files, root / "tok", 512, seed=0))
-    preprocess(files, tokenizer, root / "corpus.tok", log=lambda *a, **k: None)
+    preprocess(files, tokenizer, root / "corpus.tok", log=lambda *a, **k: None, workers=0)
     return root / "corpus.tok"
 
 

@@ -11,7 +11,12 @@ import pytest
 from tests.conftest import REPO
 from tests.launch.conftest import need_tools
 
-SCRIPTS = ["launch/torchrun.sh", "launch/slurm.sbatch", "launch/lib.sh"]
+SCRIPTS = [
+    "launch/torchrun.sh",
+    "launch/slurm.sbatch",
+    "launch/lib.sh",
+    "launch/preprocess_array.sbatch",
+]
 DOCS = ["docs/launch.md", "docker/README.md"]
 
 
