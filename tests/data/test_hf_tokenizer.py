@@ -16,6 +16,7 @@ from evoformer.cli import main
 from evoformer.data import (
     HFTokenizer,
     SentencePieceTokenizer,
+    ShardedStore,
     Tokenizer,
     TokenStore,
     corpus,
@@ -131,16 +132,17 @@ def test_preprocess_with_an_hf_folder_and_eod_id(hf_tokenizer_dir: Path, tmp_pat
     docs = tmp_path / "docs.jsonl"
     texts = [p.read_text(encoding="utf-8") for p in SAMPLE[:3]]
     docs.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
-    out = tmp_path / "out.tok"
+    out = tmp_path / "out"
     argv = ["preprocess", str(docs), "--tokenizer", str(hf_tokenizer_dir), "--out", str(out)]
-    assert main(argv) == 0
-    store = TokenStore(out)
+    assert main([*argv, "--workers", "1"]) == 0  # the tokenizer travels to a worker process
+    store = ShardedStore(out)
     tok = load_tokenizer(hf_tokenizer_dir)
     assert (store.vocab_size, store.eod_id, store.n_docs) == (512, 0, 3)
     assert store.doc(1).tolist() == tok.encode(texts[1])
-    assert main([*argv[:-1], str(tmp_path / "b.tok"), "--eod-id", "1"]) == 0
-    assert TokenStore(tmp_path / "b.tok").eod_id == 1
-    assert main([*argv[:-1], str(tmp_path / "c.tok"), "--eod-id", "999"]) == 2
+    b = tmp_path / "b"
+    assert main([*argv[:-1], str(b), "--eod-id", "1", "--workers", "1"]) == 0
+    assert ShardedStore(b).eod_id == 1
+    assert main([*argv[:-1], str(tmp_path / "c"), "--eod-id", "999", "--workers", "0"]) == 2
 
 
 def test_default_corpus_with_an_hf_folder(
