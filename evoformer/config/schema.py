@@ -247,7 +247,9 @@ class DataConfig:
     tokenizer: Optional[str] = opt(
         None,
         "sentencepiece .model, HuggingFace tokenizer.json, or HF tokenizer folder (tokenizer.json"
-        " + tokenizer_config.json); null = train a sentencepiece one on the corpus and cache it.",
+        " + tokenizer_config.json). null: source=default trains a sentencepiece one on the corpus "
+        "and caches it; source=files uses the copy a preprocessed store keeps (text files then "
+        "need one). A store made by another tokenizer is refused.",
     )
     eod_id: Optional[int] = opt(
         None,

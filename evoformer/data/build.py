@@ -174,6 +174,7 @@ def _open_stores(
                 f"token store {path} was made with a {store.vocab_size}-token vocabulary but "
                 f"data.tokenizer {tokenizer.path} has {tokenizer.vocab_size} tokens"
             )
+        _check_store_tokenizer(path, store, tokenizer)
         stores.append(store)
     if texts:
         if tokenizer is None:
@@ -200,6 +201,30 @@ def _open_stores(
                     preprocess(texts, tokenizer, out, log=log, workers=workers, force=True)
         stores.append(ShardedStore(out))
     return stores
+
+
+def _check_store_tokenizer(path: Path, store: DocumentStore, tokenizer: Tokenizer | None) -> None:
+    """A store records the tokenizer that made it (its content hash): another one, even of the
+    same vocabulary size, would train and generate with ids that mean other text."""
+    made_by = getattr(store, "tokenizer_digest", None)
+    if tokenizer is None or made_by is None or made_by == tokenizer.digest:
+        return
+    raise UserError(
+        f"token store {path} was made with another tokenizer than data.tokenizer "
+        f"{tokenizer.path} (content hash {made_by[:12]} vs {tokenizer.digest[:12]}): "
+        "preprocess the corpus again with this tokenizer, or set data.tokenizer to the store's "
+        f"own copy ({path}/tokenizer.model or {path}/tokenizer)"
+    )
+
+
+def store_tokenizer(stores: Sequence[DocumentStore], eod_id: int | None) -> Tokenizer | None:
+    """The tokenizer kept in the first store that has one (`evoformer preprocess` copies it),
+    for a run given no data.tokenizer: it trains, generates and is kept in the run folder."""
+    for store in stores:
+        kept = store.kept_tokenizer() if isinstance(store, ShardedStore) else None
+        if kept is not None:
+            return load_tokenizer(kept, eod_id if eod_id is not None else store.eod_id)
+    return None
 
 
 def _packed(store: DocumentStore, seq_len: int, doc_ids: np.ndarray | None) -> PackedDataset:
@@ -248,6 +273,7 @@ def _build_blend(
     train_parts, sources = [], []
     for raw, name, weight in zip(cfg.paths, source_names(cfg.paths), cfg.weights, strict=True):
         (store,) = _open_stores([raw], "data.paths", tokenizer, cfg, vocab_size, log)
+        tokenizer = tokenizer or store_tokenizer([store], cfg.eod_id)
         train_ids = val_ids = None
         if not cfg.val_paths and cfg.val_fraction > 0:
             is_val = held_out_mask(
@@ -293,6 +319,7 @@ def _build_files(cfg: DataConfig, seq_len: int, vocab_size: int, log: Log) -> Da
     if cfg.weights:
         return _build_blend(cfg, seq_len, vocab_size, tokenizer, log)
     train_stores = _open_stores(cfg.paths, "data.paths", tokenizer, cfg, vocab_size, log)
+    tokenizer = tokenizer or store_tokenizer(train_stores, cfg.eod_id)
     if cfg.val_paths:
         val_stores = _open_stores(cfg.val_paths, "data.val_paths", tokenizer, cfg, vocab_size, log)
         return DataBundle(

@@ -21,7 +21,6 @@ then writes ``out/index.json`` over all slices without copying any tokens.
 
 from __future__ import annotations
 
-import hashlib
 import multiprocessing as mp
 import os
 import re
@@ -220,18 +219,6 @@ def slice_name(index: int, num_slices: int) -> str:
     return f"slice-{index:05d}-of-{num_slices:05d}"
 
 
-def _sha256(path: Path) -> str:
-    """Content hash of a tokenizer file, or of every file of a tokenizer folder (HF)."""
-    h = hashlib.sha256()
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-    for f in files:
-        h.update(f.relative_to(path).as_posix().encode() if path.is_dir() else b"")
-        with open(f, "rb") as fh:
-            for block in iter(lambda fh=fh: fh.read(1 << 20), b""):
-                h.update(block)
-    return h.hexdigest()
-
-
 def _publish(tmp: Path, target: Path) -> None:
     """Rename the finished ``tmp`` folder to ``target``, replacing what is there."""
     if target.exists() or target.is_symlink():
@@ -285,7 +272,7 @@ def preprocess(
     workers = default_workers() if workers is None else workers
     if workers < 0:
         raise UserError(f"--workers must be >= 0, got {workers}")
-    tok_sha = _sha256(Path(tokenizer.path))
+    tok_sha = tokenizer.digest  # the files that decide the ids (Tokenizer.digest)
     key = fingerprint(
         {
             "format": _FORMAT,
@@ -356,6 +343,7 @@ def preprocess(
             inputs_fingerprint=key,
             stats=stats,
         )
+        keep_tokenizer(tokenizer, tmp)
         write_json_atomic(tmp / INDEX_NAME, meta)
         _publish(tmp, target)
     except BaseException:
@@ -374,6 +362,26 @@ def preprocess(
     if skipped.total:
         log(skipped.summary())
     return store
+
+
+def keep_tokenizer(tokenizer: Tokenizer, folder: Path) -> None:
+    """Copy the tokenizer's files into a store folder (``tokenizer.model``, or a ``tokenizer/``
+    folder for an HF one), so that training on the store can use it without data.tokenizer and
+    keep it in its run folder."""
+    for name, src in tokenizer.files.items():
+        target = folder / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(src, target)
+
+
+def _copy_kept_tokenizer(src: Path, dest: Path) -> None:
+    from evoformer.data.tokenizer import HF_DIR, SP_FILE  # (tokenizer imports this module)
+
+    for name in (SP_FILE, HF_DIR):
+        if (src / name).is_file():
+            shutil.copyfile(src / name, dest / name)
+        elif (src / name).is_dir():
+            shutil.copytree(src / name, dest / name, dirs_exist_ok=True)
 
 
 def merge_slices(
@@ -439,6 +447,7 @@ def merge_slices(
             "task_seconds": sum(s.meta["stats"]["seconds"] for s in slices),
         },
     )
+    _copy_kept_tokenizer(slices[0].path, out)
     write_json_atomic(out / INDEX_NAME, meta)
     store = ShardedStore(out)
     log(

@@ -150,6 +150,19 @@ class ShardedStore:
     parsed ``index.json``. A missing, foreign, truncated or inconsistent index or shard raises
     :class:`UserError` naming it."""
 
+    def kept_tokenizer(self) -> Path | None:
+        """The copy of the tokenizer that made the store (``tokenizer.model`` or a
+        ``tokenizer/`` folder, written by `evoformer preprocess`), or None (older stores)."""
+        for name in ("tokenizer.model", "tokenizer"):
+            if (self.path / name).exists():
+                return self.path / name
+        return None
+
+    @property
+    def tokenizer_digest(self) -> str | None:
+        """Content hash of the tokenizer that made the store (``Tokenizer.digest``)."""
+        return (self.meta.get("tokenizer") or {}).get("sha256")
+
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         index = self.path / INDEX_NAME

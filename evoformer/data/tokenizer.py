@@ -138,9 +138,9 @@ class Tokenizer(abc.ABC):
         """sha256 (hex) of the tokenizer's content files, independent of where they lie (the
         ``data.eod_id`` override is not part of it)."""
         h = hashlib.sha256()
-        for f in self._content_files:
+        for f in self._content_files:  # in a fixed order; names left out (copies rename them)
             data = f.read_bytes()
-            h.update(f"{f.name}\0{len(data)}\0".encode())
+            h.update(f"{len(data)}\0".encode())
             h.update(data)
         return h.hexdigest()
 
