@@ -39,6 +39,7 @@ from evoformer.checkpoint.hf import FAMILIES, hf_config_for, hf_state_dict  # no
 from evoformer.config import Config, load_config  # noqa: E402
 from evoformer.engine.optim import build_optimizer, param_groups  # noqa: E402
 from evoformer.engine.runtime import tune_glibc_malloc  # noqa: E402
+from evoformer.engine.throughput import measured_matmul_peak  # noqa: E402
 from evoformer.model import build_model, lm_loss  # noqa: E402
 
 DEFAULT_CONFIG = REPO / "configs/bench/cpu-reference.yaml"
@@ -47,17 +48,7 @@ DEFAULT_CONFIG = REPO / "configs/bench/cpu-reference.yaml"
 def matmul_gflops(threads: int, n: int = 2048, reps: int = 10) -> float:
     """Best fp32 GFLOP/s of an n x n @ n x n matmul (the machine's practical peak)."""
     torch.set_num_threads(threads)
-    g = torch.Generator().manual_seed(0)
-    a, b = torch.randn(n, n, generator=g), torch.randn(n, n, generator=g)
-    out = torch.empty(n, n)
-    for _ in range(3):
-        torch.mm(a, b, out=out)
-    best = float("inf")
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        torch.mm(a, b, out=out)
-        best = min(best, time.perf_counter() - t0)
-    return 2 * n**3 / best / 1e9
+    return measured_matmul_peak(n, reps) / 1e9
 
 
 def model_flops_per_token(cfg: Config, n_nonembed: int) -> float:

@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from evoformer.data.store import Documents
 from evoformer.errors import UserError
 
 MAGIC = b"MMIDIDX\x00\x00"
@@ -52,7 +53,7 @@ def megatron_prefix(path: str | Path) -> Path | None:
     return path if idx.exists() and not path.is_file() else None
 
 
-class MegatronStore:
+class MegatronStore(Documents):
     """A Megatron ``.bin``/``.idx`` corpus read as documents, with the reading interface of
     :class:`~evoformer.data.store.TokenStore` (``tokens``, ``offsets``, :meth:`doc`, ...).
 
@@ -144,20 +145,6 @@ class MegatronStore:
                 )
             total += int(lens.sum())
         return total
-
-    def doc(self, i: int) -> np.ndarray:
-        """Token ids of document ``i`` (a read-only view)."""
-        if not -self.n_docs <= i < self.n_docs:
-            raise IndexError(f"document {i} out of range for {self.n_docs} documents")
-        i %= self.n_docs
-        return self.tokens[self.offsets[i] : self.offsets[i + 1]]
-
-    def doc_lengths(self) -> np.ndarray:
-        """Number of tokens of every document (int64, length n_docs)."""
-        return np.diff(self.offsets)
-
-    def __len__(self) -> int:
-        return self.n_docs
 
     def __repr__(self) -> str:
         return (

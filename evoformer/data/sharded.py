@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from evoformer.data._common import fsync_dir
-from evoformer.data.store import TokenStore, TokenStoreWriter
+from evoformer.data.store import Documents, TokenStore, TokenStoreWriter
 from evoformer.errors import UserError
 
 INDEX_NAME = "index.json"
@@ -143,7 +143,7 @@ class _ShardedTokens:
         return out
 
 
-class ShardedStore:
+class ShardedStore(Documents):
     """A read-only sharded token store (see the module docstring), with the same reading
     interface as :class:`TokenStore`: ``path``, ``n_tokens``, ``n_docs``, ``vocab_size``,
     ``eod_id``, ``tokens``, ``offsets``, :meth:`doc`, :meth:`doc_lengths`. ``meta`` is the
@@ -228,13 +228,6 @@ class ShardedStore:
         i %= self.n_docs
         k = int(np.searchsorted(self._doc_starts, i, side="right")) - 1
         return self._shards[k].doc(i - int(self._doc_starts[k]))
-
-    def doc_lengths(self) -> np.ndarray:
-        """Number of tokens of every document (int64, length n_docs)."""
-        return np.diff(np.asarray(self.offsets, dtype=np.int64))
-
-    def __len__(self) -> int:
-        return self.n_docs
 
     def __repr__(self) -> str:
         return (

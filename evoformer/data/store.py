@@ -207,7 +207,30 @@ def write_token_store(
     return Path(path)
 
 
-class TokenStore:
+class Documents:
+    """What every store derives from ``tokens``, ``offsets`` and ``n_docs``: document ``i``,
+    the document lengths, ``len``."""
+
+    tokens: Any
+    offsets: Any
+    n_docs: int
+
+    def doc(self, i: int) -> np.ndarray:
+        """Token ids of document ``i`` (a read-only view, without EOD)."""
+        if not -self.n_docs <= i < self.n_docs:
+            raise IndexError(f"document {i} out of range for {self.n_docs} documents")
+        i %= self.n_docs
+        return self.tokens[self.offsets[i] : self.offsets[i + 1]]
+
+    def doc_lengths(self) -> np.ndarray:
+        """Number of tokens of every document (int64, length n_docs)."""
+        return np.diff(np.asarray(self.offsets, dtype=np.int64))
+
+    def __len__(self) -> int:
+        return self.n_docs
+
+
+class TokenStore(Documents):
     """A read-only, memory-mapped token store (see the module docstring for the format).
 
     Attributes: ``path``, ``n_tokens``, ``n_docs``, ``vocab_size``, ``eod_id``, ``tokens`` (a
@@ -267,20 +290,6 @@ class TokenStore:
         offs = self.offsets
         if offs[0] != 0 or offs[-1] != n_tokens or (n_docs and np.any(offs[1:] < offs[:-1])):
             raise UserError(f"token store {self.path} is corrupt: inconsistent document offsets")
-
-    def doc(self, i: int) -> np.ndarray:
-        """Token ids of document ``i`` (a read-only view, without EOD)."""
-        if not -self.n_docs <= i < self.n_docs:
-            raise IndexError(f"document {i} out of range for {self.n_docs} documents")
-        i %= self.n_docs
-        return self.tokens[self.offsets[i] : self.offsets[i + 1]]
-
-    def doc_lengths(self) -> np.ndarray:
-        """Number of tokens of every document (int64, length n_docs)."""
-        return np.diff(np.asarray(self.offsets, dtype=np.int64))
-
-    def __len__(self) -> int:
-        return self.n_docs
 
     def __repr__(self) -> str:
         return (
