@@ -11,7 +11,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from evoformer.errors import UserError, report_user_error
+from evoformer.errors import HANG_EXIT, JobHung, UserError, report_user_error
 
 if TYPE_CHECKING:  # the HF package pulls in torch; the commands import it when they run
     from evoformer.checkpoint.hf import Conversion
@@ -311,6 +311,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return command(argv[1:])
+    except JobHung as err:
+        report_user_error(err)
+        return HANG_EXIT
     except UserError as err:
         return report_user_error(err)  # once per job under torchrun: from rank 0
     except KeyboardInterrupt:

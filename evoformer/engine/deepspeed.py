@@ -42,9 +42,16 @@ from typing import Any, cast
 import torch
 import torch.distributed as dist
 
-from evoformer.checkpoint import WEIGHTS_ONLY, load_checkpoint, read_trainer_state, save_checkpoint
+from evoformer.checkpoint import (
+    WEIGHTS_ONLY,
+    PendingSave,
+    begin_save,
+    load_checkpoint,
+    read_trainer_state,
+)
 from evoformer.checkpoint.io import restore_rng_state
 from evoformer.config import Config
+from evoformer.config.validate import DEEPSPEED_ASYNC_REFUSED
 from evoformer.distributed import ParallelDims
 from evoformer.distributed.dims import ParallelGroups
 from evoformer.engine.fp8 import FP8Training
@@ -361,20 +368,29 @@ class DeepSpeedStrategy(Strategy):
     def state_dict(self) -> dict[str, Any]:
         return {"backend": "deepspeed", "stage": self.cfg.zero.stage, "dp": self.dims.dp}
 
-    def save_checkpoint(
-        self, ckpt_root: Path, step: int, trainer_state: dict[str, Any], **kwargs: Any
-    ) -> Path:
+    def begin_save(
+        self,
+        ckpt_root: Path,
+        step: int,
+        trainer_state: dict[str, Any],
+        background: bool = False,
+        **kwargs: Any,
+    ) -> PendingSave:
         """One atomic checkpoint folder: DCP model weights (full, consolidated from the ZeRO-3
         partitions; what ``load_model`` and ``export-hf`` read, TP shards as global tensors)
         plus DeepSpeed's own checkpoint of its partitioned master weights and optimizer state
-        in ``deepspeed/``, written into the same temporary folder before the rename."""
+        in ``deepspeed/``, written into the same temporary folder before the rename. Always
+        written in the foreground: DeepSpeed's own files have no background path (validation
+        refuses ``checkpoint.async_save`` with this backend)."""
+        if background:
+            raise UserError(DEEPSPEED_ASYNC_REFUSED)
         trainer_state = {**trainer_state, "strategy": self.state_dict()}
         weights = self._consolidated_weights()
 
         def write_engine_state(tmp: Path) -> None:
             self.engine.save_checkpoint(str(tmp), tag=DS_TAG, save_latest=False)
 
-        return save_checkpoint(
+        return begin_save(
             ckpt_root,
             step,
             self.model,

@@ -32,7 +32,9 @@ import torch.distributed as dist
 from omegaconf import OmegaConf
 
 from evoformer.checkpoint import (
+    LATEST,
     WEIGHTS_ONLY,
+    PendingSave,
     list_checkpoints,
     read_trainer_state,
     resolve_checkpoint,
@@ -54,6 +56,7 @@ from evoformer.engine.profile import StepProfiler
 from evoformer.engine.resume import check_resume
 from evoformer.engine.runtime import tune_glibc_malloc
 from evoformer.engine.throughput import device_peak, throughput
+from evoformer.engine.watchdog import Watchdog, hang_error, is_collective_failure
 from evoformer.errors import TrainingDiverged, UserError
 from evoformer.model.costs import train_flops_per_token
 
@@ -105,7 +108,10 @@ class Trainer:
             from evoformer.parallel.te_backend import import_te
 
             import_te()
-        init_process_group(self.dims, self.device)
+        if self.device.type == "cuda" and self.dims.distributed and cfg.dist.flight_recorder:
+            # NCCL's flight recorder dumps here on a timeout (distributed.nccl_environment)
+            (Path(cfg.run.output_dir) / "flight_recorder").mkdir(parents=True, exist_ok=True)
+        init_process_group(self.dims, self.device, cfg.dist, cfg.run.output_dir)
         self.groups = self.dims.build(self.device.type)
         if cfg.run.threads:
             torch.set_num_threads(cfg.run.threads)
@@ -176,6 +182,13 @@ class Trainer:
             self.device, cfg.precision, cfg.fp8.enabled, cfg.run.peak_tflops
         )
         self.checkpoint_time = 0.0  # seconds spent saving since the last metrics line
+        # checkpoint.async_save: the save whose shards are being written in the background
+        self.pending: PendingSave | None = None
+        self.pending_stall = 0.0  # how long starting it stalled the step
+        self.checkpoint_write_s: float | None = None  # the last background write, for metrics
+        self.watchdog = Watchdog(
+            cfg.dist.timeout_s, self.dims.rank, self._checkpoint_note, self._on_hang
+        )
         self.profiler = StepProfiler(cfg.run.profile, self.out_dir / "profile", self.dims.rank)
 
     @property
@@ -319,13 +332,17 @@ class Trainer:
             self.logger.info(f"mfu not logged: {self.peak_source}")
         self.logger.set_start(self.step)
         self.stop.install()
+        if cfg.dist.watchdog:
+            self.watchdog.start()
         losses: dict[int, float] = {}
         val_losses: dict[int, float] = {}
         tokens_per_step = t.global_batch_size * t.seq_len
         window_start, window_steps, window_wait = time.perf_counter(), 0, 0.0
+        beat = self.watchdog.beat
         try:
             while self.step < t.max_steps:
                 lr = lr_at(self.step, t.max_steps, cfg.optim)
+                beat(self.step + 1, "the step (forward, backward, gradient collectives, update)")
                 self.profiler.before_step(self.step + 1)
                 loss, grad_norm, extra = self.train_step(self.step, lr)
                 self.profiler.after_step(self.step + 1)
@@ -355,6 +372,7 @@ class Trainer:
                             "step_ms": 1e3 * elapsed / window_steps,
                             "data_wait_ms": 1e3 * window_wait / window_steps,
                             "checkpoint_ms": 1e3 * self.checkpoint_time / window_steps,
+                            **self._checkpoint_write_metric(),
                             **self._peak_memory(),
                             "tokens": self.step * tokens_per_step,
                             **self._source_tokens(self.step),
@@ -364,6 +382,7 @@ class Trainer:
                     window_start, window_steps, window_wait = time.perf_counter(), 0, 0.0
                     self.checkpoint_time = 0.0
                 if t.eval_every and (self.step % t.eval_every == 0 or self.step == t.max_steps):
+                    beat(self.step, "evaluation")
                     val_losses[self.step] = self.evaluate()
                     per_source = {
                         f"val_loss/{s.name}": self.evaluate(s.val)
@@ -374,14 +393,19 @@ class Trainer:
                         {"step": self.step, "val_loss": val_losses[self.step], **per_source}
                     )
                 if self.step_hook is not None:
+                    beat(self.step, "the step hook")
                     self.step_hook(self.step, self)
+                beat(self.step, "the end-of-step all-reduce (stop flag, background save state)")
                 stopping = self._should_stop()
                 every = cfg.checkpoint.save_every
                 # Never save inside a non-finite streak: the weights may be what went wrong,
                 # and keep_last would prune the newest finite checkpoint.
                 if ((every and self.step % every == 0) or stopping) and not self.nonfinite_streak:
+                    beat(self.step, f"saving checkpoint step_{self.step}")
                     self.save()
                 if stopping:
+                    beat(self.step, "waiting for the background checkpoint write")
+                    self._finish_pending()
                     self._write_status("interrupted")  # first: the launcher acts on it
                     self.logger.info(
                         f"stopped by signal at step {self.step}; checkpoint saved, resume with "
@@ -390,14 +414,39 @@ class Trainer:
                     return TrainResult(self.step, losses, val_losses, True, self.out_dir)
             if cfg.checkpoint.save_final and not self._saved_at(self.step):
                 if not self.nonfinite_streak:
+                    beat(self.step, f"saving checkpoint step_{self.step}")
                     self.save()
+            beat(self.step, "waiting for the background checkpoint write")
+            self._finish_pending()  # the run ends with every checkpoint committed
+        except UserError:
+            raise
+        except Exception as err:
+            if not (self.dims.distributed and is_collective_failure(err)):
+                raise
+            self._write_status("hung")
+            w, note = self.watchdog, self._checkpoint_note()
+            raise hang_error(err, self.dims.rank, w.step, w.phase, note) from None
         finally:
+            self.watchdog.stop()
             self.profiler.close()
             self.prefetcher.close()
             self.stop.restore()
             self.logger.close()
         self._write_status("finished")
         return TrainResult(self.step, losses, val_losses, False, self.out_dir)
+
+    def _checkpoint_note(self) -> str:
+        """Where a resume would start: the checkpoint ``latest`` names, for one-line errors."""
+        latest = self.ckpt_root / LATEST
+        try:
+            name = latest.read_text().strip()
+        except OSError:
+            return "there is no complete checkpoint"
+        return f"the last complete checkpoint is {self.ckpt_root / name}"
+
+    def _on_hang(self, line: str) -> None:
+        """The watchdog fired (its thread; the process ends next): record it for launchers."""
+        self._write_status("hung")
 
     def _write_status(self, state: str) -> None:
         """``status.json`` tells a launcher whether to requeue: finished or interrupted."""
@@ -516,10 +565,17 @@ class Trainer:
     # -- checkpoints and stopping ------------------------------------------------------------
 
     def save(self) -> Path:
+        """Save a checkpoint of the current step. In the foreground (the default) it is
+        complete on return. With ``checkpoint.async_save`` the shards are staged now and written
+        in the background; the step stalls only for the staging, and the checkpoint is
+        committed (``latest``, pruning) at the first step boundary where every rank's write has
+        completed (``_poll_pending``), or by the next save or the end of the run, which wait."""
+        self._finish_pending()  # one save in flight at a time
         t0 = time.perf_counter()
         tok = self.data.tokenizer
         extra = {name: self.out_dir / name for name in tok.files} if tok is not None else {}
-        path = self.strategy.save_checkpoint(
+        background = self.cfg.checkpoint.async_save
+        pending = self.strategy.begin_save(
             self.ckpt_root,
             self.step,
             trainer_state={
@@ -530,21 +586,64 @@ class Trainer:
             config_yaml=to_yaml(self.cfg),
             keep_last=self.cfg.checkpoint.keep_last,
             extra_files=extra,
+            background=background,
         )
         self._last_saved = self.step
+        if background:
+            self.pending, self.pending_stall = pending, time.perf_counter() - t0
+            self.checkpoint_time += self.pending_stall
+            self.logger.info(
+                f"checkpoint step_{self.step}: writing in the background (the step stalled "
+                f"{self.pending_stall:.2f} s)"
+            )
+            return pending.final
+        path = pending.commit()
         took = time.perf_counter() - t0
         self.checkpoint_time += took
         self.logger.info(f"saved checkpoint {path} in {took:.2f} s")
         return path
 
+    def _finish_pending(self) -> None:
+        """Wait for the background save in flight (if any) and commit it; collective."""
+        pending, self.pending = self.pending, None
+        if pending is None:
+            return
+        t0 = time.perf_counter()
+        path = pending.commit()  # every rank raises the same line if a write failed
+        waited = time.perf_counter() - t0
+        self.checkpoint_time += waited
+        self.checkpoint_write_s = pending.written_s
+        self.logger.info(
+            f"saved checkpoint {path} in {pending.written_s or 0.0:.2f} s, written in the "
+            f"background (steps stalled {self.pending_stall:.2f} s to stage it and "
+            f"{waited:.2f} s to wait for and commit it)"
+        )
+
+    def _checkpoint_write_metric(self) -> dict[str, float]:
+        """The last background write's duration, once, on the next metrics line."""
+        if self.checkpoint_write_s is None:
+            return {}
+        value, self.checkpoint_write_s = self.checkpoint_write_s, None
+        return {"checkpoint_write_s": value}
+
     def _saved_at(self, step: int) -> bool:
         return getattr(self, "_last_saved", None) == step
 
     def _should_stop(self) -> bool:
-        flag = torch.tensor([1.0 if self.stop.signal is not None else 0.0], device=self.device)
+        """Whether a signal asked any rank to stop; in the same all-reduce, whether every rank's
+        background checkpoint write has completed (then it is committed here) or one failed
+        (then every rank ends with its line)."""
+        pending = self.pending
+        busy = pending is not None and not pending.done()
+        failed = pending is not None and not busy and pending.failed()
+        flags = [1.0 if self.stop.signal is not None else 0.0, float(busy), float(failed)]
+        flag = torch.tensor(flags, device=self.device)
         if self.dims.distributed:
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)  # all ranks stop at the same step
-        return bool(flag.item())
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)  # all ranks decide the same
+        stop, busy_anywhere, failed_anywhere = (bool(v) for v in flag.tolist())
+        if pending is not None and (failed_anywhere or not busy_anywhere):
+            self._finish_pending()  # raises on every rank if a write failed
+        return stop
 
     def _global_params(self) -> int:
         """Parameters of the whole model (a rank holds only its shards and stages)."""
