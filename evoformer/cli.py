@@ -29,6 +29,7 @@ commands:
   preprocess FILES ... --tokenizer T --out F.tok   tokenise text/jsonl into a token store
   import-hf HF_DIR OUT_DIR                  HuggingFace folder -> evoformer checkpoint
   export-hf CKPT_DIR OUT_DIR                evoformer checkpoint -> HuggingFace folder
+  plot RUN_DIR [RUN_DIR ...] [--out F.png]  loss, lr, grad norm, tokens/s, MFU of runs (PNG)
 
 `evoformer train --help` lists every config key with its default and meaning."""
 
@@ -287,6 +288,12 @@ def export_hf_main(argv: Sequence[str] | None = None) -> int:
     return _report(prog, lambda: convert_to_hf(ns.ckpt_dir, ns.out_dir, ns.family), "exported")
 
 
+def cmd_plot(argv: list[str]) -> int:
+    from evoformer.plot import main as plot_main
+
+    return plot_main(argv)
+
+
 COMMANDS = {
     "train": cmd_train,
     "config": cmd_config,
@@ -297,6 +304,7 @@ COMMANDS = {
     "preprocess": cmd_preprocess,
     "import-hf": import_hf_main,
     "export-hf": export_hf_main,
+    "plot": cmd_plot,
 }
 
 
