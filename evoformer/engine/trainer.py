@@ -32,9 +32,7 @@ import torch.distributed as dist
 from omegaconf import OmegaConf
 
 from evoformer.checkpoint import (
-    LATEST,
     WEIGHTS_ONLY,
-    PendingSave,
     list_checkpoints,
     read_trainer_state,
     resolve_checkpoint,
@@ -48,6 +46,7 @@ from evoformer.data.dataset import WindowDataset
 from evoformer.data.prefetch import Prefetcher
 from evoformer.data.sampler import BlendedSampler
 from evoformer.distributed import ParallelDims, init_process_group, pick_device
+from evoformer.engine.checkpointing import Checkpointer
 from evoformer.engine.memory import MemoryMeter
 from evoformer.engine.metrics import MetricsLogger, NullLogger, truncate_metrics
 from evoformer.engine.optim import lr_at
@@ -181,13 +180,12 @@ class Trainer:
         self.peak_flops, self.peak_source = device_peak(
             self.device, cfg.precision, cfg.fp8.enabled, cfg.run.peak_tflops
         )
-        self.checkpoint_time = 0.0  # seconds spent saving since the last metrics line
-        # checkpoint.async_save: the save whose shards are being written in the background
-        self.pending: PendingSave | None = None
-        self.pending_stall = 0.0  # how long starting it stalled the step
-        self.checkpoint_write_s: float | None = None  # the last background write, for metrics
+        # Saves, foreground or background (engine.checkpointing); logs through self.logger.
+        self.checkpointer = Checkpointer(
+            self.strategy, self.ckpt_root, cfg.checkpoint, lambda line: self.logger.info(line)
+        )
         self.watchdog = Watchdog(
-            cfg.dist.timeout_s, self.dims.rank, self._checkpoint_note, self._on_hang
+            cfg.dist.timeout_s, self.dims.rank, self.checkpointer.note, self._on_hang
         )
         self.profiler = StepProfiler(cfg.run.profile, self.out_dir / "profile", self.dims.rank)
 
@@ -371,8 +369,7 @@ class Trainer:
                             # batches (prefetch: ~0), saving checkpoints
                             "step_ms": 1e3 * elapsed / window_steps,
                             "data_wait_ms": 1e3 * window_wait / window_steps,
-                            "checkpoint_ms": 1e3 * self.checkpoint_time / window_steps,
-                            **self._checkpoint_write_metric(),
+                            **self.checkpointer.metrics(window_steps),
                             **self._peak_memory(),
                             "tokens": self.step * tokens_per_step,
                             **self._source_tokens(self.step),
@@ -380,7 +377,6 @@ class Trainer:
                         }
                     )
                     window_start, window_steps, window_wait = time.perf_counter(), 0, 0.0
-                    self.checkpoint_time = 0.0
                 if t.eval_every and (self.step % t.eval_every == 0 or self.step == t.max_steps):
                     beat(self.step, "evaluation")
                     val_losses[self.step] = self.evaluate()
@@ -405,7 +401,7 @@ class Trainer:
                     self.save()
                 if stopping:
                     beat(self.step, "waiting for the background checkpoint write")
-                    self._finish_pending()
+                    self.checkpointer.finish()
                     self._write_status("interrupted")  # first: the launcher acts on it
                     self.logger.info(
                         f"stopped by signal at step {self.step}; checkpoint saved, resume with "
@@ -417,14 +413,14 @@ class Trainer:
                     beat(self.step, f"saving checkpoint step_{self.step}")
                     self.save()
             beat(self.step, "waiting for the background checkpoint write")
-            self._finish_pending()  # the run ends with every checkpoint committed
+            self.checkpointer.finish()  # the run ends with every checkpoint committed
         except UserError:
             raise
         except Exception as err:
             if not (self.dims.distributed and is_collective_failure(err)):
                 raise
             self._write_status("hung")
-            w, note = self.watchdog, self._checkpoint_note()
+            w, note = self.watchdog, self.checkpointer.note()
             raise hang_error(err, self.dims.rank, w.step, w.phase, note) from None
         finally:
             self.watchdog.stop()
@@ -434,15 +430,6 @@ class Trainer:
             self.logger.close()
         self._write_status("finished")
         return TrainResult(self.step, losses, val_losses, False, self.out_dir)
-
-    def _checkpoint_note(self) -> str:
-        """Where a resume would start: the checkpoint ``latest`` names, for one-line errors."""
-        latest = self.ckpt_root / LATEST
-        try:
-            name = latest.read_text().strip()
-        except OSError:
-            return "there is no complete checkpoint"
-        return f"the last complete checkpoint is {self.ckpt_root / name}"
 
     def _on_hang(self, line: str) -> None:
         """The watchdog fired (its thread; the process ends next): record it for launchers."""
@@ -565,18 +552,11 @@ class Trainer:
     # -- checkpoints and stopping ------------------------------------------------------------
 
     def save(self) -> Path:
-        """Save a checkpoint of the current step. In the foreground (the default) it is
-        complete on return. With ``checkpoint.async_save`` the shards are staged now and written
-        in the background; the step stalls only for the staging, and the checkpoint is
-        committed (``latest``, pruning) at the first step boundary where every rank's write has
-        completed (``_poll_pending``), or by the next save or the end of the run, which wait."""
-        self._finish_pending()  # one save in flight at a time
-        t0 = time.perf_counter()
+        """Save a checkpoint of the current step: complete on return in the foreground; with
+        ``checkpoint.async_save`` written in the background and committed at a later step
+        boundary (``engine.checkpointing``)."""
         tok = self.data.tokenizer
-        extra = {name: self.out_dir / name for name in tok.files} if tok is not None else {}
-        background = self.cfg.checkpoint.async_save
-        pending = self.strategy.begin_save(
-            self.ckpt_root,
+        return self.checkpointer.save(
             self.step,
             trainer_state={
                 "sampler": self.sampler.state_dict(),
@@ -584,65 +564,22 @@ class Trainer:
                 "guard": {"recent_losses": list(self.recent_losses), "skips": self.skips},
             },
             config_yaml=to_yaml(self.cfg),
-            keep_last=self.cfg.checkpoint.keep_last,
-            extra_files=extra,
-            background=background,
+            extra_files={n: self.out_dir / n for n in tok.files} if tok is not None else {},
         )
-        self._last_saved = self.step
-        if background:
-            self.pending, self.pending_stall = pending, time.perf_counter() - t0
-            self.checkpoint_time += self.pending_stall
-            self.logger.info(
-                f"checkpoint step_{self.step}: writing in the background (the step stalled "
-                f"{self.pending_stall:.2f} s)"
-            )
-            return pending.final
-        path = pending.commit()
-        took = time.perf_counter() - t0
-        self.checkpoint_time += took
-        self.logger.info(f"saved checkpoint {path} in {took:.2f} s")
-        return path
-
-    def _finish_pending(self) -> None:
-        """Wait for the background save in flight (if any) and commit it; collective."""
-        pending, self.pending = self.pending, None
-        if pending is None:
-            return
-        t0 = time.perf_counter()
-        path = pending.commit()  # every rank raises the same line if a write failed
-        waited = time.perf_counter() - t0
-        self.checkpoint_time += waited
-        self.checkpoint_write_s = pending.written_s
-        self.logger.info(
-            f"saved checkpoint {path} in {pending.written_s or 0.0:.2f} s, written in the "
-            f"background (steps stalled {self.pending_stall:.2f} s to stage it and "
-            f"{waited:.2f} s to wait for and commit it)"
-        )
-
-    def _checkpoint_write_metric(self) -> dict[str, float]:
-        """The last background write's duration, once, on the next metrics line."""
-        if self.checkpoint_write_s is None:
-            return {}
-        value, self.checkpoint_write_s = self.checkpoint_write_s, None
-        return {"checkpoint_write_s": value}
 
     def _saved_at(self, step: int) -> bool:
-        return getattr(self, "_last_saved", None) == step
+        return self.checkpointer.last_step == step
 
     def _should_stop(self) -> bool:
         """Whether a signal asked any rank to stop; in the same all-reduce, whether every rank's
         background checkpoint write has completed (then it is committed here) or one failed
         (then every rank ends with its line)."""
-        pending = self.pending
-        busy = pending is not None and not pending.done()
-        failed = pending is not None and not busy and pending.failed()
-        flags = [1.0 if self.stop.signal is not None else 0.0, float(busy), float(failed)]
+        flags = [1.0 if self.stop.signal is not None else 0.0, *self.checkpointer.flags()]
         flag = torch.tensor(flags, device=self.device)
         if self.dims.distributed:
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)  # all ranks decide the same
         stop, busy_anywhere, failed_anywhere = (bool(v) for v in flag.tolist())
-        if pending is not None and (failed_anywhere or not busy_anywhere):
-            self._finish_pending()  # raises on every rank if a write failed
+        self.checkpointer.settle(busy_anywhere, failed_anywhere)  # raises on every rank if failed
         return stop
 
     def _global_params(self) -> int:
