@@ -84,16 +84,21 @@ def test_background_saves_commit_and_resume_bit_exactly(tmp_path, capsys):
     assert all(resumed.losses[s] == full.losses[s] for s in resumed.losses), resumed.losses
 
 
-def _ddp_resume(rank: int, world: int, root: str) -> dict:
-    full = Trainer(_cfg(f"{root}/full")).train().losses
+def _dp_resume(rank: int, world: int, root: str, layout: list[str]) -> dict:
+    full = Trainer(_cfg(f"{root}/full", *layout)).train().losses
     resumed = Trainer(
-        _cfg(f"{root}/resumed", f"checkpoint.load={root}/full/checkpoints/step_6")
+        _cfg(f"{root}/resumed", *layout, f"checkpoint.load={root}/full/checkpoints/step_6")
     ).train()
     return {"full": full, "resumed": resumed.losses}
 
 
-def test_background_saves_over_ddp_resume_bit_exactly(tmp_path):
-    ranks = run_distributed(_ddp_resume, 2, str(tmp_path), timeout=120)
+@pytest.mark.parametrize(
+    "layout", [[], ["zero.backend=fsdp2", "zero.stage=3"]], ids=["ddp", "fsdp2-stage3"]
+)
+def test_background_saves_over_two_ranks_resume_bit_exactly(tmp_path, layout):
+    """Two ranks write their shards on the writer's own gloo group; FSDP2's DTensor shards are
+    staged like plain tensors."""
+    ranks = run_distributed(_dp_resume, 2, str(tmp_path), layout, timeout=120)
     full, resumed = ranks[0]["full"], ranks[0]["resumed"]
     assert sorted(resumed) == list(range(7, 11))
     assert all(resumed[s] == full[s] for s in resumed)
