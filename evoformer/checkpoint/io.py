@@ -315,7 +315,7 @@ class PendingSave:
         os.rename(tmp, final)
         _fsync_dir(root)
         write_text_atomic(root / LATEST, final.name + "\n")
-        _prune(root, self.keep_last)
+        _prune(root, self.keep_last, final)
 
 
 def _write_error(step: int, err: BaseException, root: Path) -> str:
@@ -344,10 +344,14 @@ def _sweep_tmp(root: Path) -> None:
         shutil.rmtree(p, ignore_errors=True)
 
 
-def _prune(root: Path, keep_last: int) -> None:
+def _prune(root: Path, keep_last: int, keep: Path) -> None:
+    """Keep ``keep`` (the checkpoint just committed, which ``latest`` names) and the newest
+    ``keep_last - 1`` others: a run restarted from an earlier step saves lower step numbers
+    than the folders already there, and must not prune what ``latest`` names."""
     if keep_last <= 0:
         return
-    for old in list_checkpoints(root)[:-keep_last]:
+    others = [p for p in list_checkpoints(root) if p.name != keep.name]
+    for old in others[: max(0, len(others) - (keep_last - 1))]:
         shutil.rmtree(old, ignore_errors=True)
 
 
