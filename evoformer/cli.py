@@ -11,7 +11,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from evoformer.errors import UserError, report_user_error
+from evoformer.errors import HANG_EXIT, JobHung, UserError, report_user_error
 
 if TYPE_CHECKING:  # the HF package pulls in torch; the commands import it when they run
     from evoformer.checkpoint.hf import Conversion
@@ -30,6 +30,7 @@ commands:
                                             sharded token store (--merge: join slices)
   import-hf HF_DIR OUT_DIR                  HuggingFace folder -> evoformer checkpoint
   export-hf CKPT_DIR OUT_DIR                evoformer checkpoint -> HuggingFace folder
+  plot RUN_DIR [RUN_DIR ...] [--out F.png]  loss, lr, grad norm, tokens/s, MFU of runs (PNG)
 
 `evoformer train --help` lists every config key with its default and meaning."""
 
@@ -304,6 +305,12 @@ def export_hf_main(argv: Sequence[str] | None = None) -> int:
     return _report(prog, run, "exported")
 
 
+def cmd_plot(argv: list[str]) -> int:
+    from evoformer.plot import main as plot_main
+
+    return plot_main(argv)
+
+
 COMMANDS = {
     "train": cmd_train,
     "config": cmd_config,
@@ -314,6 +321,7 @@ COMMANDS = {
     "preprocess": cmd_preprocess,
     "import-hf": import_hf_main,
     "export-hf": export_hf_main,
+    "plot": cmd_plot,
 }
 
 
@@ -328,6 +336,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return command(argv[1:])
+    except JobHung as err:
+        report_user_error(err)
+        return HANG_EXIT
     except UserError as err:
         return report_user_error(err)  # once per job under torchrun: from rank 0
     except KeyboardInterrupt:

@@ -8,6 +8,9 @@ import sys
 import time
 
 USER_ERROR_EXIT = 2  # exit status of a user error, on every rank and from the launchers
+# Exit status of a hung job (engine.watchdog): not a user error, since a hang is often a bad
+# node or link, which a requeue on other nodes may not meet again.
+HANG_EXIT = 3
 # Set by ``evoformer.torchrun`` for its workers: it prints their error lines itself, once.
 LAUNCHER_REPORTS = "EVOFORMER_LAUNCHER_REPORTS"
 
@@ -19,6 +22,12 @@ class UserError(Exception):
 class TrainingDiverged(UserError):
     """Training stopped after ``train.nonfinite_patience`` non-finite steps in a row: one line
     naming the step and the newest (finite) checkpoint, exit status 2."""
+
+
+class JobHung(UserError):
+    """A rank made no progress for ``dist.timeout_s`` (a collective timed out, or the watchdog
+    fired): one line naming the rank, step, phase or collective and the last complete
+    checkpoint; exit status ``HANG_EXIT``."""
 
 
 def report_user_error(err: UserError) -> int:

@@ -24,6 +24,7 @@ LAYERS = {
     "checkpoint": 5,
     "planning": 6,
     "engine": 7,
+    "plot": 7,  # reads metrics.jsonl files; imports nothing of the engine
     "cli": 8,
     "torchrun": 8,
     "__main__": 9,

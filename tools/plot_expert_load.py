@@ -3,7 +3,8 @@
 One panel per MoE layer: each expert's share of the layer's routed token copies at every
 logged step (``moe/L<i>/share``), one line per expert, with the even share 1/E dashed; the
 panel title gives the last step's max/mean load and, with a capacity limit, the dropped copies.
-Written as a self-contained SVG (no plotting dependency), viewable in any browser.
+Written as a self-contained SVG (no plotting dependency), viewable in any browser;
+`evoformer plot RUN_DIR` draws the same panels (with matplotlib) beside the loss curves.
 
     python tools/plot_expert_load.py RUN_DIR/metrics.jsonl [-o expert_load.svg]
 """
@@ -12,12 +13,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 from html import escape
 from pathlib import Path
 
-SHARE = re.compile(r"^moe/L(\d+)/share$")
+from evoformer import plot
+
 PANEL_W, PANEL_H, MARGIN = 640, 200, 48
 # Tableau 10: distinguishable lines for up to 10 experts, then repeating.
 COLOURS = [
@@ -36,22 +37,9 @@ COLOURS = [
 
 def read_loads(path: Path) -> dict[int, dict]:
     """``{layer: {"steps": [...], "share": [[per expert] per step], "last": {metric: value}}}``
-    from the training lines of ``metrics.jsonl``."""
-    layers: dict[int, dict] = {}
-    for line in path.read_text().splitlines():
-        if not line.strip():
-            continue
-        rec = json.loads(line)
-        for key, value in rec.items():
-            m = SHARE.match(key)
-            if not m:
-                continue
-            layer = layers.setdefault(int(m.group(1)), {"steps": [], "share": [], "last": {}})
-            layer["steps"].append(rec["step"])
-            layer["share"].append(value)
-            prefix = f"moe/L{m.group(1)}/"
-            layer["last"] = {k[len(prefix) :]: v for k, v in rec.items() if k.startswith(prefix)}
-    return dict(sorted(layers.items()))
+    from the training lines of ``metrics.jsonl`` (``evoformer.plot.read_loads``)."""
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return plot.read_loads(records)
 
 
 def render_svg(layers: dict[int, dict], title: str = "") -> str:

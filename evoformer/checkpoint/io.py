@@ -16,14 +16,17 @@ A kill at any point leaves either the old set of checkpoints or the new one, nev
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
+import time
 import uuid
 import warnings
 from collections.abc import Callable
+from concurrent.futures import Future
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.distributed as dist
@@ -38,6 +41,10 @@ from torch.distributed.checkpoint.state_dict import (
 from evoformer.checkpoint.safe_reader import SafeFileSystemReader, SafeLoadPlanner
 from evoformer.errors import UserError
 from evoformer.parallel.sharding import ep_global_view, shard_spec, tp_global_view
+
+# DCP warns that one process means no process group; the background writer's thread runs
+# outside any catch_warnings block, so the filter is set once here.
+warnings.filterwarnings("ignore", message="torch.distributed is disabled")
 
 LATEST = "latest"
 # trainer.json key of a checkpoint holding weights and no optimizer state (import-hf writes it):
@@ -77,6 +84,11 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+class CheckpointWriteError(UserError):
+    """A checkpoint could not be written (disk full, permission denied, a rank's write error):
+    ``latest`` still names the previous checkpoint; one line, exit status 2."""
+
+
 def save_checkpoint(
     ckpt_root: str | Path,
     step: int,
@@ -107,18 +119,77 @@ def save_checkpoint(
     ``planner``: DCP's save planner (a streamed import's tensors are made as DCP writes them).
     ``file_per_tensor``: one DCP file per tensor; DCP's writer keeps every tensor of a file until
     the file is closed, so a streamed save must close a file after each tensor.
+    A failed write raises ``CheckpointWriteError`` on every rank and leaves ``latest`` alone.
+    """
+    pending = begin_save(
+        ckpt_root,
+        step,
+        model,
+        optimizer,
+        trainer_state,
+        config_yaml,
+        keep_last=keep_last,
+        extra_files=extra_files,
+        before_commit=before_commit,
+        tp_mesh=tp_mesh,
+        model_state_dict=model_state_dict,
+        ep_mesh=ep_mesh,
+        write_extra=write_extra,
+        planner=planner,
+        file_per_tensor=file_per_tensor,
+    )
+    return pending.commit()
+
+
+def begin_save(
+    ckpt_root: str | Path,
+    step: int,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer | None,
+    trainer_state: dict[str, Any],
+    config_yaml: str,
+    keep_last: int = 0,
+    extra_files: dict[str, Path] | None = None,
+    before_commit: Callable[[Path], None] | None = None,
+    tp_mesh: Any = None,
+    model_state_dict: dict[str, torch.Tensor] | None = None,
+    ep_mesh: Any = None,
+    write_extra: Callable[[Path], None] | None = None,
+    background: bool = False,
+    process_group: dist.ProcessGroup | None = None,
+    planner: Any = None,
+    file_per_tensor: bool = False,
+) -> PendingSave:
+    """Start a save (arguments as ``save_checkpoint``); ``PendingSave.commit`` completes it.
+
+    ``background``: the shards are staged (copied to host memory) now and written by DCP's
+    ``async_save`` on a thread while training continues; its collectives run on
+    ``process_group``, which must not be the group the training loop uses (gloo on the host).
+    Everything the commit writes (trainer state, config) is captured now, at the step saved.
     """
     root = Path(ckpt_root)
-    final = root / f"{STEP_PREFIX}{step}"
     token = [uuid.uuid4().hex[:8]]
     if _dist():
         dist.broadcast_object_list(token, src=0)
     tmp = root / f".tmp-{STEP_PREFIX}{step}-{token[0]}"
+    pending = PendingSave(
+        root=root,
+        step=step,
+        tmp=tmp,
+        trainer_state={"step": step, **trainer_state},
+        config_yaml=config_yaml,
+        keep_last=keep_last,
+        extra_files=dict(extra_files or {}),
+        before_commit=before_commit,
+    )
     if _rank() == 0:
-        root.mkdir(parents=True, exist_ok=True)
-        _sweep_tmp(root)
-        tmp.mkdir()
-    _barrier()
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            _sweep_tmp(root)
+            tmp.mkdir()
+        except OSError as err:
+            pending.error = _write_error(step, err, root)
+    pending.agree()  # every rank raises the same line, or all go on
     if optimizer is None:
         state = {"model": model.state_dict() if model_state_dict is None else model_state_dict}
     else:
@@ -126,24 +197,127 @@ def save_checkpoint(
         state = {"model": msd, "optim": osd}
     _wrap_expert_parallel(state, model, ep_mesh)
     _wrap_tensor_parallel(state, model, tp_mesh)
-    with warnings.catch_warnings():  # DCP warns that one process means no process group
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        writer = FileSystemWriter(str(tmp), single_file_per_rank=False) if file_per_tensor else None
-        dcp.save(
-            state,
-            checkpoint_id=str(tmp),
-            no_dist=not _dist(),
-            planner=planner,
-            storage_writer=writer,
-        )
-    torch.save(_rng_state(), tmp / f"rng_rank{_rank()}.pt")
-    if write_extra is not None:
-        write_extra(tmp)
-    _barrier()
-    if _rank() == 0:
-        (tmp / "config.yaml").write_text(config_yaml)
-        (tmp / "trainer.json").write_text(json.dumps({"step": step, **trainer_state}, indent=1))
-        for name, src in (extra_files or {}).items():  # a name may hold a sub-folder
+    try:
+        torch.save(_rng_state(), tmp / f"rng_rank{_rank()}.pt")
+        with warnings.catch_warnings():  # DCP warns that one process means no process group
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            if background:
+                future = dcp.async_save(
+                    state,
+                    checkpoint_id=str(tmp),
+                    process_group=process_group,
+                    no_dist=not _dist(),
+                )
+                pending.watch(cast(Future, future))
+            else:
+                writer = None
+                if file_per_tensor:
+                    writer = FileSystemWriter(str(tmp), single_file_per_rank=False)
+                dcp.save(
+                    state,
+                    checkpoint_id=str(tmp),
+                    no_dist=not _dist(),
+                    planner=planner,
+                    storage_writer=writer,
+                )
+        if write_extra is not None:
+            write_extra(tmp)
+    except (Exception, dcp.api.CheckpointException) as err:
+        pending.error = _write_error(step, err, root)
+    if not background:
+        pending.written_s = time.perf_counter() - pending.started
+    return pending
+
+
+@dataclasses.dataclass
+class PendingSave:
+    """A checkpoint whose shards are being written into ``tmp``; ``commit`` publishes it.
+
+    The protocol: shards (and each rank's RNG file) go into ``.tmp-step_<N>-<token>/``; when
+    every rank's write has completed, rank 0 adds ``config.yaml`` and ``trainer.json`` (the state
+    captured when the save began), fsyncs, renames the folder to ``step_<N>``, rewrites
+    ``latest`` atomically and prunes to ``keep_last``. A kill at any point leaves ``latest``
+    naming the previous complete checkpoint; a failed write raises ``CheckpointWriteError``."""
+
+    root: Path
+    step: int
+    tmp: Path
+    trainer_state: dict[str, Any]
+    config_yaml: str
+    keep_last: int
+    extra_files: dict[str, Path]
+    before_commit: Callable[[Path], None] | None
+    started: float = dataclasses.field(default_factory=time.perf_counter)
+    future: Future | None = None
+    written_s: float | None = None  # seconds from the start until the shards were on disk
+    error: str | None = None
+
+    @property
+    def final(self) -> Path:
+        return self.root / f"{STEP_PREFIX}{self.step}"
+
+    def watch(self, future: Future) -> None:
+        self.future = future
+
+        def written(f: Future) -> None:
+            self.written_s = time.perf_counter() - self.started
+
+        future.add_done_callback(written)
+
+    def done(self) -> bool:
+        """This rank's write has finished (or failed); never blocks."""
+        return self.future is None or self.future.done()
+
+    def failed(self) -> bool:
+        """This rank's write has finished with an error (call after ``done``)."""
+        if self.error is None and self.future is not None and self.future.done():
+            err = self.future.exception()
+            if err is not None:
+                self.error = _write_error(self.step, err, self.root)
+        return self.error is not None
+
+    def wait(self) -> None:
+        """Block until this rank's write has finished (successfully or not)."""
+        if self.future is not None:
+            try:
+                self.future.result()
+            except BaseException:  # noqa: B036 (DCP's CheckpointException is a BaseException)
+                pass
+            self.failed()
+
+    def agree(self) -> None:
+        """Collective: raise ``CheckpointWriteError`` on every rank when any rank has an error
+        (rank 0's wins: it names the others' failures too), after removing the folder."""
+        errors = [self.error]
+        if _dist():
+            gathered: list[str | None] = [None] * dist.get_world_size()
+            dist.all_gather_object(gathered, self.error)
+            errors = gathered
+        first = next((e for e in errors if e is not None), None)
+        if first is None:
+            return
+        if _rank() == 0:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+        raise CheckpointWriteError(first)
+
+    def commit(self) -> Path:
+        """Collective: wait for this rank's write, then (all ranks written) publish the
+        checkpoint on rank 0; every rank returns the path or raises the same error line."""
+        self.wait()
+        self.agree()
+        if _rank() == 0:
+            try:
+                self._publish()
+            except OSError as err:
+                self.error = _write_error(self.step, err, self.root)
+        self.agree()
+        return self.final
+
+    def _publish(self) -> None:
+        tmp, final, root = self.tmp, self.final, self.root
+        (tmp / "config.yaml").write_text(self.config_yaml)
+        (tmp / "trainer.json").write_text(json.dumps(self.trainer_state, indent=1))
+        for name, src in self.extra_files.items():  # a name may hold a sub-folder
             (tmp / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(src, tmp / name)
         for f in tmp.rglob("*"):  # a backend's sub-folder (write_extra) included
@@ -153,16 +327,35 @@ def save_checkpoint(
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
         _fsync_dir(tmp)
-        if before_commit is not None:
-            before_commit(tmp)
+        if self.before_commit is not None:
+            self.before_commit(tmp)
         if final.exists():  # re-saving the same step (e.g. interrupted right after a save)
             shutil.rmtree(final)
         os.rename(tmp, final)
         _fsync_dir(root)
         write_text_atomic(root / LATEST, final.name + "\n")
-        _prune(root, keep_last)
-    _barrier()
-    return final
+        _prune(root, self.keep_last, final)
+
+
+def _write_error(step: int, err: BaseException, root: Path) -> str:
+    """One line: which checkpoint failed, the root cause, and that ``latest`` is unchanged."""
+    cause: BaseException = err
+    failures = getattr(err, "failures", None)  # DCP's CheckpointException: per-rank causes
+    if isinstance(failures, dict) and failures:
+        cause = sorted(failures.items())[0][1][0]  # (exception, traceback) of the first rank
+    while cause.__cause__ is not None and not isinstance(cause, OSError):
+        cause = cause.__cause__
+    if isinstance(cause, OSError) and cause.strerror:
+        where = f" ({cause.filename})" if cause.filename else ""
+        text = f"{cause.strerror}{where}"
+    else:
+        lines = [ln.strip() for ln in str(cause).strip().splitlines() if ln.strip()]
+        text = f"{type(cause).__name__}: {lines[-1] if lines else ''}"[:300]
+    try:
+        kept = f"{root / LATEST} still names {(root / LATEST).read_text().strip()}"
+    except OSError:
+        kept = "there is no earlier checkpoint"
+    return f"checkpoint {STEP_PREFIX}{step} could not be written: {text}; {kept}"
 
 
 def _sweep_tmp(root: Path) -> None:
@@ -170,10 +363,14 @@ def _sweep_tmp(root: Path) -> None:
         shutil.rmtree(p, ignore_errors=True)
 
 
-def _prune(root: Path, keep_last: int) -> None:
+def _prune(root: Path, keep_last: int, keep: Path) -> None:
+    """Keep ``keep`` (the checkpoint just committed, which ``latest`` names) and the newest
+    ``keep_last - 1`` others: a run restarted from an earlier step saves lower step numbers
+    than the folders already there, and must not prune what ``latest`` names."""
     if keep_last <= 0:
         return
-    for old in list_checkpoints(root)[:-keep_last]:
+    others = [p for p in list_checkpoints(root) if p.name != keep.name]
+    for old in others[: max(0, len(others) - (keep_last - 1))]:
         shutil.rmtree(old, ignore_errors=True)
 
 

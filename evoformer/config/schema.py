@@ -464,6 +464,37 @@ class CheckpointConfig:
     )
     keep_last: int = opt(3, "Keep only the newest K checkpoints (0 = keep all).")
     save_final: bool = opt(True, "Save a checkpoint when training ends or is interrupted.")
+    async_save: bool = opt(
+        False,
+        "Write checkpoints in the background (DCP async_save): the step stalls only while the "
+        "shards are copied to host memory; `latest` moves when every rank's write has completed; "
+        "one save in flight at a time. Not with zero.backend=deepspeed.",
+    )
+
+
+@dataclass
+class DistConfig:
+    timeout_s: float = opt(
+        600.0,
+        "Collective timeout in seconds (init_process_group), and the watchdog's limit: a rank "
+        "making no progress (step, eval, save) for this long ends the job with one line.",
+    )
+    watchdog: bool = opt(
+        True,
+        "A thread that ends the job (exit status 3, status.json state hung) with one line naming "
+        "the step, the collective or phase, and the last complete checkpoint when a rank makes "
+        "no progress for dist.timeout_s (plus a few seconds).",
+    )
+    flight_recorder: int = opt(
+        2000,
+        "NCCL: collectives kept in the flight recorder ring buffer (TORCH_FR_BUFFER_SIZE), "
+        "dumped on a timeout into run.output_dir/flight_recorder/ (0 = off).",
+    )
+    async_error_handling: int = opt(
+        3,
+        "NCCL: TORCH_NCCL_ASYNC_ERROR_HANDLING (3 = tear the process down on a timeout or NCCL "
+        "error; 1 = abort the communicator first; 0 = off). Environment variables already set win.",
+    )
 
 
 @dataclass
@@ -522,3 +553,4 @@ class Config:
         1, "Checkpoint every N-th transformer block (blocks 0, N, 2N, ...); 1 = all."
     )
     checkpoint: CheckpointConfig = opt(CheckpointConfig(), "Checkpointing and resume.")
+    dist: DistConfig = opt(DistConfig(), "Process groups: timeouts, hang watchdog, NCCL debugging.")

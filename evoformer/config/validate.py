@@ -66,6 +66,7 @@ NON_NEGATIVE = (
     "optim.z_loss",
     "train.spike_sigma",
     "data.prefetch",
+    "dist.flight_recorder",
 )
 
 
@@ -128,6 +129,10 @@ def validate(cfg: Config) -> None:
         _fail("optim.min_lr_ratio", cfg.optim.min_lr_ratio, "must be in [0, 1]")
     if not 0.0 < cfg.optim.decay_fraction <= 1.0:
         _fail("optim.decay_fraction", cfg.optim.decay_fraction, "must be in (0, 1]")
+    if cfg.dist.timeout_s <= 0:
+        _fail("dist.timeout_s", cfg.dist.timeout_s, "must be > 0 seconds")
+    if cfg.dist.async_error_handling not in (0, 1, 2, 3):
+        _fail("dist.async_error_handling", cfg.dist.async_error_handling, "must be 0, 1, 2 or 3")
     validate_parallel(cfg)
     validate_pipeline(cfg)
     validate_expert_parallel(cfg)
@@ -316,9 +321,18 @@ DEEPSPEED_OWNED_KEYS = {
 }
 
 
+DEEPSPEED_ASYNC_REFUSED = (
+    "config: checkpoint.async_save=true is not available with zero.backend=deepspeed (DeepSpeed "
+    "writes its partitioned optimizer state itself, synchronously); set checkpoint.async_save="
+    "false"
+)
+
+
 def validate_deepspeed(cfg: Config) -> None:
     """DeepSpeed's own limits (see engine.deepspeed)."""
     _validate_deepspeed(cfg)
+    if cfg.zero.backend == "deepspeed" and cfg.checkpoint.async_save:
+        raise UserError(DEEPSPEED_ASYNC_REFUSED)
     if cfg.zero.backend == "deepspeed" and cfg.zero.stage > 0 and cfg.train.spike_sigma > 0:
         _fail(
             "train.spike_sigma",

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
@@ -28,7 +30,7 @@ import torch.distributed as dist
 if TYPE_CHECKING:
     from torch.distributed.device_mesh import DeviceMesh
 
-from evoformer.config.schema import ParallelConfig
+from evoformer.config.schema import DistConfig, ParallelConfig
 from evoformer.errors import UserError
 
 
@@ -244,11 +246,45 @@ def pick_device(choice: str, dims: ParallelDims) -> torch.device:
     return torch.device("cpu")
 
 
-def init_process_group(dims: ParallelDims, device: torch.device) -> None:
-    """NCCL on GPU, gloo on CPU; a no-op for a single process."""
+def init_process_group(
+    dims: ParallelDims,
+    device: torch.device,
+    cfg: DistConfig | None = None,
+    run_dir: str | Path | None = None,
+) -> None:
+    """NCCL on GPU, gloo on CPU; a no-op for a single process (or when already initialised).
+
+    ``cfg.timeout_s`` is every collective's timeout (gloo raises in the waiting call; NCCL's
+    watchdog tears the process down, see ``nccl_environment``)."""
+    cfg = cfg or DistConfig()
     if dims.distributed and not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend, rank=dims.rank, world_size=dims.world_size)
+        if backend == "nccl":
+            for key, value in nccl_environment(cfg, run_dir).items():
+                os.environ.setdefault(key, value)  # what the user exported wins
+        dist.init_process_group(
+            backend,
+            rank=dims.rank,
+            world_size=dims.world_size,
+            timeout=timedelta(seconds=cfg.timeout_s),
+        )
+
+
+def nccl_environment(cfg: DistConfig, run_dir: str | Path | None = None) -> dict[str, str]:
+    """The ProcessGroupNCCL settings (torch 2.13 names), read when the first NCCL group is
+    created: async error handling (a timed-out or failed collective ends the process instead of
+    hanging it) and the flight recorder (the last ``cfg.flight_recorder`` collectives of every
+    group, dumped per rank on a timeout: ``torch.distributed.flight_recorder`` reads the files)."""
+    env = {"TORCH_NCCL_ASYNC_ERROR_HANDLING": str(cfg.async_error_handling)}
+    if cfg.flight_recorder > 0:
+        size = str(cfg.flight_recorder)
+        # TORCH_FR_BUFFER_SIZE is the current name; older releases read the NCCL one.
+        env |= {"TORCH_FR_BUFFER_SIZE": size, "TORCH_NCCL_TRACE_BUFFER_SIZE": size}
+        env["TORCH_NCCL_DUMP_ON_TIMEOUT"] = "1"
+        if run_dir is not None:
+            prefix = str(Path(run_dir) / "flight_recorder" / "rank_")
+            env |= {"TORCH_FR_DUMP_TEMP_FILE": prefix, "TORCH_NCCL_DEBUG_INFO_TEMP_FILE": prefix}
+    return env
 
 
 def destroy_process_group() -> None:

@@ -34,6 +34,8 @@ import copy
 import logging
 import math
 import os
+import pickle
+import re
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -42,9 +44,16 @@ from typing import Any, cast
 import torch
 import torch.distributed as dist
 
-from evoformer.checkpoint import WEIGHTS_ONLY, load_checkpoint, read_trainer_state, save_checkpoint
+from evoformer.checkpoint import (
+    WEIGHTS_ONLY,
+    PendingSave,
+    begin_save,
+    load_checkpoint,
+    read_trainer_state,
+)
 from evoformer.checkpoint.io import restore_rng_state
 from evoformer.config import Config
+from evoformer.config.validate import DEEPSPEED_ASYNC_REFUSED
 from evoformer.distributed import ParallelDims
 from evoformer.distributed.dims import ParallelGroups
 from evoformer.engine.fp8 import FP8Training
@@ -189,6 +198,33 @@ def _import_deepspeed(device: torch.device):
     return deepspeed
 
 
+def _deepspeed_safe_globals() -> list:
+    """The non-tensor types DeepSpeed's own checkpoint files hold (ZeRO 1-3 optimizer states:
+    its loss scaler, the ZeRO stage enum, the fragment addresses of flat partitions): plain data
+    classes, rebuilt without running code. Nothing else is admitted."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
+def safe_checkpoint_load(path: str, map_location: Any = None) -> Any:
+    """``torch.load`` with ``weights_only=True`` and only DeepSpeed's record types allowed: what
+    the engine's checkpoint engine loads with instead of ``weights_only=False``, so a shared
+    DeepSpeed checkpoint cannot run code. A file needing anything else is refused in one line."""
+    try:
+        with torch.serialization.safe_globals(_deepspeed_safe_globals()):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        found = re.search(r"GLOBAL (\S+)", str(err))
+        what = f"it names {found.group(1)}" if found else str(err).strip().splitlines()[0][:200]
+        raise UserError(
+            f"DeepSpeed checkpoint file {path} holds a pickled object outside the allow-list "
+            f"({what}); refusing to load it, since unpickling it could run code"
+        ) from None
+
+
 def _sum_partial_grads_over_tp(params: list[torch.nn.Parameter], group) -> None:
     """Sequence parallelism: replicated parameters used on sequence shards (norm weights) get a
     partial gradient on each TP rank. DeepSpeed reduces and partitions gradients inside its own
@@ -289,6 +325,11 @@ class DeepSpeedStrategy(Strategy):
             mpu=ModelParallelUnit(self.groups),
             dist_init_required=False,
         )
+        # DeepSpeed's checkpoint engines load with torch.load(weights_only=False): a shared
+        # checkpoint could run code. Every file it reads goes through the safe load instead
+        # (whatever engine its config chose: only the instance's load is replaced).
+        if self.engine.checkpoint_engine is not None:  # None only without an optimizer
+            self.engine.checkpoint_engine.load = safe_checkpoint_load
         # The client optimizer: ZeRO replaced its parameters by this rank's flat fp32 partitions,
         # so its groups carry our lr and its state is this rank's (sharded) AdamW state.
         self.optimizer = optimizer
@@ -361,20 +402,29 @@ class DeepSpeedStrategy(Strategy):
     def state_dict(self) -> dict[str, Any]:
         return {"backend": "deepspeed", "stage": self.cfg.zero.stage, "dp": self.dims.dp}
 
-    def save_checkpoint(
-        self, ckpt_root: Path, step: int, trainer_state: dict[str, Any], **kwargs: Any
-    ) -> Path:
+    def begin_save(
+        self,
+        ckpt_root: Path,
+        step: int,
+        trainer_state: dict[str, Any],
+        background: bool = False,
+        **kwargs: Any,
+    ) -> PendingSave:
         """One atomic checkpoint folder: DCP model weights (full, consolidated from the ZeRO-3
         partitions; what ``load_model`` and ``export-hf`` read, TP shards as global tensors)
         plus DeepSpeed's own checkpoint of its partitioned master weights and optimizer state
-        in ``deepspeed/``, written into the same temporary folder before the rename."""
+        in ``deepspeed/``, written into the same temporary folder before the rename. Always
+        written in the foreground: DeepSpeed's own files have no background path (validation
+        refuses ``checkpoint.async_save`` with this backend)."""
+        if background:
+            raise UserError(DEEPSPEED_ASYNC_REFUSED)
         trainer_state = {**trainer_state, "strategy": self.state_dict()}
         weights = self._consolidated_weights()
 
         def write_engine_state(tmp: Path) -> None:
             self.engine.save_checkpoint(str(tmp), tag=DS_TAG, save_latest=False)
 
-        return save_checkpoint(
+        return begin_save(
             ckpt_root,
             step,
             self.model,

@@ -26,14 +26,16 @@ from pathlib import Path
 from typing import Any, cast
 
 import torch
+import torch.distributed as dist
 from torch.distributed.fsdp import FSDPModule
 from torch.nn.parallel import DistributedDataParallel
 
 from evoformer.checkpoint import (
     WEIGHTS_ONLY,
+    PendingSave,
+    begin_save,
     load_checkpoint,
     read_trainer_state,
-    save_checkpoint,
 )
 from evoformer.config import Config
 from evoformer.distributed import ParallelDims
@@ -209,8 +211,22 @@ class Strategy:
     ) -> Path:
         """Save model + optimizer (+ this strategy's state) atomically; see
         ``checkpoint.save_checkpoint`` for ``kwargs``."""
+        return self.begin_save(ckpt_root, step, trainer_state, **kwargs).commit()
+
+    def begin_save(
+        self,
+        ckpt_root: Path,
+        step: int,
+        trainer_state: dict[str, Any],
+        background: bool = False,
+        **kwargs: Any,
+    ) -> PendingSave:
+        """Start a save; ``commit()`` on the result completes it (``checkpoint.begin_save``).
+        ``background``: the shards are written on a thread (DCP's async_save) over a gloo group
+        of their own, so their collectives never interleave with the training loop's."""
         trainer_state = {**trainer_state, "strategy": self.state_dict()}
-        return save_checkpoint(
+        group = self._checkpoint_group() if background else None
+        return begin_save(
             ckpt_root,
             step,
             self.model,
@@ -218,8 +234,19 @@ class Strategy:
             trainer_state=trainer_state,
             tp_mesh=self.tp_mesh,
             ep_mesh=self.ep_mesh,
+            background=background,
+            process_group=group,
             **kwargs,
         )
+
+    def _checkpoint_group(self) -> dist.ProcessGroup | None:
+        """The background writer's process group (created on first use; collective)."""
+        if not (dist.is_available() and dist.is_initialized()):
+            return None
+        if getattr(self, "_ckpt_group", None) is None:
+            # new_group returns an int placeholder on ranks outside the group: never here
+            self._ckpt_group = cast(dist.ProcessGroup, dist.new_group(backend="gloo"))
+        return self._ckpt_group
 
     def load_checkpoint(self, ckpt: Path, weights_only: bool = False) -> dict[str, Any]:
         """Restore model + optimizer + RNG in place; returns the trainer state. A checkpoint of

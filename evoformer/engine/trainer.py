@@ -46,6 +46,7 @@ from evoformer.data.dataset import WindowDataset
 from evoformer.data.prefetch import Prefetcher
 from evoformer.data.sampler import BatchSchedule, BlendedSampler
 from evoformer.distributed import ParallelDims, init_process_group, pick_device
+from evoformer.engine.checkpointing import Checkpointer
 from evoformer.engine.memory import MemoryMeter
 from evoformer.engine.metrics import MetricsLogger, NullLogger, truncate_metrics
 from evoformer.engine.optim import lr_at
@@ -54,6 +55,7 @@ from evoformer.engine.profile import StepProfiler
 from evoformer.engine.resume import check_resume
 from evoformer.engine.runtime import tune_glibc_malloc
 from evoformer.engine.throughput import device_peak, throughput
+from evoformer.engine.watchdog import Watchdog, hang_error, is_collective_failure
 from evoformer.errors import TrainingDiverged, UserError
 from evoformer.model.costs import train_flops_per_token
 
@@ -105,7 +107,10 @@ class Trainer:
             from evoformer.parallel.te_backend import import_te
 
             import_te()
-        init_process_group(self.dims, self.device)
+        if self.device.type == "cuda" and self.dims.distributed and cfg.dist.flight_recorder:
+            # NCCL's flight recorder dumps here on a timeout (distributed.nccl_environment)
+            (Path(cfg.run.output_dir) / "flight_recorder").mkdir(parents=True, exist_ok=True)
+        init_process_group(self.dims, self.device, cfg.dist, cfg.run.output_dir)
         self.groups = self.dims.build(self.device.type)
         if cfg.run.threads:
             torch.set_num_threads(cfg.run.threads)
@@ -179,7 +184,13 @@ class Trainer:
         self.peak_flops, self.peak_source = device_peak(
             self.device, cfg.precision, cfg.fp8.enabled, cfg.run.peak_tflops
         )
-        self.checkpoint_time = 0.0  # seconds spent saving since the last metrics line
+        # Saves, foreground or background (engine.checkpointing); logs through self.logger.
+        self.checkpointer = Checkpointer(
+            self.strategy, self.ckpt_root, cfg.checkpoint, lambda line: self.logger.info(line)
+        )
+        self.watchdog = Watchdog(
+            cfg.dist.timeout_s, self.dims.rank, self.checkpointer.note, self._on_hang
+        )
         self.profiler = StepProfiler(cfg.run.profile, self.out_dir / "profile", self.dims.rank)
 
     @property
@@ -369,14 +380,18 @@ class Trainer:
             self.logger.info(f"mfu not logged: {self.peak_source}")
         self.logger.set_start(self.step)
         self.stop.install()
+        if cfg.dist.watchdog:
+            self.watchdog.start()
         losses: dict[int, float] = {}
         val_losses: dict[int, float] = {}
         schedule = self.sampler.schedule
         window_start, window_steps, window_wait = time.perf_counter(), 0, 0.0
         window_tokens = 0
+        beat = self.watchdog.beat
         try:
             while self.step < t.max_steps:
                 lr = lr_at(self.step, t.max_steps, cfg.optim)
+                beat(self.step + 1, "the step (forward, backward, gradient collectives, update)")
                 self.profiler.before_step(self.step + 1)
                 loss, grad_norm, extra = self.train_step(self.step, lr)
                 self.profiler.after_step(self.step + 1)
@@ -407,7 +422,7 @@ class Trainer:
                             # batches (prefetch: ~0), saving checkpoints
                             "step_ms": 1e3 * elapsed / window_steps,
                             "data_wait_ms": 1e3 * window_wait / window_steps,
-                            "checkpoint_ms": 1e3 * self.checkpoint_time / window_steps,
+                            **self.checkpointer.metrics(window_steps),
                             **self._peak_memory(),
                             "tokens": schedule.start(self.step) * t.seq_len,
                             **self._ramps(self.step - 1, seq_len),
@@ -417,8 +432,8 @@ class Trainer:
                     )
                     window_start, window_steps, window_wait = time.perf_counter(), 0, 0.0
                     window_tokens = 0
-                    self.checkpoint_time = 0.0
                 if t.eval_every and (self.step % t.eval_every == 0 or self.step == t.max_steps):
+                    beat(self.step, "evaluation")
                     val_losses[self.step] = self.evaluate()
                     per_source = {
                         f"val_loss/{s.name}": self.evaluate(s.val)
@@ -429,14 +444,19 @@ class Trainer:
                         {"step": self.step, "val_loss": val_losses[self.step], **per_source}
                     )
                 if self.step_hook is not None:
+                    beat(self.step, "the step hook")
                     self.step_hook(self.step, self)
+                beat(self.step, "the end-of-step all-reduce (stop flag, background save state)")
                 stopping = self._should_stop()
                 every = cfg.checkpoint.save_every
                 # Never save inside a non-finite streak: the weights may be what went wrong,
                 # and keep_last would prune the newest finite checkpoint.
                 if ((every and self.step % every == 0) or stopping) and not self.nonfinite_streak:
+                    beat(self.step, f"saving checkpoint step_{self.step}")
                     self.save()
                 if stopping:
+                    beat(self.step, "waiting for the background checkpoint write")
+                    self.checkpointer.finish()
                     self._write_status("interrupted")  # first: the launcher acts on it
                     self.logger.info(
                         f"stopped by signal at step {self.step}; checkpoint saved, resume with "
@@ -445,14 +465,30 @@ class Trainer:
                     return TrainResult(self.step, losses, val_losses, True, self.out_dir)
             if cfg.checkpoint.save_final and not self._saved_at(self.step):
                 if not self.nonfinite_streak:
+                    beat(self.step, f"saving checkpoint step_{self.step}")
                     self.save()
+            beat(self.step, "waiting for the background checkpoint write")
+            self.checkpointer.finish()  # the run ends with every checkpoint committed
+        except UserError:
+            raise
+        except Exception as err:
+            if not (self.dims.distributed and is_collective_failure(err)):
+                raise
+            self._write_status("hung")
+            w, note = self.watchdog, self.checkpointer.note()
+            raise hang_error(err, self.dims.rank, w.step, w.phase, note) from None
         finally:
+            self.watchdog.stop()
             self.profiler.close()
             self.prefetcher.close()
             self.stop.restore()
             self.logger.close()
         self._write_status("finished")
         return TrainResult(self.step, losses, val_losses, False, self.out_dir)
+
+    def _on_hang(self, line: str) -> None:
+        """The watchdog fired (its thread; the process ends next): record it for launchers."""
+        self._write_status("hung")
 
     def _write_status(self, state: str) -> None:
         """``status.json`` tells a launcher whether to requeue: finished or interrupted."""
@@ -571,11 +607,11 @@ class Trainer:
     # -- checkpoints and stopping ------------------------------------------------------------
 
     def save(self) -> Path:
-        t0 = time.perf_counter()
+        """Save a checkpoint of the current step: complete on return in the foreground; with
+        ``checkpoint.async_save`` written in the background and committed at a later step
+        boundary (``engine.checkpointing``)."""
         tok = self.data.tokenizer
-        extra = {name: self.out_dir / name for name in tok.files} if tok is not None else {}
-        path = self.strategy.save_checkpoint(
-            self.ckpt_root,
+        return self.checkpointer.save(
             self.step,
             trainer_state={
                 "sampler": self.sampler.state_dict(),
@@ -583,23 +619,23 @@ class Trainer:
                 "guard": {"recent_losses": list(self.recent_losses), "skips": self.skips},
             },
             config_yaml=to_yaml(self.cfg),
-            keep_last=self.cfg.checkpoint.keep_last,
-            extra_files=extra,
+            extra_files={n: self.out_dir / n for n in tok.files} if tok is not None else {},
         )
-        self._last_saved = self.step
-        took = time.perf_counter() - t0
-        self.checkpoint_time += took
-        self.logger.info(f"saved checkpoint {path} in {took:.2f} s")
-        return path
 
     def _saved_at(self, step: int) -> bool:
-        return getattr(self, "_last_saved", None) == step
+        return self.checkpointer.last_step == step
 
     def _should_stop(self) -> bool:
-        flag = torch.tensor([1.0 if self.stop.signal is not None else 0.0], device=self.device)
+        """Whether a signal asked any rank to stop; in the same all-reduce, whether every rank's
+        background checkpoint write has completed (then it is committed here) or one failed
+        (then every rank ends with its line)."""
+        flags = [1.0 if self.stop.signal is not None else 0.0, *self.checkpointer.flags()]
+        flag = torch.tensor(flags, device=self.device)
         if self.dims.distributed:
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)  # all ranks stop at the same step
-        return bool(flag.item())
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)  # all ranks decide the same
+        stop, busy_anywhere, failed_anywhere = (bool(v) for v in flag.tolist())
+        self.checkpointer.settle(busy_anywhere, failed_anywhere)  # raises on every rank if failed
+        return stop
 
     def _global_params(self) -> int:
         """Parameters of the whole model (a rank holds only its shards and stages)."""

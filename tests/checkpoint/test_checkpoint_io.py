@@ -62,6 +62,14 @@ def test_keep_last_prunes_oldest(tmp_path):
     assert [p.name for p in list_checkpoints(tmp_path)] == ["step_3", "step_4"]
 
 
+def test_keep_last_never_prunes_what_latest_names(tmp_path):
+    """A run restarted from an earlier step saves lower step numbers than those already there."""
+    for step in (5, 6, 2):
+        _save(tmp_path, step, seed=step, keep_last=2)
+    assert resolve_checkpoint(tmp_path).name == "step_2"
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step_2", "step_6"]
+
+
 def _crash_during_commit(root: str) -> None:
     def die(tmp: Path) -> None:
         os.kill(os.getpid(), signal.SIGKILL)

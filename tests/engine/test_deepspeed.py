@@ -18,6 +18,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -310,3 +311,42 @@ def test_cli_refuses_deepspeed_with_pipeline_in_one_line(tmp_path):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), lines
     assert "parallel.pp=2" in lines[0] and "pipeline parallelism" in lines[0], lines
+
+
+class _PlantsAMarker:
+    """Unpickling this runs a shell command that creates a file: what a malicious checkpoint
+    would do with something worse."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.mark.parametrize("stage", [1, 3])
+def test_a_malicious_deepspeed_checkpoint_is_refused_without_running_code(tmp_path, stage):
+    """DeepSpeed's own files load with weights_only=True and an allow-list of its record types:
+    a pickle that would run code is refused in one line and never runs; a normal resume works
+    (the bit-exact resumes above go through the same safe load)."""
+    layout = [*DS, f"zero.stage={stage}", "train.micro_batch_size=4", "checkpoint.save_final=true"]
+    Trainer(_cfg(tmp_path / "run", *layout, "train.max_steps=2")).train()
+    ckpt = tmp_path / "run/checkpoints/step_2"
+    ok = Trainer(_cfg(tmp_path / "ok", *layout, f"checkpoint.load={ckpt}", "train.max_steps=3"))
+    assert ok.train().step == 3  # the allow-list covers what DeepSpeed itself writes
+    marker = tmp_path / "pwned"
+    for victim in sorted((ckpt / "deepspeed").glob("*.pt")):
+        state = torch.load(victim, weights_only=False)  # our own file, known to be safe
+        state["payload"] = _PlantsAMarker(marker)
+        torch.save(state, victim)
+    trainer = Trainer(
+        _cfg(tmp_path / "resumed", *layout, f"checkpoint.load={ckpt}", "train.max_steps=3")
+    )
+    with pytest.raises(UserError) as err:
+        trainer.train()
+    line = str(err.value)
+    assert "\n" not in line
+    assert line.startswith(f"DeepSpeed checkpoint file {ckpt / 'deepspeed'}")
+    assert "outside the allow-list (it names posix.system)" in line
+    assert "refusing to load it" in line
+    assert not marker.exists()
