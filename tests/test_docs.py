@@ -15,7 +15,25 @@ from evoformer.config import load_config
 from tests.conftest import REPO
 
 DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
-FENCE = re.compile(r"```(?:bash|sh|console)?\n(.*?)```", re.S)
+SHELL = ("", "bash", "sh", "console", "shell")
+
+
+def _blocks(text: str) -> list[str]:
+    """The contents of the shell code blocks of a markdown text (fences paired in order)."""
+    blocks, current, lang = [], None, ""
+    for line in text.splitlines():
+        if line.lstrip().startswith("```"):
+            if current is None:
+                current, lang = [], line.strip()[3:].strip()
+            else:
+                if lang in SHELL:
+                    blocks.append("\n".join(current) + "\n")
+                current = None
+        elif current is not None:
+            current.append(line)
+    return blocks
+
+
 CONFIG_COMMANDS = ("train", "config", "inspect", "plan")
 
 
@@ -23,7 +41,7 @@ def _commands() -> list[tuple[str, list[str]]]:
     """(where, argv after `evoformer`) for each evoformer command line in a code block."""
     found = []
     for doc in DOCS:
-        for block in FENCE.findall(doc.read_text()):
+        for block in _blocks(doc.read_text()):
             for line in block.replace("\\\n", " ").splitlines():
                 line = line.split(" # ")[0].split("  #")[0].strip()
                 for part in re.split(r"&&|\|", line):
