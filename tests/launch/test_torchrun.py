@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import os
 import shlex
 import signal
@@ -262,7 +263,10 @@ def test_killed_node_fails_fast_and_leaves_a_resumable_checkpoint(
     assert took < 60, f"node A needed {took:.0f} s to notice"
     assert "training FAILED" in message, message[-3000:]
     assert f"Last complete checkpoint: {ckpt}" in message
-    assert not (out / "status.json").exists()
+    # a dead peer is never reported as finished or interrupted; a surviving rank that sees its
+    # collective fail records "hung" (engine.watchdog), which a launcher may requeue
+    status = out / "status.json"
+    assert not status.exists() or json.loads(status.read_text())["state"] == "hung"
     saved = read_trainer_state(ckpt)["step"]
     assert saved >= 40 and saved % 20 == 0
     load_model(ckpt)
