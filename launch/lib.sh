@@ -27,7 +27,7 @@ EOF
 
 # evo_run_state DIR SINCE: "STATE STEP MAX_STEPS" from DIR/status.json when the file was written
 # at or after SINCE (seconds since the epoch), so a status left by an earlier run never counts.
-# STATE is finished | interrupted (written by the trainer), or none (no fresh status).
+# STATE is finished | interrupted | hung (written by the trainer), or none (no fresh status).
 evo_run_state() {
   local file=$1/status.json since=$2 json state=none step=0 max=0
   if [[ -f $file ]] && (($(stat -c %Y "$file") >= since)); then
@@ -50,6 +50,23 @@ evo_latest_checkpoint() {
     fi
   fi
   printf 'none\n'
+}
+
+# evo_hang_retry DIR: after a run in DIR ended "hung" (the watchdog or a failed collective),
+# say whether to requeue. A hang that came after a newer checkpoint than the previous hang's is
+# taken for a transient fault (a stuck link, a bad node) and retried; a second hang with no new
+# checkpoint in between would repeat forever, so it is not. DIR/.hang_checkpoint remembers the
+# checkpoint of the last retried hang. Prints "retry CHECKPOINT" or "stop CHECKPOINT".
+evo_hang_retry() {
+  local mark=$1/.hang_checkpoint latest previous=""
+  latest=$(evo_latest_checkpoint "$1")
+  [[ -f $mark ]] && previous=$(<"$mark")
+  if [[ $latest == none || $latest == "$previous" ]]; then
+    printf 'stop %s\n' "$latest"
+    return 0
+  fi
+  printf '%s\n' "$latest" >"$mark.tmp" && mv -f "$mark.tmp" "$mark"
+  printf 'retry %s\n' "$latest"
 }
 
 # evo_log MESSAGE...: one line on stderr, prefixed with the time, the script and the host.
