@@ -473,6 +473,8 @@ def validate_moe(cfg: Config) -> None:
         _fail("model.moe.n_groups", moe.n_groups, f"must divide model.moe.num_experts={E}")
     if not 1 <= moe.topk_groups <= moe.n_groups:
         _fail("model.moe.topk_groups", moe.topk_groups, f"must be in [1, n_groups={moe.n_groups}]")
+    if moe.group_score not in ("top2", "max"):
+        _fail("model.moe.group_score", moe.group_score, "must be top2 or max")
     reachable = moe.topk_groups * (E // moe.n_groups)
     if not 1 <= moe.top_k <= reachable:
         _fail(

@@ -93,6 +93,8 @@ class MoESpec:
     routed_scaling: float
     n_groups: int
     topk_groups: int
+    group_score: str
+    """top2 | max: how a group scores in group-limited routing."""
     aux_loss_coef: float
     """This layer's share: ``moe.aux_loss_coef`` over the number of MoE layers (MTP included)."""
     bias_update_rate: float
@@ -164,6 +166,7 @@ def moe_spec(cfg: ModelConfig) -> MoESpec:
         routed_scaling=m.routed_scaling,
         n_groups=m.n_groups,
         topk_groups=m.topk_groups,
+        group_score=m.group_score,
         aux_loss_coef=m.aux_loss_coef / max(n_moe, 1),
         bias_update_rate=m.bias_update_rate,
         capacity_factor=m.capacity_factor,

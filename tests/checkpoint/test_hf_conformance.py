@@ -40,8 +40,13 @@ def published(case: str) -> dict[str, Any]:
     return json.loads((CONFIGS / f"{case}.json").read_text())
 
 
+# model_types transformers has no class for -> the HF class their files run as.
+HF_MODEL_TYPE = {"kimi_k2": "deepseek_v3"}  # Moonshot's own advice for engines without kimi_k2
+
+
 def _hf_config(raw: dict[str, Any]):
     raw = {k: v for k, v in raw.items() if k != "quantization_config"}  # weights written below
+    raw["model_type"] = HF_MODEL_TYPE.get(raw["model_type"], raw["model_type"])
     return transformers.AutoConfig.for_model(**raw)
 
 
@@ -202,6 +207,9 @@ EXPECTED = {
     "gemma3": (16, 6, 4, "linear", 0.0, 0.0),
     "gpt2": (None, 0, 4, None, 0.0, 0.0),
     "deepseek_v3": (None, 0, 4, "yarn", 0.001, 0.001),
+    "deepseek_v2": (None, 0, 4, "yarn", 0.001, 0.0),
+    "deepseek_v2_lite": (None, 0, 4, "yarn", 0.001, 0.0),
+    "kimi_k2": (None, 0, 4, "yarn", 0.001, 0.001),
 }
 
 
@@ -220,8 +228,29 @@ def test_imported_settings(imported) -> None:
     notes = " ".join(conversion.notes)
     if case == "gemma3":
         assert "text model of gemma3" in notes and "vision" in notes
-    if case == "deepseek_v3":
+    if case in ("deepseek_v3", "kimi_k2"):
         assert "bias_update_rate=0.001" in notes and "dequantized" in notes
+    if case.startswith("deepseek_v2"):  # softmax routing; V2.5 limits groups by their best
+        grouped = case == "deepseek_v2"
+        assert (m.moe.score, m.moe.norm_topk_prob) == ("softmax", False)
+        assert (m.moe.n_groups, m.moe.topk_groups) == ((8, 3) if grouped else (1, 1))
+        assert m.moe.group_score == "max" and m.attention.q_lora_rank == (48 if grouped else 0)
+
+
+@pytest.mark.parametrize("imported", ["kimi_k2"], indirect=True)
+def test_kimi_k2_exports_its_model_type(imported, tmp_path: Path) -> None:
+    """``--family kimi_k2`` writes kimi_k2 back; run as deepseek_v3 (as Moonshot advises for
+    engines without the type), transformers gives the reference logits."""
+    case, _, ids, ref, root, _ = imported
+    export_hf(root / "ours", tmp_path / "k2", family="kimi_k2")
+    cfg = json.loads((tmp_path / "k2" / "config.json").read_text())
+    assert cfg["model_type"] == "kimi_k2" and cfg["architectures"] == ["DeepseekV3ForCausalLM"]
+    (tmp_path / "k2" / "config.json").write_text(json.dumps({**cfg, "model_type": "deepseek_v3"}))
+    back = transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path / "k2", dtype=torch.float32
+    ).eval()
+    with torch.no_grad():
+        assert rel_err(back(input_ids=ids).logits.float(), ref) <= TOL
 
 
 def test_fp8_dequantization_matches_references() -> None:

@@ -80,6 +80,20 @@ PUBLISHED = [
         "DeepSeek-V3 technical report: 37B activated (+-0.5B)",
     ),
     (
+        "kimi-k2-1t",
+        "total",
+        1e12,
+        0.03,
+        "HF moonshotai/Kimi-K2-Base model card: 1T total (one significant digit; we get 1.026T)",
+    ),
+    (
+        "kimi-k2-1t",
+        "active_no_embed",
+        32e9,
+        0.015,
+        "HF moonshotai/Kimi-K2-Base model card: 32B activated (we get 31.7B)",
+    ),
+    (
         "deepseek-v3-671b",
         "hf_checkpoint",
         685e9,
@@ -276,6 +290,31 @@ HF_CONFIGS = {
             topk_group=4,
         ),
     ),
+    # Kimi K2 runs as HF's DeepSeek-V3 class (transformers has no kimi_k2 module).
+    "kimi-k2-1t": (
+        "DeepseekV3ForCausalLM",
+        "DeepseekV3Config",
+        dict(
+            vocab_size=163840,
+            hidden_size=7168,
+            intermediate_size=18432,
+            moe_intermediate_size=2048,
+            num_hidden_layers=61,
+            num_attention_heads=64,
+            num_key_value_heads=64,
+            n_routed_experts=384,
+            num_experts_per_tok=8,
+            n_shared_experts=1,
+            first_k_dense_replace=1,
+            q_lora_rank=1536,
+            kv_lora_rank=512,
+            qk_nope_head_dim=128,
+            qk_rope_head_dim=64,
+            v_head_dim=128,
+            n_group=1,
+            topk_group=1,
+        ),
+    ),
 }
 
 
@@ -331,6 +370,8 @@ def test_tiny_configs_keep_their_family_choices():
         1,
         "sigmoid",
     )
+    v2 = preset("tiny/deepseek-v2").moe
+    assert (v2.score, v2.norm_topk_prob, v2.group_score) == ("softmax", False, "max")
     assert preset("tiny/olmo2").norm.placement == "reordered"
     assert preset("tiny/qwen2").attention.qkv_bias is True
     assert preset("tiny/mistral").attention.sliding_window == 16

@@ -7,9 +7,11 @@ the model. Adding a family is one module defining its ``FAMILY`` and one line he
 from __future__ import annotations
 
 from evoformer.checkpoint.hf import (
+    deepseek_v2,
     deepseek_v3,
     gemma3,
     gpt2,
+    kimi_k2,
     llama,
     mistral,
     mixtral,
@@ -32,6 +34,8 @@ FAMILIES: dict[str, Family] = {
         gemma3.FAMILY,
         mixtral.FAMILY,
         qwen3_moe.FAMILY,
+        deepseek_v2.FAMILY,
         deepseek_v3.FAMILY,
+        kimi_k2.FAMILY,  # after deepseek_v3: the same model exports as deepseek_v3 by default
     )
 }
