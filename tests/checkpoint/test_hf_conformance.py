@@ -203,6 +203,7 @@ EXPECTED = {
     "qwen3_moe": (None, 0, 1, "none", 0.001, 0.0),
     "mixtral": (None, 0, 2, "none", 0.02, 0.0),
     "olmo2": (None, 0, 4, "none", 0.0, 0.0),
+    "olmo3": (16, 4, 4, "yarn", 0.0, 0.0),
     "gemma3_text": (16, 6, 1, "none", 0.0, 0.0),
     "gemma3": (16, 6, 4, "linear", 0.0, 0.0),
     "gpt2": (None, 0, 4, None, 0.0, 0.0),
@@ -228,6 +229,8 @@ def test_imported_settings(imported) -> None:
     notes = " ".join(conversion.notes)
     if case == "gemma3":
         assert "text model of gemma3" in notes and "vision" in notes
+    if case == "olmo3":  # YaRN on the full layers only, as transformers applies it
+        assert m.position.local_rope_theta == m.position.rope_theta == 500000
     if case in ("deepseek_v3", "kimi_k2"):
         assert "bias_update_rate=0.001" in notes and "dequantized" in notes
     if case.startswith("deepseek_v2"):  # softmax routing; V2.5 limits groups by their best

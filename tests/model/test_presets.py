@@ -55,6 +55,7 @@ PUBLISHED = [
     ("qwen3-235b-a22b", "non_embedding", 234e9, 0.005, "HF Qwen/Qwen3-235B-A22B: 234B"),
     ("qwen3-235b-a22b", "active", 22e9, 0.023, "HF Qwen/Qwen3-235B-A22B: 22B (+-0.5B)"),
     ("olmo2-7b", "total", 7.3e9, 0.005, "HF allenai/OLMo-2-1124-7B: 7.3B params"),
+    ("olmo3-7b", "total", 7.3e9, 0.005, "HF allenai/Olmo-3-1025-7B: 7.3B params"),
     (
         "gemma3-27b",
         "total",
@@ -220,6 +221,18 @@ HF_CONFIGS = {
         "Olmo2Config",
         dict(
             vocab_size=100352,
+            hidden_size=4096,
+            intermediate_size=11008,
+            num_hidden_layers=32,
+            num_attention_heads=32,
+            num_key_value_heads=32,
+        ),
+    ),
+    "olmo3-7b": (
+        "Olmo3ForCausalLM",
+        "Olmo3Config",
+        dict(
+            vocab_size=100278,
             hidden_size=4096,
             intermediate_size=11008,
             num_hidden_layers=32,
