@@ -19,13 +19,13 @@ from typing import Any
 
 from evoformer.checkpoint.hf.dense import FULL, SLIDING, layer_types, window_layout
 from evoformer.checkpoint.hf.family import Family, hf_defaults, unsupported
+from evoformer.checkpoint.hf.olmo2 import FAMILY as OLMO2
 from evoformer.checkpoint.hf.olmo2 import (
     OLMO2_DEFAULTS,
     OLMO2_RULES,
     olmo2_to_hf_config,
     olmo2_to_model_config,
 )
-from evoformer.checkpoint.hf.olmo2 import FAMILY as OLMO2
 from evoformer.checkpoint.hf.rope import rope_params_from_hf, rope_params_to_hf
 from evoformer.config.schema import ModelConfig, PositionConfig
 
