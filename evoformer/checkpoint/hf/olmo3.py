@@ -39,7 +39,7 @@ OLMO3_DEFAULTS: dict[str, Any] = {
 
 
 def _olmo3_rope(c: dict[str, Any], has_local: bool) -> PositionConfig:
-    params = c.get("rope_parameters")
+    params: dict[str, Any] = c.get("rope_parameters") or {}
     nested = bool(params) and all(isinstance(v, dict) for v in params.values())
     if c.get("rope_scaling") is not None or not nested:
         # the published layout: rope_theta for both, rope_scaling on the full layers only
