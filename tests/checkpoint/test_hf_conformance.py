@@ -153,6 +153,8 @@ def _rope(c) -> Any:
     for key, p in entries.items():
         p = {k: float(v) if isinstance(v, (int, float)) else v for k, v in p.items()}
         p.pop("type", None)
+        if p.get("partial_rotary_factor") == 1.0:  # the whole head rotates, spelled out or not
+            p.pop("partial_rotary_factor")
         if p.get("rope_type") == "yarn":  # HF's defaults, spelled out or not
             p = {"beta_fast": 32.0, "beta_slow": 1.0, "truncate": True, **p}
         out[key] = p
@@ -204,6 +206,7 @@ EXPECTED = {
     "mixtral": (None, 0, 2, "none", 0.02, 0.0),
     "olmo2": (None, 0, 4, "none", 0.0, 0.0),
     "olmo3": (16, 4, 4, "yarn", 0.0, 0.0),
+    "phi3": (None, 0, 2, "none", 0.0, 0.0),
     "gemma3_text": (16, 6, 1, "none", 0.0, 0.0),
     "gemma3": (16, 6, 4, "linear", 0.0, 0.0),
     "gpt2": (None, 0, 4, None, 0.0, 0.0),
@@ -295,17 +298,44 @@ def test_refusals_name_the_key(change: dict, message: str, tmp_path: Path) -> No
         import_hf(tmp_path / "hf", tmp_path / "out")
 
 
-@pytest.mark.parametrize("imported", ["llama", "mixtral"], indirect=True)  # dense and MoE
+@pytest.mark.parametrize(
+    "case, change, message",
+    [
+        ("phi3", {"partial_rotary_factor": 0.75}, "partial_rotary_factor=0.75"),  # Phi-4-mini
+        (
+            "phi3",
+            {"rope_scaling": {"type": "longrope", "short_factor": [1.0], "long_factor": [1.0]}},
+            "rope_type='longrope'",
+        ),
+        ("phi3", {"resid_pdrop": 0.1}, "resid_pdrop=0.1"),
+        ("deepseek_v2", {"topk_method": "noaux_tc"}, "topk_method='noaux_tc'"),
+        ("deepseek_v2", {"norm_topk_prob": True}, "norm_topk_prob=true"),
+    ],
+)
+def test_family_refusals_name_the_key(case: str, change: dict, message: str) -> None:
+    family = FAMILIES[published(case)["model_type"]]
+    with pytest.raises(UserError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        family.to_model_config({**published(case), **change})
+
+
+# dense, MoE, fused projections
+@pytest.mark.parametrize("imported", ["llama", "mixtral", "phi3"], indirect=True)
 def test_sharded_export_and_reimport(imported, tmp_path: Path) -> None:
     """Export in shards of at most 40 kB (the index names every tensor once, no file exceeds
     the limit unless one tensor does), transformers loads them, and the shards import back to
-    the same checkpoint tensors."""
-    case, _, ids, ref, root, _ = imported
+    the same checkpoint tensors. Written as the family it came from (Phi-4: fused qkv_proj and
+    gate_up_proj again, although LLaMA, first in the registry, could express it too)."""
+    case, _, ids, ref, root, conversion = imported
     from evoformer.checkpoint.hf.stream import INDEX, StoredTensors
 
     limit = 40_000
-    export_hf(root / "ours", tmp_path / "hf", max_shard_size=limit)
+    family = conversion.family.name
+    export_hf(root / "ours", tmp_path / "hf", family=family, max_shard_size=limit)
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["model_type"] == family
     index = json.loads((tmp_path / "hf" / INDEX).read_text())
+    if case == "phi3":
+        fused = {n.split(".")[-2] for n in index["weight_map"] if n.startswith("model.layers.0.")}
+        assert {"qkv_proj", "gate_up_proj"} <= fused and "q_proj" not in fused
     files = sorted(set(index["weight_map"].values()))
     assert len(files) > 3 and not (tmp_path / "hf" / "model.safetensors").exists()
     for f in files:

@@ -56,6 +56,7 @@ PUBLISHED = [
     ("qwen3-235b-a22b", "active", 22e9, 0.023, "HF Qwen/Qwen3-235B-A22B: 22B (+-0.5B)"),
     ("olmo2-7b", "total", 7.3e9, 0.005, "HF allenai/OLMo-2-1124-7B: 7.3B params"),
     ("olmo3-7b", "total", 7.3e9, 0.005, "HF allenai/Olmo-3-1025-7B: 7.3B params"),
+    ("phi4-14b", "total", 14.7e9, 0.005, "HF microsoft/phi-4: 14.7B params"),
     (
         "gemma3-27b",
         "total",
@@ -238,6 +239,18 @@ HF_CONFIGS = {
             num_hidden_layers=32,
             num_attention_heads=32,
             num_key_value_heads=32,
+        ),
+    ),
+    "phi4-14b": (
+        "Phi3ForCausalLM",
+        "Phi3Config",
+        dict(
+            vocab_size=100352,
+            hidden_size=5120,
+            intermediate_size=17920,
+            num_hidden_layers=40,
+            num_attention_heads=40,
+            num_key_value_heads=10,
         ),
     ),
     "gemma3-27b": (
