@@ -73,6 +73,9 @@ class PositionConfig:
     local_rope_theta: Optional[float] = opt(
         None, "RoPE base of local (sliding-window) layers when it differs (Gemma 3: 10000)."
     )
+    nope_layers: list[int] = opt(
+        [], "Layers (0-based) whose attention uses no RoPE (SmolLM3's NoPE layers: every 4th)."
+    )
 
 
 @dataclass

@@ -32,7 +32,7 @@ class LayerSpec:
     """Sliding window of this layer's attention (None: it attends to the whole prefix)."""
     rope: str
     """Which RoPE table the layer rotates q/k with: global | local (Gemma 3's local base) |
-    none (no rotary positions in the model)."""
+    none (no rotary positions in the model, or a NoPE layer: ``position.nope_layers``)."""
     mlp: str
     """Feed-forward kind: dense | moe."""
 
@@ -182,7 +182,7 @@ def layer_spec(cfg: ModelConfig, index: int) -> LayerSpec:
     local = a.sliding_window is not None and (
         a.global_every <= 0 or (index + 1) % a.global_every != 0
     )
-    if cfg.position.kind != "rope":
+    if cfg.position.kind != "rope" or index in cfg.position.nope_layers:
         rope = "none"
     elif local and cfg.position.local_rope_theta is not None:
         rope = "local"

@@ -28,6 +28,7 @@ from evoformer.checkpoint import load_model  # noqa: E402
 from evoformer.checkpoint.hf import FAMILIES, export_hf, import_hf  # noqa: E402
 from evoformer.checkpoint.hf.convert import convert_from_hf  # noqa: E402
 from evoformer.errors import UserError  # noqa: E402
+from evoformer.model.layout import layer_plan  # noqa: E402
 from tests.checkpoint.hf_testing import randomise, rel_err  # noqa: E402
 
 TOL = 1e-5
@@ -170,6 +171,7 @@ def _meaning(c) -> dict[str, Any]:
         "head_dim": getattr(c, "head_dim", None) or (getattr(c, "hidden_size", 0) // heads),
         "rope": _rope(c),
         "experts": getattr(c, "num_experts", getattr(c, "n_routed_experts", None)),
+        "no_rope_layers": getattr(c, "no_rope_layers", None),
     }
 
 
@@ -207,6 +209,7 @@ EXPECTED = {
     "olmo2": (None, 0, 4, "none", 0.0, 0.0),
     "olmo3": (16, 4, 4, "yarn", 0.0, 0.0),
     "phi3": (None, 0, 2, "none", 0.0, 0.0),
+    "smollm3": (None, 0, 1, "none", 0.0, 0.0),
     "gemma3_text": (16, 6, 1, "none", 0.0, 0.0),
     "gemma3": (16, 6, 4, "linear", 0.0, 0.0),
     "gpt2": (None, 0, 4, None, 0.0, 0.0),
@@ -232,6 +235,11 @@ def test_imported_settings(imported) -> None:
     notes = " ".join(conversion.notes)
     if case == "gemma3":
         assert "text model of gemma3" in notes and "vision" in notes
+    if case == "smollm3":  # every 4th layer rotates nothing
+        assert m.position.nope_layers == [3, 7]
+        assert [s.rope for s in layer_plan(m)] == ["global"] * 3 + ["none"] + ["global"] * 3 + [
+            "none"
+        ]
     if case == "olmo3":  # YaRN on the full layers only, as transformers applies it
         assert m.position.local_rope_theta == m.position.rope_theta == 500000
     if case in ("deepseek_v3", "kimi_k2"):

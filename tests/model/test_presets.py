@@ -57,6 +57,7 @@ PUBLISHED = [
     ("olmo2-7b", "total", 7.3e9, 0.005, "HF allenai/OLMo-2-1124-7B: 7.3B params"),
     ("olmo3-7b", "total", 7.3e9, 0.005, "HF allenai/Olmo-3-1025-7B: 7.3B params"),
     ("phi4-14b", "total", 14.7e9, 0.005, "HF microsoft/phi-4: 14.7B params"),
+    ("smollm3-3b", "total", 3.08e9, 0.005, "HF HuggingFaceTB/SmolLM3-3B: 3.08B params"),
     (
         "gemma3-27b",
         "total",
@@ -253,6 +254,19 @@ HF_CONFIGS = {
             num_key_value_heads=10,
         ),
     ),
+    "smollm3-3b": (
+        "SmolLM3ForCausalLM",
+        "SmolLM3Config",
+        dict(
+            vocab_size=128256,
+            hidden_size=2048,
+            intermediate_size=11008,
+            num_hidden_layers=36,
+            num_attention_heads=16,
+            num_key_value_heads=4,
+            tie_word_embeddings=True,
+        ),
+    ),
     "gemma3-27b": (
         "Gemma3ForCausalLM",
         "Gemma3TextConfig",
@@ -398,6 +412,8 @@ def test_tiny_configs_keep_their_family_choices():
     )
     v2 = preset("tiny/deepseek-v2").moe
     assert (v2.score, v2.norm_topk_prob, v2.group_score) == ("softmax", False, "max")
+    assert preset("tiny/smollm3").position.nope_layers == [3]
+    assert preset("smollm3-3b").position.nope_layers == list(range(3, 36, 4))
     assert preset("tiny/olmo2").norm.placement == "reordered"
     assert preset("tiny/qwen2").attention.qkv_bias is True
     assert preset("tiny/mistral").attention.sliding_window == 16

@@ -21,6 +21,7 @@ from evoformer.checkpoint.hf import (
     qwen2,
     qwen3,
     qwen3_moe,
+    smollm3,
 )
 from evoformer.checkpoint.hf.family import Family
 
@@ -35,6 +36,7 @@ FAMILIES: dict[str, Family] = {
         olmo2.FAMILY,
         olmo3.FAMILY,
         phi3.FAMILY,
+        smollm3.FAMILY,
         gemma3.FAMILY,
         mixtral.FAMILY,
         qwen3_moe.FAMILY,
