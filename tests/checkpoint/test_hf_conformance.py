@@ -48,6 +48,10 @@ HF_MODEL_TYPE = {"kimi_k2": "deepseek_v3"}  # Moonshot's own advice for engines 
 def _hf_config(raw: dict[str, Any]):
     raw = {k: v for k, v in raw.items() if k != "quantization_config"}  # weights written below
     raw["model_type"] = HF_MODEL_TYPE.get(raw["model_type"], raw["model_type"])
+    if raw["model_type"] == "mistral3":
+        # transformers 5 ties the head on the wrapper (its Mistral3Config default: true); the
+        # file, written by 4.50, means its text model's own setting, which import follows.
+        raw.setdefault("tie_word_embeddings", raw["text_config"].get("tie_word_embeddings", False))
     return transformers.AutoConfig.for_model(**raw)
 
 
@@ -190,8 +194,8 @@ def test_hf5_serialisation_imports_the_same(imported, tmp_path: Path) -> None:
     case, *_, root, conversion = imported
     raw5 = json.loads((root / "hf5.json").read_text())
     raw = published(case)
-    text5 = raw5.get("text_config", raw5) if raw5["model_type"] == "gemma3" else raw5
-    text = raw.get("text_config", raw) if raw["model_type"] == "gemma3" else raw
+    text5 = raw5.get("text_config", raw5)  # a multimodal wrapper: its text model
+    text = raw.get("text_config", raw)
     if raw["model_type"] == "gemma3":
         text = {**text, "tie_word_embeddings": True}
     family = FAMILIES[conversion.family.name]
@@ -202,6 +206,7 @@ EXPECTED = {
     # case: (window, global_every, kv heads, rope kind, aux loss, bias update rate)
     "llama": (None, 0, 2, "llama3", 0.0, 0.0),
     "mistral": (None, 0, 2, "none", 0.0, 0.0),
+    "mistral3": (None, 0, 2, "none", 0.0, 0.0),
     "qwen2": (None, 0, 1, "yarn", 0.0, 0.0),
     "qwen3": (None, 0, 2, "none", 0.0, 0.0),
     "qwen3_moe": (None, 0, 1, "none", 0.001, 0.0),
@@ -235,6 +240,9 @@ def test_imported_settings(imported) -> None:
     notes = " ".join(conversion.notes)
     if case == "gemma3":
         assert "text model of gemma3" in notes and "vision" in notes
+    if case == "mistral3":  # Mistral Small 3.1: the Pixtral tower and projector are dropped
+        assert "text model of mistral3" in notes and "pixtral" in notes
+        assert m.head_dim == 16 != m.d_model // m.attention.n_heads
     if case == "smollm3":  # every 4th layer rotates nothing
         assert m.position.nope_layers == [3, 7]
         assert [s.rope for s in layer_plan(m)] == ["global"] * 3 + ["none"] + ["global"] * 3 + [
