@@ -18,8 +18,7 @@ import copy
 from typing import Any
 
 from evoformer.checkpoint.hf.dense import FULL, SLIDING, layer_types, window_layout
-from evoformer.checkpoint.hf.family import Family, hf_defaults, unsupported
-from evoformer.checkpoint.hf.olmo2 import FAMILY as OLMO2
+from evoformer.checkpoint.hf.family import ROTARY_BUFFERS, Family, hf_defaults, unsupported
 from evoformer.checkpoint.hf.olmo2 import (
     OLMO2_DEFAULTS,
     OLMO2_RULES,
@@ -106,5 +105,5 @@ FAMILY = Family(
     to_hf_config=olmo3_to_hf_config,
     rules=OLMO2_RULES,
     base_prefix="model.",
-    ignore=OLMO2.ignore,
+    ignore=ROTARY_BUFFERS,
 )
