@@ -259,6 +259,28 @@ def test_imported_settings(imported) -> None:
         assert m.moe.group_score == "max" and m.attention.q_lora_rank == (48 if grouped else 0)
 
 
+def test_wrapper_saved_by_transformers5_ties_as_it_says(tmp_path: Path) -> None:
+    """A ``mistral3`` folder written by transformers 5 says ``tie_word_embeddings: true`` on the
+    wrapper (its default) and ``false`` in ``text_config``, and holds no head: import ties the
+    head, as transformers does, and gives its logits."""
+    raw = {k: v for k, v in published("mistral3").items() if k != "quantization_config"}
+    torch.manual_seed(0)
+    hf = transformers.Mistral3ForConditionalGeneration(
+        transformers.AutoConfig.for_model(**raw)
+    ).eval()
+    randomise(hf, seed=1)
+    hf.save_pretrained(tmp_path / "hf")
+    saved = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert saved["tie_word_embeddings"] is True
+    assert saved["text_config"].get("tie_word_embeddings") is False
+    conversion = convert_from_hf(tmp_path / "hf", tmp_path / "ours")
+    model = load_model(conversion.out_dir)
+    assert model.cfg.tie_embeddings
+    ids = torch.randint(0, 320, (2, SEQ), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert rel_err(model(ids), hf(input_ids=ids).logits.float()) <= TOL
+
+
 @pytest.mark.parametrize("imported", ["kimi_k2"], indirect=True)
 def test_kimi_k2_exports_its_model_type(imported, tmp_path: Path) -> None:
     """``--family kimi_k2`` writes kimi_k2 back; run as deepseek_v3 (as Moonshot advises for
