@@ -45,6 +45,7 @@ PRESETS = [
     "mixtral-8x7b",
     "qwen3-235b-a22b",
     "deepseek-v2-lite",
+    "deepseek-v2-236b",
     "deepseek-v3-671b",
     "kimi-k2-1t",
 ]
