@@ -258,6 +258,7 @@ def test_imported_settings(imported) -> None:
         assert (m.moe.score, m.moe.norm_topk_prob) == ("softmax", False)
         assert (m.moe.n_groups, m.moe.topk_groups) == ((8, 3) if grouped else (1, 1))
         assert m.moe.group_score == "max" and m.attention.q_lora_rank == (48 if grouped else 0)
+        assert "aux_loss_coef=0.001 (aux_loss_alpha" in notes
 
 
 def test_wrapper_saved_by_transformers5_ties_as_it_says(tmp_path: Path) -> None:

@@ -137,6 +137,15 @@ def deepseek_v2_to_model_config(hf_cfg: dict[str, Any]) -> ModelConfig:
     return m
 
 
+def deepseek_v2_notes(hf_cfg: dict[str, Any], m: ModelConfig) -> tuple[str, ...]:
+    """What the import carries and drops of DeepSeek-V2's balancing."""
+    return (
+        f"load balancing: model.moe.aux_loss_coef={m.moe.aux_loss_coef} (aux_loss_alpha, the "
+        "expert-level loss); the V2 report's device- and communication-level losses have no "
+        "config key and are not reproduced",
+    )
+
+
 def deepseek_v2_to_hf_config(m: ModelConfig) -> dict[str, Any]:
     """ModelConfig -> DeepSeek-V2 ``config.json``; UserError names any choice it lacks."""
     check_moe_skeleton("deepseek_v2", m, "mla")
@@ -219,4 +228,5 @@ FAMILY = Family(
     ignore=ROTARY_BUFFERS,
     extra_rules=deepseek_v2_extra_rules,
     transform=deepseek_v2_transform,
+    notes=deepseek_v2_notes,
 )
