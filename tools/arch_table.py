@@ -37,12 +37,17 @@ PRESETS = [
     "mistral-7b",
     "qwen3-8b",
     "olmo2-7b",
+    "olmo3-7b",
+    "smollm3-3b",
+    "phi4-14b",
     "gemma3-27b",
     "llama3.1-405b",
     "mixtral-8x7b",
     "qwen3-235b-a22b",
     "deepseek-v2-lite",
+    "deepseek-v2-236b",
     "deepseek-v3-671b",
+    "kimi-k2-1t",
 ]
 
 # One 7B shape (Llama 2 7B: d 4096, 32 layers, 32 query heads of 128) with only the attention

@@ -73,6 +73,9 @@ class PositionConfig:
     local_rope_theta: Optional[float] = opt(
         None, "RoPE base of local (sliding-window) layers when it differs (Gemma 3: 10000)."
     )
+    nope_layers: list[int] = opt(
+        [], "Layers (0-based) whose attention uses no RoPE (SmolLM3's NoPE layers: every 4th)."
+    )
 
 
 @dataclass
@@ -155,6 +158,11 @@ class MoEConfig:
     routed_scaling: float = opt(1.0, "Multiply the routed output (DeepSeek-V3: 2.5).")
     n_groups: int = opt(1, "Group-limited routing: expert groups (DeepSeek-V3: 8).")
     topk_groups: int = opt(1, "Group-limited routing: groups a token may use (DeepSeek-V3: 4).")
+    group_score: str = opt(
+        "top2",
+        "Group-limited routing: a group's score: top2 (sum of its two best experts, DeepSeek-V3)"
+        " | max (its best expert, DeepSeek-V2's group_limited_greedy).",
+    )
     first_k_dense: int = opt(0, "The first k layers keep a dense MLP (DeepSeek: 1-3).")
     layer_freq: int = opt(1, "Every N-th layer (after first_k_dense) is MoE.")
     aux_loss_coef: float = opt(0.0, "Load-balancing auxiliary loss weight (Mixtral 0.02).")

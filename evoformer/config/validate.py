@@ -16,6 +16,7 @@ CHOICES = {
     "model.attention.qk_norm": ("none", "head", "full"),
     "model.mlp.kind": ("gelu", "swiglu", "geglu"),
     "model.moe.score": ("softmax", "sigmoid"),
+    "model.moe.group_score": ("top2", "max"),
     "model.mlp.activation": ("default", "gelu", "gelu_tanh", "silu"),
     "model.backend": ("torch", "te"),
     "data.source": ("default", "files", "synthetic"),
@@ -443,6 +444,16 @@ def validate_model(cfg: Config) -> None:
             _fail("model.position.local_rope_theta", p.local_rope_theta, "needs position.kind=rope")
         if p.local_rope_theta <= 0:
             _fail("model.position.local_rope_theta", p.local_rope_theta, "must be > 0")
+    if p.nope_layers:
+        if p.kind != "rope":
+            _fail("model.position.nope_layers", p.nope_layers, "needs position.kind=rope")
+        bad = [i for i in p.nope_layers if not 0 <= i < m.n_layers]
+        if bad or len(set(p.nope_layers)) != len(p.nope_layers):
+            _fail(
+                "model.position.nope_layers",
+                p.nope_layers,
+                f"must be distinct layer indices in [0, {m.n_layers})",
+            )
     if p.kind == "rope" and p.rope_theta <= 0:
         _fail("model.position.rope_theta", p.rope_theta, "must be > 0")
     if p.kind == "rope" and p.rope_scaling.kind != "none" and p.rope_scaling.factor <= 0:

@@ -32,7 +32,7 @@ class LayerSpec:
     """Sliding window of this layer's attention (None: it attends to the whole prefix)."""
     rope: str
     """Which RoPE table the layer rotates q/k with: global | local (Gemma 3's local base) |
-    none (no rotary positions in the model)."""
+    none (no rotary positions in the model, or a NoPE layer: ``position.nope_layers``)."""
     mlp: str
     """Feed-forward kind: dense | moe."""
 
@@ -93,6 +93,8 @@ class MoESpec:
     routed_scaling: float
     n_groups: int
     topk_groups: int
+    group_score: str
+    """top2 | max: how a group scores in group-limited routing."""
     aux_loss_coef: float
     """This layer's share: ``moe.aux_loss_coef`` over the number of MoE layers (MTP included)."""
     bias_update_rate: float
@@ -164,6 +166,7 @@ def moe_spec(cfg: ModelConfig) -> MoESpec:
         routed_scaling=m.routed_scaling,
         n_groups=m.n_groups,
         topk_groups=m.topk_groups,
+        group_score=m.group_score,
         aux_loss_coef=m.aux_loss_coef / max(n_moe, 1),
         bias_update_rate=m.bias_update_rate,
         capacity_factor=m.capacity_factor,
@@ -179,7 +182,7 @@ def layer_spec(cfg: ModelConfig, index: int) -> LayerSpec:
     local = a.sliding_window is not None and (
         a.global_every <= 0 or (index + 1) % a.global_every != 0
     )
-    if cfg.position.kind != "rope":
+    if cfg.position.kind != "rope" or index in cfg.position.nope_layers:
         rope = "none"
     elif local and cfg.position.local_rope_theta is not None:
         rope = "local"

@@ -142,7 +142,8 @@ class MoE(nn.Module):
     Router: ``router`` (d_model -> E, no bias) in fp32; scores are softmax or sigmoid. The
     selection score adds ``e_score_correction_bias`` (aux-loss-free balancing, DeepSeek-V3)
     and, with ``n_groups > 1``, is limited to the ``topk_groups`` groups whose two best experts
-    score highest. Gate weights are the *unbiased* scores of the chosen experts, renormalised
+    (``group_score`` top2) or best expert (max) score highest. Gate weights are the *unbiased*
+    scores of the chosen experts, renormalised
     (``norm_topk_prob``) and scaled by ``routed_scaling``.
 
     Balancing: ``aux_loss`` (training, ``aux_loss_coef > 0``) is the Switch/Mixtral loss
@@ -179,6 +180,7 @@ class MoE(nn.Module):
         self.norm_topk_prob = m.norm_topk_prob
         self.routed_scaling = m.routed_scaling
         self.n_groups, self.topk_groups = m.n_groups, m.topk_groups
+        self.group_score = m.group_score
         self.aux_loss_coef = m.aux_loss_coef
         self.bias_update_rate = m.bias_update_rate
         self.capacity_factor = m.capacity_factor
@@ -233,10 +235,12 @@ class MoE(nn.Module):
         return weights_NK * self.routed_scaling, experts_NK, scores_NE
 
     def _limit_to_groups(self, choice_NE: torch.Tensor) -> torch.Tensor:
-        # DeepSeek-V3: a group scores the sum of its two best experts; keep topk_groups groups.
+        # A group scores the sum of its two best experts (DeepSeek-V3) or its best one
+        # (DeepSeek-V2's group_limited_greedy); keep the topk_groups best groups.
         N, E, G = choice_NE.shape[0], self.num_experts, self.n_groups
         choice_NGX = choice_NE.view(N, G, E // G)
-        group_NG = choice_NGX.topk(min(2, E // G), dim=-1).values.sum(dim=-1)
+        best = 1 if self.group_score == "max" else min(2, E // G)
+        group_NG = choice_NGX.topk(best, dim=-1).values.sum(dim=-1)
         keep_NG = torch.zeros_like(group_NG, dtype=torch.bool)
         keep_NG.scatter_(1, group_NG.topk(self.topk_groups, dim=-1).indices, True)
         return choice_NGX.masked_fill(~keep_NG.unsqueeze(-1), float("-inf")).view(N, E)

@@ -28,6 +28,7 @@ from evoformer.checkpoint import load_model  # noqa: E402
 from evoformer.checkpoint.hf import FAMILIES, export_hf, import_hf  # noqa: E402
 from evoformer.checkpoint.hf.convert import convert_from_hf  # noqa: E402
 from evoformer.errors import UserError  # noqa: E402
+from evoformer.model.layout import layer_plan  # noqa: E402
 from tests.checkpoint.hf_testing import randomise, rel_err  # noqa: E402
 
 TOL = 1e-5
@@ -40,8 +41,17 @@ def published(case: str) -> dict[str, Any]:
     return json.loads((CONFIGS / f"{case}.json").read_text())
 
 
+# model_types transformers has no class for -> the HF class their files run as.
+HF_MODEL_TYPE = {"kimi_k2": "deepseek_v3"}  # Moonshot's own advice for engines without kimi_k2
+
+
 def _hf_config(raw: dict[str, Any]):
     raw = {k: v for k, v in raw.items() if k != "quantization_config"}  # weights written below
+    raw["model_type"] = HF_MODEL_TYPE.get(raw["model_type"], raw["model_type"])
+    if raw["model_type"] == "mistral3":
+        # transformers 5 ties the head on the wrapper (its Mistral3Config default: true); the
+        # file, written by 4.50, means its text model's own setting, which import follows.
+        raw.setdefault("tie_word_embeddings", raw["text_config"].get("tie_word_embeddings", False))
     return transformers.AutoConfig.for_model(**raw)
 
 
@@ -148,6 +158,8 @@ def _rope(c) -> Any:
     for key, p in entries.items():
         p = {k: float(v) if isinstance(v, (int, float)) else v for k, v in p.items()}
         p.pop("type", None)
+        if p.get("partial_rotary_factor") == 1.0:  # the whole head rotates, spelled out or not
+            p.pop("partial_rotary_factor")
         if p.get("rope_type") == "yarn":  # HF's defaults, spelled out or not
             p = {"beta_fast": 32.0, "beta_slow": 1.0, "truncate": True, **p}
         out[key] = p
@@ -163,6 +175,7 @@ def _meaning(c) -> dict[str, Any]:
         "head_dim": getattr(c, "head_dim", None) or (getattr(c, "hidden_size", 0) // heads),
         "rope": _rope(c),
         "experts": getattr(c, "num_experts", getattr(c, "n_routed_experts", None)),
+        "no_rope_layers": getattr(c, "no_rope_layers", None),
     }
 
 
@@ -181,8 +194,8 @@ def test_hf5_serialisation_imports_the_same(imported, tmp_path: Path) -> None:
     case, *_, root, conversion = imported
     raw5 = json.loads((root / "hf5.json").read_text())
     raw = published(case)
-    text5 = raw5.get("text_config", raw5) if raw5["model_type"] == "gemma3" else raw5
-    text = raw.get("text_config", raw) if raw["model_type"] == "gemma3" else raw
+    text5 = raw5.get("text_config", raw5)  # a multimodal wrapper: its text model
+    text = raw.get("text_config", raw)
     if raw["model_type"] == "gemma3":
         text = {**text, "tie_word_embeddings": True}
     family = FAMILIES[conversion.family.name]
@@ -193,15 +206,23 @@ EXPECTED = {
     # case: (window, global_every, kv heads, rope kind, aux loss, bias update rate)
     "llama": (None, 0, 2, "llama3", 0.0, 0.0),
     "mistral": (None, 0, 2, "none", 0.0, 0.0),
+    "mistral3": (None, 0, 2, "none", 0.0, 0.0),
     "qwen2": (None, 0, 1, "yarn", 0.0, 0.0),
     "qwen3": (None, 0, 2, "none", 0.0, 0.0),
     "qwen3_moe": (None, 0, 1, "none", 0.001, 0.0),
     "mixtral": (None, 0, 2, "none", 0.02, 0.0),
     "olmo2": (None, 0, 4, "none", 0.0, 0.0),
+    "olmo3": (16, 4, 4, "yarn", 0.0, 0.0),
+    "phi3": (None, 0, 2, "none", 0.0, 0.0),
+    "phi3_mini": (15, 0, 4, "none", 0.0, 0.0),
+    "smollm3": (None, 0, 1, "none", 0.0, 0.0),
     "gemma3_text": (16, 6, 1, "none", 0.0, 0.0),
     "gemma3": (16, 6, 4, "linear", 0.0, 0.0),
     "gpt2": (None, 0, 4, None, 0.0, 0.0),
     "deepseek_v3": (None, 0, 4, "yarn", 0.001, 0.001),
+    "deepseek_v2": (None, 0, 4, "yarn", 0.001, 0.0),
+    "deepseek_v2_lite": (None, 0, 4, "yarn", 0.001, 0.0),
+    "kimi_k2": (None, 0, 4, "yarn", 0.001, 0.001),
 }
 
 
@@ -220,8 +241,62 @@ def test_imported_settings(imported) -> None:
     notes = " ".join(conversion.notes)
     if case == "gemma3":
         assert "text model of gemma3" in notes and "vision" in notes
-    if case == "deepseek_v3":
+    if case == "mistral3":  # Mistral Small 3.1: the Pixtral tower and projector are dropped
+        assert "text model of mistral3" in notes and "pixtral" in notes
+        assert m.head_dim == 16 != m.d_model // m.attention.n_heads
+    if case == "smollm3":  # every 4th layer rotates nothing
+        assert m.position.nope_layers == [3, 7]
+        assert [s.rope for s in layer_plan(m)] == ["global"] * 3 + ["none"] + ["global"] * 3 + [
+            "none"
+        ]
+    if case == "olmo3":  # YaRN on the full layers only, as transformers applies it
+        assert m.position.local_rope_theta == m.position.rope_theta == 500000
+    if case in ("deepseek_v3", "kimi_k2"):
         assert "bias_update_rate=0.001" in notes and "dequantized" in notes
+    if case.startswith("deepseek_v2"):  # softmax routing; V2.5 limits groups by their best
+        grouped = case == "deepseek_v2"
+        assert (m.moe.score, m.moe.norm_topk_prob) == ("softmax", False)
+        assert (m.moe.n_groups, m.moe.topk_groups) == ((8, 3) if grouped else (1, 1))
+        assert m.moe.group_score == "max" and m.attention.q_lora_rank == (48 if grouped else 0)
+        assert "aux_loss_coef=0.001 (aux_loss_alpha" in notes
+
+
+def test_wrapper_saved_by_transformers5_ties_as_it_says(tmp_path: Path) -> None:
+    """A ``mistral3`` folder written by transformers 5 says ``tie_word_embeddings: true`` on the
+    wrapper (its default) and ``false`` in ``text_config``, and holds no head: import ties the
+    head, as transformers does, and gives its logits."""
+    raw = {k: v for k, v in published("mistral3").items() if k != "quantization_config"}
+    torch.manual_seed(0)
+    hf = transformers.Mistral3ForConditionalGeneration(
+        transformers.AutoConfig.for_model(**raw)
+    ).eval()
+    randomise(hf, seed=1)
+    hf.save_pretrained(tmp_path / "hf")
+    saved = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert saved["tie_word_embeddings"] is True
+    assert saved["text_config"].get("tie_word_embeddings") is False
+    conversion = convert_from_hf(tmp_path / "hf", tmp_path / "ours")
+    model = load_model(conversion.out_dir)
+    assert model.cfg.tie_embeddings
+    ids = torch.randint(0, 320, (2, SEQ), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert rel_err(model(ids), hf(input_ids=ids).logits.float()) <= TOL
+
+
+@pytest.mark.parametrize("imported", ["kimi_k2"], indirect=True)
+def test_kimi_k2_exports_its_model_type(imported, tmp_path: Path) -> None:
+    """``--family kimi_k2`` writes kimi_k2 back; run as deepseek_v3 (as Moonshot advises for
+    engines without the type), transformers gives the reference logits."""
+    case, _, ids, ref, root, _ = imported
+    export_hf(root / "ours", tmp_path / "k2", family="kimi_k2")
+    cfg = json.loads((tmp_path / "k2" / "config.json").read_text())
+    assert cfg["model_type"] == "kimi_k2" and cfg["architectures"] == ["DeepseekV3ForCausalLM"]
+    (tmp_path / "k2" / "config.json").write_text(json.dumps({**cfg, "model_type": "deepseek_v3"}))
+    back = transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path / "k2", dtype=torch.float32
+    ).eval()
+    with torch.no_grad():
+        assert rel_err(back(input_ids=ids).logits.float(), ref) <= TOL
 
 
 def test_fp8_dequantization_matches_references() -> None:
@@ -263,17 +338,44 @@ def test_refusals_name_the_key(change: dict, message: str, tmp_path: Path) -> No
         import_hf(tmp_path / "hf", tmp_path / "out")
 
 
-@pytest.mark.parametrize("imported", ["llama", "mixtral"], indirect=True)  # dense and MoE
+@pytest.mark.parametrize(
+    "case, change, message",
+    [
+        ("phi3", {"partial_rotary_factor": 0.75}, "partial_rotary_factor=0.75"),  # Phi-4-mini
+        (
+            "phi3",
+            {"rope_scaling": {"type": "longrope", "short_factor": [1.0], "long_factor": [1.0]}},
+            "rope_type='longrope'",
+        ),
+        ("phi3", {"resid_pdrop": 0.1}, "resid_pdrop=0.1"),
+        ("deepseek_v2", {"topk_method": "noaux_tc"}, "topk_method='noaux_tc'"),
+        ("deepseek_v2", {"norm_topk_prob": True}, "norm_topk_prob=true"),
+    ],
+)
+def test_family_refusals_name_the_key(case: str, change: dict, message: str) -> None:
+    family = FAMILIES[published(case)["model_type"]]
+    with pytest.raises(UserError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        family.to_model_config({**published(case), **change})
+
+
+# dense, MoE, fused projections
+@pytest.mark.parametrize("imported", ["llama", "mixtral", "phi3_mini"], indirect=True)
 def test_sharded_export_and_reimport(imported, tmp_path: Path) -> None:
     """Export in shards of at most 40 kB (the index names every tensor once, no file exceeds
     the limit unless one tensor does), transformers loads them, and the shards import back to
-    the same checkpoint tensors."""
-    case, _, ids, ref, root, _ = imported
+    the same checkpoint tensors. Written as the family it came from (Phi-4: fused qkv_proj and
+    gate_up_proj again, although LLaMA, first in the registry, could express it too)."""
+    case, _, ids, ref, root, conversion = imported
     from evoformer.checkpoint.hf.stream import INDEX, StoredTensors
 
     limit = 40_000
-    export_hf(root / "ours", tmp_path / "hf", max_shard_size=limit)
+    family = conversion.family.name
+    export_hf(root / "ours", tmp_path / "hf", family=family, max_shard_size=limit)
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["model_type"] == family
     index = json.loads((tmp_path / "hf" / INDEX).read_text())
+    if case.startswith("phi3"):
+        fused = {n.split(".")[-2] for n in index["weight_map"] if n.startswith("model.layers.0.")}
+        assert {"qkv_proj", "gate_up_proj"} <= fused and "q_proj" not in fused
     files = sorted(set(index["weight_map"].values()))
     assert len(files) > 3 and not (tmp_path / "hf" / "model.safetensors").exists()
     for f in files:

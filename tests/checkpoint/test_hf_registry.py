@@ -18,10 +18,15 @@ EXPECTED_ORDER = [
     "qwen2",
     "qwen3",
     "olmo2",
+    "olmo3",
+    "phi3",
+    "smollm3",
     "gemma3",
     "mixtral",
     "qwen3_moe",
+    "deepseek_v2",
     "deepseek_v3",
+    "kimi_k2",  # after deepseek_v3: the same model exports as deepseek_v3 (transformers loads it)
 ]
 
 

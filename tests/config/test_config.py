@@ -46,6 +46,10 @@ def test_resolved_yaml_round_trips(tmp_path):
         ("train.max_steps=0", "train.max_steps=0: must be > 0"),
         ("parallel.pp_layers=[2]", "parallel.pp_layers=[2]: needs parallel.pp > 1"),
         ("noequals", "is not of the form key=value"),
+        (
+            "model.position.nope_layers=[3,4]",
+            "model.position.nope_layers=[3, 4]: must be distinct layer indices in [0, 4)",
+        ),
     ],
 )
 def test_bad_settings_give_one_clear_line(override, message):
@@ -160,6 +164,7 @@ MOE = ["model.moe.num_experts=8", "model.moe.top_k=2"]
         (["model.moe.first_k_dense=-1"], "model.moe.first_k_dense=-1: must be >= 0"),
         (["model.moe.routed_scaling=0"], "model.moe.routed_scaling=0.0: must be > 0"),
         (["model.moe.score=relu"], "model.moe.score='relu': must be one of softmax, sigmoid"),
+        (["model.moe.group_score=sum"], "model.moe.group_score='sum': must be one of top2, max"),
     ],
 )
 def test_moe_routing_mistakes_are_one_line(overrides, message):

@@ -56,6 +56,7 @@ COMMON = [
 FAMILIES = {
     "mixtral": ("mixtral", []),
     "deepseek-v3": ("deepseek-v3", []),
+    "deepseek-v2": ("deepseek-v2", []),  # softmax, groups limited by their best expert
     "mixtral-capacity": ("mixtral", ["model.moe.capacity_factor=1.0"]),
 }
 LAYOUTS_2 = {"ep2": ["parallel.ep=2"]}
@@ -152,8 +153,10 @@ def _compare(ref: dict, ranks: list[dict]) -> dict[str, float]:
     return report
 
 
-@pytest.mark.parametrize("world", [2, 4])
-@pytest.mark.parametrize("family", ["mixtral", "deepseek-v3"])
+@pytest.mark.parametrize(
+    "family, world",
+    [("mixtral", 2), ("mixtral", 4), ("deepseek-v3", 2), ("deepseek-v3", 4), ("deepseek-v2", 2)],
+)
 def test_ep_layouts_train_like_one_process(family, world, single_runs, tmp_path):
     ref = single_runs[family]
     layouts = LAYOUTS_2 if world == 2 else LAYOUTS_4 | EDP_4[family]

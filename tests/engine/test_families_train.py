@@ -24,6 +24,9 @@ FAMILIES = [
     "olmo2",
     "gemma3",
     "deepseek-v3",
+    "deepseek-v2",  # softmax, group-limited by the best expert
+    "olmo3",  # windows with YaRN on the global layers only
+    "smollm3",  # a NoPE layer
 ]
 
 

@@ -43,6 +43,19 @@ def test_gemma3_local_global_pattern_and_rope_tables():
     assert {s.rope for s in layer_plan(cfg)} == {"none"}
 
 
+def test_nope_layers_rotate_nothing_whatever_their_window():
+    cfg = ModelConfig(
+        n_layers=8,
+        attention=AttentionConfig(n_heads=4, sliding_window=16, global_every=4),
+        position=PositionConfig(rope_theta=1e6, local_rope_theta=1e4, nope_layers=[3, 6]),
+    )
+    plan = layer_plan(cfg)
+    assert [s.rope for s in plan] == ["local"] * 3 + ["none"] + ["local"] * 2 + ["none", "global"]
+    assert [s.window for s in plan] == [16, 16, 16, None, 16, 16, 16, None]  # windows unchanged
+    model = build_model(cfg, seed=0)
+    assert [layer.spec.rope for layer in model.layers] == [s.rope for s in plan]
+
+
 def test_deepseek_dense_then_moe_and_mtp_continues_the_pattern():
     cfg = ModelConfig(
         n_layers=5,

@@ -55,6 +55,9 @@ PUBLISHED = [
     ("qwen3-235b-a22b", "non_embedding", 234e9, 0.005, "HF Qwen/Qwen3-235B-A22B: 234B"),
     ("qwen3-235b-a22b", "active", 22e9, 0.023, "HF Qwen/Qwen3-235B-A22B: 22B (+-0.5B)"),
     ("olmo2-7b", "total", 7.3e9, 0.005, "HF allenai/OLMo-2-1124-7B: 7.3B params"),
+    ("olmo3-7b", "total", 7.3e9, 0.005, "HF allenai/Olmo-3-1025-7B: 7.3B params"),
+    ("phi4-14b", "total", 14.7e9, 0.005, "HF microsoft/phi-4: 14.7B params"),
+    ("smollm3-3b", "total", 3.08e9, 0.005, "HF HuggingFaceTB/SmolLM3-3B: 3.08B params"),
     (
         "gemma3-27b",
         "total",
@@ -71,6 +74,14 @@ PUBLISHED = [
         0.025,
         "HF deepseek-ai/DeepSeek-V2-Lite: 2.4B activated (we get 2.45B: the card truncates)",
     ),
+    ("deepseek-v2-236b", "total", 236e9, 0.005, "DeepSeek-V2 paper: 236B total"),
+    (
+        "deepseek-v2-236b",
+        "active_no_embed",
+        21e9,
+        0.025,
+        "DeepSeek-V2 paper: 21B activated (two significant digits; we get 20.85B)",
+    ),
     ("deepseek-v3-671b", "total", 671e9, 0.005, "DeepSeek-V3 technical report: 671B"),
     (
         "deepseek-v3-671b",
@@ -78,6 +89,20 @@ PUBLISHED = [
         37e9,
         0.014,
         "DeepSeek-V3 technical report: 37B activated (+-0.5B)",
+    ),
+    (
+        "kimi-k2-1t",
+        "total",
+        1e12,
+        0.03,
+        "HF moonshotai/Kimi-K2-Base model card: 1T total (one significant digit; we get 1.026T)",
+    ),
+    (
+        "kimi-k2-1t",
+        "active_no_embed",
+        32e9,
+        0.015,
+        "HF moonshotai/Kimi-K2-Base model card: 32B activated (we get 31.7B)",
     ),
     (
         "deepseek-v3-671b",
@@ -213,6 +238,43 @@ HF_CONFIGS = {
             num_key_value_heads=32,
         ),
     ),
+    "olmo3-7b": (
+        "Olmo3ForCausalLM",
+        "Olmo3Config",
+        dict(
+            vocab_size=100278,
+            hidden_size=4096,
+            intermediate_size=11008,
+            num_hidden_layers=32,
+            num_attention_heads=32,
+            num_key_value_heads=32,
+        ),
+    ),
+    "phi4-14b": (
+        "Phi3ForCausalLM",
+        "Phi3Config",
+        dict(
+            vocab_size=100352,
+            hidden_size=5120,
+            intermediate_size=17920,
+            num_hidden_layers=40,
+            num_attention_heads=40,
+            num_key_value_heads=10,
+        ),
+    ),
+    "smollm3-3b": (
+        "SmolLM3ForCausalLM",
+        "SmolLM3Config",
+        dict(
+            vocab_size=128256,
+            hidden_size=2048,
+            intermediate_size=11008,
+            num_hidden_layers=36,
+            num_attention_heads=16,
+            num_key_value_heads=4,
+            tie_word_embeddings=True,
+        ),
+    ),
     "gemma3-27b": (
         "Gemma3ForCausalLM",
         "Gemma3TextConfig",
@@ -252,6 +314,31 @@ HF_CONFIGS = {
             topk_group=1,
         ),
     ),
+    "deepseek-v2-236b": (
+        "DeepseekV2ForCausalLM",
+        "DeepseekV2Config",
+        dict(
+            vocab_size=102400,
+            hidden_size=5120,
+            intermediate_size=12288,
+            moe_intermediate_size=1536,
+            num_hidden_layers=60,
+            num_attention_heads=128,
+            num_key_value_heads=128,
+            n_routed_experts=160,
+            num_experts_per_tok=6,
+            n_shared_experts=2,
+            first_k_dense_replace=1,
+            q_lora_rank=1536,
+            kv_lora_rank=512,
+            qk_nope_head_dim=128,
+            qk_rope_head_dim=64,
+            v_head_dim=128,
+            n_group=8,
+            topk_group=3,
+            topk_method="group_limited_greedy",
+        ),
+    ),
     "deepseek-v3-671b": (
         "DeepseekV3ForCausalLM",
         "DeepseekV3Config",
@@ -274,6 +361,31 @@ HF_CONFIGS = {
             v_head_dim=128,
             n_group=8,
             topk_group=4,
+        ),
+    ),
+    # Kimi K2 runs as HF's DeepSeek-V3 class (transformers has no kimi_k2 module).
+    "kimi-k2-1t": (
+        "DeepseekV3ForCausalLM",
+        "DeepseekV3Config",
+        dict(
+            vocab_size=163840,
+            hidden_size=7168,
+            intermediate_size=18432,
+            moe_intermediate_size=2048,
+            num_hidden_layers=61,
+            num_attention_heads=64,
+            num_key_value_heads=64,
+            n_routed_experts=384,
+            num_experts_per_tok=8,
+            n_shared_experts=1,
+            first_k_dense_replace=1,
+            q_lora_rank=1536,
+            kv_lora_rank=512,
+            qk_nope_head_dim=128,
+            qk_rope_head_dim=64,
+            v_head_dim=128,
+            n_group=1,
+            topk_group=1,
         ),
     ),
 }
@@ -331,6 +443,10 @@ def test_tiny_configs_keep_their_family_choices():
         1,
         "sigmoid",
     )
+    v2 = preset("tiny/deepseek-v2").moe
+    assert (v2.score, v2.norm_topk_prob, v2.group_score) == ("softmax", False, "max")
+    assert preset("tiny/smollm3").position.nope_layers == [3]
+    assert preset("smollm3-3b").position.nope_layers == list(range(3, 36, 4))
     assert preset("tiny/olmo2").norm.placement == "reordered"
     assert preset("tiny/qwen2").attention.qkv_bias is True
     assert preset("tiny/mistral").attention.sliding_window == 16

@@ -102,8 +102,10 @@ def _unwrap(hf_cfg: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
             f"{model_type}: text_config.model_type={text['model_type']!r} cannot be imported "
             f"(expected {family.model_type!r})"
         )
-    for key in ("tie_word_embeddings",):  # set on the wrapper, read by its text model
-        if key in hf_cfg and key not in text:
+    for key in ("tie_word_embeddings",):
+        # Set on the wrapper, it decides (transformers 5 ties the wrapper's head by it, and
+        # writes it there); absent (files of transformers 4), the text model's own setting.
+        if key in hf_cfg:
             text[key] = hf_cfg[key]
     vision = (hf_cfg.get("vision_config") or {}).get("model_type", "vision")
     notes = [

@@ -268,15 +268,15 @@ def deepseek_v3_extra_rules(m: ModelConfig) -> tuple[WeightRule, ...]:
 _ROPE_ROWS = re.compile(r".*\.self_attn\.(q_proj|q_b_proj|kv_a_proj_with_mqa)\.(weight|bias)")
 
 
-def deepseek_v3_transform(
-    name: str, t: torch.Tensor, hf_cfg: dict[str, Any], to_ours: bool
+def interleaved_to_halves(
+    name: str, t: torch.Tensor, c: dict[str, Any], to_ours: bool
 ) -> torch.Tensor:
     """Interleaved RoPE pairs (x0, x1), (x2, x3), ... -> halves (x0, x2, ...; x1, x3, ...)
-    on import, and back on export, for the rope rows of the query and shared key."""
+    on import, and back on export, for the rope rows of the query and shared key; ``c``: the
+    config with the family's defaults filled in."""
     match = _ROPE_ROWS.fullmatch(name)
-    if match is None or not hf_cfg.get("rope_interleave", True):
+    if match is None:
         return t
-    c = hf_defaults(hf_cfg, DEEPSEEK_V3_DEFAULTS)
     R = c["qk_rope_head_dim"]
     perm = torch.cat([torch.arange(0, R, 2), torch.arange(1, R, 2)])
     idx = perm if to_ours else perm.argsort()
@@ -287,6 +287,15 @@ def deepseek_v3_transform(
         heads = t.view(c["num_attention_heads"], c["qk_nope_head_dim"] + R, *t.shape[1:])
         heads[:, -R:] = heads[:, -R:][:, idx]
     return t
+
+
+def deepseek_v3_transform(
+    name: str, t: torch.Tensor, hf_cfg: dict[str, Any], to_ours: bool
+) -> torch.Tensor:
+    """:func:`interleaved_to_halves` unless the file says ``rope_interleave: false``."""
+    if not hf_cfg.get("rope_interleave", True):
+        return t
+    return interleaved_to_halves(name, t, hf_defaults(hf_cfg, DEEPSEEK_V3_DEFAULTS), to_ours)
 
 
 FAMILY = Family(

@@ -7,16 +7,21 @@ the model. Adding a family is one module defining its ``FAMILY`` and one line he
 from __future__ import annotations
 
 from evoformer.checkpoint.hf import (
+    deepseek_v2,
     deepseek_v3,
     gemma3,
     gpt2,
+    kimi_k2,
     llama,
     mistral,
     mixtral,
     olmo2,
+    olmo3,
+    phi3,
     qwen2,
     qwen3,
     qwen3_moe,
+    smollm3,
 )
 from evoformer.checkpoint.hf.family import Family
 
@@ -29,9 +34,14 @@ FAMILIES: dict[str, Family] = {
         qwen2.FAMILY,
         qwen3.FAMILY,
         olmo2.FAMILY,
+        olmo3.FAMILY,
+        phi3.FAMILY,
+        smollm3.FAMILY,
         gemma3.FAMILY,
         mixtral.FAMILY,
         qwen3_moe.FAMILY,
+        deepseek_v2.FAMILY,
         deepseek_v3.FAMILY,
+        kimi_k2.FAMILY,  # after deepseek_v3: the same model exports as deepseek_v3 by default
     )
 }

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from typing import Any
 
 from evoformer.checkpoint.hf.family import Family, unsupported
-from evoformer.config.schema import MLPConfig, ModelConfig, MTPConfig
+from evoformer.config.schema import MLPConfig, ModelConfig, MoEConfig, MTPConfig
 from evoformer.model.layout import layer_spec
 
 # Fields that only matter when another field switches them on: reset to their defaults before
@@ -58,6 +58,7 @@ def canonical_moe(m: ModelConfig) -> None:
     moe.num_shared_experts = 0  # only the shared width matters
     if moe.n_groups <= 1:
         moe.n_groups, moe.topk_groups = 1, 1
+        moe.group_score = MoEConfig().group_score  # no groups: how they would score is moot
     moe.aux_loss_coef = 0.0
     moe.capacity_factor = 0.0  # applied in training only
     if moe.score == "sigmoid":
