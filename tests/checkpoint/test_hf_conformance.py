@@ -29,6 +29,7 @@ from evoformer.checkpoint.hf import FAMILIES, export_hf, import_hf  # noqa: E402
 from evoformer.checkpoint.hf.convert import convert_from_hf  # noqa: E402
 from evoformer.errors import UserError  # noqa: E402
 from tests.checkpoint.hf_testing import randomise, rel_err  # noqa: E402
+from tests.checkpoint.mxfp4_testing import write_mxfp4  # noqa: E402
 
 TOL = 1e-5
 SEQ = 40  # beyond every (shrunk) window: 16
@@ -80,6 +81,11 @@ def _write_fp8(root: Path, block: tuple[int, int]):
         st[name], st[name.removesuffix("weight") + "weight_scale_inv"] = q, scale
         ref[name] = _reference_dequant(q, scale, block).float()
     save_file(st, str(path), metadata={"format": "pt"})
+    return _write_reference(root, ref)
+
+
+def _write_reference(root: Path, ref: dict[str, torch.Tensor]):
+    """The HF reference model, reloaded from the dequantized weights ``ref``."""
     (root / "ref").mkdir()
     (root / "ref" / "config.json").write_text((root / "hf5.json").read_text())
     save_file(ref, str(root / "ref" / "model.safetensors"), metadata={"format": "pt"})
@@ -102,7 +108,9 @@ def imported(request, tmp_path_factory):
     hf.save_pretrained(root / "hf")
     (root / "hf5.json").write_text((root / "hf" / "config.json").read_text())
     (root / "hf" / "config.json").write_text(json.dumps(raw))  # the file as published
-    if "quantization_config" in raw:
+    if raw.get("quantization_config", {}).get("quant_method") == "mxfp4":
+        hf = _write_reference(root, write_mxfp4(root / "hf" / "model.safetensors"))
+    elif "quantization_config" in raw:
         hf = _write_fp8(root, tuple(raw["quantization_config"]["weight_block_size"]))
     vocab = (raw.get("text_config") or raw)["vocab_size"]
     ids = torch.randint(0, vocab, (2, SEQ), generator=torch.Generator().manual_seed(2))
@@ -202,6 +210,7 @@ EXPECTED = {
     "gemma3": (16, 6, 4, "linear", 0.0, 0.0),
     "gpt2": (None, 0, 4, None, 0.0, 0.0),
     "deepseek_v3": (None, 0, 4, "yarn", 0.001, 0.001),
+    "gpt_oss": (16, 2, 2, "yarn", 0.9, 0.0),
 }
 
 
@@ -222,6 +231,8 @@ def test_imported_settings(imported) -> None:
         assert "text model of gemma3" in notes and "vision" in notes
     if case == "deepseek_v3":
         assert "bias_update_rate=0.001" in notes and "dequantized" in notes
+    if case == "gpt_oss":
+        assert "dequantized 8 MXFP4 expert tensors" in notes
 
 
 def test_fp8_dequantization_matches_references() -> None:

@@ -22,6 +22,7 @@ EXPECTED_ORDER = [
     "mixtral",
     "qwen3_moe",
     "deepseek_v3",
+    "gpt_oss",
 ]
 
 

@@ -160,6 +160,10 @@ MOE = ["model.moe.num_experts=8", "model.moe.top_k=2"]
         (["model.moe.first_k_dense=-1"], "model.moe.first_k_dense=-1: must be >= 0"),
         (["model.moe.routed_scaling=0"], "model.moe.routed_scaling=0.0: must be > 0"),
         (["model.moe.score=relu"], "model.moe.score='relu': must be one of softmax, sigmoid"),
+        (
+            ["model.mlp.kind=clamped_swiglu", "model.mlp.swiglu_limit=0"],
+            "model.mlp.swiglu_limit=0.0: must be > 0",
+        ),
     ],
 )
 def test_moe_routing_mistakes_are_one_line(overrides, message):

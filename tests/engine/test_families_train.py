@@ -24,6 +24,7 @@ FAMILIES = [
     "olmo2",
     "gemma3",
     "deepseek-v3",
+    "gpt-oss",
 ]
 
 

@@ -79,6 +79,16 @@ PUBLISHED = [
         0.014,
         "DeepSeek-V3 technical report: 37B activated (+-0.5B)",
     ),
+    ("gpt-oss-20b", "total", 20.91e9, 0.005, "OpenAI gpt-oss model card, Table 1: 20.91B"),
+    (
+        "gpt-oss-20b",
+        "active_no_embed",
+        3.61e9,
+        0.005,
+        "OpenAI gpt-oss model card, Table 1: 3.61B active (the unembedding counted)",
+    ),
+    ("gpt-oss-120b", "total", 116.83e9, 0.005, "OpenAI gpt-oss model card, Table 1: 116.83B"),
+    ("gpt-oss-120b", "active_no_embed", 5.13e9, 0.005, "OpenAI gpt-oss model card: 5.13B"),
     (
         "deepseek-v3-671b",
         "hf_checkpoint",
@@ -276,6 +286,14 @@ HF_CONFIGS = {
             topk_group=4,
         ),
     ),
+    **{
+        name: (
+            "GptOssForCausalLM",
+            "GptOssConfig",
+            dict(num_hidden_layers=layers, num_local_experts=experts, num_experts_per_tok=4),
+        )  # the other GptOssConfig defaults are the released values
+        for name, layers, experts in (("gpt-oss-20b", 24, 32), ("gpt-oss-120b", 36, 128))
+    },
 }
 
 

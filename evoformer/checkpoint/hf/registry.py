@@ -10,6 +10,7 @@ from evoformer.checkpoint.hf import (
     deepseek_v3,
     gemma3,
     gpt2,
+    gpt_oss,
     llama,
     mistral,
     mixtral,
@@ -33,5 +34,6 @@ FAMILIES: dict[str, Family] = {
         mixtral.FAMILY,
         qwen3_moe.FAMILY,
         deepseek_v3.FAMILY,
+        gpt_oss.FAMILY,
     )
 }
