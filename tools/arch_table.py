@@ -43,6 +43,10 @@ PRESETS = [
     "qwen3-235b-a22b",
     "deepseek-v2-lite",
     "deepseek-v3-671b",
+    "gpt-oss-20b",
+    "gpt-oss-120b",
+    "glm4.5-air-106b",
+    "glm4.5-355b",
 ]
 
 # One 7B shape (Llama 2 7B: d 4096, 32 layers, 32 query heads of 128) with only the attention

@@ -73,6 +73,11 @@ class PositionConfig:
     local_rope_theta: Optional[float] = opt(
         None, "RoPE base of local (sliding-window) layers when it differs (Gemma 3: 10000)."
     )
+    partial_rotary: float = opt(
+        1.0,
+        "Share of each head's q/k dims RoPE rotates, the leading ones; the rest carry no "
+        "position (GLM-4.5: 0.5).",
+    )
 
 
 @dataclass
@@ -214,6 +219,14 @@ class ModelConfig:
     def head_dim(self) -> int:
         """Per-head q/k/v width of standard attention (``attention.head_dim`` or d_model/heads)."""
         return self.attention.head_dim or self.d_model // self.attention.n_heads
+
+    @property
+    def rotary_dim(self) -> int:
+        """Per-head dims RoPE rotates: ``head_dim * position.partial_rotary`` (MLA: its
+        decoupled ``qk_rope_head_dim``)."""
+        if self.attention.kind == "mla":
+            return self.attention.qk_rope_head_dim
+        return int(self.head_dim * self.position.partial_rotary)
 
     @property
     def kv_heads(self) -> int:

@@ -442,6 +442,14 @@ def validate_model(cfg: Config) -> None:
     if m.mlp.kind == "clamped_swiglu" and m.mlp.swiglu_limit <= 0:
         _fail("model.mlp.swiglu_limit", m.mlp.swiglu_limit, "must be > 0")
     p = m.position
+    if p.partial_rotary != 1.0:
+        rot = int(m.head_dim * p.partial_rotary) if a.kind != "mla" else 0
+        if a.kind == "mla" or p.kind != "rope" or not 0 < p.partial_rotary <= 1 or rot % 2:
+            _fail(
+                "model.position.partial_rotary",
+                p.partial_rotary,
+                "needs rope, mha attention, a share in (0, 1] and an even number of rotated dims",
+            )
     if p.local_rope_theta is not None:
         if p.kind != "rope":
             _fail("model.position.local_rope_theta", p.local_rope_theta, "needs position.kind=rope")

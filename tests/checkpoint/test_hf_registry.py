@@ -23,6 +23,7 @@ EXPECTED_ORDER = [
     "qwen3_moe",
     "deepseek_v3",
     "gpt_oss",
+    "glm4_moe",
 ]
 
 

@@ -25,6 +25,7 @@ FAMILIES = [
     "gemma3",
     "deepseek-v3",
     "gpt-oss",
+    "glm4-moe",
 ]
 
 

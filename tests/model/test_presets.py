@@ -79,6 +79,28 @@ PUBLISHED = [
         0.014,
         "DeepSeek-V3 technical report: 37B activated (+-0.5B)",
     ),
+    (
+        "glm4.5-355b",
+        "total",
+        355e9,
+        0.01,
+        "GLM-4.5 report / HF zai-org/GLM-4.5: 355B (ours: 352.8B main model, 356.8B with MTP)",
+    ),
+    (
+        "glm4.5-355b",
+        "active_no_vocab",
+        32e9,
+        0.016,
+        "GLM-4.5 report: 32B activated (+-0.5B; embedding and head not counted)",
+    ),
+    ("glm4.5-air-106b", "total", 106e9, 0.01, "HF zai-org/GLM-4.5-Air: 106B (ours 106.85B)"),
+    (
+        "glm4.5-air-106b",
+        "active_no_vocab",
+        12e9,
+        0.042,
+        "HF zai-org/GLM-4.5-Air: 12B activated (+-0.5B; embedding and head not counted)",
+    ),
     ("gpt-oss-20b", "total", 20.91e9, 0.005, "OpenAI gpt-oss model card, Table 1: 20.91B"),
     (
         "gpt-oss-20b",
@@ -104,6 +126,7 @@ def quantity(name: str, what: str) -> int:
     p = count_params(preset(name))
     derived = {
         "active_no_embed": p["active"] - p["embedding"],
+        "active_no_vocab": p["active"] - p["embedding"] - p["head"],
         "hf_checkpoint": p["total"] + p["mtp"] + p["embedding"] + p["head"],
     }
     return derived[what] if what in derived else p[what]
@@ -286,6 +309,32 @@ HF_CONFIGS = {
             topk_group=4,
         ),
     ),
+    **{
+        name: (
+            "Glm4MoeForCausalLM",
+            "Glm4MoeConfig",
+            dict(
+                vocab_size=151552,
+                hidden_size=d,
+                intermediate_size=ffn,
+                moe_intermediate_size=expert,
+                num_hidden_layers=layers,
+                num_attention_heads=96,
+                num_key_value_heads=8,
+                head_dim=128,
+                n_routed_experts=experts,
+                n_shared_experts=1,
+                num_experts_per_tok=8,
+                first_k_dense_replace=dense,
+                attention_bias=True,
+                use_qk_norm=qk_norm,
+            ),
+        )
+        for name, d, ffn, expert, layers, experts, dense, qk_norm in (
+            ("glm4.5-355b", 5120, 12288, 1536, 92, 160, 3, True),
+            ("glm4.5-air-106b", 4096, 10944, 1408, 46, 128, 1, False),
+        )
+    },
     **{
         name: (
             "GptOssForCausalLM",

@@ -9,6 +9,7 @@ from __future__ import annotations
 from evoformer.checkpoint.hf import (
     deepseek_v3,
     gemma3,
+    glm4_moe,
     gpt2,
     gpt_oss,
     llama,
@@ -35,5 +36,6 @@ FAMILIES: dict[str, Family] = {
         qwen3_moe.FAMILY,
         deepseek_v3.FAMILY,
         gpt_oss.FAMILY,
+        glm4_moe.FAMILY,
     )
 }
