@@ -47,6 +47,7 @@ PRESETS = [
     "gpt-oss-120b",
     "glm4.5-air-106b",
     "glm4.5-355b",
+    "minimax-m2-230b",
 ]
 
 # One 7B shape (Llama 2 7B: d 4096, 32 layers, 32 query heads of 128) with only the attention

@@ -212,6 +212,7 @@ EXPECTED = {
     "deepseek_v3": (None, 0, 4, "yarn", 0.001, 0.001),
     "gpt_oss": (16, 2, 2, "yarn", 0.9, 0.0),
     "glm4_moe": (None, 0, 2, "none", 0.0, 0.001),
+    "minimax_m2": (None, 0, 2, "none", 0.001, 0.001),
 }
 
 

@@ -24,6 +24,7 @@ EXPECTED_ORDER = [
     "deepseek_v3",
     "gpt_oss",
     "glm4_moe",
+    "minimax_m2",
 ]
 
 

@@ -26,6 +26,7 @@ FAMILIES = [
     "deepseek-v3",
     "gpt-oss",
     "glm4-moe",
+    "minimax-m2",
 ]
 
 

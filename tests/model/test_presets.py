@@ -101,6 +101,14 @@ PUBLISHED = [
         0.042,
         "HF zai-org/GLM-4.5-Air: 12B activated (+-0.5B; embedding and head not counted)",
     ),
+    ("minimax-m2-230b", "total", 230e9, 0.01, "HF MiniMaxAI/MiniMax-M2: 230B (ours 228.7B)"),
+    (
+        "minimax-m2-230b",
+        "active_no_vocab",
+        10e9,
+        0.05,
+        "HF MiniMaxAI/MiniMax-M2: 10B activated (+-0.5B; embedding and head not counted)",
+    ),
     ("gpt-oss-20b", "total", 20.91e9, 0.005, "OpenAI gpt-oss model card, Table 1: 20.91B"),
     (
         "gpt-oss-20b",
@@ -335,6 +343,21 @@ HF_CONFIGS = {
             ("glm4.5-air-106b", 4096, 10944, 1408, 46, 128, 1, False),
         )
     },
+    "minimax-m2-230b": (
+        "MiniMaxM2ForCausalLM",
+        "MiniMaxM2Config",
+        dict(
+            vocab_size=200064,
+            hidden_size=3072,
+            intermediate_size=1536,
+            num_hidden_layers=62,
+            num_attention_heads=48,
+            num_key_value_heads=8,
+            head_dim=128,
+            num_local_experts=256,
+            num_experts_per_tok=8,
+        ),
+    ),
     **{
         name: (
             "GptOssForCausalLM",

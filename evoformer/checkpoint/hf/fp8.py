@@ -39,7 +39,7 @@ def fp8_block_size(hf_cfg: dict[str, Any]) -> tuple[int, int] | None:
             "full-precision weights, FP8 block-scaled ones (quant_method 'fp8') or MXFP4 experts "
             "(quant_method 'mxfp4')"
         )
-    if q.get("fmt", "e4m3") != "e4m3":
+    if q.get("fmt", "e4m3") not in ("e4m3", "float8_e4m3fn"):  # MiniMax-M2 spells it out
         raise UserError(f"quantization_config.fmt={q['fmt']!r} cannot be expressed (needs e4m3)")
     if q.get("activation_scheme", "dynamic") != "dynamic":
         raise UserError(

@@ -13,6 +13,7 @@ from evoformer.checkpoint.hf import (
     gpt2,
     gpt_oss,
     llama,
+    minimax_m2,
     mistral,
     mixtral,
     olmo2,
@@ -37,5 +38,6 @@ FAMILIES: dict[str, Family] = {
         deepseek_v3.FAMILY,
         gpt_oss.FAMILY,
         glm4_moe.FAMILY,
+        minimax_m2.FAMILY,
     )
 }
