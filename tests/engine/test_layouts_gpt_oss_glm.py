@@ -91,3 +91,19 @@ def test_layouts_train_like_one_process(family: str, tmp_path) -> None:
                 )
                 checked += 1
     assert checked >= want, checked
+
+
+def test_stacked_expert_biases_are_neither_decayed_nor_muon_matrices() -> None:
+    from evoformer.engine.optim import muon_param_groups, param_groups
+    from evoformer.model import build_model
+
+    model = build_model(_cfg("gpt-oss", "unused").model, device="meta", seed=None)
+    names = {id(p): n for n, p in model.named_parameters()}
+    decay, no_decay = param_groups(model, 0.1)
+    biases = [names[id(p)] for p in no_decay["params"] if "experts" in names[id(p)]]
+    assert sorted(biases)[:3] == [
+        f"layers.0.mlp.experts.{b}_proj_bias" for b in ("down", "gate", "up")
+    ]
+    muon = next(g for g in muon_param_groups(model, 0.1) if g.get("muon"))
+    assert not [names[id(p)] for p in muon["params"] if names[id(p)].endswith("bias")]
+    assert any(names[id(p)].endswith("experts.gate_proj") for p in decay["params"])
