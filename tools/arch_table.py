@@ -48,6 +48,11 @@ PRESETS = [
     "deepseek-v2-236b",
     "deepseek-v3-671b",
     "kimi-k2-1t",
+    "gpt-oss-20b",
+    "gpt-oss-120b",
+    "glm4.5-air-106b",
+    "glm4.5-355b",
+    "minimax-m2-230b",
 ]
 
 # One 7B shape (Llama 2 7B: d 4096, 32 layers, 32 query heads of 128) with only the attention

@@ -76,6 +76,11 @@ class PositionConfig:
     nope_layers: list[int] = opt(
         [], "Layers (0-based) whose attention uses no RoPE (SmolLM3's NoPE layers: every 4th)."
     )
+    partial_rotary: float = opt(
+        1.0,
+        "Share of each head's q/k dims RoPE rotates, the leading ones; the rest carry no "
+        "position (GLM-4.5: 0.5).",
+    )
 
 
 @dataclass
@@ -101,6 +106,11 @@ class AttentionConfig:
         0, "With sliding_window: every N-th layer attends globally, the rest locally (Gemma 3: 6)."
     )
     scale: Optional[float] = opt(None, "Softmax scale (null = 1/sqrt(head_dim)).")
+    sinks: bool = opt(
+        False,
+        "Attention sinks (gpt-oss): a learned logit per head joins the softmax denominator, so "
+        "a query may attend to nothing.",
+    )
     q_lora_rank: int = opt(0, "MLA: rank of the low-rank query projection (0 = full-rank q).")
     kv_lora_rank: int = opt(512, "MLA: rank of the compressed KV latent (what the cache stores).")
     qk_nope_head_dim: int = opt(128, "MLA: per-head q/k dims without position information.")
@@ -116,10 +126,17 @@ class AttentionConfig:
 @dataclass
 class MLPConfig:
     kind: str = opt(
-        "swiglu", "Feed-forward kind: gelu (2-matrix) | swiglu (gated, silu) | geglu (gated, gelu)."
+        "swiglu",
+        "Feed-forward kind: gelu (2-matrix) | swiglu (gated, silu) | geglu (gated, gelu) | "
+        "clamped_swiglu (gpt-oss: (clamp(up) + 1) * g * sigmoid(alpha * g), g = gate clamped "
+        "above).",
     )
     hidden: int = opt(688, "Hidden (intermediate) width.")
     bias: bool = opt(False, "Bias on the MLP projections.")
+    swiglu_limit: float = opt(
+        7.0, "clamped_swiglu: the gate is clamped to <= limit, the up projection to +-limit."
+    )
+    swiglu_alpha: float = opt(1.702, "clamped_swiglu: the sigmoid's gain on the gate.")
     activation: str = opt(
         "default",
         "Activation: default (gelu_tanh for gelu, silu for swiglu) | gelu | gelu_tanh | silu.",
@@ -127,15 +144,16 @@ class MLPConfig:
 
     @property
     def gated(self) -> bool:
-        """Three matrices, ``down(act(gate(x)) * up(x))`` (swiglu, geglu), rather than two."""
-        return self.kind in ("swiglu", "geglu")
+        """Three matrices, ``down(glu(gate(x), up(x)))`` (swiglu, geglu, clamped_swiglu),
+        rather than two."""
+        return self.kind in ("swiglu", "geglu", "clamped_swiglu")
 
     @property
     def resolved_activation(self) -> str:
         """The activation ``default`` stands for: silu for swiglu, gelu_tanh otherwise."""
         if self.activation != "default":
             return self.activation
-        return "silu" if self.kind == "swiglu" else "gelu_tanh"
+        return "silu" if self.kind in ("swiglu", "clamped_swiglu") else "gelu_tanh"
 
 
 @dataclass
@@ -170,6 +188,8 @@ class MoEConfig:
         0.0, "Aux-loss-free balancing: per-step bias update speed (DeepSeek-V3: 0.001; 0 = off)."
     )
     capacity_factor: float = opt(0.0, "Expert capacity as a multiple of the even share (0 = none).")
+    router_bias: bool = opt(False, "A learned bias on the router logits (gpt-oss).")
+    expert_bias: bool = opt(False, "Biases on the routed experts' projections (gpt-oss).")
 
 
 @dataclass
@@ -207,6 +227,14 @@ class ModelConfig:
     def head_dim(self) -> int:
         """Per-head q/k/v width of standard attention (``attention.head_dim`` or d_model/heads)."""
         return self.attention.head_dim or self.d_model // self.attention.n_heads
+
+    @property
+    def rotary_dim(self) -> int:
+        """Per-head dims RoPE rotates: ``head_dim * position.partial_rotary`` (MLA: its
+        decoupled ``qk_rope_head_dim``)."""
+        if self.attention.kind == "mla":
+            return self.attention.qk_rope_head_dim
+        return int(self.head_dim * self.position.partial_rotary)
 
     @property
     def kv_heads(self) -> int:

@@ -14,7 +14,7 @@ CHOICES = {
     "model.position.rope_scaling.kind": ("none", "linear", "llama3", "yarn"),
     "model.attention.kind": ("mha", "mla"),
     "model.attention.qk_norm": ("none", "head", "full"),
-    "model.mlp.kind": ("gelu", "swiglu", "geglu"),
+    "model.mlp.kind": ("gelu", "swiglu", "geglu", "clamped_swiglu"),
     "model.moe.score": ("softmax", "sigmoid"),
     "model.moe.group_score": ("top2", "max"),
     "model.mlp.activation": ("default", "gelu", "gelu_tanh", "silu"),
@@ -438,7 +438,19 @@ def validate_model(cfg: Config) -> None:
         _fail("model.attention.qk_norm", a.qk_norm, "MLA normalises its latents instead")
     if a.kind == "mla" and a.sliding_window is not None:
         _fail("model.attention.sliding_window", a.sliding_window, "MLA has no sliding window")
+    if a.kind == "mla" and a.sinks:
+        _fail("model.attention.sinks", True, "MLA has no attention sinks (mha only)")
+    if m.mlp.kind == "clamped_swiglu" and m.mlp.swiglu_limit <= 0:
+        _fail("model.mlp.swiglu_limit", m.mlp.swiglu_limit, "must be > 0")
     p = m.position
+    if p.partial_rotary != 1.0:
+        rot = int(m.head_dim * p.partial_rotary) if a.kind != "mla" else 0
+        if a.kind == "mla" or p.kind != "rope" or not 0 < p.partial_rotary <= 1 or rot % 2:
+            _fail(
+                "model.position.partial_rotary",
+                p.partial_rotary,
+                "needs rope, mha attention, a share in (0, 1] and an even number of rotated dims",
+            )
     if p.local_rope_theta is not None:
         if p.kind != "rope":
             _fail("model.position.local_rope_theta", p.local_rope_theta, "needs position.kind=rope")

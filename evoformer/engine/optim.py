@@ -23,10 +23,11 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
         for m in model.modules()
         if isinstance(m, (nn.Embedding, VocabParallelEmbedding))
     }
-    for _, p in model.named_parameters():
+    for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        if p.ndim < 2 or id(p) in embeddings:
+        # Stacked expert biases (gpt-oss, [E, H]) are biases too, whatever their rank.
+        if p.ndim < 2 or name.endswith("bias") or id(p) in embeddings:
             no_decay.append(p)
         else:
             decay.append(p)

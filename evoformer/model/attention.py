@@ -2,8 +2,9 @@
 
 Variants, each a config choice: q/k/v biases (Qwen2), QK-norm per head (Qwen3, Gemma 3) or over
 the whole projection (OLMo 2), sliding windows (Mistral; Gemma 3's local layers), ALiBi biases
-(BLOOM, MPT) and an explicit softmax scale (Gemma's query_pre_attn_scalar). The default path (no
-window, no ALiBi) hands SDPA ``is_causal=True`` and builds no mask at all.
+(BLOOM, MPT), an explicit softmax scale (Gemma's query_pre_attn_scalar) and attention sinks
+(gpt-oss: ``model/sinks.py``, on every path below). The default path (no window, no ALiBi, no
+sinks) hands SDPA ``is_causal=True`` and builds no mask at all.
 
 Tensor parallelism (``ctx.tp > 1``) splits the heads: q/k/v are column-parallel (this rank's
 ``n_heads / tp`` query heads and their KV heads), o_proj row-parallel. With fewer KV heads than
@@ -29,6 +30,7 @@ from evoformer.model.layout import AttentionSpec, LayerSpec, attention_spec
 from evoformer.model.norms import RMSNorm, sharded_rms_norm
 from evoformer.model.positions import alibi_slopes, apply_rope
 from evoformer.model.qk_clip import QKClip, scale_head_rows
+from evoformer.model.sinks import sdpa_with_sinks
 from evoformer.parallel.context import ParallelContext
 from evoformer.parallel.sharding import mark_partial_grad, mark_sharded
 
@@ -170,6 +172,11 @@ class Attention(nn.Module):
                 mark_partial_grad(proj, "weight", "bias")
         self.o_proj = ctx.row(q_out, C, a.bias)
         self.o_proj.is_residual_out = True  # pyright: ignore[reportArgumentType]
+        self.sinks: nn.Parameter | None = None
+        if a.sinks:  # one logit per query head, split with the heads under TP
+            self.sinks = nn.Parameter(torch.empty(self.n_heads))
+            if tp > 1:
+                mark_sharded(self, "sinks", 0, H)
         if a.qk_norm != "none":
             # RMSNorm in every model that has one; Gemma's unit offset follows model.norm.
             q_dim, k_dim = (D, D) if a.qk_norm == "head" else (q_out, kv_out)
@@ -190,6 +197,10 @@ class Attention(nn.Module):
                         mark_sharded(norm, "weight", 0, width)
                     else:
                         mark_partial_grad(norm, "weight")
+
+    def reset_parameters(self) -> None:
+        if self.sinks is not None:
+            self.sinks.zero_()  # exp(0) = one extra unit of denominator to start from
 
     def new_cache(self, batch: int, max_len: int, device, dtype) -> KVCache:
         return KVCache(batch, self.n_kv_heads, max_len, self.head_dim, device, dtype)
@@ -242,13 +253,18 @@ class Attention(nn.Module):
         if self.qk_clip is not None and self.training and past == 0:
             self.qk_clip.observe(q, k, self.scale, self.window, docs)
         if docs is not None:
-            out = document_attention(q, k, v, docs, mask, self.scale, dropout, self.window)
+            out = document_attention(
+                q, k, v, docs, mask, self.scale, dropout, self.window, sinks_H=self.sinks
+            )
             return self.o_proj(out.transpose(1, 2).reshape(B, T, H * D))
         # Without a mask: plain causal from the start, or one new token that sees everything.
         causal = mask is None and past == 0 and T > 1
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=causal, dropout_p=dropout, scale=self.scale
-        )
+        if self.sinks is not None:
+            out = sdpa_with_sinks(q, k, v, self.sinks, mask, causal, dropout, self.scale)
+        else:
+            out = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, is_causal=causal, dropout_p=dropout, scale=self.scale
+            )
         return self.o_proj(out.transpose(1, 2).reshape(B, T, H * D))
 
     def end_of_step(self) -> dict[str, float]:

@@ -87,6 +87,8 @@ def attention_params(cfg: ModelConfig) -> Count:
         c = c + _rmsnorm(hd) * 2
     elif a.qk_norm == "full":  # over the whole q and k projections (OLMo 2)
         c = c + _rmsnorm(a.n_heads * hd) + _rmsnorm(n_kv * hd)
+    if a.sinks:  # one logit per head (gpt-oss)
+        c = c + Count(a.n_heads, a.n_heads, 0)
     return c
 
 
@@ -116,9 +118,9 @@ def mlp_params(cfg: ModelConfig, hidden: int, bias: bool | None = None) -> Count
 def moe_params(cfg: ModelConfig) -> Count:
     """Router, routed experts (top_k of them active) and always-on shared experts."""
     m = cfg.moe
-    expert = mlp_params(cfg, cfg.expert_width, bias=False)
+    expert = mlp_params(cfg, cfg.expert_width, bias=m.expert_bias)
     routed = Count(expert.total * m.num_experts, expert.active * m.top_k, expert.matmul * m.top_k)
-    c = _linear(cfg.d_model, m.num_experts) + routed
+    c = _linear(cfg.d_model, m.num_experts, m.router_bias) + routed
     if cfg.shared_width:
         c = c + mlp_params(cfg, cfg.shared_width, bias=False)
     return c

@@ -31,6 +31,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from evoformer.model.sinks import sdpa_with_sinks
+
 
 class Documents:
     """The document structure of a batch (``document_ids`` [B, T], any integer dtype)."""
@@ -96,22 +98,25 @@ def document_attention(
     dropout_p: float = 0.0,
     window: int | None = None,
     flex: bool | None = None,
+    sinks_H: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Causal attention within each document of ``docs``: [B, H, T, V].
 
     ``mask``: the full window's additive bias or boolean mask ([T, T] or [H, T, T]: a sliding
     window of ``window`` tokens, ALiBi) when plain causal is not enough. ``flex``: use
-    ``flex_attention`` (default: on CUDA when the attention is plain or windowed, no dropout).
+    ``flex_attention`` (default: on CUDA when the attention is plain or windowed, no dropout,
+    no sinks). ``sinks_H``: per-head sink logits (``model/sinks.py``), in every document's
+    softmax.
     """
     alibi = mask is not None and mask.dtype != torch.bool
     if flex is None:
-        flex = q_BHTD.is_cuda and not alibi and dropout_p == 0.0
+        flex = q_BHTD.is_cuda and not alibi and dropout_p == 0.0 and sinks_H is None
     if flex:
-        if alibi or dropout_p:
-            raise ValueError("the flex path takes no ALiBi bias and no attention dropout")
+        if alibi or dropout_p or sinks_H is not None:
+            raise ValueError("the flex path takes no ALiBi bias, attention dropout or sinks")
         block_mask = docs.block_mask(window, q_BHTD.shape[1])
         return _flex(q_BHTD.is_cuda)(q_BHTD, k_BHTD, v_BHTV, block_mask=block_mask, scale=scale)
-    return _per_document(q_BHTD, k_BHTD, v_BHTV, docs, mask, scale, dropout_p)
+    return _per_document(q_BHTD, k_BHTD, v_BHTV, docs, mask, scale, dropout_p, sinks_H)
 
 
 @functools.cache
@@ -131,10 +136,13 @@ def _per_document(
     mask: torch.Tensor | None,
     scale: float | None,
     dropout_p: float,
+    sinks_H: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One SDPA call per document run (each using its diagonal block of ``mask``); rows with
     the same runs are computed together, so a batch without boundaries costs one call."""
     sdpa: Callable[..., torch.Tensor] = F.scaled_dot_product_attention
+    if sinks_H is not None:
+        sdpa = functools.partial(sdpa_with_sinks, sinks_H=sinks_H)
 
     def attend(rows: slice, start: int, end: int) -> torch.Tensor:
         q, k, v = (x[rows, :, start:end] for x in (q_BHTD, k_BHTD, v_BHTV))

@@ -17,6 +17,7 @@ layer) are applied here, once.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 from evoformer.config.schema import MLPConfig, ModelConfig
@@ -61,6 +62,8 @@ class AttentionSpec:
     dropout: float
     window: int | None
     alibi: bool
+    sinks: bool = False
+    """A learned per-head logit in the softmax denominator (gpt-oss)."""
 
 
 @dataclass(frozen=True)
@@ -104,6 +107,9 @@ class MoESpec:
     """One routed expert's MLP kind, width and activation (experts carry no biases)."""
     shared_mlp: MLPConfig | None
     """The always-on shared experts as one MLP (None: no shared experts)."""
+    router_bias: bool = False
+    expert_bias: bool = False
+    """Biases on the routed experts' gate/up/down projections (gpt-oss)."""
 
 
 def attention_spec(cfg: ModelConfig, layer: LayerSpec) -> AttentionSpec | LatentAttentionSpec:
@@ -147,6 +153,7 @@ def attention_spec(cfg: ModelConfig, layer: LayerSpec) -> AttentionSpec | Latent
         dropout=a.dropout,
         window=layer.window,
         alibi=cfg.position.kind == "alibi",
+        sinks=a.sinks,
     )
 
 
@@ -155,8 +162,9 @@ def moe_spec(cfg: ModelConfig) -> MoESpec:
     m, mlp = cfg.moe, cfg.mlp
     n_moe = len(moe_layers(cfg, with_mtp=True))
     shared = None
+    # The experts' own MLPs: model.mlp's kind and activation at their width, without biases.
     if cfg.shared_width:
-        shared = MLPConfig(kind=mlp.kind, hidden=cfg.shared_width, activation=mlp.activation)
+        shared = dataclasses.replace(mlp, hidden=cfg.shared_width, bias=False)
     return MoESpec(
         d_model=cfg.d_model,
         num_experts=m.num_experts,
@@ -171,8 +179,10 @@ def moe_spec(cfg: ModelConfig) -> MoESpec:
         bias_update_rate=m.bias_update_rate,
         capacity_factor=m.capacity_factor,
         expert_width=cfg.expert_width,
-        expert_mlp=MLPConfig(kind=mlp.kind, hidden=cfg.expert_width, activation=mlp.activation),
+        expert_mlp=dataclasses.replace(mlp, hidden=cfg.expert_width, bias=False),
         shared_mlp=shared,
+        router_bias=m.router_bias,
+        expert_bias=m.expert_bias,
     )
 
 

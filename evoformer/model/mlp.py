@@ -1,4 +1,5 @@
-"""Feed-forward blocks: the GPT-2 two-matrix MLP and the gated SwiGLU (LLaMA) / GeGLU (Gemma).
+"""Feed-forward blocks: the GPT-2 two-matrix MLP and the gated SwiGLU (LLaMA) / GeGLU (Gemma) /
+clamped SwiGLU (gpt-oss).
 
 Tensor parallelism splits the hidden dim: up (and gate) column-parallel, down row-parallel; the
 input enters the TP region once for both column layers, so a block costs Megatron's one
@@ -26,6 +27,29 @@ def activation_fn(cfg: MLPConfig):
     return ACTIVATIONS[cfg.resolved_activation]
 
 
+def clamped_swiglu(
+    gate: torch.Tensor, up: torch.Tensor, limit: float, alpha: float
+) -> torch.Tensor:
+    """gpt-oss's gated unit: the gate clamped above at ``limit`` (not below: large negative
+    gates still switch the unit off), the linear part clamped to +-``limit`` and offset by 1,
+    ``(up + 1) * gate * sigmoid(alpha * gate)``. The clamps bound the activations the model was
+    trained with; ``alpha = 1.702`` makes ``x * sigmoid(alpha x)`` the sigmoid GELU."""
+    gate = gate.clamp(max=limit)
+    up = up.clamp(min=-limit, max=limit)
+    return (up + 1) * (gate * torch.sigmoid(gate * alpha))
+
+
+def glu_fn(cfg: MLPConfig):
+    """``glu(gate, up)``, the hidden activation of a gated MLP: ``act(gate) * up`` (SwiGLU,
+    GeGLU) or :func:`clamped_swiglu`. Elementwise, so tensor-parallel column shards apply it
+    on their own."""
+    if cfg.kind == "clamped_swiglu":
+        limit, alpha = cfg.swiglu_limit, cfg.swiglu_alpha
+        return lambda gate, up: clamped_swiglu(gate, up, limit, alpha)
+    act = activation_fn(cfg)
+    return lambda gate, up: act(gate) * up
+
+
 def _check_split(hidden: int, tp: int) -> None:
     if hidden % tp:
         raise ValueError(f"tensor parallelism: tp={tp} must divide the MLP hidden size {hidden}")
@@ -51,7 +75,7 @@ class MLP(nn.Module):
 
 
 class GatedMLP(nn.Module):
-    """down(act(gate(x)) * up(x)): SwiGLU with silu, GeGLU with gelu.
+    """down(glu(gate(x), up(x))): SwiGLU with silu, GeGLU with gelu, or gpt-oss's clamped SwiGLU.
 
     ``partial_output=True`` (an MoE's shared experts): under TP the caller enters the region
     and reduces the output, together with the routed experts'."""
@@ -67,7 +91,7 @@ class GatedMLP(nn.Module):
         self.ctx = ctx = ctx or ParallelContext()
         _check_split(cfg.hidden, ctx.tp)
         self.partial_output = partial_output
-        self.act = activation_fn(cfg)
+        self.glu = glu_fn(cfg)
         self.gate_proj = ctx.column(d_model, cfg.hidden, cfg.bias, explicit_comm=True)
         self.up_proj = ctx.column(d_model, cfg.hidden, cfg.bias, explicit_comm=True)
         self.down_proj = ctx.row(cfg.hidden, d_model, cfg.bias, explicit_comm=partial_output)
@@ -77,7 +101,7 @@ class GatedMLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.ctx.tp > 1 and not self.partial_output:
             x = self.ctx.enter(x)
-        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(self.glu(self.gate_proj(x), self.up_proj(x)))
 
 
 def build_mlp(cfg: MLPConfig, d_model: int, ctx: ParallelContext | None = None) -> nn.Module:

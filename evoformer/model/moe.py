@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from evoformer.model.layout import MoESpec
-from evoformer.model.mlp import GatedMLP, activation_fn
+from evoformer.model.mlp import GatedMLP, glu_fn
 from evoformer.parallel.collectives import group_size
 from evoformer.parallel.context import ParallelContext
 from evoformer.parallel.expert import LocalDispatcher, build_dispatcher
@@ -48,17 +48,27 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
 
 
 class GroupedExperts(KeepShardSpecs):
-    """E gated experts ``down(act(gate(x)) * up(x))`` as stacked weights: ``gate_proj`` and
+    """E gated experts ``down(glu(gate(x), up(x)))`` as stacked weights: ``gate_proj`` and
     ``up_proj`` [E, H, C], ``down_proj`` [E, C, H] (each expert's matrix in nn.Linear's
     [out, in] layout, as HF stores them). Takes token copies sorted by expert with the per-expert
-    counts and returns their outputs in the same order."""
+    counts and returns their outputs in the same order.
+
+    ``bias`` (gpt-oss): ``gate_proj_bias`` / ``up_proj_bias`` [E, H] and ``down_proj_bias``
+    [E, C]. Under TP the gate/up biases are split with the hidden dim; the down bias belongs to
+    the reduced output, so only TP rank 0 adds it (its gradient is summed over TP)."""
 
     # Drawn like linears by Transformer.init_weights, seeded by parameter name (True: the
     # residual output projection, scaled when init.scaled_residual is on).
     normal_init = {"gate_proj": False, "up_proj": False, "down_proj": True}
 
     def __init__(
-        self, num_experts: int, d_model: int, hidden: int, act, ctx: ParallelContext | None = None
+        self,
+        num_experts: int,
+        d_model: int,
+        hidden: int,
+        glu,
+        ctx: ParallelContext | None = None,
+        bias: bool = False,
     ) -> None:
         super().__init__()
         ctx = ctx or ParallelContext()
@@ -70,29 +80,51 @@ class GroupedExperts(KeepShardSpecs):
                 f"expert parallelism: parallel.ep={ep} must divide model.moe.num_experts="
                 f"{num_experts}"
             )
-        self.act = act
+        self.glu = glu
         local = hidden // tp  # this rank's slice of every expert's hidden dim
         n = num_experts // ep  # this rank's experts (all of them without expert parallelism)
         self.gate_proj = nn.Parameter(torch.empty(n, local, d_model))
         self.up_proj = nn.Parameter(torch.empty(n, local, d_model))
         self.down_proj = nn.Parameter(torch.empty(n, d_model, local))
+        names = ["gate_proj", "up_proj", "down_proj"]
+        self.bias = bias
+        # The down bias joins the TP-reduced sum once: rank 0 adds it, the others add it times
+        # 0, so every rank has a gradient to sum (zeros but rank 0's).
+        self.down_bias_share = 1.0 if ctx.tp_rank == 0 else 0.0
+        if bias:
+            self.gate_proj_bias = nn.Parameter(torch.empty(n, local))
+            self.up_proj_bias = nn.Parameter(torch.empty(n, local))
+            self.down_proj_bias = nn.Parameter(torch.empty(n, d_model))
+            names += ["gate_proj_bias", "up_proj_bias", "down_proj_bias"]
         if tp > 1:
             mark_sharded(self, "gate_proj", 1, hidden)
             mark_sharded(self, "up_proj", 1, hidden)
             mark_sharded(self, "down_proj", 2, hidden)
+            if bias:
+                mark_sharded(self, "gate_proj_bias", 1, hidden)
+                mark_sharded(self, "up_proj_bias", 1, hidden)
+                mark_partial_grad(self, "down_proj_bias")
         if ep > 1:
-            for name in ("gate_proj", "up_proj", "down_proj"):
+            for name in names:
                 mark_expert_sharded(self, name, 0, num_experts, ctx.ep_rank)
         # None: torch._grouped_mm where the kernel takes the shapes, else a loop over experts.
         self.use_grouped_mm: bool | None = None
+
+    def reset_parameters(self) -> None:
+        if self.bias:
+            for b in (self.gate_proj_bias, self.up_proj_bias, self.down_proj_bias):
+                b.zero_()
 
     def forward(self, x_MC: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
         dtype = _compute_dtype(x_MC)
         x_MC = x_MC.to(dtype)
         weights = [w.to(dtype) for w in (self.gate_proj, self.up_proj, self.down_proj)]
-        if self._grouped(x_MC):
-            return self._grouped_forward(x_MC, counts_E, *weights)
-        return self._loop_forward(x_MC, counts_E, *weights)
+        biases = None
+        if self.bias:
+            down = self.down_proj_bias.to(dtype) * self.down_bias_share
+            biases = (self.gate_proj_bias.to(dtype), self.up_proj_bias.to(dtype), down)
+        forward = self._grouped_forward if self._grouped(x_MC) else self._loop_forward
+        return forward(x_MC, counts_E, weights[0], weights[1], weights[2], biases)
 
     def _grouped(self, x_MC: torch.Tensor) -> bool:
         if self.use_grouped_mm is not None:
@@ -110,20 +142,37 @@ class GroupedExperts(KeepShardSpecs):
         E, H, C = self.gate_proj.shape
         return (H * x_MC.element_size()) % 16 == 0 and (C * x_MC.element_size()) % 16 == 0
 
-    def _grouped_forward(self, x_MC, counts_E, w_gate, w_up, w_down) -> torch.Tensor:
+    def _grouped_forward(self, x_MC, counts_E, w_gate, w_up, w_down, biases) -> torch.Tensor:
         offs = counts_E.cumsum(0).to(torch.int32)
-        h_MH = self.act(_grouped_mm(x_MC, w_gate, offs)) * _grouped_mm(x_MC, w_up, offs)
-        return _grouped_mm(h_MH, w_down, offs)
+        gate_MH, up_MH = _grouped_mm(x_MC, w_gate, offs), _grouped_mm(x_MC, w_up, offs)
+        if biases is None:
+            return _grouped_mm(self.glu(gate_MH, up_MH), w_down, offs)
+        # Each row's expert, to pick its bias rows (counts are per expert, rows sorted by it).
+        expert_M = torch.repeat_interleave(
+            torch.arange(len(counts_E), device=x_MC.device), counts_E, output_size=len(x_MC)
+        )
+        b_gate, b_up, b_down = biases
+        h_MH = self.glu(gate_MH + b_gate[expert_M], up_MH + b_up[expert_M])
+        out_MC = _grouped_mm(h_MH, w_down, offs)
+        return out_MC if b_down is None else out_MC + b_down[expert_M]
 
-    def _loop_forward(self, x_MC, counts_E, w_gate, w_up, w_down) -> torch.Tensor:
+    def _loop_forward(self, x_MC, counts_E, w_gate, w_up, w_down, biases) -> torch.Tensor:
         outs, start = [], 0
+        b_gate = b_up = b_down = None
+        if biases is not None:
+            b_gate, b_up, b_down = biases
         for e, n in enumerate(counts_E.tolist()):
             if n:
                 x = x_MC[start : start + n]
-                h = self.act(F.linear(x, w_gate[e])) * F.linear(x, w_up[e])
-                outs.append(F.linear(h, w_down[e]))
+                gate = F.linear(x, w_gate[e], None if b_gate is None else b_gate[e])
+                up = F.linear(x, w_up[e], None if b_up is None else b_up[e])
+                outs.append(F.linear(self.glu(gate, up), w_down[e], _row(b_down, e)))
             start += n
         return torch.cat(outs) if outs else x_MC.new_zeros(0, w_down.shape[1])
+
+
+def _row(b: torch.Tensor | None, e: int) -> torch.Tensor | None:
+    return None if b is None else b[e]
 
 
 def _grouped_mm(x_MI: torch.Tensor, w_EOI: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
@@ -139,7 +188,9 @@ def _grouped_mm(x_MI: torch.Tensor, w_EOI: torch.Tensor, offs: torch.Tensor) -> 
 class MoE(nn.Module):
     """Routed experts (plus shared experts) in place of a dense MLP.
 
-    Router: ``router`` (d_model -> E, no bias) in fp32; scores are softmax or sigmoid. The
+    Router: ``router`` (d_model -> E; a bias with ``router_bias``, gpt-oss) in fp32; scores
+    are softmax or sigmoid (gpt-oss's softmax over the top-k logits is the softmax over all,
+    renormalised over the chosen: ``norm_topk_prob``). The
     selection score adds ``e_score_correction_bias`` (aux-loss-free balancing, DeepSeek-V3)
     and, with ``n_groups > 1``, is limited to the ``topk_groups`` groups whose two best experts
     (``group_score`` top2) or best expert (max) score highest. Gate weights are the *unbiased*
@@ -161,7 +212,7 @@ class MoE(nn.Module):
     the dispatcher all-to-alls the routed copies to their ranks; the router, the shared experts
     and everything above are unchanged (see ``parallel/expert.py``).
 
-    Experts carry no biases (``mlp.bias`` applies to dense layers only).
+    Experts carry biases only with ``expert_bias`` (``mlp.bias`` applies to dense layers only).
     """
 
     e_score_correction_bias: torch.Tensor | None  # a buffer (None without a bias)
@@ -184,18 +235,18 @@ class MoE(nn.Module):
         self.aux_loss_coef = m.aux_loss_coef
         self.bias_update_rate = m.bias_update_rate
         self.capacity_factor = m.capacity_factor
-        self.router = nn.Linear(m.d_model, E, bias=False)
+        self.router = nn.Linear(m.d_model, E, bias=m.router_bias)
         if ctx.tp > 1:
             # Replicated, but the gate weights multiply partial expert outputs: each rank's
             # router gradient is its share (the aux loss's is scaled by 1/tp in _observe).
-            mark_partial_grad(self.router, "weight")
+            mark_partial_grad(self.router, "weight", "bias")
         uses_bias = m.score == "sigmoid" or m.bias_update_rate > 0
         # Persistent, so checkpoints carry the balance reached; fp32 like HF keeps it.
         self.register_buffer(
             "e_score_correction_bias", torch.empty(E, dtype=torch.float32) if uses_bias else None
         )
         self.experts = GroupedExperts(
-            E, m.d_model, m.expert_width, activation_fn(m.expert_mlp), ctx
+            E, m.d_model, m.expert_width, glu_fn(m.expert_mlp), ctx, bias=m.expert_bias
         )
         # All-to-all over the ep group under expert parallelism (parallel/expert.py).
         self.dispatcher: LocalDispatcher = build_dispatcher(E, ctx.ep_group)
@@ -217,8 +268,11 @@ class MoE(nn.Module):
 
     def route(self, x_NC: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(gate weights [N, K] fp32, chosen experts [N, K], scores [N, E] fp32)."""
+        bias = self.router.bias
         with torch.autocast(x_NC.device.type, enabled=False):
-            logits_NE = F.linear(x_NC.float(), self.router.weight.float())
+            logits_NE = F.linear(
+                x_NC.float(), self.router.weight.float(), None if bias is None else bias.float()
+            )
         if self.score == "softmax":
             scores_NE = logits_NE.softmax(dim=-1)
         else:

@@ -111,7 +111,12 @@ class RotaryEmbedding(nn.Module):
 
 
 def apply_rope(x_BHTD: torch.Tensor, cos_TD: torch.Tensor, sin_TD: torch.Tensor) -> torch.Tensor:
-    """Rotate q or k by position (tables [T, D], or [B, T, D] for per-row positions)."""
+    """Rotate q or k by position (tables [T, D], or [B, T, D] for per-row positions). Tables
+    narrower than the head (partial RoPE, GLM-4.5) rotate its leading dims, the rest pass."""
+    R = cos_TD.shape[-1]
+    if R < x_BHTD.shape[-1]:
+        rotated = apply_rope(x_BHTD[..., :R], cos_TD, sin_TD)
+        return torch.cat([rotated, x_BHTD[..., R:]], dim=-1)
     if cos_TD.dim() == 3:  # [B, T, D]: one table per row, shared by the heads
         cos_TD, sin_TD = cos_TD[:, None], sin_TD[:, None]
     half = x_BHTD.shape[-1] // 2

@@ -169,8 +169,7 @@ class Transformer(KeepShardSpecs):
     def _build_rope(cfg: ModelConfig):
         if cfg.position.kind != "rope":
             return None, None
-        a = cfg.attention
-        head_dim = a.qk_rope_head_dim if a.kind == "mla" else cfg.head_dim
+        head_dim = cfg.rotary_dim  # the rotated dims only (partial RoPE, MLA's rope dims)
         rope = RotaryEmbedding(head_dim, cfg.max_seq_len, cfg.position)
         local = None
         if cfg.position.local_rope_theta is not None:

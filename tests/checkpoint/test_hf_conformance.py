@@ -30,6 +30,7 @@ from evoformer.checkpoint.hf.convert import convert_from_hf  # noqa: E402
 from evoformer.errors import UserError  # noqa: E402
 from evoformer.model.layout import layer_plan  # noqa: E402
 from tests.checkpoint.hf_testing import randomise, rel_err  # noqa: E402
+from tests.checkpoint.mxfp4_testing import write_mxfp4  # noqa: E402
 
 TOL = 1e-5
 SEQ = 40  # beyond every (shrunk) window: 16
@@ -90,6 +91,11 @@ def _write_fp8(root: Path, block: tuple[int, int]):
         st[name], st[name.removesuffix("weight") + "weight_scale_inv"] = q, scale
         ref[name] = _reference_dequant(q, scale, block).float()
     save_file(st, str(path), metadata={"format": "pt"})
+    return _write_reference(root, ref)
+
+
+def _write_reference(root: Path, ref: dict[str, torch.Tensor]):
+    """The HF reference model, reloaded from the dequantized weights ``ref``."""
     (root / "ref").mkdir()
     (root / "ref" / "config.json").write_text((root / "hf5.json").read_text())
     save_file(ref, str(root / "ref" / "model.safetensors"), metadata={"format": "pt"})
@@ -112,7 +118,9 @@ def imported(request, tmp_path_factory):
     hf.save_pretrained(root / "hf")
     (root / "hf5.json").write_text((root / "hf" / "config.json").read_text())
     (root / "hf" / "config.json").write_text(json.dumps(raw))  # the file as published
-    if "quantization_config" in raw:
+    if raw.get("quantization_config", {}).get("quant_method") == "mxfp4":
+        hf = _write_reference(root, write_mxfp4(root / "hf" / "model.safetensors"))
+    elif "quantization_config" in raw:
         hf = _write_fp8(root, tuple(raw["quantization_config"]["weight_block_size"]))
     vocab = (raw.get("text_config") or raw)["vocab_size"]
     ids = torch.randint(0, vocab, (2, SEQ), generator=torch.Generator().manual_seed(2))
@@ -223,6 +231,9 @@ EXPECTED = {
     "deepseek_v2": (None, 0, 4, "yarn", 0.001, 0.0),
     "deepseek_v2_lite": (None, 0, 4, "yarn", 0.001, 0.0),
     "kimi_k2": (None, 0, 4, "yarn", 0.001, 0.001),
+    "gpt_oss": (16, 2, 2, "yarn", 0.9, 0.0),
+    "glm4_moe": (None, 0, 2, "none", 0.0, 0.001),
+    "minimax_m2": (None, 0, 2, "none", 0.001, 0.001),
 }
 
 
@@ -259,6 +270,8 @@ def test_imported_settings(imported) -> None:
         assert (m.moe.n_groups, m.moe.topk_groups) == ((8, 3) if grouped else (1, 1))
         assert m.moe.group_score == "max" and m.attention.q_lora_rank == (48 if grouped else 0)
         assert "aux_loss_coef=0.001 (aux_loss_alpha" in notes
+    if case == "gpt_oss":
+        assert "dequantized 8 MXFP4 expert tensors" in notes
 
 
 def test_wrapper_saved_by_transformers5_ties_as_it_says(tmp_path: Path) -> None:

@@ -27,6 +27,9 @@ EXPECTED_ORDER = [
     "deepseek_v2",
     "deepseek_v3",
     "kimi_k2",  # after deepseek_v3: the same model exports as deepseek_v3 (transformers loads it)
+    "gpt_oss",
+    "glm4_moe",
+    "minimax_m2",
 ]
 
 

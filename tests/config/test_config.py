@@ -165,6 +165,10 @@ MOE = ["model.moe.num_experts=8", "model.moe.top_k=2"]
         (["model.moe.routed_scaling=0"], "model.moe.routed_scaling=0.0: must be > 0"),
         (["model.moe.score=relu"], "model.moe.score='relu': must be one of softmax, sigmoid"),
         (["model.moe.group_score=sum"], "model.moe.group_score='sum': must be one of top2, max"),
+        (
+            ["model.mlp.kind=clamped_swiglu", "model.mlp.swiglu_limit=0"],
+            "model.mlp.swiglu_limit=0.0: must be > 0",
+        ),
     ],
 )
 def test_moe_routing_mistakes_are_one_line(overrides, message):

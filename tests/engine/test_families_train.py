@@ -27,6 +27,9 @@ FAMILIES = [
     "deepseek-v2",  # softmax, group-limited by the best expert
     "olmo3",  # windows with YaRN on the global layers only
     "smollm3",  # a NoPE layer
+    "gpt-oss",
+    "glm4-moe",
+    "minimax-m2",
 ]
 
 

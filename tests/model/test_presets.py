@@ -105,6 +105,46 @@ PUBLISHED = [
         "HF moonshotai/Kimi-K2-Base model card: 32B activated (we get 31.7B)",
     ),
     (
+        "glm4.5-355b",
+        "total",
+        355e9,
+        0.01,
+        "GLM-4.5 report / HF zai-org/GLM-4.5: 355B (ours: 352.8B main model, 356.8B with MTP)",
+    ),
+    (
+        "glm4.5-355b",
+        "active_no_vocab",
+        32e9,
+        0.016,
+        "GLM-4.5 report: 32B activated (+-0.5B; embedding and head not counted)",
+    ),
+    ("glm4.5-air-106b", "total", 106e9, 0.01, "HF zai-org/GLM-4.5-Air: 106B (ours 106.85B)"),
+    (
+        "glm4.5-air-106b",
+        "active_no_vocab",
+        12e9,
+        0.042,
+        "HF zai-org/GLM-4.5-Air: 12B activated (+-0.5B; embedding and head not counted)",
+    ),
+    ("minimax-m2-230b", "total", 230e9, 0.01, "HF MiniMaxAI/MiniMax-M2: 230B (ours 228.7B)"),
+    (
+        "minimax-m2-230b",
+        "active_no_vocab",
+        10e9,
+        0.05,
+        "HF MiniMaxAI/MiniMax-M2: 10B activated (+-0.5B; embedding and head not counted)",
+    ),
+    ("gpt-oss-20b", "total", 20.91e9, 0.005, "OpenAI gpt-oss model card, Table 1: 20.91B"),
+    (
+        "gpt-oss-20b",
+        "active_no_embed",
+        3.61e9,
+        0.005,
+        "OpenAI gpt-oss model card, Table 1: 3.61B active (the unembedding counted)",
+    ),
+    ("gpt-oss-120b", "total", 116.83e9, 0.005, "OpenAI gpt-oss model card, Table 1: 116.83B"),
+    ("gpt-oss-120b", "active_no_embed", 5.13e9, 0.005, "OpenAI gpt-oss model card: 5.13B"),
+    (
         "deepseek-v3-671b",
         "hf_checkpoint",
         685e9,
@@ -119,6 +159,7 @@ def quantity(name: str, what: str) -> int:
     p = count_params(preset(name))
     derived = {
         "active_no_embed": p["active"] - p["embedding"],
+        "active_no_vocab": p["active"] - p["embedding"] - p["head"],
         "hf_checkpoint": p["total"] + p["mtp"] + p["embedding"] + p["head"],
     }
     return derived[what] if what in derived else p[what]
@@ -388,6 +429,55 @@ HF_CONFIGS = {
             topk_group=1,
         ),
     ),
+    **{
+        name: (
+            "Glm4MoeForCausalLM",
+            "Glm4MoeConfig",
+            dict(
+                vocab_size=151552,
+                hidden_size=d,
+                intermediate_size=ffn,
+                moe_intermediate_size=expert,
+                num_hidden_layers=layers,
+                num_attention_heads=96,
+                num_key_value_heads=8,
+                head_dim=128,
+                n_routed_experts=experts,
+                n_shared_experts=1,
+                num_experts_per_tok=8,
+                first_k_dense_replace=dense,
+                attention_bias=True,
+                use_qk_norm=qk_norm,
+            ),
+        )
+        for name, d, ffn, expert, layers, experts, dense, qk_norm in (
+            ("glm4.5-355b", 5120, 12288, 1536, 92, 160, 3, True),
+            ("glm4.5-air-106b", 4096, 10944, 1408, 46, 128, 1, False),
+        )
+    },
+    "minimax-m2-230b": (
+        "MiniMaxM2ForCausalLM",
+        "MiniMaxM2Config",
+        dict(
+            vocab_size=200064,
+            hidden_size=3072,
+            intermediate_size=1536,
+            num_hidden_layers=62,
+            num_attention_heads=48,
+            num_key_value_heads=8,
+            head_dim=128,
+            num_local_experts=256,
+            num_experts_per_tok=8,
+        ),
+    ),
+    **{
+        name: (
+            "GptOssForCausalLM",
+            "GptOssConfig",
+            dict(num_hidden_layers=layers, num_local_experts=experts, num_experts_per_tok=4),
+        )  # the other GptOssConfig defaults are the released values
+        for name, layers, experts in (("gpt-oss-20b", 24, 32), ("gpt-oss-120b", 36, 128))
+    },
 }
 
 

@@ -20,6 +20,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 
 from evoformer.checkpoint.hf.family import Family, WeightRule
 from evoformer.checkpoint.hf.fp8 import fp8_block_size
+from evoformer.checkpoint.hf.mxfp4 import is_mxfp4
 from evoformer.checkpoint.hf.registry import FAMILIES
 from evoformer.checkpoint.hf.roundtrip import hf_config_for
 from evoformer.checkpoint.hf.stream import (
@@ -172,7 +173,9 @@ def convert_from_hf(hf_dir: Path, out_dir: Path) -> Conversion:
     family = family_for_hf_config(hf_cfg)
     block = fp8_block_size(outer)
     model_cfg = read_model_config(family, hf_cfg)
-    reader = SafetensorsReader(hf_dir, family.base_prefix, block, wrapper=bool(notes))
+    reader = SafetensorsReader(
+        hf_dir, family.base_prefix, block, wrapper=bool(notes), mx=is_mxfp4(outer)
+    )
     if family.refine is not None:
         model_cfg = family.refine(model_cfg, set(reader.names()))
     cfg = _checked_config(model_cfg)
@@ -216,6 +219,11 @@ def convert_from_hf(hf_dir: Path, out_dir: Path) -> Conversion:
         notes.append(
             f"dequantized {reader.dequantized} FP8 block-scaled weights (e4m3, "
             f"{block[0]}x{block[1]} weight_scale_inv blocks) to bf16, as DeepSeek's weight_dequant"
+        )
+    if reader.mx_read:
+        notes.append(
+            f"dequantized {len(reader.mx_read)} MXFP4 expert tensors (E2M1, 32-element E8M0 "
+            "blocks) to bf16; export writes them in full precision"
         )
     if reader.dropped:
         notes.append(f"left out {reader.dropped} vision tower / projector tensors")
@@ -321,7 +329,5 @@ def convert_to_hf(
 def _hf_info(rule: WeightRule, ours: dict[str, torch.Tensor], stored: StoredTensors) -> TensorInfo:
     """Dtype and shape of the HF tensor ``rule`` makes (our stored dtype)."""
     shapes = [tuple(ours[n].shape if rule.index is None else ours[n].shape[1:]) for n in rule.ours]
-    shape = (sum(s[0] for s in shapes), *shapes[0][1:]) if len(shapes) > 1 else shapes[0]
-    if rule.transpose:
-        shape = tuple(reversed(shape))
-    return TensorInfo(stored.infos[rule.ours[0]].dtype, shape)
+    parts = [torch.empty(s, device="meta") for s in shapes]
+    return TensorInfo(stored.infos[rule.ours[0]].dtype, tuple(rule.to_hf(parts).shape))

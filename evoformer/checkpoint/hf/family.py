@@ -22,6 +22,31 @@ class WeightRule:
     ours: tuple[str, ...]
     transpose: bool = False  # HF stores [in, out] (GPT-2 Conv1D) instead of nn.Linear's [out, in]
     index: int | None = None  # the HF tensor is slice [index] of ours (stacked MoE experts)
+    # Stacked expert tensors stored whole (gpt-oss): ``swap_last``: HF's is [E, in, out], ours
+    # [E, out, in]; ``interleave``: the ours alternate along HF's last dim (gate at even, up at
+    # odd columns) instead of being concatenated along the first.
+    swap_last: bool = False
+    interleave: bool = False
+
+    def to_ours(self, t: torch.Tensor, sizes: list[int] | None = None) -> list[torch.Tensor]:
+        """The HF tensor ``t`` as the parts of ours (``sizes``: dim-0 split of several)."""
+        t = t.t() if self.transpose else t
+        if self.interleave:
+            parts = [t[..., k :: len(self.ours)] for k in range(len(self.ours))]
+        elif sizes is not None:
+            parts = list(t.split(sizes, dim=0))
+        else:
+            parts = [t]
+        return [p.transpose(-1, -2) if self.swap_last else p for p in parts]
+
+    def to_hf(self, parts: list[torch.Tensor]) -> torch.Tensor:
+        """Our tensors (or slices) ``parts`` as the HF tensor: :meth:`to_ours` inverted."""
+        parts = [p.transpose(-1, -2) if self.swap_last else p for p in parts]
+        if self.interleave:
+            t = torch.stack(parts, dim=-1).flatten(-2)
+        else:
+            t = torch.cat(parts, dim=0) if len(parts) > 1 else parts[0]
+        return t.t() if self.transpose else t
 
 
 @dataclasses.dataclass(frozen=True)

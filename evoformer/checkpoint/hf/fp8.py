@@ -31,12 +31,15 @@ def fp8_block_size(hf_cfg: dict[str, Any]) -> tuple[int, int] | None:
     if not isinstance(q, dict):
         raise UserError(f"quantization_config={q!r} is not an object")
     method = q.get("quant_method")
+    if method == "mxfp4":
+        return None  # gpt-oss's MXFP4 experts: mxfp4.py
     if method != "fp8":
         raise UserError(
             f"quantization_config.quant_method={method!r} cannot be expressed (evoformer imports "
-            "full-precision weights, or FP8 block-scaled ones: quant_method 'fp8')"
+            "full-precision weights, FP8 block-scaled ones (quant_method 'fp8') or MXFP4 experts "
+            "(quant_method 'mxfp4')"
         )
-    if q.get("fmt", "e4m3") != "e4m3":
+    if q.get("fmt", "e4m3") not in ("e4m3", "float8_e4m3fn"):  # MiniMax-M2 spells it out
         raise UserError(f"quantization_config.fmt={q['fmt']!r} cannot be expressed (needs e4m3)")
     if q.get("activation_scheme", "dynamic") != "dynamic":
         raise UserError(

@@ -10,9 +10,12 @@ from evoformer.checkpoint.hf import (
     deepseek_v2,
     deepseek_v3,
     gemma3,
+    glm4_moe,
     gpt2,
+    gpt_oss,
     kimi_k2,
     llama,
+    minimax_m2,
     mistral,
     mixtral,
     olmo2,
@@ -43,5 +46,8 @@ FAMILIES: dict[str, Family] = {
         deepseek_v2.FAMILY,
         deepseek_v3.FAMILY,
         kimi_k2.FAMILY,  # after deepseek_v3: the same model exports as deepseek_v3 by default
+        gpt_oss.FAMILY,
+        glm4_moe.FAMILY,
+        minimax_m2.FAMILY,
     )
 }

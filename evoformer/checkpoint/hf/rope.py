@@ -19,6 +19,7 @@ from evoformer.checkpoint.hf.family import unsupported
 from evoformer.config.schema import PositionConfig, RopeScalingConfig
 
 SUPPORTED = "default, linear, llama3, yarn"
+PARTIAL = "partial_rotary_factor"
 
 
 def _original(params: dict[str, Any], c: dict[str, Any], max_pos: int) -> int:
@@ -29,16 +30,29 @@ def _original(params: dict[str, Any], c: dict[str, Any], max_pos: int) -> int:
 
 
 def rope_params_from_hf(
-    params: dict[str, Any], family: str, max_pos: int, c: dict[str, Any] | None = None
+    params: dict[str, Any],
+    family: str,
+    max_pos: int,
+    c: dict[str, Any] | None = None,
+    partial_ok: bool = False,
 ) -> PositionConfig:
     """One HF RoPE parameter dict (``rope_type`` + ``rope_theta`` + scaling keys) -> ours;
-    ``c``: the whole config, for keys HF also reads outside the dict."""
-    c = c or {}
+    ``c``: the whole config, for keys HF also reads outside the dict. ``partial_ok``: the
+    family's HF class rotates ``partial_rotary_factor`` of each head (else it is refused)."""
+    p = _rope_params(params, family, max_pos, c or {})
+    partial = params.get("partial_rotary_factor")
+    partial = 1.0 if partial is None else float(partial)
+    if partial != 1.0 and not partial_ok:
+        raise unsupported(family, f"partial_rotary_factor={partial}")
+    p.partial_rotary = partial
+    return p
+
+
+def _rope_params(
+    params: dict[str, Any], family: str, max_pos: int, c: dict[str, Any]
+) -> PositionConfig:
     theta = float(params.get("rope_theta") or 10000.0)
     kind = params.get("rope_type", params.get("type", "default"))
-    partial = params.get("partial_rotary_factor", 1.0)
-    if partial not in (None, 1, 1.0):
-        raise unsupported(family, f"partial_rotary_factor={partial}")
     if kind == "default":
         return PositionConfig(kind="rope", rope_theta=theta)
     if kind == "linear":
@@ -77,10 +91,10 @@ def _yarn_from_hf(params: dict[str, Any], c: dict[str, Any], max_pos: int) -> Ro
     )
 
 
-def rope_from_hf(c: dict[str, Any], family: str) -> PositionConfig:
+def rope_from_hf(c: dict[str, Any], family: str, partial_ok: bool = False) -> PositionConfig:
     """RoPE from a flat HF config: the legacy ``rope_theta`` + ``rope_scaling`` or transformers
     5's ``rope_parameters``. Like transformers 5, a legacy ``rope_scaling`` wins over
-    ``rope_parameters`` when a file carries both."""
+    ``rope_parameters`` when a file carries both (``partial_ok``: see rope_params_from_hf)."""
     params = dict(c.get("rope_scaling") or c.get("rope_parameters") or {})
     if params and all(isinstance(v, dict) for v in params.values()):
         raise unsupported(family, f"per-layer-type rope_parameters ({', '.join(params)})")
@@ -88,7 +102,7 @@ def rope_from_hf(c: dict[str, Any], family: str) -> PositionConfig:
     partial = c.get("partial_rotary_factor")
     if partial is not None:
         params.setdefault("partial_rotary_factor", partial)
-    return rope_params_from_hf(params, family, c["max_position_embeddings"], c)
+    return rope_params_from_hf(params, family, c["max_position_embeddings"], c, partial_ok)
 
 
 def rope_params_to_hf(p: PositionConfig) -> dict[str, Any]:
@@ -119,6 +133,8 @@ def rope_params_to_hf(p: PositionConfig) -> dict[str, Any]:
                 out[key] = getattr(s, key)
         if s.attention_factor is not None:
             out["attention_factor"] = s.attention_factor
+    if p.partial_rotary != 1.0:
+        out["partial_rotary_factor"] = p.partial_rotary
     return out
 
 
@@ -127,5 +143,8 @@ def rope_to_hf(p: PositionConfig) -> dict[str, Any]:
     params = rope_params_to_hf(p)
     scaling = None
     if p.rope_scaling.kind != "none":
-        scaling = {k: v for k, v in params.items() if k != "rope_theta"}
-    return {"rope_theta": p.rope_theta, "rope_scaling": scaling, "rope_parameters": params}
+        scaling = {k: v for k, v in params.items() if k not in ("rope_theta", PARTIAL)}
+    out = {"rope_theta": p.rope_theta, "rope_scaling": scaling, "rope_parameters": params}
+    if p.partial_rotary != 1.0:  # where transformers 4 classes read it
+        out[PARTIAL] = p.partial_rotary
+    return out

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from safetensors import SafetensorError, safe_open
 
-from evoformer.checkpoint.hf import fp8
+from evoformer.checkpoint.hf import fp8, mxfp4
 from evoformer.checkpoint.hf.family import Family, WeightRule
 from evoformer.checkpoint.hf.stream import INDEX, SINGLE, TensorInfo, read_header
 from evoformer.config.schema import ModelConfig
@@ -77,7 +77,8 @@ class SafetensorsReader:
     ``fp8_block``: FP8 block-scaled weights are returned dequantized (bf16) and their
     ``weight_scale_inv`` tensors are consumed with them. ``wrapper``: the folder holds a
     multimodal wrapper; its text model's tensors get the text family's names and the vision
-    tower and projector are left out (:attr:`dropped` counts them)."""
+    tower and projector are left out (:attr:`dropped` counts them). ``mx``: MXFP4 tensors
+    (``X_blocks`` + ``X_scales``, gpt-oss) are returned as ``X`` dequantized (bf16)."""
 
     def __init__(
         self,
@@ -85,6 +86,7 @@ class SafetensorsReader:
         base_prefix: str,
         fp8_block: tuple[int, int] | None = None,
         wrapper: bool = False,
+        mx: bool = False,
     ) -> None:
         index = hf_dir / INDEX
         single = hf_dir / SINGLE
@@ -137,16 +139,27 @@ class SafetensorsReader:
                 if weight not in stored:
                     raise UserError(f"{hf_dir}: {n} scales no tensor ({weight} is missing)")
                 self.scales[weight] = stored.pop(n)
+        self.mx: dict[str, tuple[str, str]] = {}  # X -> stored names of X_blocks, X_scales
+        if mx:
+            for n in [n for n in stored if n.endswith(mxfp4.BLOCKS)]:
+                base = n.removesuffix(mxfp4.BLOCKS)
+                if base + mxfp4.SCALES not in stored:
+                    raise UserError(f"{hf_dir}: {n} has no {base + mxfp4.SCALES}")
+                self.mx[base] = (stored.pop(n), stored.pop(base + mxfp4.SCALES))
         self.files = files
         self._stored = stored
         self._headers = headers
         self.dequantized = 0
+        self.mx_read: set[str] = set()  # MXFP4 tensors dequantized (some are read twice)
 
     def names(self) -> list[str]:
-        return list(self._stored)
+        return list(self._stored) + list(self.mx)
 
     def info(self, name: str) -> TensorInfo:
-        """Dtype and shape of what :meth:`get` returns (FP8 weights: bf16)."""
+        """Dtype and shape of what :meth:`get` returns (FP8 and MXFP4 weights: bf16)."""
+        if name in self.mx:
+            *lead, rows, groups, _ = self._headers[self.mx[name][0]].shape
+            return TensorInfo(mxfp4.OUT_DTYPE, (*lead, groups * 32, rows))
         info = self._headers[self._stored[name]]
         if name in self.scales:
             return TensorInfo(fp8.OUT_DTYPE, info.shape)
@@ -161,6 +174,14 @@ class SafetensorsReader:
             raise UserError(f"{path}: cannot read tensor {stored} ({err})") from None
 
     def get(self, name: str) -> torch.Tensor:
+        if name in self.mx:
+            blocks, scales = self.mx[name]
+            try:
+                t = mxfp4.dequantize(self._read(blocks), self._read(scales))
+            except ValueError as err:
+                raise UserError(f"{blocks}: not MXFP4 ({err})") from None
+            self.mx_read.add(name)
+            return t
         stored = self._stored[name]
         t = self._read(stored)
         if name in self.scales:
@@ -208,8 +229,8 @@ class ImportPlan:
         t = self.reader.get(src.rule.hf)
         if self.family.transform is not None:
             t = self.family.transform(src.rule.hf, t, self.hf_cfg, True)
-        t = t.t() if src.rule.transpose else t
-        return t.split(list(src.sizes), dim=0)[src.part] if src.sizes is not None else t
+        sizes = list(src.sizes) if src.sizes is not None else None
+        return src.rule.to_ours(t, sizes)[src.part]
 
     def produce(self, name: str) -> torch.Tensor:
         """Our tensor ``name``, made from its HF tensors (stacked experts slice by slice;
@@ -262,8 +283,11 @@ def import_plan(
         targets = [
             tuple(ours[n].shape if rule.index is None else ours[n].shape[1:]) for n in rule.ours
         ]
-        sizes = tuple(t[0] for t in targets) if len(targets) > 1 else None
+        sizes = tuple(t[0] for t in targets) if len(targets) > 1 and not rule.interleave else None
         parts = [(s, *shape[1:]) for s in sizes] if sizes and shape[0] == sum(sizes) else [shape]
+        if rule.swap_last or rule.interleave:  # the shapes the rule's own layout change makes
+            meta = torch.empty(info.shape, device="meta")
+            parts = [tuple(p.shape) for p in rule.to_ours(meta)]
         if len(parts) != len(targets) or any(p != t for p, t in zip(parts, targets)):
             raise UserError(
                 f"{family.name}: tensor {rule.hf} has shape {info.shape}, but config.json "
@@ -329,8 +353,7 @@ def hf_tensor(
 ) -> torch.Tensor:
     """HF tensor ``rule.hf`` from our tensors (``fetch(name)``): fresh and contiguous."""
     parts = [fetch(n) if rule.index is None else fetch(n)[rule.index] for n in rule.ours]
-    t = torch.cat(parts, dim=0) if len(parts) > 1 else parts[0]
-    t = t.t() if rule.transpose else t
+    t = rule.to_hf(parts)
     if family.transform is not None:
         t = family.transform(rule.hf, t, hf_cfg, False)
     return t.contiguous().clone()
