@@ -189,6 +189,12 @@ class ModelConfig:
         False, "PaLM/GPT-J block: attention and MLP read the same normed input, summed once."
     )
     embed_scale: bool = opt(False, "Multiply token embeddings by sqrt(d_model) (Gemma).")
+    loss_chunk: int = opt(
+        0,
+        "Tokens per chunk of the fused LM head + cross-entropy in training: the [tokens, "
+        "vocab] logits exist one chunk at a time, forward and backward (0 = plain path: the "
+        "full logits and their softmax are kept until the backward).",
+    )
     backend: str = opt(
         "torch", "Layer implementation: torch | te (Transformer Engine; CUDA only, install .[gpu])"
     )

@@ -449,6 +449,8 @@ def validate_model(cfg: Config) -> None:
         _fail("model.position.rope_scaling.factor", p.rope_scaling.factor, "must be > 0")
     if m.norm.unit_offset and m.norm.kind != "rmsnorm":
         _fail("model.norm.unit_offset", True, "only RMSNorm has a unit offset")
+    if m.loss_chunk < 0:
+        _fail("model.loss_chunk", m.loss_chunk, "must be >= 0 (0 = the plain, unchunked loss)")
     if m.parallel_block and m.norm.placement != "pre":
         _fail(
             "model.parallel_block",
