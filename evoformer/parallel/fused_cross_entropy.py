@@ -109,9 +109,21 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
                     z_sum += torch.where(ok_R, lse_R.square(), 0.0).sum()
                 if dh_NC is not None or dw_VC is not None:
                     _chunk_grads(
-                        e_RV, sum_exp_R, lse_R, ok_R, mine_R, t_R1, n, n_z, z_weight, dtype,
-                        hc_RC, w_VC, dh_NC[r0:r1] if dh_NC is not None else None, dw_VC,
-                    )  # fmt: skip
+                        e_RV,
+                        sum_exp_R,
+                        lse_R,
+                        ok_R,
+                        mine_R,
+                        t_R1,
+                        n,
+                        n_z,
+                        z_weight,
+                        dtype,
+                        hc_RC,
+                        w_VC,
+                        dh_NC[r0:r1] if dh_NC is not None else None,
+                        dw_VC,
+                    )
                 del x_RV, e_RV  # free this chunk before the next one is computed
         ce = ce_sum / n
         z = z_sum / n_z
