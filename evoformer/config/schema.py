@@ -355,6 +355,12 @@ class TrainConfig:
         "Compile each transformer block with torch.compile (names and checkpoints unchanged; "
         "fuses elementwise work and torchao's FP8 casts; the first steps pay the compile time).",
     )
+    compile_scope: str = opt(
+        "block",
+        "With train.compile: block (each transformer block on its own; composes with every "
+        "layout) | model (the whole forward as one graph: embedding, blocks, final norm, head "
+        "and loss fused across block boundaries; pp = 1 and zero.backend=ddp).",
+    )
 
 
 # Pipeline schedules and their default stages per pp rank (engine.pipeline maps each name to

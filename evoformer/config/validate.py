@@ -26,6 +26,7 @@ CHOICES = {
     "fp8.backend": ("te", "torchao"),
     "fp8.recipe": ("tensorwise", "rowwise", "delayed", "mxfp8", "blockwise"),
     "activation_checkpointing": ("none", "full", "selective"),
+    "train.compile_scope": ("block", "model"),
     "checkpoint.load": None,  # free text, checked elsewhere
     "run.device": ("auto", "cpu", "cuda"),
     "run.progress": ("auto", "on", "off"),
@@ -108,6 +109,16 @@ def validate(cfg: Config) -> None:
         )
     if t.seq_len > cfg.model.max_seq_len:
         _fail("train.seq_len", t.seq_len, f"exceeds model.max_seq_len={cfg.model.max_seq_len}")
+    if t.compile and t.compile_scope == "model":
+        if cfg.parallel.pp > 1:
+            _fail("train.compile_scope", "model", "pp > 1 runs stages, not the model: use block")
+        if cfg.zero.backend != "ddp":
+            _fail(
+                "train.compile_scope",
+                "model",
+                f"is tested with zero.backend=ddp only (zero.backend={cfg.zero.backend} wraps "
+                "each block itself): use block",
+            )
     if not 0.0 <= cfg.data.val_fraction < 1.0:
         _fail("data.val_fraction", cfg.data.val_fraction, "must be in [0, 1)")
     if cfg.data.source == "files" and not cfg.data.paths:

@@ -416,7 +416,11 @@ class Transformer(KeepShardSpecs):
 
 def aux_loss_of(module: nn.Module) -> torch.Tensor | None:
     """The sum of the MoE aux losses the last forward left on ``module``'s submodules."""
-    aux = [a for m in module.modules() if (a := getattr(m, "aux_loss", None)) is not None]
+    aux = []
+    for m in module.modules():  # a plain loop: torch.compile breaks on a walrus comprehension
+        a = getattr(m, "aux_loss", None)
+        if a is not None:
+            aux.append(a)
     return torch.stack(aux).sum() if aux else None
 
 
