@@ -98,6 +98,12 @@ class AttentionConfig:
         0, "With sliding_window: every N-th layer attends globally, the rest locally (Gemma 3: 6)."
     )
     scale: Optional[float] = opt(None, "Softmax scale (null = 1/sqrt(head_dim)).")
+    sdpa_kernel: str = opt(
+        "auto",
+        "SDPA kernel of standard attention: auto (CUDA: cudnn, then flash, efficient, math, "
+        "the first that takes the inputs; CPU: torch's choice) | cudnn | flash | efficient | "
+        "math (pinned; for comparing kernels).",
+    )
     q_lora_rank: int = opt(0, "MLA: rank of the low-rank query projection (0 = full-rank q).")
     kv_lora_rank: int = opt(512, "MLA: rank of the compressed KV latent (what the cache stores).")
     qk_nope_head_dim: int = opt(128, "MLA: per-head q/k dims without position information.")

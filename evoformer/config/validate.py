@@ -13,6 +13,7 @@ CHOICES = {
     "model.position.kind": ("rope", "learned", "alibi", "none"),
     "model.position.rope_scaling.kind": ("none", "linear", "llama3", "yarn"),
     "model.attention.kind": ("mha", "mla"),
+    "model.attention.sdpa_kernel": ("auto", "cudnn", "flash", "efficient", "math"),
     "model.attention.qk_norm": ("none", "head", "full"),
     "model.mlp.kind": ("gelu", "swiglu", "geglu"),
     "model.moe.score": ("softmax", "sigmoid"),

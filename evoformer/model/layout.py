@@ -61,6 +61,8 @@ class AttentionSpec:
     dropout: float
     window: int | None
     alibi: bool
+    sdpa_kernel: str = "auto"
+    """``attention.sdpa_kernel``: the SDPA kernel preference (``model.sdpa``)."""
 
 
 @dataclass(frozen=True)
@@ -145,6 +147,7 @@ def attention_spec(cfg: ModelConfig, layer: LayerSpec) -> AttentionSpec | Latent
         dropout=a.dropout,
         window=layer.window,
         alibi=cfg.position.kind == "alibi",
+        sdpa_kernel=a.sdpa_kernel,
     )
 
 
