@@ -35,6 +35,7 @@ def test_cpu_smoke_runs_every_case(tmp_path):
     ]
     assert {"evoformer_fp8_tensorwise_T32", "evoformer_fp8_rowwise_T32"} <= set(names)
     assert {"torchtitan_fp8_tensorwise_T32", "evoformer_moe_bf16_T16"} <= set(names)
+    assert "evoformer_bf16_T32_compile_model" in names
     for case in report["cases"]:
         assert "error" not in case and "skipped" not in case, case
         assert case["tokens_per_s"] > 0 and 0 < case["mfu"] < 1

@@ -14,7 +14,9 @@ Cases, in this order (``--budget-s`` skips what no longer fits, recorded as skip
 2. FP8 at seq 8192: torchao tensorwise and rowwise (first/last block bf16, evoformer's default),
    torchtitan + torchao tensorwise, Transformer Engine when it imports (``model.backend=te``);
 3. an MoE shape: DeepSeek-V3's expert width (2048) at d 2048, 64 routed experts top-6 + 1 shared,
-   seq 4096, MFU from active FLOPs.
+   seq 4096, MFU from active FLOPs;
+4. evoformer bf16 at seq 8192 with the whole model compiled (``train.compile_scope=model``)
+   instead of each block.
 
 Every case reports tokens/s, TFLOP/s per GPU and MFU from one FLOP count written here (weight
 matmuls of the active parameters + causal attention, x3 for the backward, no recompute; the
@@ -349,9 +351,9 @@ def run_torchtitan(name, s, layers, seq, mb, fp8, compile_blocks, warmup, steps,
             config=Float8LinearConfig.from_recipe_name(fp8),
             module_filter_fn=lambda m, fqn: fqn != "lm_head",  # as torchtitan's converter
         )
-    if compile_blocks:  # torchtitan's apply_compile: each block, then the loss
+    if compile_blocks:  # torchtitan's apply_compile: each block in one graph, then the loss
         for block in model.layers.values():
-            block.compile()
+            block.compile(fullgraph=True)
     loss_fn = torch.compile(_titan_loss) if compile_blocks else _titan_loss
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4, fused=device.type == "cuda")
@@ -359,18 +361,20 @@ def run_torchtitan(name, s, layers, seq, mb, fp8, compile_blocks, warmup, steps,
     ids = torch.randint(0, s.vocab, (mb, seq + 1), generator=g).to(device)
     inputs, targets = ids[:, :-1], ids[:, 1:]
     stamps, losses = [], []
-    for _ in range(warmup + steps):
-        with torch.autocast(device.type, dtype=torch.bfloat16):
-            logits = model(inputs)
-        loss = loss_fn(logits, targets)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=True)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        sync(device)
-        stamps.append(time.perf_counter())
-        if not losses:
-            losses.append(loss.item())
+    # torchtitan's apply_compile sets this dynamo flag; scoped here to its own run
+    with torch._dynamo.config.patch(capture_scalar_outputs=True):
+        for _ in range(warmup + steps):
+            with torch.autocast(device.type, dtype=torch.bfloat16):
+                logits = model(inputs)
+            loss = loss_fn(logits, targets)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=True)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            sync(device)
+            stamps.append(time.perf_counter())
+            if not losses:
+                losses.append(loss.item())
     rate = mb * seq * steps / (stamps[-1] - stamps[warmup - 1])
     flops = flops_per_token(s, layers, seq)
     result = _figures(name, "torchtitan", rate, flops, device, bool(fp8), layers, seq, mb)
@@ -504,6 +508,19 @@ def cases(smoke: bool, device, layers_arg: int | None, cap: int) -> list[dict]:
             extra=evo,
         )
     )
+    # Whole-model compile (one graph incl. head and chunked loss) against per-block compile:
+    # last, since its compile time grows with the layers (blocks are not deduplicated).
+    plan.append(
+        dict(
+            kind="evo",
+            name=f"evoformer_bf16_T{seq}_compile_model",
+            s=dense,
+            layers=n,
+            seq=seq,
+            mb=1,
+            extra=evo + ["train.compile_scope=model"],
+        )
+    )
     return plan
 
 
@@ -586,8 +603,10 @@ def main(argv: list[str] | None = None) -> dict:
             if args.cpu_smoke:
                 raise
             r = {"name": name, "error": f"{type(e).__name__}: {e}"[:2000]}
-        results.append(r)
         release()
+        if device.type == "cuda":  # what the case left behind (0 unless something leaked)
+            r["leftover_memory_gb"] = torch.cuda.memory_allocated(device) / 1e9
+        results.append(r)
         print(f"[bench_gpu] {json.dumps(r)}", flush=True)
     report = {
         "environment": environment(device),
