@@ -27,15 +27,17 @@ def test_cpu_smoke_runs_every_case(tmp_path):
     )
     report = json.loads(out.read_text())
     names = [c["name"] for c in report["cases"]]
-    assert names[:4] == [
+    assert names == [
         "evoformer_bf16_T32",
         "torchtitan_bf16_T32",
+        "evoformer_fp8_tensorwise_T32",
+        "evoformer_moe_bf16_T16",
         "evoformer_bf16_T16",
         "torchtitan_bf16_T16",
-    ]
-    assert {"evoformer_fp8_tensorwise_T32", "evoformer_fp8_rowwise_T32"} <= set(names)
-    assert {"torchtitan_fp8_tensorwise_T32", "evoformer_moe_bf16_T16"} <= set(names)
-    assert "evoformer_bf16_T32_compile_model" in names
+        "evoformer_fp8_rowwise_T32",
+        "torchtitan_fp8_tensorwise_T32",
+        "evoformer_bf16_T32_compile_model",
+    ]  # in priority order; no Transformer Engine on CPU
     for case in report["cases"]:
         assert "error" not in case and "skipped" not in case, case
         assert case["tokens_per_s"] > 0 and 0 < case["mfu"] < 1
@@ -44,7 +46,7 @@ def test_cpu_smoke_runs_every_case(tmp_path):
             t = case["trainer"]
             assert t["flops_agree"], (t["flops_per_token"], case["flops_per_token"])
             assert t["rate_agree"], (t["tokens_per_s"], case["tokens_per_s"])
-            assert abs(t["mfu"] - t["script_mfu_at_trainer_peak"]) <= 0.25 * t["mfu"]
+            assert abs(t["mfu"] - t["script_mfu_at_trainer_peak"]) <= 0.5 * t["mfu"]
         else:  # torchtitan counts attention as if it were not causal
             assert case["torchtitan_own_flops_per_token"] > case["flops_per_token"]
     moe = next(c for c in report["cases"] if c["name"].startswith("evoformer_moe"))
