@@ -19,7 +19,8 @@ warm and gets further):
 3. an MoE shape: DeepSeek-V3's expert width (2048) at d 2048, 64 routed experts top-6 + 1 shared,
    seq 4096, MFU from active FLOPs;
 4. evoformer bf16 at seq 8192 with the whole model compiled (``train.compile_scope=model``)
-   instead of each block.
+   instead of each block, and with CUDA graphs of the compiled blocks
+   (``train.compile_mode=reduce-overhead``).
 
 Every case reports tokens/s, TFLOP/s per GPU and MFU from one FLOP count written here (weight
 matmuls of the active parameters + causal attention, x3 for the backward, no recompute; the
@@ -464,6 +465,8 @@ def cases(smoke: bool, device, layers_arg: int | None, cap: int) -> list[dict]:
         # Whole-model compile (one graph incl. head and chunked loss) against per-block
         # compile: last, since its compile time grows with the layers.
         evo_case(f"evoformer_bf16_T{long}_compile_model", ["train.compile_scope=model"]),
+        # CUDA graphs of the compiled blocks: do they pay at this size?
+        evo_case(f"evoformer_bf16_T{long}_cudagraphs", ["train.compile_mode=reduce-overhead"]),
     ]
     return plan
 

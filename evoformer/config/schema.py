@@ -361,6 +361,12 @@ class TrainConfig:
         "Compile each transformer block with torch.compile (names and checkpoints unchanged; "
         "fuses elementwise work and torchao's FP8 casts; the first steps pay the compile time).",
     )
+    compile_mode: str = opt(
+        "default",
+        "With train.compile: torch.compile's mode: default | reduce-overhead (CUDA graphs of "
+        "the compiled regions; static shapes, zero.backend=ddp) | max-autotune (GEMM autotuning "
+        "+ CUDA graphs) | max-autotune-no-cudagraphs. CPU has no CUDA graphs: same as default.",
+    )
     compile_scope: str = opt(
         "block",
         "With train.compile: block (each transformer block on its own; composes with every "

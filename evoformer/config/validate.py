@@ -28,6 +28,12 @@ CHOICES = {
     "fp8.recipe": ("tensorwise", "rowwise", "delayed", "mxfp8", "blockwise"),
     "activation_checkpointing": ("none", "full", "selective"),
     "train.compile_scope": ("block", "model"),
+    "train.compile_mode": (
+        "default",
+        "reduce-overhead",
+        "max-autotune",
+        "max-autotune-no-cudagraphs",
+    ),
     "checkpoint.load": None,  # free text, checked elsewhere
     "run.device": ("auto", "cpu", "cuda"),
     "run.progress": ("auto", "on", "off"),
@@ -110,6 +116,13 @@ def validate(cfg: Config) -> None:
         )
     if t.seq_len > cfg.model.max_seq_len:
         _fail("train.seq_len", t.seq_len, f"exceeds model.max_seq_len={cfg.model.max_seq_len}")
+    graphs = t.compile_mode in ("reduce-overhead", "max-autotune")
+    if t.compile and graphs and (cfg.zero.backend != "ddp" or cfg.parallel.pp > 1):
+        _fail(
+            "train.compile_mode",
+            t.compile_mode,
+            "CUDA graphs need the same buffers every step: zero.backend=ddp and pp = 1 only",
+        )
     if t.compile and t.compile_scope == "model":
         if cfg.parallel.pp > 1:
             _fail("train.compile_scope", "model", "pp > 1 runs stages, not the model: use block")

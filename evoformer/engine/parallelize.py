@@ -90,12 +90,13 @@ def parallelize(
     if cfg.optim.qk_clip > 0:
         attach_qk_clip(model, cfg.optim.qk_clip, groups)
     # 3. Compile, in place: parameter names (and checkpoints) do not change.
+    mode = {} if cfg.train.compile_mode == "default" else {"mode": cfg.train.compile_mode}
     if cfg.train.compile and cfg.train.compile_scope == "model":
-        model.compile()  # one graph; validation keeps it to pp = 1 under DDP
+        model.compile(**mode)  # one graph; validation keeps it to pp = 1 under DDP
     elif cfg.train.compile:
         for block in model.modules():
             if isinstance(block, Block):
-                block.compile()
+                block.compile(**mode)
     # 4. Data parallelism (wraps the stage chunks one by one under pp > 1).
     strategy = build_strategy(cfg, dims, groups, device)
     chunks = getattr(model, "chunks", None)

@@ -119,7 +119,11 @@ def test_whole_model_compile_trains_like_eager(tmp_path):
     torch._dynamo.reset()
     eager, _ = train("eager")
     compiled, trainer = train(
-        "model", "train.compile=true", "train.compile_scope=model", "model.loss_chunk=16"
+        "model",
+        "train.compile=true",
+        "train.compile_scope=model",
+        "train.compile_mode=reduce-overhead",  # CUDA graphs on a GPU; on CPU the default
+        "model.loss_chunk=16",
     )
     model = trainer.model
     assert model._compiled_call_impl is not None  # the Transformer itself, in place
@@ -133,6 +137,7 @@ def test_model_scope_is_refused_where_it_is_not_tested():
     for extra, why in [
         (["parallel.pp=2"], "pp > 1"),
         (["zero.backend=fsdp2"], "zero.backend=ddp only"),
+        (["zero.backend=fsdp2", "train.compile_mode=reduce-overhead"], "CUDA graphs need"),
     ]:
         with pytest.raises(UserError, match=why):
             load_config(base, ["train.compile=true", "train.compile_scope=model", *extra])
