@@ -4,16 +4,17 @@
     python tools/bench_gpu.py --cpu-smoke --out x.json  # every case at tiny sizes on CPU, seconds
 
 Cases (run in priority order: bf16 pair at 8192, FP8 tensorwise, MoE, the bf16 pair at 2048,
-TE, FP8 rowwise, torchtitan FP8, whole-model compile; ``--budget-s`` skips a case when the
-slowest one so far would no longer fit, recorded as skipped; a rerun finds inductor's caches
-warm and gets further):
+TE, FP8 rowwise, torchtitan FP8, whole-model compile, CUDA graphs; ``--budget-s`` skips a case
+when the slowest one so far would no longer fit, recorded as skipped; a rerun finds inductor's
+caches warm and gets further):
 
 1. Llama-3-8B width (d 4096, 32 heads / 8 KV, SwiGLU 14336, vocab 128256), as many layers as
    fit (``--layers``; default: evoformer's memory estimate against the free GPU memory), bf16,
    seq 8192 and 2048 (8192 tokens per micro-batch): evoformer through its own ``Trainer``
    (``train.compile``, ``model.loss_chunk``) and torchtitan 0.3.0's ``Llama3Model`` (vendored
-   wheel, its blocks compiled as torchtitan does, causal SDPA = cuDNN/flash), the same harness
-   around both (bf16 autocast over fp32 master weights, fused AdamW, grad clip 1.0);
+   wheel, its blocks compiled as torchtitan does, causal SDPA = cuDNN/flash) in the script's
+   own loop; the same training setup for both (bf16 autocast over fp32 master weights, fused
+   AdamW, grad clip 1.0, one optimizer step per micro-batch);
 2. FP8 at seq 8192: torchao tensorwise and rowwise (first/last block bf16, evoformer's default),
    torchtitan + torchao tensorwise, Transformer Engine when it imports (``model.backend=te``);
 3. an MoE shape: DeepSeek-V3's expert width (2048) at d 2048, 64 routed experts top-6 + 1 shared,
@@ -108,6 +109,7 @@ def environment(device: torch.device) -> dict:
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
         "cudnn": torch.backends.cudnn.version() if device.type == "cuda" else None,
+        "vendored": sorted(w.name for w in VENDOR.glob("*.whl")),  # torchtitan and its deps
     }
     for name in ("torchao", "transformer_engine"):
         try:
