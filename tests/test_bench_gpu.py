@@ -1,8 +1,10 @@
 """``tools/bench_gpu.py --cpu-smoke`` runs every case of the GPU benchmark end to end at tiny
 sizes on CPU (evoformer through its trainer, torchtitan's Llama-3 from the vendored wheel), so
-the script a GPU session runs once cannot rot: its FLOP count equals the trainer's, the
-trainer's logged rate matches the script's clock, both models start at the loss of a uniform
-guess, and the summary holds the ratios the issue asks for."""
+the script a GPU session runs once cannot rot: its FLOP count equals the trainer's exactly, the
+trainer's logged rate is within a factor 3 of the script's clock (tiny steps on a shared CPU;
+the GPU criterion is 5 %), both models start near the loss of a uniform guess (ln V; within
+15 %: torchtitan's head init, std d^-1/2, gives logits of std ~1), and the summary holds the
+ratios the issue asks for."""
 
 from __future__ import annotations
 
@@ -42,12 +44,12 @@ def test_cpu_smoke_runs_every_case(tmp_path):
     for case in report["cases"]:
         assert "error" not in case and "skipped" not in case, case
         assert case["tokens_per_s"] > 0 and 0 < case["mfu"] < 1
-        assert abs(case["first_loss"] / math.log(512) - 1) < 0.1, case  # random init: ~ln V
+        assert abs(case["first_loss"] / math.log(512) - 1) < 0.15, case
         if case["impl"] == "evoformer":
             t = case["trainer"]
             assert t["flops_agree"], (t["flops_per_token"], case["flops_per_token"])
             assert t["rate_agree"], (t["tokens_per_s"], case["tokens_per_s"])
-            assert abs(t["mfu"] - t["script_mfu_at_trainer_peak"]) <= 0.5 * t["mfu"]
+            assert 1 / 3 <= t["mfu"] / t["script_mfu_at_trainer_peak"] <= 3  # as the rate
         else:  # torchtitan counts attention as if it were not causal
             assert case["torchtitan_own_flops_per_token"] > case["flops_per_token"]
     moe = next(c for c in report["cases"] if c["name"].startswith("evoformer_moe"))
@@ -57,6 +59,10 @@ def test_cpu_smoke_runs_every_case(tmp_path):
         "evoformer_vs_torchtitan_bf16_T32",
         "evoformer_vs_torchtitan_bf16_T16",
         "evoformer_fp8_tensorwise_T32_vs_bf16",
+        "evoformer_fp8_rowwise_T32_vs_bf16",
+        "evoformer_bf16_T32_compile_model_vs_blocks",
+        "evoformer_bf16_T32_cudagraphs_vs_blocks",
     }
+    assert set(report["goals"]) >= {"mfu_50pct_bf16_T32", "ahead_1.1x_torchtitan_T16"}
     assert report["goals"]["trainer_mfu_agrees"] is True
     assert report["environment"]["device"] == "cpu" and report["smoke"] is True

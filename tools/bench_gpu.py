@@ -41,6 +41,7 @@ import datetime
 import gc
 import importlib
 import json
+import re
 import sys
 import tempfile
 import time
@@ -54,7 +55,9 @@ import torch.nn.functional as F
 REPO = Path(__file__).resolve().parent.parent
 VENDOR = Path(__file__).resolve().parent / "vendor"
 AGREE_TOL = 0.05  # trainer's tokens/s within 5 % of the script's clock (GPU)
-AGREE_TOL_CPU = 0.5  # ~20 ms CPU steps: the ms of logging outside its window weigh
+# CPU smoke: ~20 ms steps on a shared CPU, where one context switch during the trainer's
+# logging moves a step by half; only a sanity bound (a wrong unit or window is off by >= 16x).
+AGREE_TOL_CPU = 2.0
 
 
 @dataclasses.dataclass
@@ -236,7 +239,7 @@ def run_evoformer(name, s: Shape, layers, seq, mb, extra, warmup, steps, device,
         "peak_tflops": (trainer.peak_flops or 0) / 1e12,
         "script_mfu_at_trainer_peak": script_mfu_trainer_peak,
         "flops_agree": abs(trainer.flops_per_token - flops) <= 1e-9 * flops,
-        "rate_agree": abs(trainer_rate - rate) <= tol * rate,
+        "rate_agree": 1 / (1 + tol) <= trainer_rate / rate <= 1 + tol,
         "tolerance": tol,
     }
     result["wall_s"] = time.perf_counter() - t0
@@ -338,6 +341,7 @@ def build_torchtitan(s: Shape, layers: int, seq: int, device: torch.device):
     with torch.device("meta"):
         model = cfg.build()
     model.to_empty(device=device)
+    torch.manual_seed(0)  # its init draws from the global generator
     with torch.no_grad():
         model.init_states(buffer_device=device)
     return model, cfg
@@ -481,24 +485,29 @@ def _has_te() -> bool:
 
 
 def summary(results: list[dict]) -> dict:
-    """The ratios and goals of issue 19 from the measured cases."""
+    """The ratios and goals of issue 19 from the measured cases (the bf16 ones: the
+    ``evoformer_bf16_T<seq>`` cases with per-block compile; variants are compared to them)."""
     by = {r["name"]: r for r in results if "tokens_per_s" in r}
     out: dict = {"ratios": {}, "goals": {}}
-    for key in list(by):
-        if key.startswith("evoformer_bf16_T"):
-            seq = key.rsplit("T", 1)[1]
-            titan = by.get(f"torchtitan_bf16_T{seq}")
-            if titan:
-                ratio = by[key]["tokens_per_s"] / titan["tokens_per_s"]
-                out["ratios"][f"evoformer_vs_torchtitan_bf16_T{seq}"] = ratio
-                out["goals"][f"ahead_1.1x_torchtitan_T{seq}"] = ratio >= 1.1
-            out["goals"][f"mfu_50pct_bf16_T{seq}"] = by[key]["mfu"] >= 0.5
-    bf16 = next((r for k, r in by.items() if k.startswith("evoformer_bf16_T")), None)
+    plain = {
+        int(m[1]): r for k, r in by.items() if (m := re.fullmatch(r"evoformer_bf16_T(\d+)", k))
+    }
+    for seq, r in plain.items():
+        titan = by.get(f"torchtitan_bf16_T{seq}")
+        if titan:
+            ratio = r["tokens_per_s"] / titan["tokens_per_s"]
+            out["ratios"][f"evoformer_vs_torchtitan_bf16_T{seq}"] = ratio
+            out["goals"][f"ahead_1.1x_torchtitan_T{seq}"] = ratio >= 1.1
+        out["goals"][f"mfu_50pct_bf16_T{seq}"] = r["mfu"] >= 0.5
     for key, r in by.items():
-        if key.startswith("evoformer_fp8") and bf16 and r["seq_len"] == bf16["seq_len"]:
-            ratio = r["tflops_per_device"] / bf16["tflops_per_device"]
+        base = plain.get(r["seq_len"])
+        if key.startswith("evoformer_fp8") and base:
+            ratio = r["tflops_per_device"] / base["tflops_per_device"]
             out["ratios"][f"{key}_vs_bf16"] = ratio
             out["goals"][f"{key}_1.3x_bf16"] = ratio >= 1.3
+        elif key.startswith("evoformer_bf16_T") and base is not None and r is not base:
+            # the variants (whole-model compile, CUDA graphs) against per-block compile
+            out["ratios"][f"{key}_vs_blocks"] = r["tokens_per_s"] / base["tokens_per_s"]
     agree = [
         r["trainer"]["flops_agree"] and r["trainer"]["rate_agree"]
         for r in by.values()
