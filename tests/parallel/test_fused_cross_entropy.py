@@ -1,8 +1,8 @@
 """The chunked fused LM head + cross-entropy equals the plain path (full logits, then the loss):
 loss, z-loss and the gradients of hidden states and head, at tp = 1 and over a tp = 2 vocabulary
 split with sequence parallelism; whole models (MTP + z-loss; a tied head) give the same loss
-terms and gradients at tp = 1 and at tp = 2 with SP; and the peak memory of the loss at a 128K
-vocabulary drops."""
+terms and gradients at tp = 1 and at tp = 2 with SP; FSDP2 training with it follows one
+process's plain-loss training; and the peak memory of the loss at a 128K vocabulary drops."""
 
 from __future__ import annotations
 
@@ -261,3 +261,44 @@ def test_bad_chunk_is_refused():
     h, w, t = _data()
     with pytest.raises(ValueError, match="chunk must be > 0"):
         fused_linear_cross_entropy(h.reshape(-1, C), w, t.reshape(-1), chunk=0)
+
+
+_TRAIN = [
+    "data.source=synthetic",
+    "train.seq_len=32",
+    "train.global_batch_size=4",
+    "train.micro_batch_size=2",
+    "train.max_steps=3",
+    "train.log_every=1",
+    "run.progress=off",
+    "optim.warmup_steps=1",
+    "optim.lr=3e-3",
+    "optim.z_loss=1e-3",
+    "checkpoint.save_final=false",
+]
+
+
+def _train_losses(out_dir: str, *overrides: str) -> dict[int, float]:
+    from evoformer.engine import Trainer
+
+    cfg = load_config(
+        [str(REPO / "configs/models/tiny/llama.yaml")],
+        [*_TRAIN, f"run.output_dir={out_dir}", *overrides],
+    )
+    return Trainer(cfg).train().losses
+
+
+def _fsdp_worker(rank: int, world: int, root: str) -> dict[int, float]:
+    return _train_losses(f"{root}/fsdp", "zero.backend=fsdp2", "zero.stage=3", "model.loss_chunk=8")
+
+
+def test_fsdp2_training_with_chunked_loss_equals_one_process_plain(tmp_path):
+    """FSDP2 (stage 3, 2 ranks) reads the head weight unsharded in the root's forward and
+    reduce-scatters the chunked loss's dW like any gradient: the per-step losses are one
+    process's with the plain loss (z-loss on)."""
+    one = _train_losses(str(tmp_path / "one"))
+    ranks = run_distributed(_fsdp_worker, 2, str(tmp_path))
+    for losses in ranks:
+        assert losses.keys() == one.keys()
+        for step, loss in one.items():
+            assert abs(losses[step] - loss) <= 1e-5 * abs(loss), (step, losses[step], loss)
