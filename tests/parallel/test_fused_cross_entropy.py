@@ -292,12 +292,20 @@ def _fsdp_worker(rank: int, world: int, root: str) -> dict[int, float]:
     return _train_losses(f"{root}/fsdp", "zero.backend=fsdp2", "zero.stage=3", "model.loss_chunk=8")
 
 
-def test_fsdp2_training_with_chunked_loss_equals_one_process_plain(tmp_path):
+def _pp_worker(rank: int, world: int, root: str) -> dict[int, float]:
+    return _train_losses(f"{root}/pp", "parallel.pp=2", "model.loss_chunk=8")
+
+
+@pytest.mark.parametrize("layout", ["fsdp2", "pp2"])
+def test_distributed_training_with_chunked_loss_equals_one_process_plain(tmp_path, layout):
     """FSDP2 (stage 3, 2 ranks) reads the head weight unsharded in the root's forward and
-    reduce-scatters the chunked loss's dW like any gradient: the per-step losses are one
-    process's with the plain loss (z-loss on)."""
+    reduce-scatters the chunked loss's dW like any gradient; under pp = 2 the last stage
+    computes it: the per-step losses are one process's with the plain loss (z-loss on)."""
     one = _train_losses(str(tmp_path / "one"))
-    ranks = run_distributed(_fsdp_worker, 2, str(tmp_path))
+    worker = _fsdp_worker if layout == "fsdp2" else _pp_worker
+    ranks = run_distributed(worker, 2, str(tmp_path))
+    if layout == "pp2":
+        ranks = ranks[-1:]  # the last stage reports the loss
     for losses in ranks:
         assert losses.keys() == one.keys()
         for step, loss in one.items():
