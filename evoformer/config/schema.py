@@ -111,6 +111,12 @@ class AttentionConfig:
         "Attention sinks (gpt-oss): a learned logit per head joins the softmax denominator, so "
         "a query may attend to nothing.",
     )
+    sdpa_kernel: str = opt(
+        "auto",
+        "SDPA kernel of standard attention: auto (CUDA: cudnn, then flash, efficient, math, "
+        "the first that takes the inputs; CPU: torch's choice) | cudnn | flash | efficient | "
+        "math (pinned; for comparing kernels).",
+    )
     q_lora_rank: int = opt(0, "MLA: rank of the low-rank query projection (0 = full-rank q).")
     kv_lora_rank: int = opt(512, "MLA: rank of the compressed KV latent (what the cache stores).")
     qk_nope_head_dim: int = opt(128, "MLA: per-head q/k dims without position information.")
@@ -217,6 +223,12 @@ class ModelConfig:
         False, "PaLM/GPT-J block: attention and MLP read the same normed input, summed once."
     )
     embed_scale: bool = opt(False, "Multiply token embeddings by sqrt(d_model) (Gemma).")
+    loss_chunk: int = opt(
+        0,
+        "Tokens per chunk of the fused LM head + cross-entropy in training: the [tokens, "
+        "vocab] logits exist one chunk at a time, forward and backward (0 = plain path: the "
+        "full logits and their softmax are kept until the backward).",
+    )
     backend: str = opt(
         "torch", "Layer implementation: torch | te (Transformer Engine; CUDA only, install .[gpu])"
     )
@@ -384,6 +396,18 @@ class TrainConfig:
         False,
         "Compile each transformer block with torch.compile (names and checkpoints unchanged; "
         "fuses elementwise work and torchao's FP8 casts; the first steps pay the compile time).",
+    )
+    compile_mode: str = opt(
+        "default",
+        "With train.compile: torch.compile's mode: default | reduce-overhead (CUDA graphs of "
+        "the compiled regions; static shapes, zero.backend=ddp) | max-autotune (GEMM autotuning "
+        "+ CUDA graphs) | max-autotune-no-cudagraphs. CPU has no CUDA graphs: same as default.",
+    )
+    compile_scope: str = opt(
+        "block",
+        "With train.compile: block (each transformer block on its own; composes with every "
+        "layout) | model (the whole forward as one graph: embedding, blocks, final norm, head "
+        "and loss fused across block boundaries; pp = 1 and zero.backend=ddp).",
     )
 
 

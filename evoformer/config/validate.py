@@ -13,6 +13,7 @@ CHOICES = {
     "model.position.kind": ("rope", "learned", "alibi", "none"),
     "model.position.rope_scaling.kind": ("none", "linear", "llama3", "yarn"),
     "model.attention.kind": ("mha", "mla"),
+    "model.attention.sdpa_kernel": ("auto", "cudnn", "flash", "efficient", "math"),
     "model.attention.qk_norm": ("none", "head", "full"),
     "model.mlp.kind": ("gelu", "swiglu", "geglu", "clamped_swiglu"),
     "model.moe.score": ("softmax", "sigmoid"),
@@ -27,6 +28,13 @@ CHOICES = {
     "fp8.backend": ("te", "torchao"),
     "fp8.recipe": ("tensorwise", "rowwise", "delayed", "mxfp8", "blockwise"),
     "activation_checkpointing": ("none", "full", "selective"),
+    "train.compile_scope": ("block", "model"),
+    "train.compile_mode": (
+        "default",
+        "reduce-overhead",
+        "max-autotune",
+        "max-autotune-no-cudagraphs",
+    ),
     "checkpoint.load": None,  # free text, checked elsewhere
     "run.device": ("auto", "cpu", "cuda"),
     "run.progress": ("auto", "on", "off"),
@@ -109,6 +117,23 @@ def validate(cfg: Config) -> None:
         )
     if t.seq_len > cfg.model.max_seq_len:
         _fail("train.seq_len", t.seq_len, f"exceeds model.max_seq_len={cfg.model.max_seq_len}")
+    graphs = t.compile_mode in ("reduce-overhead", "max-autotune")
+    if t.compile and graphs and (cfg.zero.backend != "ddp" or cfg.parallel.pp > 1):
+        _fail(
+            "train.compile_mode",
+            t.compile_mode,
+            "CUDA graphs need the same buffers every step: zero.backend=ddp and pp = 1 only",
+        )
+    if t.compile and t.compile_scope == "model":
+        if cfg.parallel.pp > 1:
+            _fail("train.compile_scope", "model", "pp > 1 runs stages, not the model: use block")
+        if cfg.zero.backend != "ddp":
+            _fail(
+                "train.compile_scope",
+                "model",
+                f"is tested with zero.backend=ddp only (zero.backend={cfg.zero.backend} wraps "
+                "each block itself): use block",
+            )
     if not 0.0 <= cfg.data.val_fraction < 1.0:
         _fail("data.val_fraction", cfg.data.val_fraction, "must be in [0, 1)")
     if cfg.data.source == "files" and not cfg.data.paths:
@@ -472,6 +497,8 @@ def validate_model(cfg: Config) -> None:
         _fail("model.position.rope_scaling.factor", p.rope_scaling.factor, "must be > 0")
     if m.norm.unit_offset and m.norm.kind != "rmsnorm":
         _fail("model.norm.unit_offset", True, "only RMSNorm has a unit offset")
+    if m.loss_chunk < 0:
+        _fail("model.loss_chunk", m.loss_chunk, "must be >= 0 (0 = the plain, unchunked loss)")
     if m.parallel_block and m.norm.placement != "pre":
         _fail(
             "model.parallel_block",

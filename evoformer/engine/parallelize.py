@@ -11,7 +11,8 @@ package that owns it:
 2. activation checkpointing of the chosen blocks (``model.checkpointing``), from outside the
    model; then the optimizer-side terms the model computes (the z-loss weight, QK-clip
    trackers on the attention layers);
-3. compile each block (lazily: traced at its first forward, so after the wrapping below);
+3. compile each block, or the whole model (``train.compile_scope``; lazily: traced at its
+   first forward, so after the wrapping below);
 4. data parallelism: the strategy wraps or shards the model (DDP, FSDP2, DeepSpeed) and builds
    the optimizer over the result (``engine.strategy``);
 5. the step runner: for pp > 1 the pipeline schedule over the wrapped stage chunks
@@ -89,10 +90,13 @@ def parallelize(
     if cfg.optim.qk_clip > 0:
         attach_qk_clip(model, cfg.optim.qk_clip, groups)
     # 3. Compile, in place: parameter names (and checkpoints) do not change.
-    if cfg.train.compile:
+    mode = {} if cfg.train.compile_mode == "default" else {"mode": cfg.train.compile_mode}
+    if cfg.train.compile and cfg.train.compile_scope == "model":
+        model.compile(**mode)  # one graph; validation keeps it to pp = 1 under DDP
+    elif cfg.train.compile:
         for block in model.modules():
             if isinstance(block, Block):
-                block.compile()
+                block.compile(**mode)
     # 4. Data parallelism (wraps the stage chunks one by one under pp > 1).
     strategy = build_strategy(cfg, dims, groups, device)
     chunks = getattr(model, "chunks", None)

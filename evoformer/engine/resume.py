@@ -21,7 +21,9 @@ from evoformer.errors import UserError
 
 # Keys (or prefixes ending in ".") a resume may not change, and exceptions among them.
 FIXED = ("model.", "train.seq_len", "train.global_batch_size", "run.seed", "data.weights")
-CHANGEABLE = ("model.dropout",)
+# How the same function is computed may change (the loss's chunking, the attention kernel):
+# the weights and the data order stay what they were.
+CHANGEABLE = ("model.dropout", "model.loss_chunk", "model.attention.sdpa_kernel")
 # Keys that name where the run is, not what it is.
 IGNORED = ("checkpoint.load", "run.output_dir")
 

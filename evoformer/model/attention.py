@@ -30,6 +30,7 @@ from evoformer.model.layout import AttentionSpec, LayerSpec, attention_spec
 from evoformer.model.norms import RMSNorm, sharded_rms_norm
 from evoformer.model.positions import alibi_slopes, apply_rope
 from evoformer.model.qk_clip import QKClip, scale_head_rows
+from evoformer.model.sdpa import attend, expand_kv
 from evoformer.model.sinks import sdpa_with_sinks
 from evoformer.parallel.context import ParallelContext
 from evoformer.parallel.sharding import mark_partial_grad, mark_sharded
@@ -157,6 +158,7 @@ class Attention(nn.Module):
         self.scale = a.scale
         self.window = a.window
         self.alibi = a.alibi
+        self.sdpa_kernel = a.sdpa_kernel
         self.qk_norm = a.qk_norm
         self.qk_clip: QKClip | None = None  # optim.qk_clip, attached by engine.parallelize
         qkv_bias = a.qkv_bias
@@ -233,10 +235,6 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.append(k, v)
         S = k.shape[2]
-        if K != H:
-            # Expand KV heads to the query heads (as HF's repeat_kv): every SDPA backend takes it.
-            k = k[:, :, None].expand(B, K, H // K, S, D).reshape(B, H, S, D)
-            v = v[:, :, None].expand(B, K, H // K, S, D).reshape(B, H, S, D)
         mask = None
         if self.alibi:
             inference = torch.is_inference_mode_enabled()
@@ -251,8 +249,10 @@ class Attention(nn.Module):
             mask = _shared_mask(T, S, None, q.device, torch.is_inference_mode_enabled())
         dropout = self.dropout if self.training else 0.0
         if self.qk_clip is not None and self.training and past == 0:
-            self.qk_clip.observe(q, k, self.scale, self.window, docs)
+            self.qk_clip.observe(q, expand_kv(k, H), self.scale, self.window, docs)
         if docs is not None:
+            # Expand KV heads to the query heads (as HF's repeat_kv): every path takes it.
+            k, v = expand_kv(k, H), expand_kv(v, H)
             out = document_attention(
                 q, k, v, docs, mask, self.scale, dropout, self.window, sinks_H=self.sinks
             )
@@ -260,10 +260,18 @@ class Attention(nn.Module):
         # Without a mask: plain causal from the start, or one new token that sees everything.
         causal = mask is None and past == 0 and T > 1
         if self.sinks is not None:
+            k, v = expand_kv(k, H), expand_kv(v, H)
             out = sdpa_with_sinks(q, k, v, self.sinks, mask, causal, dropout, self.scale)
         else:
-            out = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, is_causal=causal, dropout_p=dropout, scale=self.scale
+            out = attend(
+                q,
+                k,
+                v,
+                mask=mask,
+                causal=causal,
+                dropout=dropout,
+                scale=self.scale,
+                kernel=self.sdpa_kernel,
             )
         return self.o_proj(out.transpose(1, 2).reshape(B, T, H * D))
 

@@ -64,6 +64,8 @@ class AttentionSpec:
     alibi: bool
     sinks: bool = False
     """A learned per-head logit in the softmax denominator (gpt-oss)."""
+    sdpa_kernel: str = "auto"
+    """``attention.sdpa_kernel``: the SDPA kernel preference (``model.sdpa``)."""
 
 
 @dataclass(frozen=True)
@@ -154,6 +156,7 @@ def attention_spec(cfg: ModelConfig, layer: LayerSpec) -> AttentionSpec | Latent
         window=layer.window,
         alibi=cfg.position.kind == "alibi",
         sinks=a.sinks,
+        sdpa_kernel=a.sdpa_kernel,
     )
 
 

@@ -35,6 +35,7 @@ from evoformer.model.norms import build_norm
 from evoformer.model.positions import RotaryEmbedding
 from evoformer.parallel.context import ParallelContext
 from evoformer.parallel.cross_entropy import vocab_parallel_cross_entropy, vocab_parallel_z_loss
+from evoformer.parallel.fused_cross_entropy import fused_vocab_parallel_loss
 from evoformer.parallel.layers import (
     TensorParallelModule,
     VocabParallelEmbedding,
@@ -258,12 +259,9 @@ class Transformer(KeepShardSpecs):
         the loss is assembled (the whole model and the pipeline's last stage both call it);
         ``extras=False`` (a stage in eval mode): CE only."""
         h = self.norm(hidden_BTC) if self.norm is not None else hidden_BTC
-        local = self._local_logits(h, self.ctx.sp)
-        ce = self._cross_entropy(local, targets)
-        loss, metrics = ce, {"ce_loss": ce.detach()}
-        if self.z_loss_weight > 0:
-            z = vocab_parallel_z_loss(local, targets, self.ctx.tp_group, self._real_columns())
-            loss = loss + self.z_loss_weight * z
+        loss, ce, z = self._head_loss_terms(h, targets, self.ctx.sp, self.z_loss_weight)
+        metrics = {"ce_loss": ce.detach()}
+        if z is not None:
             metrics["z_loss"] = z.detach()
         if extras and self.mtp is not None:  # first: its blocks may hold MoE layers with aux
             mtp_loss = self.mtp(hidden_BTC, input_ids, targets, self, docs)
@@ -296,7 +294,39 @@ class Transformer(KeepShardSpecs):
     ) -> torch.Tensor:
         """Mean next-token cross-entropy of normalised hidden states; under TP computed from
         each rank's vocabulary shard (vocab-parallel cross-entropy, no full logits)."""
-        return self._cross_entropy(self._local_logits(h_BTC, sequence_parallel), targets_BT)
+        return self._head_loss_terms(h_BTC, targets_BT, sequence_parallel, 0.0)[0]
+
+    def _head_loss_terms(
+        self, h_BTC: torch.Tensor, targets_BT: torch.Tensor, sequence_parallel: bool, z_w: float
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """``(ce + z_w * z, ce, z)`` of normalised hidden states (``z`` None when ``z_w`` is 0):
+        through the chunked fused head + loss with ``model.loss_chunk``, else the plain path
+        (this rank's full logits, then the vocab-parallel cross-entropy and z-loss)."""
+        if self.cfg.loss_chunk > 0:
+            weight = self.embed.weight if self.head is None else self.head.weight
+            start, end = (0, self.cfg.vocab_size) if self.ctx.tp == 1 else self._vocab_range()
+            loss, ce, z = fused_vocab_parallel_loss(
+                h_BTC,
+                weight,
+                targets_BT,
+                self.ctx.tp_group,
+                start,
+                end,
+                chunk=self.cfg.loss_chunk,
+                sequence_parallel=sequence_parallel,
+                z_weight=z_w,
+            )
+            return loss, ce, (z if z_w > 0 else None)
+        local = self._local_logits(h_BTC, sequence_parallel)
+        ce = self._cross_entropy(local, targets_BT)
+        if z_w <= 0:
+            return ce, ce, None
+        z = vocab_parallel_z_loss(local, targets_BT, self.ctx.tp_group, self._real_columns())
+        return ce + z_w * z, ce, z
+
+    def _vocab_range(self) -> tuple[int, int]:
+        shard = self._vocab_shard()
+        return shard.vocab_start, shard.vocab_end
 
     def _local_logits(self, h_BTC: torch.Tensor, sequence_parallel: bool) -> torch.Tensor:
         """The logits of this rank's vocabulary shard (all of them at tp = 1)."""
@@ -385,7 +415,11 @@ class Transformer(KeepShardSpecs):
 
 def aux_loss_of(module: nn.Module) -> torch.Tensor | None:
     """The sum of the MoE aux losses the last forward left on ``module``'s submodules."""
-    aux = [a for m in module.modules() if (a := getattr(m, "aux_loss", None)) is not None]
+    aux = []
+    for m in module.modules():  # a plain loop: torch.compile breaks on a walrus comprehension
+        a = getattr(m, "aux_loss", None)
+        if a is not None:
+            aux.append(a)
     return torch.stack(aux).sum() if aux else None
 
 

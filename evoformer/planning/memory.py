@@ -252,13 +252,20 @@ def activation_bytes(
         layer_mode = mode if is_checkpointed(mode, every, i) else "none"
         c, other = activation_elements_per_token(m, i, layer_mode, tp, sp)
         per_token += c * wc + other * wo
+    fixed = 2 * matmul_weights if cache else 0
     if last:  # norm, logits and the loss: fp32 whatever the precision
         C = m.d_model / (tp if sp else 1)
-        per_token += 4 * (3 * C + m.vocab_size / tp)
+        # The plain loss keeps this rank's fp32 softmax [tokens, V/tp]; the chunked one
+        # (model.loss_chunk) keeps dH [tokens, d_model] and an fp32 dW [V/tp, d_model] per
+        # head call instead (its [chunk, V/tp] buffers are freed within the forward).
+        head = 4 * (3 * C + (m.d_model if m.loss_chunk else m.vocab_size / tp))
+        head_fixed = 4 * m.vocab_size / tp * m.d_model if m.loss_chunk else 0
+        per_token += head
+        fixed += head_fixed * (1 + m.mtp.depth)
         for k in range(m.mtp.depth):
             c, other = activation_elements_per_token(m, m.n_layers + k, "none", tp)
-            per_token += c * wc + other * wo + 4 * (3 * C + m.vocab_size / tp)
-    return per_token * t.micro_batch_size * t.seq_len + (2 * matmul_weights if cache else 0)
+            per_token += c * wc + other * wo + head
+    return per_token * t.micro_batch_size * t.seq_len + fixed
 
 
 def _ranges(layers: list[int]) -> str:
