@@ -639,6 +639,10 @@ def validate_context_parallel(cfg: Config) -> None:
         "model.attention.dropout": (cfg.model.attention.dropout > 0, "attention dropout"),
         "optim.qk_clip": (cfg.optim.qk_clip > 0, "QK-clip (optim.qk_clip)"),
         "model.backend": (cfg.model.backend == "te", "the Transformer Engine backend"),
+        "model.moe.capacity_factor": (
+            cfg.model.moe.capacity_factor > 0,
+            "an MoE expert capacity (it would count each rank's chunks, not the sequence)",
+        ),
     }
     for key, (bad, what) in refused.items():
         if bad:

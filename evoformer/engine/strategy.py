@@ -370,6 +370,8 @@ class FSDP2Strategy(Strategy):
             if replicate > 1:
                 root, dims = self.groups.hsdp_mesh(replicate), ("dp_replicate", "dp_shard")
                 self._meshes = (root, dims, root[dims])
+            elif self.dims.cp > 1:  # shard over dp x cp (torchtitan's dp_shard_cp)
+                self._meshes = (self.groups.mesh, ("dp_cp",), self.groups.submesh("dp_cp"))
             else:
                 self._meshes = (self.groups.mesh, ("dp",), self.groups.submesh("dp"))
         return self._meshes
@@ -405,7 +407,7 @@ def build_strategy(
         from evoformer.engine.deepspeed import DeepSpeedStrategy
 
         return DeepSpeedStrategy(cfg, dims, groups, device)
-    if dims.dp == 1:
+    if dims.replicas == 1:  # dp x cp: context-parallel ranks reduce gradients like replicas
         cls: type[Strategy] = Strategy
     elif backend == "fsdp2":
         cls = FSDP2Strategy

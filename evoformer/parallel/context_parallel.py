@@ -106,6 +106,16 @@ def context_attention(
     raise ValueError(f"unknown context-parallel attention {kind!r} (ring | alltoall)")
 
 
+def cp_loss_weight(local_BT: torch.Tensor, full_BS: torch.Tensor, cp: int) -> torch.Tensor | float:
+    """What turns this rank's mean loss over ``local_BT`` (its chunks of the targets ``full_BS``;
+    < 0 ignored) into its share of the global mean, times cp: ``cp * n_local / n_global``
+    (exactly 1 when every rank holds as many scored tokens)."""
+    if cp == 1:
+        return 1.0
+    n_local = (local_BT >= 0).sum()
+    return n_local * cp / (full_BS >= 0).sum().clamp(min=1)
+
+
 # -- masks ------------------------------------------------------------------------------------
 
 

@@ -60,6 +60,10 @@ def _reference(case: dict):
     return out.detach(), q.grad, k.grad, v.grad
 
 
+def _rel(got, want) -> float:
+    return ((got - want).abs().max() / want.abs().max()).item()
+
+
 def _check(rank: int, world: int, kind: str) -> dict:
     import torch.distributed as dist
 
@@ -73,8 +77,9 @@ def _check(rank: int, world: int, kind: str) -> dict:
         out = context_attention(ql, kl, vl, group, kind, None, case.get("window"), slopes, docs)
         out.backward(mine[3])
         got = [out.detach(), ql.grad, kl.grad, vl.grad]
+        assert all(g is not None for g in got)
         full = [gather_sequence(x, 2, group) for x in got]
-        errors[name] = max(((a - b).abs().max() / b.abs().max()).item() for a, b in zip(full, want))
+        errors[name] = max(_rel(a, b) for a, b in zip(full, want))
     return errors
 
 
