@@ -90,3 +90,95 @@ def test_cp_layouts_train_like_one_process(world, layouts, single_runs, tmp_path
             assert rank_out[key] == got[0][key], key
     print("\nmax relative loss difference vs one process:", report)
     assert max(report.values()) <= LOSS_RTOL, report
+
+
+# -- document masking ---------------------------------------------------------------------
+
+
+def _docs_cfg(short_docs, out_dir, *overrides: str):
+    return _cfg(
+        "llama",
+        out_dir,
+        "data.source=files",
+        f"data.paths=[{short_docs['path']}]",
+        f"data.tokenizer={short_docs['tokenizer']}",
+        "data.val_fraction=0",
+        "data.document_masking=true",
+        *overrides,
+    )
+
+
+def _train_docs(rank: int, world: int, short_docs, root: str) -> dict:
+    return {
+        kind: Trainer(
+            _docs_cfg(short_docs, f"{root}/{kind}", "parallel.cp=2", f"parallel.cp_kind={kind}")
+        )
+        .train()
+        .losses
+        for kind in ("ring", "alltoall")
+    }
+
+
+def test_cp_with_document_masking_trains_like_one_process(short_docs, tmp_path):
+    """Windows of 512 tokens hold dozens of short documents, so many cross the chunk borders:
+    their positions restart at the document's first token on whichever rank it lies."""
+    ref = Trainer(_docs_cfg(short_docs, tmp_path / "one")).train().losses
+    got = run_distributed(_train_docs, 2, short_docs, str(tmp_path), timeout=300)[0]
+    report = {kind: max_rel(losses, ref) for kind, losses in got.items()}
+    print("\ndocument masking, max relative loss difference vs one process:", report)
+    assert max(report.values()) <= LOSS_RTOL, report
+
+
+# -- checkpoints ----------------------------------------------------------------------------
+
+
+def _stop_and_resume(rank: int, world: int, root: str) -> dict:
+    cp2 = ["parallel.cp=2"]
+    full = Trainer(_cfg("llama", f"{root}/full", *cp2, "checkpoint.save_every=5")).train()
+    ckpt = f"{root}/full/checkpoints/step_5"
+    resumed = Trainer(_cfg("llama", f"{root}/resumed", *cp2, f"checkpoint.load={ckpt}")).train()
+    return {"full": full.losses, "resumed": resumed.losses}
+
+
+def _resume_cp4(rank: int, world: int, root: str) -> dict:
+    ckpt = f"{root}/full/checkpoints/step_5"
+    cfg = _cfg("llama", f"{root}/cp4", "parallel.cp=4", f"checkpoint.load={ckpt}")
+    return Trainer(cfg).train().losses
+
+
+def test_cp2_resumes_exactly_and_on_cp1_and_cp4(single_runs, tmp_path):
+    got = run_distributed(_stop_and_resume, 2, str(tmp_path), timeout=300)[0]
+    full, resumed = got["full"], got["resumed"]
+    assert sorted(resumed) == list(range(6, STEPS + 1))
+    assert all(resumed[s] == full[s] for s in resumed), (full, resumed)  # bit-exact
+    ckpt = tmp_path / "full/checkpoints/step_5"
+    one = Trainer(_cfg("llama", tmp_path / "one", f"checkpoint.load={ckpt}")).train().losses
+    four = run_distributed(_resume_cp4, 4, str(tmp_path), timeout=300)[0]
+    ref = single_runs["llama"]
+    for layout, losses in (("cp1", one), ("cp4", four)):
+        assert sorted(losses) == list(range(6, STEPS + 1)), layout
+        for s in losses:
+            assert losses[s] == pytest.approx(full[s], rel=LOSS_RTOL), (layout, s)
+            assert losses[s] == pytest.approx(ref[s], rel=LOSS_RTOL), (layout, s)
+
+
+# -- refusals -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (["train.seq_len=510"], "train.seq_len=510: must be divisible by 2\\*cp = 4"),
+        (
+            ["parallel.cp_kind=alltoall", "parallel.cp=8", "train.seq_len=512"],
+            "cp_kind=alltoall needs the 4 attention heads of a tp rank divisible by cp",
+        ),
+        (["zero.backend=deepspeed"], "zero.backend=deepspeed does not run with parallel.cp > 1"),
+        (["model.attention.dropout=0.1"], "attention dropout does not run with parallel.cp > 1"),
+    ],
+)
+def test_impossible_cp_layouts_fail_with_one_line(overrides, message, tmp_path):
+    from evoformer.errors import UserError
+
+    with pytest.raises(UserError, match=message):
+        _cfg("llama", tmp_path, "parallel.cp=2", *overrides)
