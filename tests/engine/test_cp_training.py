@@ -182,3 +182,19 @@ def test_impossible_cp_layouts_fail_with_one_line(overrides, message, tmp_path):
 
     with pytest.raises(UserError, match=message):
         _cfg("llama", tmp_path, "parallel.cp=2", *overrides)
+
+
+def test_plan_divides_activations_by_cp_and_adds_the_exchange_buffers(tmp_path):
+    from evoformer.errors import UserError
+    from evoformer.planning.memory import cp_buffer_bytes, estimate
+
+    one = estimate(_cfg("llama", tmp_path), 1).stages[0]
+    cfg = _cfg("llama", tmp_path, "parallel.cp=2", "zero.backend=fsdp2", "zero.stage=3")
+    two = estimate(cfg, 2).stages[0]
+    # 2 x 512 tokens / cp 2 per rank; K and V of 2 heads x 16 dims; ring: sent + received
+    # (fp32) and the fp32 gradients sent + received in the backward
+    assert cp_buffer_bytes(cfg) == 512 * (2 * 32) * (2 * 4 + 2 * 4)
+    assert two.activations == int(one.activations / 2 + cp_buffer_bytes(cfg))
+    assert two.params <= one.params / 2 + 1024  # FSDP2 shards over dp x cp
+    with pytest.raises(UserError, match="multiple of parallel.tp \\* parallel.pp \\* parallel.cp"):
+        estimate(cfg, 3)
