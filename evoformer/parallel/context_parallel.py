@@ -245,6 +245,15 @@ class _RingAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q_BHTD, k_BKTD, v_BKTV, group, scale, window, slopes_H, doc_ids_BS):
+        # fp32 blocks whatever the autocast around the model (bf16 / fp16 q, k, v come in and
+        # the output leaves in their dtype)
+        with torch.autocast(q_BHTD.device.type, enabled=False):
+            return _RingAttention._forward(
+                ctx, q_BHTD, k_BKTD, v_BKTV, group, scale, window, slopes_H, doc_ids_BS
+            )
+
+    @staticmethod
+    def _forward(ctx, q_BHTD, k_BKTD, v_BKTV, group, scale, window, slopes_H, doc_ids_BS):
         ring = _Ring(group)
         B, H, T, D = q_BHTD.shape
         K, Vd = k_BKTD.shape[1], v_BKTV.shape[-1]
@@ -283,6 +292,11 @@ class _RingAttention(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_BHTV):
+        with torch.autocast(grad_BHTV.device.type, enabled=False):
+            return _RingAttention._backward(ctx, grad_BHTV)
+
+    @staticmethod
+    def _backward(ctx, grad_BHTV):
         q_BHTD, k_BKTD, v_BKTV, out, lse = ctx.saved_tensors
         group, scale, window, slopes_H, doc_ids_BS = ctx.args
         ring = _Ring(group)
