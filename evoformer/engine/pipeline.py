@@ -325,7 +325,7 @@ class PipelineRunner(StepRunner):
         by_index = {c.stage_index: c for c in self.chunks}
         mb, T = batch.shape[0], batch.shape[1] - 1
         tp_split = self.dims.tp if (self.cfg.parallel.sequence_parallel and self.dims.tp > 1) else 1
-        shape = (mb, T // tp_split, self.cfg.model.d_model)
+        shape = (mb, T // tp_split // self.dims.cp, self.cfg.model.d_model)  # a cp rank's chunks
         x: torch.Tensor | None = None
         loss = torch.zeros((), device=self.device)
         was_training = [chunk.training for chunk in self.chunks]
