@@ -635,7 +635,10 @@ def validate_context_parallel(cfg: Config) -> None:
     refused = {
         "zero.backend": (cfg.zero.backend == "deepspeed", "zero.backend=deepspeed"),
         "zero.replicate": (cfg.zero.replicate > 1, "HSDP (zero.replicate > 1)"),
-        "parallel.ep": (p.ep > 1, "expert parallelism (parallel.ep > 1)"),
+        "parallel.ep": (
+            p.ep > 1 and cfg.zero.backend != "ddp",
+            f"expert parallelism with zero.backend={cfg.zero.backend}",
+        ),
         "model.attention.dropout": (cfg.model.attention.dropout > 0, "attention dropout"),
         "optim.qk_clip": (cfg.optim.qk_clip > 0, "QK-clip (optim.qk_clip)"),
         "model.backend": (cfg.model.backend == "te", "the Transformer Engine backend"),

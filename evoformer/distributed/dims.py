@@ -30,7 +30,7 @@ import os
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import torch
 import torch.distributed as dist
@@ -68,8 +68,6 @@ class ParallelDims:
                 else (f"tp*pp = {self.tp}*{self.pp}")
             )
             raise UserError(f"world size {self.world_size} is not divisible by {what}")
-        if self.cp > 1 and self.ep > 1:
-            raise UserError("parallel.cp > 1 with parallel.ep > 1 is not supported in this version")
         self.dp = self.world_size // model_parallel
         if self.dp % self.ep:
             raise UserError(
@@ -196,23 +194,37 @@ class ParallelDims:
         )
 
     def _build_cp(self, device_type: str) -> ParallelGroups:
-        """The mesh ``("pp", "dp", "cp", "tp")`` with ``dp`` and ``cp`` flattened into the
-        replica dimension ``dp_cp`` (what DDP reduces over and FSDP2 shards over)."""
+        """The mesh ``("pp", "dp", "cp", "tp")`` (``dp`` split into ``("edp", "ep")`` when
+        ep > 1) with dp and cp flattened into the replica dimension ``dp_cp`` (what DDP reduces
+        over and FSDP2 shards over). With ep > 1 the experts' replicas are edp x cp: that group
+        (not adjacent in the mesh) is built from the rank grid."""
         from torch.distributed.device_mesh import init_device_mesh
 
+        dp_dims = ("dp",) if self.ep == 1 else ("edp", "ep")
+        sizes = (self.dp,) if self.ep == 1 else (self.edp, self.ep)
+        names = ("pp", *dp_dims, "cp", "tp")
         mesh = init_device_mesh(
-            device_type,
-            (self.pp, self.dp, self.cp, self.tp),
-            mesh_dim_names=("pp", "dp", "cp", "tp"),
+            device_type, (self.pp, *sizes, self.cp, self.tp), mesh_dim_names=names
         )
-        submeshes = {name: mesh[name] for name in ("pp", "dp", "cp", "tp")}
-        submeshes["dp_cp"] = mesh["dp", "cp"]._flatten("dp_cp")
+        submeshes = {name: mesh[name] for name in names}
+        submeshes["dp_cp"] = mesh[(*dp_dims, "cp")]._flatten("dp_cp")
         groups = {name: m.get_group() for name, m in submeshes.items()}
 
         def ranks(group: dist.ProcessGroup) -> tuple[int, ...]:
             return tuple(dist.get_process_group_ranks(group))
 
         replica = groups["dp_cp"]
+        ep_group: dist.ProcessGroup | None = None
+        edp_group: dist.ProcessGroup | None = None
+        edp_ranks = ranks(replica)
+        if self.ep > 1:
+            ep_group = groups["ep"]
+            # every rank creates every (edp x cp) group, in the same order
+            grid = mesh.mesh.permute(0, 2, 4, 1, 3).reshape(-1, self.edp * self.cp)
+            for row in grid.tolist():
+                group = dist.new_group(row)
+                if self.rank in row:
+                    edp_group, edp_ranks = cast(dist.ProcessGroup, group), tuple(row)
         return ParallelGroups(
             self,
             mesh,
@@ -222,7 +234,10 @@ class ParallelDims:
             ranks(replica),
             pp_group=groups["pp"],
             pp_ranks=ranks(groups["pp"]),
-            edp_ranks=ranks(replica),
+            ep_group=ep_group,
+            ep_ranks=ranks(ep_group) if ep_group is not None else (self.rank,),
+            edp_group=edp_group,
+            edp_ranks=edp_ranks,
             cp_group=groups["cp"],
             cp_ranks=ranks(groups["cp"]),
             submeshes=submeshes,

@@ -321,7 +321,8 @@ class DDPStrategy(Strategy):
             # The loss is the mean over dp ranks; an expert's gradient already sums every ep
             # rank's tokens (all-to-all backward), so sum it over its edp replicas and divide
             # by dp -- what DDP's average does for the dense gradients.
-            reduce_expert_grads(self.expert_params, self.groups.edp_group, self.dims.dp)
+            # (Under cp the replicas are edp x cp and the mean is over dp x cp.)
+            reduce_expert_grads(self.expert_params, self.groups.edp_group, self.dims.replicas)
 
     def micro_batch(self, last: bool) -> contextlib.AbstractContextManager:
         return contextlib.nullcontext() if last else self.ddp.no_sync()

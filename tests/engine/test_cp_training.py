@@ -6,9 +6,9 @@ cp=2 x tp=2 with sequence parallelism, cp=2 x dp=2 under FSDP2 stage 3 and cp=2 
 for the dense model; cp=2 ring for a sliding-window model (Mistral-tiny, window 100 < a
 128-token chunk), QK-norm (Qwen3-tiny), ALiBi and MLA + MoE + MTP (DeepSeek-V3-tiny: the MTP
 module's shifted targets cross the chunk borders); activation checkpointing; bf16 autocast
-(within 2e-3); document masking (ring and all-to-all); stop/resume at cp=2 and resuming its
-checkpoint at cp=1 and cp=4; the planner's cp accounting; refusals. Each world size is one
-spawn running its layouts in a row (the 2-rank ones in two groups).
+(within 2e-3); ep=2 x cp=2 for the MoE model; document masking (ring and all-to-all);
+stop/resume at cp=2 and resuming its checkpoint at cp=1 and cp=4; the planner's cp accounting;
+refusals. Each group of layouts is one spawn running them in a row.
 """
 
 from __future__ import annotations
@@ -97,8 +97,13 @@ def single_runs(tmp_path_factory) -> dict:
     return {f: (r.losses, r.val_losses) for f, r in runs.items()}
 
 
+EP_4 = {("deepseek-v3", "ep2xcp2"): ["parallel.cp=2", "parallel.ep=2"]}  # DDP; dp 2 = edp 1 x ep 2
+
+
 @pytest.mark.parametrize(
-    "world,layouts", [(2, LAYOUTS_2), (2, KINDS_2), (4, LAYOUTS_4)], ids=["w2", "w2-kinds", "w4"]
+    "world,layouts",
+    [(2, LAYOUTS_2), (2, KINDS_2), (4, LAYOUTS_4), (4, EP_4)],
+    ids=["w2", "w2-kinds", "w4", "w4-ep"],
 )
 def test_cp_layouts_train_like_one_process(world, layouts, single_runs, tmp_path):
     got = run_distributed(_train, world, layouts, str(tmp_path), timeout=300)
