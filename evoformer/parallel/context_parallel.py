@@ -207,16 +207,24 @@ class _Blocks:
         self.slopes, self.ids, self.device = slopes_H, doc_ids_BS, device
 
     def pairs(self, src: int):
-        """(query slice, key slice, bias or None) of every non-empty block."""
+        """(query slice, key slice, bias or None, causal) of every non-empty block; ``causal``:
+        the diagonal block of plain causal attention (``bias`` None: a fused kernel can take
+        it with ``is_causal``)."""
         N = self.N
+        plain = self.window is None and self.slopes is None and self.ids is None
         for qi, qc in enumerate(self.mine):
             for ki, kc in enumerate(chunk_ids(self.cp, src)):
                 if not _block_needed(qc, kc, N, self.window):
                     continue
-                bias = None
-                if _needs_mask(qc, kc, N, self.window, self.slopes, self.ids):
+                bias, causal = None, plain and qc == kc
+                if not causal and _needs_mask(qc, kc, N, self.window, self.slopes, self.ids):
                     bias = self._bias(qc, kc)
-                yield slice(qi * N, qi * N + N), slice(ki * N, ki * N + N), bias
+                yield slice(qi * N, qi * N + N), slice(ki * N, ki * N + N), bias, causal
+
+    def causal_bias(self) -> torch.Tensor:
+        """The diagonal block's causal mask as an additive bias [1, 1, 1, N, N]."""
+        pos = torch.arange(self.N, device=self.device)
+        return attention_bias(pos, pos).unsqueeze(2)
 
     def _bias(self, qc: int, kc: int) -> torch.Tensor:
         N = self.N
@@ -228,6 +236,60 @@ class _Blocks:
         bias = attention_bias(q_pos, k_pos, self.window, self.slopes, ids_q, ids_k)
         # [b, 1, 1, Tq, Tk] for every head; ALiBi's [b, H, Tq, Tk] is grouped in _scores
         return bias.unsqueeze(2) if self.slopes is None else bias
+
+
+def _fused_available(q_BHTD: torch.Tensor, v_dim: int) -> bool:
+    """Whether unmasked and causal blocks can run in a fused kernel that returns the
+    log-sum-exp: the CPU flash kernel (same q/k/v head dim). Elsewhere (CUDA, MLA's value dim)
+    every block is fp32 math."""
+    return q_BHTD.device.type == "cpu" and q_BHTD.shape[-1] == v_dim
+
+
+def _heads(x_BKGND: torch.Tensor) -> torch.Tensor:
+    B, K, G, N, D = x_BKGND.shape
+    return x_BKGND.reshape(B, K * G, N, D)
+
+
+def _expand(x_BKND: torch.Tensor, G: int) -> torch.Tensor:
+    B, K, N, D = x_BKND.shape
+    return x_BKND[:, :, None].expand(B, K, G, N, D).reshape(B, K * G, N, D)
+
+
+def _fused_block(q, k, v, qs, ks, causal: bool, scale: float):
+    """(output [B, K, G, N, V], log-sum-exp [B, K, G, N]) of one block in the fused kernel."""
+    B, K, G = q.shape[:3]
+    o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        _heads(q[..., qs, :]).contiguous(),
+        _expand(k[..., ks, :], G).contiguous(),
+        _expand(v[..., ks, :], G).contiguous(),
+        0.0,
+        causal,
+        scale=scale,
+    )
+    return o.view(B, K, G, *o.shape[2:]), lse.view(B, K, G, -1)
+
+
+def _fused_block_backward(dO, q, k, v, out, lse, qs, ks, causal: bool, scale: float):
+    """(dq [B, K, G, N, D], dk, dv [B, K, N, ...]) of one block: the fused kernel's backward
+    given the *merged* output and log-sum-exp, which is exactly this block's share."""
+    B, K, G = q.shape[:3]
+    dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+        _heads(dO[..., qs, :]).contiguous(),
+        _heads(q[..., qs, :]).contiguous(),
+        _expand(k[..., ks, :], G).contiguous(),
+        _expand(v[..., ks, :], G).contiguous(),
+        _heads(out[..., qs, :]).contiguous(),
+        lse[..., qs].reshape(B, K * G, -1).contiguous(),
+        0.0,
+        causal,
+        scale=scale,
+    )
+    N = dq.shape[2]
+    return (
+        dq.view(B, K, G, N, -1),
+        dk.view(B, K, G, N, -1).sum(2),
+        dv.view(B, K, G, N, -1).sum(2),
+    )
 
 
 def _scores(q_BKGND, k_BKND, bias, scale: float) -> torch.Tensor:
@@ -260,6 +322,7 @@ class _RingAttention(torch.autograd.Function):
         if T % 2:
             raise ValueError(f"ring attention: {T} local tokens are not two equal chunks")
         blocks = _Blocks(T, ring.cp, ring.rank, window, slopes_H, doc_ids_BS, q_BHTD.device)
+        fused = _fused_available(q_BHTD, Vd)
         q = q_BHTD.float().view(B, K, H // K, T, D)
         m = torch.full((B, K, H // K, T), float("-inf"), device=q.device)
         l_ = torch.zeros_like(m)
@@ -270,7 +333,18 @@ class _RingAttention(torch.autograd.Function):
             pending = ring.start(kv) if step < ring.cp - 1 else None
             k, v = (x.float() for x in _unpack(kv, *shapes))
             src = (ring.rank - step) % ring.cp
-            for qs, ks, bias in blocks.pairs(src):
+            for qs, ks, bias, causal in blocks.pairs(src):
+                if bias is None and fused:  # the block's normalised output and log-sum-exp
+                    o_blk, lse_blk = _fused_block(q, k, v, qs, ks, causal, scale)
+                    m_old = m[..., qs]
+                    m_new = torch.maximum(m_old, lse_blk)
+                    alpha, beta = torch.exp(m_old - m_new), torch.exp(lse_blk - m_new)
+                    l_[..., qs] = l_[..., qs] * alpha + beta
+                    acc[..., qs, :] = acc[..., qs, :] * alpha[..., None] + o_blk * beta[..., None]
+                    m[..., qs] = m_new
+                    continue
+                if causal:
+                    bias = blocks.causal_bias()
                 s = _scores(q[..., qs, :], k[..., ks, :], bias, scale)
                 m_old = m[..., qs]
                 m_new = torch.maximum(m_old, s.amax(-1))
@@ -303,6 +377,7 @@ class _RingAttention(torch.autograd.Function):
         B, H, T, D = q_BHTD.shape
         K = k_BKTD.shape[1]
         blocks = _Blocks(T, ring.cp, ring.rank, window, slopes_H, doc_ids_BS, q_BHTD.device)
+        fused = _fused_available(q_BHTD, v_BKTV.shape[-1])
         q = q_BHTD.float().view(B, K, H // K, T, D)
         dO = grad_BHTV.float().reshape(out.shape)
         delta = (dO * out).sum(-1)  # [B, K, G, T]
@@ -315,7 +390,17 @@ class _RingAttention(torch.autograd.Function):
             k, v = (x.float() for x in _unpack(kv, *shapes))
             dk, dv = _unpack(dkv, *shapes)
             src = (ring.rank - step) % ring.cp
-            for qs, ks, bias in blocks.pairs(src):
+            for qs, ks, bias, causal in blocks.pairs(src):
+                if bias is None and fused:
+                    dq_b, dk_b, dv_b = _fused_block_backward(
+                        dO, q, k, v, out, lse, qs, ks, causal, scale
+                    )
+                    dq[..., qs, :] += dq_b
+                    dk[..., ks, :] += dk_b
+                    dv[..., ks, :] += dv_b
+                    continue
+                if causal:
+                    bias = blocks.causal_bias()
                 s = _scores(q[..., qs, :], k[..., ks, :], bias, scale)
                 p = torch.exp(s - lse[..., qs, None])
                 dO_q = dO[..., qs, :]
