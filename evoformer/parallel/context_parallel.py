@@ -12,10 +12,11 @@ Attention, ``context_attention`` (``parallel.cp_kind``):
 
 - ``ring``: the K/V of each rank travel once around the cp group (``cp - 1`` point-to-point
   steps, each started before the local block is computed so the transfer overlaps it). Each
-  (query chunk, key chunk) block is computed in fp32 with an explicit mask from the tokens'
-  global positions (causal, sliding window, documents, ALiBi); blocks that the causal mask or
-  the window makes empty are skipped; the partial results are merged by their log-sum-exp
-  (online softmax). The backward (``_RingAttention.backward``) sends K/V around again, recomputes
+  (query chunk, key chunk) block with a mask from the tokens' global positions (sliding window,
+  documents, ALiBi) is computed in fp32 math; unmasked and plain causal blocks go through the
+  CPU flash kernel when the head dims allow (``_fused_available``; on CUDA the math path runs
+  for now); blocks that the causal mask or the window makes empty are skipped; the partial
+  results are merged by their log-sum-exp (online softmax). The backward (``_RingAttention.backward``) sends K/V around again, recomputes
   each block's probabilities from the saved log-sum-exp (flash-attention style: no [T, T] is
   kept), and sends the K/V gradients along with them, back to their owner after ``cp`` steps.
   GQA keys travel un-expanded (K heads, not H).
