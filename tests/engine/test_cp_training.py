@@ -203,6 +203,8 @@ def test_cp2_resumes_exactly_and_on_cp1_and_cp4(single_runs, tmp_path):
         ),
         (["zero.backend=deepspeed"], "zero.backend=deepspeed does not run with parallel.cp > 1"),
         (["model.attention.dropout=0.1"], "attention dropout does not run with parallel.cp > 1"),
+        (["zero.backend=fsdp2", "zero.replicate=2"], "HSDP \\(zero.replicate > 1\\) does not"),
+        (["model.moe.num_experts=4", "model.moe.capacity_factor=1.5"], "an MoE expert capacity"),
     ],
 )
 def test_impossible_cp_layouts_fail_with_one_line(overrides, message, tmp_path):
