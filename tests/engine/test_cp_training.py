@@ -2,13 +2,13 @@
 
 Layouts against one process, 10 steps, per-step losses (and the final validation loss) within
 1e-5 relative: cp=2 ring, cp=4 ring and cp=2 all-to-all for a dense GQA model (LLaMA-tiny);
-cp=2 x tp=2 with sequence parallelism, cp=2 x dp=2 under FSDP2 stage 3 and cp=2 x pp=2 (1F1B)
-for the dense model; cp=2 ring for a sliding-window model (Mistral-tiny, window 100 < a
-128-token chunk), QK-norm (Qwen3-tiny), ALiBi and MLA + MoE + MTP (DeepSeek-V3-tiny: the MTP
-module's shifted targets cross the chunk borders); activation checkpointing; bf16 autocast
-(within 2e-3); ep=2 x cp=2 for the MoE model; document masking (ring and all-to-all);
-stop/resume at cp=2 and resuming its checkpoint at cp=1 and cp=4; the planner's cp accounting;
-refusals. Each group of layouts is one spawn running them in a row.
+cp=2 x tp=2 with sequence parallelism (ring) and without (all-to-all), cp=2 x dp=2 under FSDP2
+stage 3 and cp=2 x pp=2 (1F1B) for the dense model; cp=2 ring for a sliding-window model
+(Mistral-tiny, window 100 < a 128-token chunk), QK-norm (Qwen3-tiny), ALiBi and MLA + MoE + MTP
+(DeepSeek-V3-tiny: the MTP module's shifted targets cross the chunk borders); activation
+checkpointing; bf16 autocast (within 2e-3); ep=2 x cp=2 for the MoE model; document masking
+(ring and all-to-all); stop/resume at cp=2 and resuming its checkpoint at cp=1 and cp=4; the
+planner's cp accounting; refusals. Each group of layouts is one spawn running them in a row.
 """
 
 from __future__ import annotations
@@ -69,6 +69,7 @@ LAYOUTS_4 = {
         "parallel.tp=2",
         "parallel.sequence_parallel=true",
     ],
+    ("llama", "cp2xtp2-alltoall"): ["parallel.cp=2", "parallel.tp=2", "parallel.cp_kind=alltoall"],
     ("llama", "cp2xdp2-fsdp3"): ["parallel.cp=2", "zero.backend=fsdp2", "zero.stage=3"],
     ("llama", "cp2xpp2"): ["parallel.cp=2", "parallel.pp=2"],  # 1F1B
 }
