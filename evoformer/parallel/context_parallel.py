@@ -16,9 +16,10 @@ Attention, ``context_attention`` (``parallel.cp_kind``):
   documents, ALiBi) is computed in fp32 math; unmasked and plain causal blocks go through the
   CPU flash kernel when the head dims allow (``_fused_available``; on CUDA the math path runs
   for now); blocks that the causal mask or the window makes empty are skipped; the partial
-  results are merged by their log-sum-exp (online softmax). The backward (``_RingAttention.backward``) sends K/V around again, recomputes
-  each block's probabilities from the saved log-sum-exp (flash-attention style: no [T, T] is
-  kept), and sends the K/V gradients along with them, back to their owner after ``cp`` steps.
+  results are merged by their log-sum-exp (online softmax). The backward
+  (``_RingAttention.backward``) sends K/V around again, recomputes each block's probabilities
+  from the saved log-sum-exp (flash-attention style: no [T, T] is kept), and sends the K/V
+  gradients along with them, back to their owner after ``cp`` steps.
   GQA keys travel un-expanded (K heads, not H).
 - ``alltoall`` (Ulysses): one all-to-all turns [B, H, T/cp] into [B, H/cp, T] for q, k and v
   (KV heads expanded first when they do not divide by cp), attention runs on the whole
