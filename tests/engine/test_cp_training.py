@@ -205,6 +205,7 @@ def test_cp2_resumes_exactly_and_on_cp1_and_cp4(single_runs, tmp_path):
         (["zero.backend=deepspeed"], "zero.backend=deepspeed does not run with parallel.cp > 1"),
         (["model.attention.dropout=0.1"], "attention dropout does not run with parallel.cp > 1"),
         (["zero.backend=fsdp2", "zero.replicate=2"], "HSDP \\(zero.replicate > 1\\) does not"),
+        (["train.compile=true"], "train.compile does not run with parallel.cp > 1"),
         (["model.moe.num_experts=4", "model.moe.capacity_factor=1.5"], "an MoE expert capacity"),
     ],
 )
