@@ -237,3 +237,17 @@ def test_plan_divides_activations_by_cp_and_adds_the_exchange_buffers(tmp_path):
     assert two.params <= one.params / 2 + 1024  # FSDP2 shards over dp x cp
     with pytest.raises(UserError, match="multiple of parallel.tp \\* parallel.pp \\* parallel.cp"):
         estimate(cfg, 3)
+
+
+def test_long_context_recipe_fits_its_8_gpus(capsys):
+    """The 128K recipe's documented plan (docs/parallelism.md §16), and `inspect` of a cp
+    config (sized as one process)."""
+    from evoformer.cli import main
+
+    recipe = str(REPO / "configs/llama3.1-8b-128k-cp.yaml")
+    assert main(["plan", recipe, "--gpus", "8", "--gpu-mem", "80GB"]) == 0
+    out = capsys.readouterr().out
+    assert "world 8 = tp 2 x pp 1 x dp 1 x cp 4 (alltoall)" in out
+    assert "fits (busiest rank: pp rank 0, 28.16 GiB of 80.00 GiB, 35 %)" in out
+    assert main(["inspect", recipe]) == 0
+    assert "memory activations (1x131072)" in capsys.readouterr().out
