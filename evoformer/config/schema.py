@@ -421,6 +421,18 @@ class ParallelConfig:
     tp: int = opt(1, "Tensor-parallel size.")
     pp: int = opt(1, "Pipeline-parallel size.")
     ep: int = opt(1, "Expert-parallel size.")
+    cp: int = opt(
+        1,
+        "Context-parallel size: each sequence is split over cp ranks (2*cp load-balanced chunks, "
+        "rank i holding chunks i and 2*cp-1-i); they share parameters and reduce gradients with "
+        "the data-parallel replicas.",
+    )
+    cp_kind: str = opt(
+        "ring",
+        "Context-parallel attention: ring (K/V travel around the cp group, partial results "
+        "merged by log-sum-exp) | alltoall (Ulysses: sequence <-> heads re-sharding, needs the "
+        "heads of a tp rank divisible by cp).",
+    )
     sequence_parallel: bool = opt(False, "Shard norm/dropout regions along the sequence (tp > 1).")
     pp_schedule: str = opt(
         "1f1b",

@@ -23,6 +23,7 @@ CHOICES = {
     "data.source": ("default", "files", "synthetic"),
     "optim.schedule": ("cosine", "wsd", "constant"),
     "parallel.pp_schedule": tuple(PP_SCHEDULE_VIRTUAL_STAGES),
+    "parallel.cp_kind": ("ring", "alltoall"),
     "zero.backend": ("ddp", "fsdp2", "deepspeed"),
     "precision": ("fp32", "bf16", "fp16"),
     "fp8.backend": ("te", "torchao"),
@@ -58,6 +59,7 @@ POSITIVE = (
     "parallel.tp",
     "parallel.pp",
     "parallel.ep",
+    "parallel.cp",
     "activation_checkpointing_every",
 )
 
@@ -162,6 +164,7 @@ def validate(cfg: Config) -> None:
     validate_parallel(cfg)
     validate_pipeline(cfg)
     validate_expert_parallel(cfg)
+    validate_context_parallel(cfg)
     validate_zero(cfg)
     validate_deepspeed(cfg)
     validate_precision(cfg)
@@ -652,6 +655,58 @@ def validate_expert_parallel(cfg: Config) -> None:
             ep,
             "expert parallelism with zero.backend=fsdp2 needs parallel.tp=1 "
             "and no HSDP (zero.replicate=1) in this version",
+        )
+
+
+def validate_context_parallel(cfg: Config) -> None:
+    """``parallel.cp`` splits every sequence into 2 * cp chunks (load-balanced causal work);
+    compositions this version does not run are refused here, one line each."""
+    cp, p = cfg.parallel.cp, cfg.parallel
+    if cp == 1:
+        return
+    seqs = [cfg.train.seq_len, *(n for _, n in cfg.train.seq_len_schedule)]
+    tp_split = p.tp if p.sequence_parallel else 1
+    for n in seqs:
+        if n % (2 * cp * tp_split):
+            _fail(
+                "train.seq_len",
+                n,
+                f"must be divisible by 2*cp{'*tp' if tp_split > 1 else ''} = {2 * cp * tp_split} "
+                "(each sequence is split into 2*cp load-balanced chunks"
+                f"{', each split over tp by sequence parallelism' if tp_split > 1 else ''})",
+            )
+    if p.cp_kind == "alltoall" and (cfg.model.attention.n_heads // p.tp) % cp:
+        _fail(
+            "parallel.cp",
+            cp,
+            f"cp_kind=alltoall needs the {cfg.model.attention.n_heads // p.tp} attention heads of "
+            "a tp rank divisible by cp (heads are re-sharded over cp); use cp_kind=ring",
+        )
+    refused = {
+        "zero.backend": (cfg.zero.backend == "deepspeed", "zero.backend=deepspeed"),
+        "zero.replicate": (cfg.zero.replicate > 1, "HSDP (zero.replicate > 1)"),
+        "parallel.ep": (
+            p.ep > 1 and cfg.zero.backend != "ddp",
+            f"expert parallelism with zero.backend={cfg.zero.backend}",
+        ),
+        "model.attention.dropout": (cfg.model.attention.dropout > 0, "attention dropout"),
+        "optim.qk_clip": (cfg.optim.qk_clip > 0, "QK-clip (optim.qk_clip)"),
+        "model.backend": (cfg.model.backend == "te", "the Transformer Engine backend"),
+        # inductor does not lower the ring's fused CPU blocks yet (found in a cp=2 run)
+        "train.compile": (cfg.train.compile, "train.compile"),
+        "model.moe.capacity_factor": (
+            cfg.model.moe.capacity_factor > 0,
+            "an MoE expert capacity (it would count each rank's chunks, not the sequence)",
+        ),
+    }
+    for key, (bad, what) in refused.items():
+        if bad:
+            _fail(key, get(cfg, key), f"{what} does not run with parallel.cp > 1 in this version")
+    if cfg.model.attention.sinks:  # the ring's log-sum-exp merge has no sink term yet
+        _fail(
+            "model.attention.sinks",
+            True,
+            "attention sinks do not run with parallel.cp > 1 in this version",
         )
 
 

@@ -1,9 +1,17 @@
 """The parallel layout: one ParallelDims object, built once, passed explicitly.
 
-Data-parallel size is derived from the world size: dp = world / (tp * pp). Ranks are laid
-out as a ``[pp, dp, tp]`` grid with tp innermost (the Megatron / torchtitan order): adjacent
+Data-parallel size is derived from the world size: dp = world / (pp * cp * tp). Ranks are laid
+out as a ``[pp, dp, cp, tp]`` grid with tp innermost (the Megatron / torchtitan order): adjacent
 ranks form a tensor-parallel group, so on a multi-GPU node the bandwidth-hungry TP all-reduces
 stay on NVLink and data parallelism spans nodes; pipeline stages are outermost.
+
+Context parallelism (``cp``) sits between dp and tp: a cp group splits each sequence
+(``parallel/context_parallel.py``) and exchanges K/V (ring) or heads (all-to-all) in every
+attention layer, which is the next most bandwidth-hungry traffic after TP, so cp x tp stays
+within a node where it fits. cp ranks read the same micro-batches but hold different tokens, so
+for the gradients they are replicas like dp ranks: ``ParallelGroups.dp_group`` is the
+*replica* group ``dp x cp`` (DDP averages, FSDP2 shards over it, as torchtitan's ``dp_shard_cp``)
+and ``cp_group`` the sequence-splitting one.
 
 Expert parallelism is carved out of data parallelism: ``ep`` divides ``dp``, and the dp index
 splits as ``dp_rank = edp_rank * ep + ep_rank`` (ep innermost). The ``ep`` group holds different
@@ -22,7 +30,7 @@ import os
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import torch
 import torch.distributed as dist
@@ -44,17 +52,22 @@ class ParallelDims:
     tp: int = 1
     pp: int = 1
     ep: int = 1
+    cp: int = 1
+    cp_kind: str = "ring"  # parallel.cp_kind: how attention runs over the cp group
     dp: int = field(init=False)
 
     def __post_init__(self) -> None:
-        for name in ("tp", "pp", "ep"):
+        for name in ("tp", "pp", "ep", "cp"):
             if getattr(self, name) < 1:
                 raise UserError(f"parallel.{name}={getattr(self, name)} must be >= 1")
-        model_parallel = self.tp * self.pp
+        model_parallel = self.tp * self.pp * self.cp
         if self.world_size % model_parallel:
-            raise UserError(
-                f"world size {self.world_size} is not divisible by tp*pp = {self.tp}*{self.pp}"
+            what = (
+                f"tp*pp*cp = {self.tp}*{self.pp}*{self.cp}"
+                if self.cp > 1
+                else (f"tp*pp = {self.tp}*{self.pp}")
             )
+            raise UserError(f"world size {self.world_size} is not divisible by {what}")
         self.dp = self.world_size // model_parallel
         if self.dp % self.ep:
             raise UserError(
@@ -67,12 +80,21 @@ class ParallelDims:
         return self.rank % self.tp
 
     @property
+    def cp_rank(self) -> int:
+        return (self.rank // self.tp) % self.cp
+
+    @property
     def dp_rank(self) -> int:
-        return (self.rank // self.tp) % self.dp
+        return (self.rank // (self.tp * self.cp)) % self.dp
 
     @property
     def pp_rank(self) -> int:
-        return self.rank // (self.tp * self.dp)
+        return self.rank // (self.tp * self.cp * self.dp)
+
+    @property
+    def replicas(self) -> int:
+        """Ranks holding the same parameters and reducing gradients together: dp x cp."""
+        return self.dp * self.cp
 
     @property
     def ep_rank(self) -> int:
@@ -105,6 +127,8 @@ class ParallelDims:
             tp=cfg.tp,
             pp=cfg.pp,
             ep=cfg.ep,
+            cp=cfg.cp,
+            cp_kind=cfg.cp_kind,
         )
 
     def build(self, device_type: str = "cpu") -> ParallelGroups:
@@ -117,6 +141,8 @@ class ParallelDims:
         """
         if not self.distributed:
             return ParallelGroups(self, None, None, None, (0,), (0,))
+        if self.cp > 1:
+            return self._build_cp(device_type)
         if not dist.is_initialized():
             raise RuntimeError("ParallelDims.build() needs torch.distributed initialised first")
         if dist.get_world_size() != self.world_size or dist.get_rank() != self.rank:
@@ -167,6 +193,56 @@ class ParallelDims:
             submeshes=submeshes,
         )
 
+    def _build_cp(self, device_type: str) -> ParallelGroups:
+        """The mesh ``("pp", "dp", "cp", "tp")`` (``dp`` split into ``("edp", "ep")`` when
+        ep > 1) with dp and cp flattened into the replica dimension ``dp_cp`` (what DDP reduces
+        over and FSDP2 shards over). With ep > 1 the experts' replicas are edp x cp: that group
+        (not adjacent in the mesh) is built from the rank grid."""
+        from torch.distributed.device_mesh import init_device_mesh
+
+        dp_dims = ("dp",) if self.ep == 1 else ("edp", "ep")
+        sizes = (self.dp,) if self.ep == 1 else (self.edp, self.ep)
+        names = ("pp", *dp_dims, "cp", "tp")
+        mesh = init_device_mesh(
+            device_type, (self.pp, *sizes, self.cp, self.tp), mesh_dim_names=names
+        )
+        submeshes = {name: mesh[name] for name in names}
+        submeshes["dp_cp"] = mesh[(*dp_dims, "cp")]._flatten("dp_cp")
+        groups = {name: m.get_group() for name, m in submeshes.items()}
+
+        def ranks(group: dist.ProcessGroup) -> tuple[int, ...]:
+            return tuple(dist.get_process_group_ranks(group))
+
+        replica = groups["dp_cp"]
+        ep_group: dist.ProcessGroup | None = None
+        edp_group: dist.ProcessGroup | None = None
+        edp_ranks = ranks(replica)
+        if self.ep > 1:
+            ep_group = groups["ep"]
+            # every rank creates every (edp x cp) group, in the same order
+            grid = mesh.mesh.permute(0, 2, 4, 1, 3).reshape(-1, self.edp * self.cp)
+            for row in grid.tolist():
+                group = dist.new_group(row)
+                if self.rank in row:
+                    edp_group, edp_ranks = cast(dist.ProcessGroup, group), tuple(row)
+        return ParallelGroups(
+            self,
+            mesh,
+            groups["tp"],
+            replica,
+            ranks(groups["tp"]),
+            ranks(replica),
+            pp_group=groups["pp"],
+            pp_ranks=ranks(groups["pp"]),
+            ep_group=ep_group,
+            ep_ranks=ranks(ep_group) if ep_group is not None else (self.rank,),
+            edp_group=edp_group,
+            edp_ranks=edp_ranks,
+            cp_group=groups["cp"],
+            cp_ranks=ranks(groups["cp"]),
+            submeshes=submeshes,
+        )
+
 
 @dataclass(frozen=True)
 class ParallelGroups:
@@ -175,7 +251,10 @@ class ParallelGroups:
     Groups are ``None`` in a single process (and ``ep_group`` / ``edp_group`` when ep = 1).
     ``*_ranks`` are the global ranks sharing this rank's group (e.g. world 4, tp 2: rank 1 has
     tp_ranks (0, 1) and dp_ranks (1, 3)). ``submesh(name)`` gives the 1-D DeviceMesh of one
-    dimension (``pp``, ``dp``, ``tp``, and ``edp`` / ``ep`` when ep > 1).
+    dimension (``pp``, ``dp``, ``tp``, and ``edp`` / ``ep`` when ep > 1; ``cp`` and the
+    flattened replica dimension ``dp_cp`` when cp > 1). Under cp > 1 ``dp_group`` / ``dp_ranks``
+    are the replica group dp x cp: every reduction over replicas (gradients, loss metrics, MoE
+    loads) spans the cp ranks too, which hold the other tokens of the same sequences.
     """
 
     dims: ParallelDims
@@ -190,6 +269,10 @@ class ParallelGroups:
     ep_ranks: tuple[int, ...] = (0,)
     edp_group: dist.ProcessGroup | None = None
     edp_ranks: tuple[int, ...] = (0,)
+    # Context parallelism: the ranks splitting each sequence (None when cp = 1). dp_group is
+    # then the replica group dp x cp (see the module docstring).
+    cp_group: dist.ProcessGroup | None = None
+    cp_ranks: tuple[int, ...] = (0,)
     submeshes: dict = field(default_factory=dict)
 
     def submesh(self, name: str):
@@ -226,6 +309,10 @@ class ParallelGroups:
     @property
     def dp(self) -> int:
         return self.dims.dp
+
+    @property
+    def cp(self) -> int:
+        return self.dims.cp
 
     @property
     def tp_rank(self) -> int:

@@ -129,7 +129,7 @@ class PipelineRunner(StepRunner):
         self.placement: list[int] = model.pp_placement
         S = len(self.placement)
         spec = SCHEDULES[cfg.parallel.pp_schedule]
-        if cfg.parallel.stage_placement == "v" and dims.dp > 1 and _needs_shared_embed(cfg):
+        if cfg.parallel.stage_placement == "v" and dims.replicas > 1 and _needs_shared_embed(cfg):
             # Two DDP/FSDP wrappers would each reduce the shared embedding's gradient.
             raise UserError(
                 "parallel.pp_schedule=zbv with dp > 1 and a tied embedding or MTP is not "
@@ -181,7 +181,7 @@ class PipelineRunner(StepRunner):
         """Example (meta) input and output of a stage for one micro-batch: token ids [B, T] or
         the hidden state [B, T (/tp under SP), C] in, the hidden state or the scalar loss out."""
         cfg, t = self.cfg, self.cfg.train
-        T = t.seq_len // (self.dims.tp if cfg.parallel.sequence_parallel else 1)
+        T = t.seq_len // (self.dims.tp if cfg.parallel.sequence_parallel else 1) // self.dims.cp
         # FSDP2's mixed-precision policy computes in the low precision from the embedding on;
         # autocast leaves the residual stream in fp32.
         low = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision)
@@ -237,7 +237,7 @@ class PipelineRunner(StepRunner):
         """What DDP does for the other schedules: each gradient divided by dp, then summed
         over the data-parallel group (one flat buffer)."""
         grads = [p.grad for p in self._dp_average if p.grad is not None]
-        flat = _flatten_dense_tensors(grads).div_(self.dims.dp)
+        flat = _flatten_dense_tensors(grads).div_(self.dims.replicas)  # dp x cp
         dist.all_reduce(flat, group=self.groups.dp_group)
         for g, synced in zip(grads, _unflatten_dense_tensors(flat, grads)):
             g.copy_(synced)
@@ -325,7 +325,7 @@ class PipelineRunner(StepRunner):
         by_index = {c.stage_index: c for c in self.chunks}
         mb, T = batch.shape[0], batch.shape[1] - 1
         tp_split = self.dims.tp if (self.cfg.parallel.sequence_parallel and self.dims.tp > 1) else 1
-        shape = (mb, T // tp_split, self.cfg.model.d_model)
+        shape = (mb, T // tp_split // self.dims.cp, self.cfg.model.d_model)  # a cp rank's chunks
         x: torch.Tensor | None = None
         loss = torch.zeros((), device=self.device)
         was_training = [chunk.training for chunk in self.chunks]

@@ -321,7 +321,8 @@ class DDPStrategy(Strategy):
             # The loss is the mean over dp ranks; an expert's gradient already sums every ep
             # rank's tokens (all-to-all backward), so sum it over its edp replicas and divide
             # by dp -- what DDP's average does for the dense gradients.
-            reduce_expert_grads(self.expert_params, self.groups.edp_group, self.dims.dp)
+            # (Under cp the replicas are edp x cp and the mean is over dp x cp.)
+            reduce_expert_grads(self.expert_params, self.groups.edp_group, self.dims.replicas)
 
     def micro_batch(self, last: bool) -> contextlib.AbstractContextManager:
         return contextlib.nullcontext() if last else self.ddp.no_sync()
@@ -370,6 +371,8 @@ class FSDP2Strategy(Strategy):
             if replicate > 1:
                 root, dims = self.groups.hsdp_mesh(replicate), ("dp_replicate", "dp_shard")
                 self._meshes = (root, dims, root[dims])
+            elif self.dims.cp > 1:  # shard over dp x cp (torchtitan's dp_shard_cp)
+                self._meshes = (self.groups.mesh, ("dp_cp",), self.groups.submesh("dp_cp"))
             else:
                 self._meshes = (self.groups.mesh, ("dp",), self.groups.submesh("dp"))
         return self._meshes
@@ -405,7 +408,7 @@ def build_strategy(
         from evoformer.engine.deepspeed import DeepSpeedStrategy
 
         return DeepSpeedStrategy(cfg, dims, groups, device)
-    if dims.dp == 1:
+    if dims.replicas == 1:  # dp x cp: context-parallel ranks reduce gradients like replicas
         cls: type[Strategy] = Strategy
     elif backend == "fsdp2":
         cls = FSDP2Strategy

@@ -511,7 +511,7 @@ class Trainer:
         sums = self.runner.forward_backward(batches, self.memory)
         names = sorted(sums)
         stacked = torch.stack([sums[n] for n in names])
-        if self.dims.dp > 1:  # the losses are already the same on the ranks of a TP group
+        if self.dims.replicas > 1:  # already the same on the ranks of a TP group; dp x cp
             dist.all_reduce(stacked, op=dist.ReduceOp.AVG, group=self.groups.dp_group)
         self.memory.after_backward(strategy)  # gradients at their peak
         terms = dict(zip(names, stacked.tolist()))  # the same on every rank
@@ -599,7 +599,7 @@ class Trainer:
             loss = self.runner.evaluate_loss(batch).item()
             n = batch[:, 1:].numel()
             acc += torch.tensor([loss * n, n], dtype=torch.float64, device=self.device)
-        if self.dims.dp > 1:
+        if self.dims.replicas > 1:  # dp x cp: the cp ranks count the same batches alike
             dist.all_reduce(acc, group=self.groups.dp_group)
         self.model.train()
         return (acc[0] / acc[1]).item() if acc[1] > 0 else float("nan")
@@ -659,6 +659,8 @@ def describe_layout(dims: ParallelDims, parallel: ParallelConfig, strategy: str)
     if dims.tp > 1:
         sp = ", sequence parallel" if parallel.sequence_parallel else ""
         layout = f"tp {dims.tp} x dp {dims.dp}{sp}"
+    if dims.cp > 1:  # [pp, dp, cp, tp]
+        layout = layout.replace(f"dp {dims.dp}", f"dp {dims.dp} x cp {dims.cp} ({dims.cp_kind})")
     if strategy:
         layout += f", {strategy}"
     if dims.pp > 1:

@@ -33,6 +33,7 @@ from evoformer.model.qk_clip import QKClip, scale_head_rows
 from evoformer.model.sdpa import attend, expand_kv
 from evoformer.model.sinks import sdpa_with_sinks
 from evoformer.parallel.context import ParallelContext
+from evoformer.parallel.context_parallel import context_attention
 from evoformer.parallel.sharding import mark_partial_grad, mark_sharded
 
 if TYPE_CHECKING:  # mla imports this module
@@ -231,6 +232,8 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if self.ctx.cp > 1:  # this rank's chunks of a context-parallel sequence
+            return self.o_proj(cp_attention(self, q, k, v, cache, docs))
         past = cache.length if cache is not None else 0
         if cache is not None:
             k, v = cache.append(k, v)
@@ -315,6 +318,33 @@ def _linear_rows(x: torch.Tensor, linear: nn.Linear, rows: slice) -> torch.Tenso
     """``linear(x)[..., rows]`` computing only those output rows."""
     bias = None if linear.bias is None else linear.bias[rows]
     return F.linear(x, linear.weight[rows], bias)
+
+
+def cp_attention(
+    attn: Attention | MultiHeadLatentAttention, q_BHTD, k_BKTD, v_BKTV, cache, docs
+) -> torch.Tensor:
+    """Attention of ``attn``'s layer under context parallelism (``parallel.cp``): this rank's
+    two sequence chunks attend over the whole sequence through the cp group; [B, T, H * V]."""
+    if cache is not None:
+        raise ValueError("context parallelism (parallel.cp > 1) is for training: no KV cache")
+    slopes = None
+    if isinstance(attn, Attention) and attn.alibi:
+        first = attn.head_start
+        slopes = alibi_slopes(attn.total_heads)[first : first + q_BHTD.shape[1]].to(q_BHTD.device)
+    ctx = attn.ctx
+    out_BHTV = context_attention(
+        q_BHTD,
+        k_BKTD,
+        v_BKTV,
+        ctx.cp_group,
+        ctx.cp_kind,
+        attn.scale,
+        getattr(attn, "window", None),
+        slopes,
+        docs.ids if docs is not None else None,
+    )
+    B, H, T, V = out_BHTV.shape
+    return out_BHTV.transpose(1, 2).reshape(B, T, H * V)
 
 
 def build_attention(

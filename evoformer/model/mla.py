@@ -184,6 +184,14 @@ class MultiHeadLatentAttention(nn.Module):
         k_nope_BHSN, v_BHSV = kv.split([self.nope_dim, self.v_dim], dim=-1)
         k_BHSD = torch.cat([k_nope_BHSN, k_pe_B1SR.expand(B, H, S, self.rope_dim)], dim=-1)
         q_BHTD = torch.cat([q_nope_BHTN, q_pe_BHTR], dim=-1)
+        if self.ctx.cp > 1:  # context parallelism: K/V expanded per head travel (not the latent)
+            from evoformer.model.attention import cp_attention  # attention imports this module
+
+            return (
+                cp_attention(self, q_BHTD, k_BHSD, v_BHSV, None, docs)
+                .view(B, T, H, self.v_dim)
+                .transpose(1, 2)
+            )
         dropout = self.dropout if self.training else 0.0
         if self.qk_clip is not None and self.training:
             self.qk_clip.observe(q_BHTD, k_BHSD, self.scale, None, docs)

@@ -30,7 +30,7 @@ from torch import nn
 
 from evoformer.model.layout import MoESpec
 from evoformer.model.mlp import GatedMLP, glu_fn
-from evoformer.parallel.collectives import group_size
+from evoformer.parallel.collectives import group_size, reduce_from_parallel_region
 from evoformer.parallel.context import ParallelContext
 from evoformer.parallel.expert import LocalDispatcher, build_dispatcher
 from evoformer.parallel.sharding import (
@@ -258,6 +258,9 @@ class MoE(nn.Module):
         # the same tokens and hold the same statistics already.
         self.process_group = ctx.dp_group
         self.aux_loss: torch.Tensor | None = None
+        # Context parallelism, MTP: [N] bool, the tokens one process would have (the MTP block
+        # pads the sequence's last positions); None: all. Only the statistics read it.
+        self.counted_N: torch.Tensor | None = None
         self._stats: torch.Tensor | None = None  # [load per expert..., balance sum, calls, drops]
 
     def reset_parameters(self) -> None:
@@ -319,7 +322,14 @@ class MoE(nn.Module):
             out_NC = out_NC + self.shared_experts(x_NC)
         self.aux_loss = None
         if self.training and N > 0:
-            self._observe(scores_NE, d.selected_E, d.kept_E, N)
+            selected_E, kept_E = d.selected_E, d.kept_E
+            if self.counted_N is not None:  # (no capacity under cp: nothing is dropped)
+                keep_N = self.counted_N
+                scores_NE = scores_NE[keep_N]
+                selected_E = kept_E = torch.bincount(
+                    experts_NK[keep_N].reshape(-1), minlength=self.num_experts
+                ).to(d.selected_E.dtype)
+            self._observe(scores_NE, selected_E, kept_E, scores_NE.shape[0])
         if tp > 1:
             return self.ctx.exit(out_NC.view(shape))  # one reduction for all experts
         return out_NC.view(shape)
@@ -330,14 +340,25 @@ class MoE(nn.Module):
             probs_NE = scores_NE
             if self.score == "sigmoid":
                 probs_NE = scores_NE / scores_NE.sum(dim=-1, keepdim=True)
-            f_E = selected_E.float() / N
-            balance = self.num_experts * (f_E * probs_NE.mean(dim=0)).sum()
+            f_E, P_E = selected_E.float() / N, probs_NE.mean(dim=0)
+            cp = self.ctx.cp
+            if cp > 1:
+                # Context parallelism: the balance of the whole sequences (the product of two
+                # means is not the mean of the chunks' products), the same on every cp rank.
+                counts = torch.cat([selected_E.float(), selected_E.new_full((1,), N).float()])
+                dist.all_reduce(counts, group=self.ctx.cp_group)
+                n_all = counts[-1]
+                f_E = counts[:-1] / n_all
+                P_E = reduce_from_parallel_region(probs_NE.sum(dim=0), self.ctx.cp_group) / n_all
+            balance = self.num_experts * (f_E * P_E).sum()
         if want_grad:
             aux = self.aux_loss_coef * balance
             if self.ctx.tp > 1:
                 # Every TP rank computes the same aux loss and its router gradient is summed
                 # over TP with the partial ones: each rank contributes 1/tp of it.
                 aux = _scale_grad(aux, 1.0 / self.ctx.tp)
+            if cp > 1:  # each cp rank's gradient reaches only its tokens; the ranks average
+                aux = _scale_grad(aux, float(cp))
             self.aux_loss = aux
         with torch.no_grad():
             if self._stats is None:

@@ -20,6 +20,13 @@ vocab-parallel ones. The modules run on the full sequence even under sequence pa
 depth-k module sees T - k positions, which need not split over tp, so the main stack's output
 and the token embeddings are all-gathered along T on entry.
 
+Context parallelism: the main stack's output holds this rank's two chunks of the sequence. Depth
+k keeps every local position i and reads the embedding of token i + k and the target i + k + 1
+from the whole sequence (every cp rank holds all token ids); the last k positions, which have
+no such token, get a padding id and an ignored target. Causal attention keeps them from
+influencing the scored positions, so each scored position sees exactly what one process gives
+it, with the shifted targets crossing the chunk borders.
+
 Shapes: B batch, T sequence, C d_model.
 """
 
@@ -28,15 +35,18 @@ from __future__ import annotations
 from typing import cast
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from evoformer.config.schema import ModelConfig
 from evoformer.model.documents import Documents
 from evoformer.model.layout import layer_spec
+from evoformer.model.moe import MoE
 from evoformer.model.norms import build_norm
 from evoformer.model.transformer import Block
 from evoformer.parallel.collectives import gather_from_sequence_parallel_region
 from evoformer.parallel.context import ParallelContext
+from evoformer.parallel.context_parallel import cp_loss_weight, local_positions
 
 
 class MTPModule(nn.Module):
@@ -80,6 +90,14 @@ class MultiTokenPrediction(nn.Module):
         mean over depths of each depth's mean cross-entropy. ``docs``: the main stack's
         documents; depth k's position i keeps the document of position i."""
         hidden = self.hidden_states(hidden_BTC, input_ids, model, docs)
+        ctx = model.ctx
+        if ctx.cp > 1:  # this rank's share of each depth's global mean (see the module doc)
+            losses = []
+            for k, h in enumerate(hidden, start=1):
+                mine = ctx.cp_shard(F.pad(targets[:, k:], (0, k), value=-1), 1)
+                weight = cp_loss_weight(mine, targets[:, k:], ctx.cp)
+                losses.append(model.head_loss(h, mine) * weight)
+            return torch.stack(losses).mean()
         losses = [model.head_loss(h, targets[:, k:]) for k, h in enumerate(hidden, start=1)]
         return torch.stack(losses).mean()
 
@@ -109,6 +127,8 @@ class MultiTokenPrediction(nn.Module):
             embedded = gather_from_sequence_parallel_region(
                 model.embed_tokens(input_ids), group, reduce_grad=False
             )
+        if model.ctx.cp > 1:
+            return self._hidden_states_cp(h, input_ids, model, docs)
         docs = docs.prefix(T - 1) if docs is not None else None
         positions = model.positions(T - 1, input_ids.device, docs=docs)
         ropes = model.rotary(positions)
@@ -121,4 +141,25 @@ class MultiTokenPrediction(nn.Module):
             e = embedded[:, k:] if embedded is not None else model.embed_tokens(input_ids[:, k:])
             h = layer(h[:, :n], e, r, docs.prefix(n) if docs is not None else None)
             out.append(h)
+        return out
+
+    def _hidden_states_cp(self, h_BTC, input_ids, model, docs) -> list[torch.Tensor]:
+        """``hidden_states`` under context parallelism: every depth on this rank's chunks [B, T
+        (local), C], the last k positions of the whole sequence padded (see the module doc)."""
+        ctx, T = model.ctx, input_ids.shape[1]
+        positions = ctx.cp_shard(model.positions(T, input_ids.device, docs=docs), -1)
+        ropes = model.rotary(positions)
+        B, n = h_BTC.shape[:2]
+        where_T = local_positions(n, ctx.cp, ctx.cp_rank, h_BTC.device)  # in the whole sequence
+        out = []
+        for k, layer in enumerate(self.layers, start=1):
+            layer = cast(MTPModule, layer)
+            if isinstance(layer.block.mlp, MoE):  # its load statistics skip the padding
+                layer.block.mlp.counted_N = (where_T < T - k).expand(B, n).reshape(-1)
+            shifted = ctx.cp_shard(F.pad(input_ids[:, k:], (0, k)), 1)  # token i + k at i
+            e = model.embed_tokens(shifted)
+            if ctx.sp:
+                e = gather_from_sequence_parallel_region(e, ctx.tp_group, reduce_grad=False)
+            h_BTC = layer(h_BTC, e, ropes[layer.block.spec.rope], docs)
+            out.append(h_BTC)
         return out

@@ -213,6 +213,9 @@ class StageChunk(nn.Module):
         T = tokens.shape[1] - 1
         docs = Documents(document_ids) if document_ids is not None else None
         positions = m.positions(T, tokens.device, docs=docs)
+        if m.ctx.cp > 1:  # this rank's two chunks of the sequence (parallel/context_parallel.py)
+            positions = m.ctx.cp_shard(positions, -1)
+            x = m.ctx.cp_shard(x, 1) if self.is_first else x
         x_BTC = m.embed_input(x, positions) if self.is_first else x
         ropes = m.rotary(positions)
         for layer in self.layers.values():

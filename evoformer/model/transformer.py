@@ -34,6 +34,7 @@ from evoformer.model.moe import MoE
 from evoformer.model.norms import build_norm
 from evoformer.model.positions import RotaryEmbedding
 from evoformer.parallel.context import ParallelContext
+from evoformer.parallel.context_parallel import cp_loss_weight, gather_sequence
 from evoformer.parallel.cross_entropy import vocab_parallel_cross_entropy, vocab_parallel_z_loss
 from evoformer.parallel.fused_cross_entropy import fused_vocab_parallel_loss
 from evoformer.parallel.layers import (
@@ -242,7 +243,8 @@ class Transformer(KeepShardSpecs):
         docs = Documents(document_ids) if document_ids is not None else None
         hidden_BTC = self.hidden_states(input_ids, caches, docs)
         if targets is None:
-            return self.logits(hidden_BTC)
+            # context parallelism: every rank returns the whole sequence's logits
+            return gather_sequence(self.logits(hidden_BTC), 1, self.ctx.cp_group)
         return self.training_loss(hidden_BTC, input_ids, targets, aux_from=self, docs=docs)
 
     def training_loss(
@@ -257,14 +259,23 @@ class Transformer(KeepShardSpecs):
         """The loss of the last hidden state -- next-token CE, + ``mtp.loss_weight`` x MTP, +
         the MoE aux losses of ``aux_from``'s modules -- and its detached terms. The one place
         the loss is assembled (the whole model and the pipeline's last stage both call it);
-        ``extras=False`` (a stage in eval mode): CE only."""
+        ``extras=False`` (a stage in eval mode): CE only.
+
+        Context parallelism: ``input_ids`` / ``targets`` are the whole sequences and
+        ``hidden_BTC`` this rank's chunks; each term is this rank's share of the global mean,
+        scaled by cp, so that the mean over the cp ranks (their gradient and metric averages)
+        is the one process's loss exactly."""
         h = self.norm(hidden_BTC) if self.norm is not None else hidden_BTC
+        all_targets, targets = targets, self.ctx.cp_shard(targets, 1)
+        weight = cp_loss_weight(targets, all_targets, self.ctx.cp)
         loss, ce, z = self._head_loss_terms(h, targets, self.ctx.sp, self.z_loss_weight)
+        loss, ce = loss * weight, ce * weight
         metrics = {"ce_loss": ce.detach()}
         if z is not None:
+            z = z * weight
             metrics["z_loss"] = z.detach()
         if extras and self.mtp is not None:  # first: its blocks may hold MoE layers with aux
-            mtp_loss = self.mtp(hidden_BTC, input_ids, targets, self, docs)
+            mtp_loss = self.mtp(hidden_BTC, input_ids, all_targets, self, docs)
             loss = loss + self.cfg.mtp.loss_weight * mtp_loss
             metrics["mtp_loss"] = mtp_loss.detach()
         aux = aux_loss_of(aux_from) if extras else None
@@ -378,6 +389,8 @@ class Transformer(KeepShardSpecs):
         positions = self.positions(T, input_ids.device, start, docs)
         if docs is not None and caches:
             raise ValueError("document_ids are for packed training windows, not cached decoding")
+        if self.ctx.cp > 1:  # this rank's two chunks, at their positions in the whole sequence
+            input_ids, positions = self.ctx.cp_shard(input_ids, 1), self.ctx.cp_shard(positions, -1)
         x_BTC = self.embed_input(input_ids, positions)
         ropes = self.rotary(positions)
         for i, layer in enumerate(cast(Iterable[Block], self.layers)):

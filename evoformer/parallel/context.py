@@ -2,7 +2,8 @@
 
 ``ParallelContext`` carries the tensor-parallel group, whether sequence parallelism is on, and
 the data-parallel group (for statistics summed over the global batch, e.g. MoE expert loads), and
-the expert-parallel group (MoE experts split over it, ``parallel/expert.py``).
+the expert-parallel group (MoE experts split over it, ``parallel/expert.py``) and the
+context-parallel group (each sequence split over it, ``parallel/context_parallel.py``).
 The Transformer receives it once and hands it to each block; a block reads ``ctx.tp`` to choose
 its layers (``tp == 1``: the plain ``nn.Linear`` / ``nn.Embedding`` model, unchanged) and calls
 ``ctx.enter`` / ``ctx.exit`` around a tensor-parallel region.
@@ -41,6 +42,10 @@ class ParallelContext:
     # Expert parallelism (parallel/expert.py): MoE experts split over this group, tokens
     # dispatched to them by all-to-all. None: every rank holds all experts.
     ep_group: dist.ProcessGroup | None = None
+    # Context parallelism: this rank holds 2 of the 2 * cp chunks of every sequence; attention
+    # runs over the group as ``cp_kind`` (ring | alltoall). None: the whole sequence is here.
+    cp_group: dist.ProcessGroup | None = None
+    cp_kind: str = "ring"
 
     @classmethod
     def from_groups(
@@ -56,6 +61,8 @@ class ParallelContext:
             groups.dp_group,
             backend,
             ep_group=getattr(groups, "ep_group", None),
+            cp_group=getattr(groups, "cp_group", None),
+            cp_kind=groups.dims.cp_kind,
         )
 
     @cached_property
@@ -75,6 +82,24 @@ class ParallelContext:
     @cached_property
     def ep_rank(self) -> int:
         return group_rank(self.ep_group)
+
+    @cached_property
+    def cp(self) -> int:
+        """Context-parallel size."""
+        return group_size(self.cp_group)
+
+    @cached_property
+    def cp_rank(self) -> int:
+        return group_rank(self.cp_group)
+
+    def cp_shard(self, x: torch.Tensor, dim: int = 1) -> torch.Tensor:
+        """This rank's two load-balanced chunks of a full-sequence ``x`` along ``dim``
+        (``x`` itself when cp = 1)."""
+        if self.cp == 1:
+            return x
+        from evoformer.parallel.context_parallel import shard_sequence
+
+        return shard_sequence(x, dim, self.cp, self.cp_rank)
 
     @property
     def sp(self) -> bool:

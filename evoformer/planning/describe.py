@@ -55,7 +55,7 @@ def layer_summary(cfg: ModelConfig) -> str:
 
 
 def _one_process(cfg: Config) -> Config:
-    parallel = dataclasses.replace(cfg.parallel, tp=1, pp=1, ep=1)
+    parallel = dataclasses.replace(cfg.parallel, tp=1, pp=1, ep=1, cp=1)
     return dataclasses.replace(cfg, parallel=parallel)
 
 

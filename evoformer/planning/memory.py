@@ -45,6 +45,13 @@ other block kinds are looser. Treat it as an estimate, and measure (``mem_activa
 on the first metrics line) before committing hardware. On CUDA the measured number is the
 allocator's peak during the forward, temporaries included, so it exceeds this estimate of what
 is kept (H100, the CPU-benchmark model, fp32: 1.5x without checkpointing, 1.8x with full).
+
+Context parallelism (``parallel.cp``): a rank holds seq_len / cp tokens of every sequence, so
+the activations above are divided by cp; FSDP2 shards the model state over dp x cp. On top
+comes one attention layer's transient exchange buffers (``cp_buffer_bytes``): for ``ring`` the
+K/V being sent and the ones being received, in the compute dtype, and in the backward the fp32
+K/V gradients travelling with them (send and receive); for ``alltoall`` q, k, v and the output
+re-sharded to the whole sequence (send and receive).
 """
 
 from __future__ import annotations
@@ -95,6 +102,7 @@ class Plan:
     ep: int
     stages: list[RankEstimate]
     notes: list[str]
+    cp: int = 1
 
     @property
     def worst(self) -> RankEstimate:
@@ -265,7 +273,23 @@ def activation_bytes(
         for k in range(m.mtp.depth):
             c, other = activation_elements_per_token(m, m.n_layers + k, "none", tp)
             per_token += c * wc + other * wo + head
-    return per_token * t.micro_batch_size * t.seq_len + fixed
+    tokens = t.micro_batch_size * t.seq_len / cfg.parallel.cp  # a cp rank's share
+    return per_token * tokens + fixed + cp_buffer_bytes(cfg, tp)
+
+
+def cp_buffer_bytes(cfg: Config, tp: int = 1) -> float:
+    """Context parallelism's transient exchange buffers of one attention layer on a rank (see
+    the module docstring); 0 at cp = 1."""
+    p, m, t = cfg.parallel, cfg.model, cfg.train
+    if p.cp == 1:
+        return 0.0
+    _, wo, _ = _activation_widths(cfg)
+    q, kv = (w / tp for w in _attention_widths(m))
+    k_and_v = 2 * kv if m.attention.kind != "mla" else q + kv  # MLA sends per-head K and V
+    tokens = t.micro_batch_size * t.seq_len / p.cp
+    if p.cp_kind == "ring":
+        return tokens * k_and_v * (2 * wo + 2 * 4)
+    return tokens * (2 * q + k_and_v) * wo * 2
 
 
 def _ranges(layers: list[int]) -> str:
@@ -295,16 +319,16 @@ def _meta_parameters(m: ModelConfig) -> list[tuple[str, tuple[int, ...]]]:
 
 
 def estimate(cfg: Config, world_size: int) -> Plan:
-    """Per-rank memory of ``cfg`` on ``world_size`` ranks (dp = world / (tp * pp))."""
+    """Per-rank memory of ``cfg`` on ``world_size`` ranks (dp = world / (tp * pp * cp))."""
 
     p = cfg.parallel
-    tp, pp, ep = p.tp, p.pp, p.ep
-    if world_size < 1 or world_size % (tp * pp):
+    tp, pp, ep, cp = p.tp, p.pp, p.ep, p.cp
+    if world_size < 1 or world_size % (tp * pp * cp):
+        what = "parallel.tp * parallel.pp" + (" * parallel.cp" if cp > 1 else "")
         raise UserError(
-            f"--gpus {world_size} must be a positive multiple of parallel.tp * parallel.pp = "
-            f"{tp * pp}"
+            f"--gpus {world_size} must be a positive multiple of {what} = {tp * pp * cp}"
         )
-    dp = world_size // (tp * pp)
+    dp = world_size // (tp * pp * cp)
     if dp % ep:
         raise UserError(f"parallel.ep={ep} must divide the data-parallel size {dp}")
     m = cfg.model
@@ -321,7 +345,7 @@ def estimate(cfg: Config, world_size: int) -> Plan:
     for r, (layers, first, last) in enumerate(placement):
         held = set(layers)
         mine = [(n, sh) for n, sh in params if _held_by(n, held, first, last, m.tie_embeddings)]
-        pb, gb, ob = _model_state(cfg, mine, tp, dp, ep)
+        pb, gb, ob = _model_state(cfg, mine, tp, dp * cp, ep)  # replicas: dp x cp
         matmul = sum(
             math.prod(_local_numel(n, sh, tp, ep))
             for n, sh in mine
@@ -333,15 +357,20 @@ def estimate(cfg: Config, world_size: int) -> Plan:
             act *= in_flight
         stages.append(RankEstimate(r, _ranges(layers), pb, gb, ob, int(act)))
     notes = []
-    if cfg.zero.backend == "fsdp2" and dp > 1:
+    if cp > 1:
+        notes.append(
+            f"cp {cp} ({p.cp_kind}): activations of seq_len / cp = {t.seq_len // cp} tokens "
+            f"per sequence, plus {_fmt(cp_buffer_bytes(cfg, tp))} of exchange buffers"
+        )
+    if cfg.zero.backend == "fsdp2" and dp * cp > 1:
         notes.append(
             "fsdp2: at rest; during a block's forward/backward its parameters are gathered "
             "(stage 3: one or two blocks at a time; stages 1/2: every block from its forward "
             "to its backward)"
         )
-    if cfg.zero.backend == "ddp" and dp > 1:
+    if cfg.zero.backend == "ddp" and dp * cp > 1:
         notes.append("ddp: plus one gradient-sized copy in DDP's all-reduce buckets")
-    return Plan(world_size, tp, pp, dp, ep, stages, notes)
+    return Plan(world_size, tp, pp, dp, ep, stages, notes, cp)
 
 
 def _fmt(n: float) -> str:
@@ -354,9 +383,10 @@ def _fmt(n: float) -> str:
 def format_plan(cfg: Config, plan: Plan) -> str:
     """The table `evoformer plan` prints."""
     z = cfg.zero
-    backend = z.backend if plan.dp > 1 else "single (dp = 1)"
+    backend = z.backend if plan.dp * plan.cp > 1 else "single (dp = 1)"
+    cp = f" x cp {plan.cp} ({cfg.parallel.cp_kind})" if plan.cp > 1 else ""
     head = (
-        f"layout: world {plan.world_size} = tp {plan.tp} x pp {plan.pp} x dp {plan.dp}"
+        f"layout: world {plan.world_size} = tp {plan.tp} x pp {plan.pp} x dp {plan.dp}{cp}"
         f" (ep {plan.ep}) | {backend} stage {z.stage} | precision {cfg.precision} | "
         f"micro batch {cfg.train.micro_batch_size} x seq {cfg.train.seq_len} | "
         f"activation checkpointing {cfg.activation_checkpointing}"
