@@ -70,6 +70,11 @@ class PositionConfig:
     kind: str = opt("rope", "Position encoding: rope | learned (absolute) | alibi | none.")
     rope_theta: float = opt(10000.0, "RoPE base frequency.")
     rope_scaling: RopeScalingConfig = opt(RopeScalingConfig(), "RoPE frequency scaling.")
+    rotary_fraction: float = opt(
+        1.0,
+        "Share of each head's q/k dims that RoPE rotates, from the front (Qwen3-Next: 0.25); "
+        "the rest carry no position.",
+    )
     local_rope_theta: Optional[float] = opt(
         None, "RoPE base of local (sliding-window) layers when it differs (Gemma 3: 10000)."
     )
@@ -98,6 +103,11 @@ class AttentionConfig:
         0, "With sliding_window: every N-th layer attends globally, the rest locally (Gemma 3: 6)."
     )
     scale: Optional[float] = opt(None, "Softmax scale (null = 1/sqrt(head_dim)).")
+    output_gate: bool = opt(
+        False,
+        "Gate the attention output by sigmoid(x W_g) per head and channel before o_proj; W_g "
+        "is q_proj's second half per head (Qwen3-Next gated attention).",
+    )
     q_lora_rank: int = opt(0, "MLA: rank of the low-rank query projection (0 = full-rank q).")
     kv_lora_rank: int = opt(512, "MLA: rank of the compressed KV latent (what the cache stores).")
     qk_nope_head_dim: int = opt(128, "MLA: per-head q/k dims without position information.")
@@ -119,7 +129,8 @@ class MLPConfig:
     bias: bool = opt(False, "Bias on the MLP projections.")
     activation: str = opt(
         "default",
-        "Activation: default (gelu_tanh for gelu, silu for swiglu) | gelu | gelu_tanh | silu.",
+        "Activation: default (gelu_tanh for gelu, silu for swiglu) | gelu | gelu_tanh | silu | "
+        "relu2 (squared ReLU, Nemotron-H; with kind=gelu, the 2-matrix MLP).",
     )
 
     @property
@@ -162,6 +173,37 @@ class MoEConfig:
         0.0, "Aux-loss-free balancing: per-step bias update speed (DeepSeek-V3: 0.001; 0 = off)."
     )
     capacity_factor: float = opt(0.0, "Expert capacity as a multiple of the even share (0 = none).")
+    shared_gate: bool = opt(
+        False, "Scale the shared experts' output per token by sigmoid(x w) (Qwen3-Next)."
+    )
+
+
+@dataclass
+class DeltaNetConfig:
+    """Gated DeltaNet linear attention (Qwen3-Next), for the blocks ``mixer_pattern`` marks G."""
+
+    n_heads: int = opt(4, "Value heads (Qwen3-Next: linear_num_value_heads).")
+    n_key_heads: int = opt(
+        2, "Query/key heads; each serves n_heads / n_key_heads value heads (linear_num_key_heads)."
+    )
+    key_head_dim: int = opt(32, "Per-head query/key width (linear_key_head_dim).")
+    value_head_dim: int = opt(32, "Per-head value width (linear_value_head_dim).")
+    conv_kernel: int = opt(4, "Width of the short causal depthwise convolution over q, k, v.")
+    chunk_size: int = opt(64, "Tokens per chunk of the chunked (parallel-in-time) training form.")
+
+
+@dataclass
+class MambaConfig:
+    """Mamba-2 state-space mixer (Nemotron-H), for the blocks ``mixer_pattern`` marks M."""
+
+    n_heads: int = opt(8, "SSM heads (mamba_num_heads).")
+    head_dim: int = opt(16, "Channels per head (mamba_head_dim); inner width = n_heads x head_dim.")
+    state_dim: int = opt(16, "SSM state size per head (ssm_state_size).")
+    n_groups: int = opt(1, "Groups sharing one B/C projection and one gated-norm group (n_groups).")
+    conv_kernel: int = opt(4, "Width of the causal depthwise convolution over x, B, C.")
+    conv_bias: bool = opt(True, "Bias on the convolution (use_conv_bias).")
+    bias: bool = opt(False, "Bias on the in/out projections (use_bias).")
+    chunk_size: int = opt(64, "Tokens per chunk of the chunked SSD training form.")
 
 
 @dataclass
@@ -185,6 +227,19 @@ class ModelConfig:
     init: InitConfig = opt(InitConfig(), "Weight initialisation.")
     moe: MoEConfig = opt(MoEConfig(), "Mixture of experts.")
     mtp: MTPConfig = opt(MTPConfig(), "Multi-token prediction heads.")
+    mixer_pattern: str = opt(
+        "",
+        "Token mixer of each block, one letter per block, the string repeated to n_layers: "
+        "A attention (model.attention) | G Gated DeltaNet (model.deltanet) | M Mamba-2 "
+        "(model.mamba) | - none; empty = attention everywhere. Qwen3-Next: GGGA.",
+    )
+    mlp_pattern: str = opt(
+        "",
+        "Feed-forward of each block, one letter per block, repeated to n_layers: D dense | "
+        "E MoE | - none; empty = dense, MoE where model.moe.first_k_dense/layer_freq say.",
+    )
+    deltanet: DeltaNetConfig = opt(DeltaNetConfig(), "Gated DeltaNet mixer (mixer_pattern G).")
+    mamba: MambaConfig = opt(MambaConfig(), "Mamba-2 mixer (mixer_pattern M).")
     parallel_block: bool = opt(
         False, "PaLM/GPT-J block: attention and MLP read the same normed input, summed once."
     )
@@ -199,6 +254,11 @@ class ModelConfig:
     def head_dim(self) -> int:
         """Per-head q/k/v width of standard attention (``attention.head_dim`` or d_model/heads)."""
         return self.attention.head_dim or self.d_model // self.attention.n_heads
+
+    @property
+    def rotary_dim(self) -> int:
+        """Dims of each q/k head RoPE rotates: ``head_dim x position.rotary_fraction``."""
+        return int(self.head_dim * self.position.rotary_fraction)
 
     @property
     def kv_heads(self) -> int:

@@ -34,7 +34,10 @@ class LayerSpec:
     """Which RoPE table the layer rotates q/k with: global | local (Gemma 3's local base) |
     none (no rotary positions in the model)."""
     mlp: str
-    """Feed-forward kind: dense | moe."""
+    """Feed-forward kind: dense | moe | none (a mixer-only block, Nemotron-H's M and *)."""
+    mixer: str = "attention"
+    """Token mixer: attention (``model.attention``, MHA or MLA) | deltanet (Gated DeltaNet) |
+    mamba2 | none (an MLP-only block); from ``model.mixer_pattern``."""
 
     @property
     def is_local(self) -> bool:
@@ -61,6 +64,8 @@ class AttentionSpec:
     dropout: float
     window: int | None
     alibi: bool
+    output_gate: bool = False
+    """Qwen3-Next: q_proj also projects a sigmoid gate per head on the attention output."""
 
 
 @dataclass(frozen=True)
@@ -102,6 +107,8 @@ class MoESpec:
     """One routed expert's MLP kind, width and activation (experts carry no biases)."""
     shared_mlp: MLPConfig | None
     """The always-on shared experts as one MLP (None: no shared experts)."""
+    shared_gate: bool = False
+    """Scale the shared experts' output by a per-token sigmoid gate (Qwen3-Next)."""
 
 
 def attention_spec(cfg: ModelConfig, layer: LayerSpec) -> AttentionSpec | LatentAttentionSpec:
@@ -145,6 +152,7 @@ def attention_spec(cfg: ModelConfig, layer: LayerSpec) -> AttentionSpec | Latent
         dropout=a.dropout,
         window=layer.window,
         alibi=cfg.position.kind == "alibi",
+        output_gate=a.output_gate,
     )
 
 
@@ -170,7 +178,31 @@ def moe_spec(cfg: ModelConfig) -> MoESpec:
         expert_width=cfg.expert_width,
         expert_mlp=MLPConfig(kind=mlp.kind, hidden=cfg.expert_width, activation=mlp.activation),
         shared_mlp=shared,
+        shared_gate=m.shared_gate,
     )
+
+
+MIXERS = {"A": "attention", "G": "deltanet", "M": "mamba2", "-": "none"}
+MLPS = {"D": "dense", "E": "moe", "-": "none"}
+
+
+def compact_pattern(pattern: str, fill: str) -> str:
+    """The shortest string that repeats to ``pattern`` (``""`` when every letter is ``fill``,
+    the default): how converters write a per-layer list as ``mixer_pattern`` / ``mlp_pattern``
+    and how two spellings of one plan compare equal."""
+    if set(pattern) <= {fill}:
+        return ""
+    n = len(pattern)
+    for p in range(1, n + 1):
+        if n % p == 0 and pattern[:p] * (n // p) == pattern:
+            return pattern[:p]
+    return pattern
+
+
+def _letter(pattern: str, index: int) -> str | None:
+    """Block ``index``'s letter of a pattern repeated to the model's depth (None: no pattern).
+    MTP blocks (past n_layers) follow the repetition too."""
+    return pattern[index % len(pattern)] if pattern else None
 
 
 def layer_spec(cfg: ModelConfig, index: int) -> LayerSpec:
@@ -190,11 +222,16 @@ def layer_spec(cfg: ModelConfig, index: int) -> LayerSpec:
         and index >= moe.first_k_dense
         and (index - moe.first_k_dense) % moe.layer_freq == 0
     )
+    mlp = "moe" if is_moe else "dense"
+    if (letter := _letter(cfg.mlp_pattern, index)) is not None:
+        mlp = MLPS[letter]
+    mixer = MIXERS[_letter(cfg.mixer_pattern, index) or "A"]
     return LayerSpec(
         index=index,
         window=a.sliding_window if local else None,
         rope=rope,
-        mlp="moe" if is_moe else "dense",
+        mlp=mlp,
+        mixer=mixer,
     )
 
 

@@ -111,9 +111,15 @@ class RotaryEmbedding(nn.Module):
 
 
 def apply_rope(x_BHTD: torch.Tensor, cos_TD: torch.Tensor, sin_TD: torch.Tensor) -> torch.Tensor:
-    """Rotate q or k by position (tables [T, D], or [B, T, D] for per-row positions)."""
+    """Rotate q or k by position (tables [T, D], or [B, T, D] for per-row positions). Tables
+    narrower than the head (partial RoPE, ``position.rotary_fraction``) rotate its first dims
+    and pass the rest through."""
     if cos_TD.dim() == 3:  # [B, T, D]: one table per row, shared by the heads
         cos_TD, sin_TD = cos_TD[:, None], sin_TD[:, None]
+    R = cos_TD.shape[-1]
+    if R < x_BHTD.shape[-1]:
+        rot, rest = x_BHTD[..., :R], x_BHTD[..., R:]
+        return torch.cat((apply_rope(rot, cos_TD, sin_TD), rest), dim=-1)
     half = x_BHTD.shape[-1] // 2
     x1, x2 = x_BHTD[..., :half], x_BHTD[..., half:]
     rotated = torch.cat((-x2, x1), dim=-1)

@@ -82,6 +82,14 @@ def describe(cfg: Config) -> str:
     ]
     if kv["window_layers"]:
         rows.append(("", f"({kv['window_layers']} layers capped at window {kv['window']})"))
+    if kv["recurrent_layers"]:
+        # DeltaNet / Mamba-2 layers: a fixed-size state instead of a growing cache.
+        rows.append(
+            (
+                f"recurrent state ({kv['recurrent_layers']} layers)",
+                _bytes(kv["state"]) + " at any length (in the total above)",
+            )
+        )
     # One process (tp = pp = dp = 1); `evoformer plan --gpus N` estimates a layout.
     mem = estimate(_one_process(cfg), 1).stages[0]
     mb = cfg.train.micro_batch_size

@@ -202,6 +202,8 @@ EXPECTED = {
     "gemma3": (16, 6, 4, "linear", 0.0, 0.0),
     "gpt2": (None, 0, 4, None, 0.0, 0.0),
     "deepseek_v3": (None, 0, 4, "yarn", 0.001, 0.001),
+    "qwen3_next": (None, 0, 2, "none", 0.001, 0.0),
+    "nemotron_h": (None, 0, 2, None, 0.0, 0.0),
 }
 
 

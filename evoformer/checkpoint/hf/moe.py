@@ -33,8 +33,11 @@ from evoformer.config.schema import (
 )
 
 
-def moe_skeleton(family: str, c: dict[str, Any], attention: AttentionConfig) -> ModelConfig:
-    """Pre-RMSNorm, RoPE, SwiGLU: what all three families share (the MoE is theirs)."""
+def moe_skeleton(
+    family: str, c: dict[str, Any], attention: AttentionConfig, partial_rope: bool = False
+) -> ModelConfig:
+    """Pre-RMSNorm, RoPE, SwiGLU: what all three families share (the MoE is theirs);
+    ``partial_rope``: the family rotates only part of each head (Qwen3-Next)."""
     return ModelConfig(
         vocab_size=c["vocab_size"],
         d_model=c["hidden_size"],
@@ -42,7 +45,7 @@ def moe_skeleton(family: str, c: dict[str, Any], attention: AttentionConfig) -> 
         max_seq_len=c["max_position_embeddings"],
         tie_embeddings=bool(c["tie_word_embeddings"]),
         norm=NormConfig(kind="rmsnorm", eps=float(c["rms_norm_eps"]), bias=False),
-        position=rope_from_hf(c, family),
+        position=rope_from_hf(c, family, partial_rope),
         attention=attention,
         mlp=MLPConfig(
             kind="swiglu",

@@ -13,10 +13,12 @@ from evoformer.checkpoint.hf import (
     llama,
     mistral,
     mixtral,
+    nemotron_h,
     olmo2,
     qwen2,
     qwen3,
     qwen3_moe,
+    qwen3_next,
 )
 from evoformer.checkpoint.hf.family import Family
 
@@ -33,5 +35,7 @@ FAMILIES: dict[str, Family] = {
         mixtral.FAMILY,
         qwen3_moe.FAMILY,
         deepseek_v3.FAMILY,
+        qwen3_next.FAMILY,
+        nemotron_h.FAMILY,
     )
 }

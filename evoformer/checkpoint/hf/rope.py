@@ -29,18 +29,24 @@ def _original(params: dict[str, Any], c: dict[str, Any], max_pos: int) -> int:
 
 
 def rope_params_from_hf(
-    params: dict[str, Any], family: str, max_pos: int, c: dict[str, Any] | None = None
+    params: dict[str, Any],
+    family: str,
+    max_pos: int,
+    c: dict[str, Any] | None = None,
+    partial_ok: bool = False,
 ) -> PositionConfig:
     """One HF RoPE parameter dict (``rope_type`` + ``rope_theta`` + scaling keys) -> ours;
-    ``c``: the whole config, for keys HF also reads outside the dict."""
+    ``c``: the whole config, for keys HF also reads outside the dict. ``partial_ok``: the
+    family's HF class rotates only ``partial_rotary_factor`` of each head (Qwen3-Next)."""
     c = c or {}
     theta = float(params.get("rope_theta") or 10000.0)
     kind = params.get("rope_type", params.get("type", "default"))
     partial = params.get("partial_rotary_factor", 1.0)
-    if partial not in (None, 1, 1.0):
+    if partial not in (None, 1, 1.0) and not partial_ok:
         raise unsupported(family, f"partial_rotary_factor={partial}")
+    fraction = float(partial or 1.0)
     if kind == "default":
-        return PositionConfig(kind="rope", rope_theta=theta)
+        return PositionConfig(kind="rope", rope_theta=theta, rotary_fraction=fraction)
     if kind == "linear":
         scaling = RopeScalingConfig(kind="linear", factor=float(params["factor"]))
     elif kind == "llama3":
@@ -55,7 +61,9 @@ def rope_params_from_hf(
         scaling = _yarn_from_hf(params, c, max_pos)
     else:
         raise unsupported(family, f"rope_type={kind!r} (supported: {SUPPORTED})")
-    return PositionConfig(kind="rope", rope_theta=theta, rope_scaling=scaling)
+    return PositionConfig(
+        kind="rope", rope_theta=theta, rope_scaling=scaling, rotary_fraction=fraction
+    )
 
 
 def _yarn_from_hf(params: dict[str, Any], c: dict[str, Any], max_pos: int) -> RopeScalingConfig:
@@ -77,7 +85,7 @@ def _yarn_from_hf(params: dict[str, Any], c: dict[str, Any], max_pos: int) -> Ro
     )
 
 
-def rope_from_hf(c: dict[str, Any], family: str) -> PositionConfig:
+def rope_from_hf(c: dict[str, Any], family: str, partial_ok: bool = False) -> PositionConfig:
     """RoPE from a flat HF config: the legacy ``rope_theta`` + ``rope_scaling`` or transformers
     5's ``rope_parameters``. Like transformers 5, a legacy ``rope_scaling`` wins over
     ``rope_parameters`` when a file carries both."""
@@ -88,13 +96,15 @@ def rope_from_hf(c: dict[str, Any], family: str) -> PositionConfig:
     partial = c.get("partial_rotary_factor")
     if partial is not None:
         params.setdefault("partial_rotary_factor", partial)
-    return rope_params_from_hf(params, family, c["max_position_embeddings"], c)
+    return rope_params_from_hf(params, family, c["max_position_embeddings"], c, partial_ok)
 
 
 def rope_params_to_hf(p: PositionConfig) -> dict[str, Any]:
     """Our RoPE as one HF parameter dict."""
     s = p.rope_scaling
     out: dict[str, Any] = {"rope_type": "default", "rope_theta": p.rope_theta}
+    if p.rotary_fraction != 1.0:
+        out["partial_rotary_factor"] = p.rotary_fraction
     if s.kind == "linear":
         out.update(rope_type="linear", factor=s.factor)
     elif s.kind == "llama3":
