@@ -79,6 +79,23 @@ PUBLISHED = [
         0.014,
         "DeepSeek-V3 technical report: 37B activated (+-0.5B)",
     ),
+    ("qwen3-next-80b-a3b", "total", 80e9, 0.005, "HF Qwen/Qwen3-Next-80B-A3B-Instruct: 80B"),
+    (
+        "qwen3-next-80b-a3b",
+        "active_no_vocab",
+        3e9,
+        0.09,
+        "HF Qwen/Qwen3-Next-80B-A3B-Instruct: 3B activated (we get 3.25B without the embedding "
+        "and head: the card rounds to one digit)",
+    ),
+    (
+        "nemotron-h-8b",
+        "total",
+        8e9,
+        0.02,
+        "HF nvidia/Nemotron-H-8B-Base-8K: an 8B model (we get 8.10B, as HF's class counts: the "
+        "name rounds)",
+    ),
     (
         "deepseek-v3-671b",
         "hf_checkpoint",
@@ -95,6 +112,7 @@ def quantity(name: str, what: str) -> int:
     derived = {
         "active_no_embed": p["active"] - p["embedding"],
         "hf_checkpoint": p["total"] + p["mtp"] + p["embedding"] + p["head"],
+        "active_no_vocab": p["active"] - p["embedding"] - p["head"],
     }
     return derived[what] if what in derived else p[what]
 
@@ -250,6 +268,47 @@ HF_CONFIGS = {
             v_head_dim=128,
             n_group=1,
             topk_group=1,
+        ),
+    ),
+    "qwen3-next-80b-a3b": (
+        "Qwen3NextForCausalLM",
+        "Qwen3NextConfig",
+        dict(
+            vocab_size=151936,
+            hidden_size=2048,
+            intermediate_size=5120,
+            num_hidden_layers=48,
+            num_attention_heads=16,
+            num_key_value_heads=2,
+            head_dim=256,
+            linear_conv_kernel_dim=4,
+            linear_key_head_dim=128,
+            linear_value_head_dim=128,
+            linear_num_key_heads=16,
+            linear_num_value_heads=32,
+            moe_intermediate_size=512,
+            shared_expert_intermediate_size=512,
+            num_experts=512,
+            num_experts_per_tok=10,
+            full_attention_interval=4,
+        ),
+    ),
+    "nemotron-h-8b": (
+        "NemotronHForCausalLM",
+        "NemotronHConfig",
+        dict(
+            vocab_size=131072,
+            hidden_size=4096,
+            hybrid_override_pattern="M-M-M-M*-M-M-M-M-M*-M-M-M-M-M*-M-M-M-M-M*-M-M-M-M-M-",
+            num_attention_heads=32,
+            num_key_value_heads=8,
+            head_dim=128,
+            intermediate_size=21504,
+            ssm_state_size=128,
+            mamba_num_heads=128,
+            mamba_head_dim=64,
+            n_groups=8,
+            conv_kernel=4,
         ),
     ),
     "deepseek-v3-671b": (
