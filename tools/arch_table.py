@@ -43,6 +43,8 @@ PRESETS = [
     "qwen3-235b-a22b",
     "deepseek-v2-lite",
     "deepseek-v3-671b",
+    "qwen3-next-80b-a3b",
+    "nemotron-h-8b",
 ]
 
 # One 7B shape (Llama 2 7B: d 4096, 32 layers, 32 query heads of 128) with only the attention
