@@ -24,6 +24,8 @@ FAMILIES = [
     "olmo2",
     "gemma3",
     "deepseek-v3",
+    "qwen3-next",
+    "nemotron-h",
 ]
 
 

@@ -3,8 +3,9 @@
 For the tiny Qwen3-Next twin (DeltaNet x3 + gated attention, MoE with a gated shared expert) and
 the tiny Nemotron-H twin (Mamba-2, squared-ReLU MLP and attention blocks): 10 steps under tp=2
 (the mixers' heads, conv channels and states split), dp=2 with FSDP2 ZeRO-3, and pp=2 give the
-per-step losses of one process within 1e-5 relative; tp=2 also ends with the same weights.
-Full activation checkpointing recomputes the mixers exactly.
+per-step losses of one process within 1e-5 relative; tp=2 also ends with the same weights, and
+its step-5 checkpoint resumes on one process on the one-process losses. Full activation
+checkpointing recomputes the mixers exactly.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ COMMON = [
     "model.mamba.chunk_size=16",
 ]
 LAYOUTS = {
-    "tp2": ["parallel.tp=2"],
+    "tp2": ["parallel.tp=2", "checkpoint.save_every=5"],
     "dp2-fsdp2-z3": ["zero.backend=fsdp2", "zero.stage=3"],
     "pp2": ["parallel.pp=2"],
 }
@@ -78,6 +79,11 @@ def test_hybrid_layouts_train_like_one_process(family: str, tmp_path) -> None:
         torch.testing.assert_close(
             got, p.detach(), rtol=WEIGHT_RTOL, atol=WEIGHT_ATOL, msg=f"tp2 {name}"
         )
+    # The tp=2 checkpoint on one process: DCP reshards the mixers' head-split tensors.
+    ckpt = tmp_path / "tp2/checkpoints/step_5"
+    resumed = Trainer(_cfg(family, tmp_path / "resumed", f"checkpoint.load={ckpt}")).train()
+    assert sorted(resumed.losses) == list(range(6, STEPS + 1))
+    assert max_rel(resumed.losses, {s: ref[s] for s in resumed.losses}) <= LOSS_RTOL
 
 
 @pytest.mark.parametrize("family", FAMILIES)
