@@ -16,6 +16,7 @@ import torch
 from evoformer.config import load_config
 from evoformer.distributed.testing import run_distributed
 from evoformer.engine import Trainer
+from evoformer.model import Block
 from evoformer.parallel.layers import gather_full_params
 from tests.conftest import REPO
 from tests.engine.parity import max_rel
@@ -93,3 +94,15 @@ def test_activation_checkpointing_recomputes_the_mixers(family: str, tmp_path) -
         _cfg(family, tmp_path / "ac", "train.max_steps=3", "activation_checkpointing=full")
     ).train()
     assert max_rel(full.losses, plain) <= 1e-6
+
+
+def test_qk_clip_tracks_only_the_attention_layers(tmp_path) -> None:
+    """``optim.qk_clip`` on a hybrid: the attention block gets a tracker, the recurrent and
+    MLP-only blocks have no logits to clip."""
+    cfg = _cfg("nemotron-h", tmp_path, "train.max_steps=2", "optim.name=muon", "optim.qk_clip=50")
+    trainer = Trainer(cfg)
+    losses = trainer.train().losses
+    assert sorted(losses) == [1, 2]
+    blocks = [b for b in trainer.model.modules() if isinstance(b, Block)]
+    tracked = [b.spec.mixer for b in blocks if getattr(b.attn, "qk_clip", None) is not None]
+    assert tracked == ["attention"]
