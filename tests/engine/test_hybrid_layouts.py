@@ -2,7 +2,8 @@
 
 For the tiny Qwen3-Next twin (DeltaNet x3 + gated attention, MoE with a gated shared expert) and
 the tiny Nemotron-H twin (Mamba-2, squared-ReLU MLP and attention blocks): 10 steps under tp=2
-(the mixers' heads, conv channels and states split), dp=2 with FSDP2 ZeRO-3, and pp=2 give the
+(the mixers' heads, conv channels and states split; with and without sequence parallelism),
+dp=2 with FSDP2 ZeRO-3, and pp=2 give the
 per-step losses of one process within 1e-5 relative; tp=2 also ends with the same weights, and
 its step-5 checkpoint resumes on one process on the one-process losses. Full activation
 checkpointing recomputes the mixers exactly.
@@ -43,6 +44,7 @@ COMMON = [
 ]
 LAYOUTS = {
     "tp2": ["parallel.tp=2", "checkpoint.save_every=5"],
+    "tp2-sp": ["parallel.tp=2", "parallel.sequence_parallel=true"],
     "dp2-fsdp2-z3": ["zero.backend=fsdp2", "zero.stage=3"],
     "pp2": ["parallel.pp=2"],
 }
