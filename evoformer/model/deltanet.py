@@ -75,12 +75,17 @@ def chunked_delta_rule(
     k_out = k * (G[..., -1:] - G).exp()[..., None]  # decays each token to the chunk's end
     end_decay = G[..., -1].exp()[..., None, None]
     S = q.new_zeros(B, H, K, V) if state_BHKV is None else state_BHKV.float()
-    out = torch.empty_like(u)
-    for n in range(N):
-        fresh = u[:, :, n] - w[:, :, n] @ S  # what the state does not predict yet
-        out[:, :, n] = q_in[:, :, n] @ S + scores[:, :, n] @ fresh
-        S = S * end_decay[:, :, n] + k_out[:, :, n].transpose(-1, -2) @ fresh
-    return out.reshape(B, H, N * L, V)[:, :, :T], S
+    # Per-chunk views come from one unbind and the outputs are stacked once: indexing chunk n
+    # (or writing into a preallocated output) would make autograd build a full-size gradient
+    # per chunk, O(T^2 / L) work in the backward.
+    outs = []
+    for u_n, w_n, q_n, sc_n, k_n, d_n in zip(
+        *(t.unbind(2) for t in (u, w, q_in, scores, k_out, end_decay)), strict=True
+    ):
+        fresh = u_n - w_n @ S  # what the state does not predict yet
+        outs.append(q_n @ S + sc_n @ fresh)
+        S = S * d_n + k_n.transpose(-1, -2) @ fresh
+    return torch.stack(outs, dim=2).reshape(B, H, N * L, V)[:, :, :T], S
 
 
 def recurrent_delta_rule(

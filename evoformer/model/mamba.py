@@ -63,10 +63,13 @@ def chunked_ssd(
     write = x * (G[..., -1:] - G).exp()[..., None]  # dt_j x_j decayed to the chunk end
     end_decay = G[..., -1].exp()[..., None, None]
     S = x.new_zeros(Bsz, H, P, N) if state_BHPN is None else state_BHPN.float()
-    y = torch.empty_like(y_intra)
-    for c in range(n):
-        y[:, :, c] = y_intra[:, :, c] + read[:, :, c] @ S.transpose(-1, -2)
-        S = S * end_decay[:, :, c] + write[:, :, c].transpose(-1, -2) @ Bm[:, :, c]
+    ys = []  # one unbind, one stack: see chunked_delta_rule (no per-chunk full-size grads)
+    for y_c, r_c, d_c, w_c, b_c in zip(
+        *(t.unbind(2) for t in (y_intra, read, end_decay, write, Bm)), strict=True
+    ):
+        ys.append(y_c + r_c @ S.transpose(-1, -2))
+        S = S * d_c + w_c.transpose(-1, -2) @ b_c
+    y = torch.stack(ys, dim=2)
     return y.reshape(Bsz, H, n * L, P)[:, :, :T].transpose(1, 2), S
 
 
