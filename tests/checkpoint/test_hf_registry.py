@@ -22,6 +22,8 @@ EXPECTED_ORDER = [
     "mixtral",
     "qwen3_moe",
     "deepseek_v3",
+    "qwen3_next",
+    "nemotron_h",
 ]
 
 

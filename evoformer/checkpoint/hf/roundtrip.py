@@ -12,7 +12,13 @@ from collections.abc import Callable
 from typing import Any
 
 from evoformer.checkpoint.hf.family import Family, unsupported
-from evoformer.config.schema import MLPConfig, ModelConfig, MTPConfig
+from evoformer.config.schema import (
+    DeltaNetConfig,
+    MambaConfig,
+    MLPConfig,
+    ModelConfig,
+    MTPConfig,
+)
 from evoformer.model.layout import MIXERS, MLPS, compact_pattern, layer_plan, layer_spec
 
 # Fields that only matter when another field switches them on: reset to their defaults before
@@ -80,6 +86,9 @@ def canonical(m: ModelConfig) -> ModelConfig:
     if p.local_rope_theta == p.rope_theta and p.rope_scaling.kind == "none":
         p.local_rope_theta = None  # local layers get the same RoPE either way
     canonical_moe(m)
+    # The chunk length of the mixers' training form changes how, not what, they compute.
+    m.deltanet.chunk_size = DeltaNetConfig().chunk_size
+    m.mamba.chunk_size = MambaConfig().chunk_size
     plan = layer_plan(m)
     letters = {v: k for k, v in MIXERS.items()}
     m.mixer_pattern = compact_pattern("".join(letters[s.mixer] for s in plan), "A")
