@@ -53,6 +53,8 @@ PRESETS = [
     "glm4.5-air-106b",
     "glm4.5-355b",
     "minimax-m2-230b",
+    "qwen3-next-80b-a3b",
+    "nemotron-h-8b",
 ]
 
 # One 7B shape (Llama 2 7B: d 4096, 32 layers, 32 query heads of 128) with only the attention

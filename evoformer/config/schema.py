@@ -117,6 +117,11 @@ class AttentionConfig:
         "the first that takes the inputs; CPU: torch's choice) | cudnn | flash | efficient | "
         "math (pinned; for comparing kernels).",
     )
+    output_gate: bool = opt(
+        False,
+        "Gate the attention output by sigmoid(x W_g) per head and channel before o_proj; W_g "
+        "is q_proj's second half per head (Qwen3-Next gated attention).",
+    )
     q_lora_rank: int = opt(0, "MLA: rank of the low-rank query projection (0 = full-rank q).")
     kv_lora_rank: int = opt(512, "MLA: rank of the compressed KV latent (what the cache stores).")
     qk_nope_head_dim: int = opt(128, "MLA: per-head q/k dims without position information.")
@@ -145,7 +150,8 @@ class MLPConfig:
     swiglu_alpha: float = opt(1.702, "clamped_swiglu: the sigmoid's gain on the gate.")
     activation: str = opt(
         "default",
-        "Activation: default (gelu_tanh for gelu, silu for swiglu) | gelu | gelu_tanh | silu.",
+        "Activation: default (gelu_tanh for gelu, silu for swiglu) | gelu | gelu_tanh | silu | "
+        "relu2 (squared ReLU, Nemotron-H; with kind=gelu, the 2-matrix MLP).",
     )
 
     @property
@@ -196,6 +202,37 @@ class MoEConfig:
     capacity_factor: float = opt(0.0, "Expert capacity as a multiple of the even share (0 = none).")
     router_bias: bool = opt(False, "A learned bias on the router logits (gpt-oss).")
     expert_bias: bool = opt(False, "Biases on the routed experts' projections (gpt-oss).")
+    shared_gate: bool = opt(
+        False, "Scale the shared experts' output per token by sigmoid(x w) (Qwen3-Next)."
+    )
+
+
+@dataclass
+class DeltaNetConfig:
+    """Gated DeltaNet linear attention (Qwen3-Next), for the blocks ``mixer_pattern`` marks G."""
+
+    n_heads: int = opt(4, "Value heads (Qwen3-Next: linear_num_value_heads).")
+    n_key_heads: int = opt(
+        2, "Query/key heads; each serves n_heads / n_key_heads value heads (linear_num_key_heads)."
+    )
+    key_head_dim: int = opt(32, "Per-head query/key width (linear_key_head_dim).")
+    value_head_dim: int = opt(32, "Per-head value width (linear_value_head_dim).")
+    conv_kernel: int = opt(4, "Width of the short causal depthwise convolution over q, k, v.")
+    chunk_size: int = opt(64, "Tokens per chunk of the chunked (parallel-in-time) training form.")
+
+
+@dataclass
+class MambaConfig:
+    """Mamba-2 state-space mixer (Nemotron-H), for the blocks ``mixer_pattern`` marks M."""
+
+    n_heads: int = opt(8, "SSM heads (mamba_num_heads).")
+    head_dim: int = opt(16, "Channels per head (mamba_head_dim); inner width = n_heads x head_dim.")
+    state_dim: int = opt(16, "SSM state size per head (ssm_state_size).")
+    n_groups: int = opt(1, "Groups sharing one B/C projection and one gated-norm group (n_groups).")
+    conv_kernel: int = opt(4, "Width of the causal depthwise convolution over x, B, C.")
+    conv_bias: bool = opt(True, "Bias on the convolution (use_conv_bias).")
+    bias: bool = opt(False, "Bias on the in/out projections (use_bias).")
+    chunk_size: int = opt(64, "Tokens per chunk of the chunked SSD training form.")
 
 
 @dataclass
@@ -219,6 +256,19 @@ class ModelConfig:
     init: InitConfig = opt(InitConfig(), "Weight initialisation.")
     moe: MoEConfig = opt(MoEConfig(), "Mixture of experts.")
     mtp: MTPConfig = opt(MTPConfig(), "Multi-token prediction heads.")
+    mixer_pattern: str = opt(
+        "",
+        "Token mixer of each block, one letter per block, the string repeated to n_layers: "
+        "A attention (model.attention) | G Gated DeltaNet (model.deltanet) | M Mamba-2 "
+        "(model.mamba) | - none; empty = attention everywhere. Qwen3-Next: GGGA.",
+    )
+    mlp_pattern: str = opt(
+        "",
+        "Feed-forward of each block, one letter per block, repeated to n_layers: D dense | "
+        "E MoE | - none; empty = dense, MoE where model.moe.first_k_dense/layer_freq say.",
+    )
+    deltanet: DeltaNetConfig = opt(DeltaNetConfig(), "Gated DeltaNet mixer (mixer_pattern G).")
+    mamba: MambaConfig = opt(MambaConfig(), "Mamba-2 mixer (mixer_pattern M).")
     parallel_block: bool = opt(
         False, "PaLM/GPT-J block: attention and MLP read the same normed input, summed once."
     )

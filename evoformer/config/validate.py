@@ -18,7 +18,7 @@ CHOICES = {
     "model.mlp.kind": ("gelu", "swiglu", "geglu", "clamped_swiglu"),
     "model.moe.score": ("softmax", "sigmoid"),
     "model.moe.group_score": ("top2", "max"),
-    "model.mlp.activation": ("default", "gelu", "gelu_tanh", "silu"),
+    "model.mlp.activation": ("default", "gelu", "gelu_tanh", "silu", "relu2"),
     "model.backend": ("torch", "te"),
     "data.source": ("default", "files", "synthetic"),
     "optim.schedule": ("cosine", "wsd", "constant"),
@@ -509,6 +509,50 @@ def validate_model(cfg: Config) -> None:
             f"a parallel block has one pre-norm (model.norm.placement={m.norm.placement})",
         )
     validate_moe(cfg)
+    validate_hybrid(cfg)
+
+
+def validate_hybrid(cfg: Config) -> None:
+    """The per-block patterns (``model.mixer_pattern``, ``model.mlp_pattern``) and the mixers
+    they use; the per-layer plan (``model.layout``) trusts them once they pass here."""
+    m = cfg.model
+    for key, letters in (("mixer_pattern", "AGM-"), ("mlp_pattern", "DE-")):
+        pat = getattr(m, key)
+        if not pat:
+            continue
+        if set(pat) - set(letters):
+            _fail(f"model.{key}", pat, f"letters must be from {letters!r}")
+        if m.n_layers % len(pat):
+            _fail(f"model.{key}", pat, f"its length must divide model.n_layers={m.n_layers}")
+    if "E" in m.mlp_pattern and m.moe.num_experts <= 0:
+        _fail("model.mlp_pattern", m.mlp_pattern, "E (MoE) needs model.moe.num_experts > 0")
+    if (m.mixer_pattern or m.mlp_pattern) and m.norm.placement != "pre":
+        _fail("model.norm.placement", m.norm.placement, "hybrid blocks are pre-norm")
+    if (m.mixer_pattern or m.mlp_pattern) and (m.parallel_block or m.mtp.depth):
+        _fail("model.mixer_pattern", m.mixer_pattern, "not with parallel_block or MTP")
+    d, mb = m.deltanet, m.mamba
+    if "G" in m.mixer_pattern:
+        for key in ("n_heads", "n_key_heads", "key_head_dim", "value_head_dim", "conv_kernel"):
+            if getattr(d, key) <= 0:
+                _fail(f"model.deltanet.{key}", getattr(d, key), "must be > 0")
+        if d.n_heads % d.n_key_heads:
+            _fail("model.deltanet.n_key_heads", d.n_key_heads, f"must divide n_heads={d.n_heads}")
+        if d.chunk_size <= 0:
+            _fail("model.deltanet.chunk_size", d.chunk_size, "must be > 0")
+    if "M" in m.mixer_pattern:
+        for key in ("n_heads", "head_dim", "state_dim", "n_groups", "conv_kernel", "chunk_size"):
+            if getattr(mb, key) <= 0:
+                _fail(f"model.mamba.{key}", getattr(mb, key), "must be > 0")
+        if mb.n_heads % mb.n_groups:
+            _fail("model.mamba.n_groups", mb.n_groups, f"must divide n_heads={mb.n_heads}")
+    if m.attention.output_gate and (m.attention.kind == "mla" or m.attention.qk_norm == "full"):
+        _fail("model.attention.output_gate", True, "needs attention.kind=mha, qk_norm none|head")
+    if cfg.data.document_masking and set(m.mixer_pattern) & set("GM"):
+        _fail(
+            "data.document_masking",
+            True,
+            "Gated DeltaNet / Mamba-2 layers carry state across document boundaries",
+        )
 
 
 def validate_moe(cfg: Config) -> None:
@@ -573,6 +617,10 @@ def validate_parallel(cfg: Config) -> None:
             _fail("model.moe.expert_hidden", m.expert_width, why)
         if m.shared_width % tp:
             _fail("model.moe.shared_hidden", m.shared_width, why)
+    if "G" in m.mixer_pattern and m.deltanet.n_key_heads % tp:
+        _fail("model.deltanet.n_key_heads", m.deltanet.n_key_heads, why + " (heads split)")
+    if "M" in m.mixer_pattern and m.mamba.n_groups % tp:
+        _fail("model.mamba.n_groups", m.mamba.n_groups, why + " (heads and groups split)")
     if cfg.parallel.sequence_parallel and cfg.train.seq_len % tp:
         _fail(
             "train.seq_len",
@@ -707,6 +755,13 @@ def validate_context_parallel(cfg: Config) -> None:
             "model.attention.sinks",
             True,
             "attention sinks do not run with parallel.cp > 1 in this version",
+        )
+    if set(cfg.model.mixer_pattern) & set("GM"):  # the recurrences would need state passing
+        _fail(
+            "model.mixer_pattern",
+            cfg.model.mixer_pattern,
+            "Gated DeltaNet / Mamba-2 layers do not run with parallel.cp > 1 in this version "
+            "(their state would have to pass between the chunks)",
         )
 
 

@@ -32,6 +32,7 @@ from evoformer.distributed.dims import ParallelGroups
 from evoformer.engine.runner import LocalRunner, StepRunner
 from evoformer.engine.strategy import Strategy, build_strategy
 from evoformer.model import Block, Transformer, build_model
+from evoformer.model.attention import Attention
 from evoformer.model.checkpointing import apply_activation_checkpointing
 from evoformer.model.qk_clip import QKClip
 from evoformer.model.stages import TransformerStage
@@ -118,8 +119,9 @@ def attach_qk_clip(model: Transformer, threshold: float, groups: ParallelGroups)
     """Give each block's attention a ``QKClip`` tracker (``model.qk_clip``): it records the
     step's largest logit per head and clips after the optimizer step (``end_of_step``)."""
     for block in model.modules():
-        if isinstance(block, Block):
-            attn = block.attn
+        # Hybrid blocks: only attention layers have logits to clip (DeltaNet / Mamba-2 none).
+        if isinstance(block, Block) and block.spec.mixer == "attention":
+            attn = cast(Attention, block.attn)
             attn.qk_clip = QKClip(
                 threshold, f"L{block.layer_idx}", groups.dp_group, groups.tp_group
             )

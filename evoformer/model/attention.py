@@ -164,7 +164,11 @@ class Attention(nn.Module):
         self.qk_clip: QKClip | None = None  # optim.qk_clip, attached by engine.parallelize
         qkv_bias = a.qkv_bias
         C, q_out, kv_out = a.d_model, H * D, K * D
-        self.q_proj = ctx.column(C, q_out, qkv_bias, explicit_comm=True)
+        # Gated attention (Qwen3-Next): q_proj also yields each head's output gate, stored
+        # per head as [q_h | gate_h], so a head-split shard keeps its heads' gates.
+        self.output_gate = a.output_gate
+        q_rows = 2 * q_out if a.output_gate else q_out
+        self.q_proj = ctx.column(C, q_rows, qkv_bias, explicit_comm=True)
         if self.kv_head is None:
             self.k_proj = ctx.column(C, kv_out, qkv_bias, explicit_comm=True)
             self.v_proj = ctx.column(C, kv_out, qkv_bias, explicit_comm=True)
@@ -225,7 +229,11 @@ class Attention(nn.Module):
             if self.qk_norm == "full":  # OLMo 2: over the whole projection, before head split
                 q, k = self.q_norm(q), self.k_norm(k)
         B, T, _ = x_BTC.shape
-        q = q.view(B, T, H, D).transpose(1, 2)
+        gate = None
+        if self.output_gate:
+            q_gate = q.view(B, T, H, 2 * D)
+            q, gate = q_gate[..., :D], q_gate[..., D:].reshape(B, T, H * D)
+        q = q.reshape(B, T, H, D).transpose(1, 2)
         k = k.view(B, T, K, D).transpose(1, 2)
         v = v.view(B, T, K, D).transpose(1, 2)
         if self.qk_norm == "head":  # Qwen3, Gemma 3: each head on its own, before RoPE
@@ -233,7 +241,7 @@ class Attention(nn.Module):
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if self.ctx.cp > 1:  # this rank's chunks of a context-parallel sequence
-            return self.o_proj(cp_attention(self, q, k, v, cache, docs))
+            return self._gated_o_proj(cp_attention(self, q, k, v, cache, docs), gate)
         past = cache.length if cache is not None else 0
         if cache is not None:
             k, v = cache.append(k, v)
@@ -259,7 +267,7 @@ class Attention(nn.Module):
             out = document_attention(
                 q, k, v, docs, mask, self.scale, dropout, self.window, sinks_H=self.sinks
             )
-            return self.o_proj(out.transpose(1, 2).reshape(B, T, H * D))
+            return self._output(out, gate)
         # Without a mask: plain causal from the start, or one new token that sees everything.
         causal = mask is None and past == 0 and T > 1
         if self.sinks is not None:
@@ -276,7 +284,17 @@ class Attention(nn.Module):
                 scale=self.scale,
                 kernel=self.sdpa_kernel,
             )
-        return self.o_proj(out.transpose(1, 2).reshape(B, T, H * D))
+        return self._output(out, gate)
+
+    def _output(self, out_BHTD: torch.Tensor, gate_BTX: torch.Tensor | None) -> torch.Tensor:
+        """o_proj of the heads' outputs, gated by sigmoid(gate) first when configured."""
+        B, H, T, D = out_BHTD.shape
+        return self._gated_o_proj(out_BHTD.transpose(1, 2).reshape(B, T, H * D), gate_BTX)
+
+    def _gated_o_proj(self, out_BTX: torch.Tensor, gate_BTX: torch.Tensor | None) -> torch.Tensor:
+        if gate_BTX is not None:
+            out_BTX = out_BTX * torch.sigmoid(gate_BTX)
+        return self.o_proj(out_BTX)
 
     def end_of_step(self) -> dict[str, float]:
         """QK-clip after the optimizer step (``model.qk_clip``): collective over dp and tp."""

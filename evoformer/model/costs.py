@@ -21,6 +21,12 @@ parameter count against a meta-device build of every preset). Conventions:
   values; MLA keeps the compressed latent and the shared RoPE key, kv_lora_rank +
   qk_rope_head_dim values (the absorbed-weights decoding form). A sliding-window layer costs the
   same per token but never holds more than ``window`` tokens.
+- **Hybrid layers** (``model.mixer_pattern``). A Gated DeltaNet or Mamba-2 layer caches no
+  keys: its decoding state -- the convolution windows (``kernel - 1`` inputs per channel, in
+  the cache dtype) and the fp32 recurrent state (H x Dk x Dv for DeltaNet, H x P x N for
+  Mamba-2) -- is the same at any length (``state`` bytes). Its token-mixing FLOPs are the
+  recurrence's, per token 6 H Dk Dv (DeltaNet: read, correct, output) and 4 H P N (Mamba-2),
+  counted with attention's under ``attention``.
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from evoformer.config.schema import ModelConfig, NormConfig
-from evoformer.model.layout import layer_spec
+from evoformer.model.layout import LayerSpec, layer_spec
 
 
 @dataclass(frozen=True)
@@ -81,7 +87,8 @@ def attention_params(cfg: ModelConfig) -> Count:
         return _mla_params(cfg)
     hd, n_kv = cfg.head_dim, cfg.kv_heads
     qkv_bias = a.has_qkv_bias
-    c = _linear(d, a.n_heads * hd, qkv_bias) + _linear(d, n_kv * hd, qkv_bias) * 2
+    q_rows = a.n_heads * hd * (2 if a.output_gate else 1)  # the gate rides on q_proj
+    c = _linear(d, q_rows, qkv_bias) + _linear(d, n_kv * hd, qkv_bias) * 2
     c = c + _linear(a.n_heads * hd, d, a.bias)
     if a.qk_norm == "head":  # one norm over head_dim, shared by all heads (Qwen3, Gemma 3)
         c = c + _rmsnorm(hd) * 2
@@ -90,6 +97,43 @@ def attention_params(cfg: ModelConfig) -> Count:
     if a.sinks:  # one logit per head (gpt-oss)
         c = c + Count(a.n_heads, a.n_heads, 0)
     return c
+
+
+def _fixed(n: int) -> Count:
+    # Parameters no matmul multiplies (convolution taps, per-head SSM scalars, norm gains).
+    return Count(n, n, 0)
+
+
+def deltanet_params(cfg: ModelConfig) -> Count:
+    """Gated DeltaNet: q/k/v/z/b/a projections, the q/k/v convolutions, A_log and dt_bias per
+    head, the gated norm's gain (head width) and the output projection."""
+    g, C = cfg.deltanet, cfg.d_model
+    key, val = g.n_key_heads * g.key_head_dim, g.n_heads * g.value_head_dim
+    c = _linear(C, key) * 2 + _linear(C, val) * 2 + _linear(C, g.n_heads) * 2
+    c = c + _fixed((2 * key + val) * g.conv_kernel + 2 * g.n_heads + g.value_head_dim)
+    return c + _linear(val, C)
+
+
+def mamba_params(cfg: ModelConfig) -> Count:
+    """Mamba-2: z/x/B/C/dt projections, the x/B/C convolutions, A_log, D and dt_bias per head,
+    the grouped norm's gain and the output projection."""
+    m, C = cfg.mamba, cfg.d_model
+    inner, bc = m.n_heads * m.head_dim, m.n_groups * m.state_dim
+    c = _linear(C, inner, m.bias) * 2 + _linear(C, bc, m.bias) * 2 + _linear(C, m.n_heads, m.bias)
+    conv = (inner + 2 * bc) * (m.conv_kernel + (1 if m.conv_bias else 0))
+    c = c + _fixed(conv + 3 * m.n_heads + inner)
+    return c + _linear(inner, C, m.bias)
+
+
+def mixer_params(cfg: ModelConfig, spec: LayerSpec) -> Count:
+    """The token mixer of block ``spec``: attention, Gated DeltaNet, Mamba-2 or none."""
+    if spec.mixer == "deltanet":
+        return deltanet_params(cfg)
+    if spec.mixer == "mamba2":
+        return mamba_params(cfg)
+    if spec.mixer == "none":
+        return Count()
+    return attention_params(cfg)
 
 
 def _mla_params(cfg: ModelConfig) -> Count:
@@ -123,20 +167,26 @@ def moe_params(cfg: ModelConfig) -> Count:
     c = _linear(cfg.d_model, m.num_experts, m.router_bias) + routed
     if cfg.shared_width:
         c = c + mlp_params(cfg, cfg.shared_width, bias=False)
+        if m.shared_gate:
+            c = c + _linear(cfg.d_model, 1)
     return c
 
 
 def block_params(cfg: ModelConfig, layer_idx: int) -> Count:
-    """One transformer block: its norms, attention and feed-forward sub-layer."""
+    """One transformer block: its norms, token mixer and feed-forward sub-layer."""
+    spec = layer_spec(cfg, layer_idx)
     n_norms = 1 if cfg.parallel_block else 2
     if cfg.norm.placement == "sandwich":
         n_norms += 2
-    ffn = (
-        moe_params(cfg)
-        if layer_spec(cfg, layer_idx).mlp == "moe"
-        else mlp_params(cfg, cfg.mlp.hidden)
-    )
-    return _norm(cfg.norm, cfg.d_model) * n_norms + attention_params(cfg) + ffn
+    if spec.mixer == "none" or spec.mlp == "none":  # hybrid blocks: one norm per sub-layer
+        n_norms = (spec.mixer != "none") + (spec.mlp != "none")
+    if spec.mlp == "moe":
+        ffn = moe_params(cfg)
+    elif spec.mlp == "dense":
+        ffn = mlp_params(cfg, cfg.mlp.hidden)
+    else:
+        ffn = Count()
+    return _norm(cfg.norm, cfg.d_model) * n_norms + mixer_params(cfg, spec) + ffn
 
 
 def mtp_module_params(cfg: ModelConfig, depth: int) -> Count:
@@ -187,8 +237,20 @@ def mean_context(seq_len: int, window: int | None = None) -> float:
 
 
 def attention_flops(cfg: ModelConfig, layer_idx: int, seq_len: int) -> float:
+    """Token-mixing FLOPs per token of block ``layer_idx`` beyond its matmul weights: attention
+    scores and values, or the recurrence of a DeltaNet / Mamba-2 layer (independent of
+    ``seq_len``), or 0 for a block without a mixer."""
+    spec = layer_spec(cfg, layer_idx)
+    if spec.mixer == "deltanet":
+        g = cfg.deltanet
+        return 6.0 * g.n_heads * g.key_head_dim * g.value_head_dim
+    if spec.mixer == "mamba2":
+        m = cfg.mamba
+        return 4.0 * m.n_heads * m.head_dim * m.state_dim
+    if spec.mixer == "none":
+        return 0.0
     qk, v = attention_dims(cfg)
-    local = layer_spec(cfg, layer_idx).is_local
+    local = spec.is_local
     ctx = mean_context(seq_len, cfg.attention.sliding_window if local else None)
     return 2 * cfg.attention.n_heads * (qk + v) * ctx
 
@@ -245,13 +307,33 @@ def kv_cache_bytes_per_token(
     N = cfg.max_seq_len if context_len is None else context_len
     per_layer = kv_values_per_token_layer(cfg) * dtype_bytes
     W = cfg.attention.sliding_window
-    windows = [layer_spec(cfg, i).window for i in range(cfg.n_layers)]
+    specs = [layer_spec(cfg, i) for i in range(cfg.n_layers)]
+    windows = [s.window for s in specs if s.mixer == "attention"]
+    state = sum(recurrent_state_bytes(cfg, s, dtype_bytes) for s in specs)
     at_context = sum(per_layer * (N if w is None else min(N, w)) for w in windows)
     return {
-        "per_token": per_layer * cfg.n_layers,
+        "per_token": per_layer * len(windows),
         "per_token_layer": per_layer,
         "context_len": N,
-        "at_context": at_context,
+        "at_context": at_context + state,
         "window_layers": sum(w is not None for w in windows),
         "window": W or 0,
+        "state": state,
+        "recurrent_layers": sum(s.mixer in ("deltanet", "mamba2") for s in specs),
     }
+
+
+def recurrent_state_bytes(cfg: ModelConfig, spec: LayerSpec, dtype_bytes: int = 2) -> int:
+    """Decoding state of one DeltaNet / Mamba-2 layer per sequence, whatever its length: the
+    convolution windows in the cache dtype and the fp32 recurrent state (0 for other layers)."""
+    if spec.mixer == "deltanet":
+        g = cfg.deltanet
+        channels = 2 * g.n_key_heads * g.key_head_dim + g.n_heads * g.value_head_dim
+        state = g.n_heads * g.key_head_dim * g.value_head_dim
+        return channels * (g.conv_kernel - 1) * dtype_bytes + state * 4
+    if spec.mixer == "mamba2":
+        m = cfg.mamba
+        channels = m.n_heads * m.head_dim + 2 * m.n_groups * m.state_dim
+        state = m.n_heads * m.head_dim * m.state_dim
+        return channels * (m.conv_kernel - 1) * dtype_bytes + state * 4
+    return 0

@@ -35,7 +35,10 @@ class LayerSpec:
     """Which RoPE table the layer rotates q/k with: global | local (Gemma 3's local base) |
     none (no rotary positions in the model, or a NoPE layer: ``position.nope_layers``)."""
     mlp: str
-    """Feed-forward kind: dense | moe."""
+    """Feed-forward kind: dense | moe | none (a mixer-only block, Nemotron-H's M and *)."""
+    mixer: str = "attention"
+    """Token mixer: attention (``model.attention``, MHA or MLA) | deltanet (Gated DeltaNet) |
+    mamba2 | none (an MLP-only block); from ``model.mixer_pattern``."""
 
     @property
     def is_local(self) -> bool:
@@ -66,6 +69,8 @@ class AttentionSpec:
     """A learned per-head logit in the softmax denominator (gpt-oss)."""
     sdpa_kernel: str = "auto"
     """``attention.sdpa_kernel``: the SDPA kernel preference (``model.sdpa``)."""
+    output_gate: bool = False
+    """Qwen3-Next: q_proj also projects a sigmoid gate per head on the attention output."""
 
 
 @dataclass(frozen=True)
@@ -112,6 +117,8 @@ class MoESpec:
     router_bias: bool = False
     expert_bias: bool = False
     """Biases on the routed experts' gate/up/down projections (gpt-oss)."""
+    shared_gate: bool = False
+    """Scale the shared experts' output by a per-token sigmoid gate (Qwen3-Next)."""
 
 
 def attention_spec(cfg: ModelConfig, layer: LayerSpec) -> AttentionSpec | LatentAttentionSpec:
@@ -157,6 +164,7 @@ def attention_spec(cfg: ModelConfig, layer: LayerSpec) -> AttentionSpec | Latent
         alibi=cfg.position.kind == "alibi",
         sinks=a.sinks,
         sdpa_kernel=a.sdpa_kernel,
+        output_gate=a.output_gate,
     )
 
 
@@ -186,7 +194,31 @@ def moe_spec(cfg: ModelConfig) -> MoESpec:
         shared_mlp=shared,
         router_bias=m.router_bias,
         expert_bias=m.expert_bias,
+        shared_gate=m.shared_gate,
     )
+
+
+MIXERS = {"A": "attention", "G": "deltanet", "M": "mamba2", "-": "none"}
+MLPS = {"D": "dense", "E": "moe", "-": "none"}
+
+
+def compact_pattern(pattern: str, fill: str) -> str:
+    """The shortest string that repeats to ``pattern`` (``""`` when every letter is ``fill``,
+    the default): how converters write a per-layer list as ``mixer_pattern`` / ``mlp_pattern``
+    and how two spellings of one plan compare equal."""
+    if set(pattern) <= {fill}:
+        return ""
+    n = len(pattern)
+    for p in range(1, n + 1):
+        if n % p == 0 and pattern[:p] * (n // p) == pattern:
+            return pattern[:p]
+    return pattern
+
+
+def _letter(pattern: str, index: int) -> str | None:
+    """Block ``index``'s letter of a pattern repeated to the model's depth (None: no pattern).
+    MTP blocks (past n_layers) follow the repetition too."""
+    return pattern[index % len(pattern)] if pattern else None
 
 
 def layer_spec(cfg: ModelConfig, index: int) -> LayerSpec:
@@ -206,11 +238,16 @@ def layer_spec(cfg: ModelConfig, index: int) -> LayerSpec:
         and index >= moe.first_k_dense
         and (index - moe.first_k_dense) % moe.layer_freq == 0
     )
+    mlp = "moe" if is_moe else "dense"
+    if (letter := _letter(cfg.mlp_pattern, index)) is not None:
+        mlp = MLPS[letter]
+    mixer = MIXERS[_letter(cfg.mixer_pattern, index) or "A"]
     return LayerSpec(
         index=index,
         window=a.sliding_window if local else None,
         rope=rope,
-        mlp="moe" if is_moe else "dense",
+        mlp=mlp,
+        mixer=mixer,
     )
 
 

@@ -19,6 +19,7 @@ ACTIVATIONS = {
     "gelu": F.gelu,
     "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
     "silu": F.silu,
+    "relu2": lambda x: torch.square(F.relu(x)),  # squared ReLU (Primer; Nemotron-H)
 }
 
 

@@ -253,6 +253,11 @@ class MoE(nn.Module):
         self.shared_experts = None
         if m.shared_mlp is not None:
             self.shared_experts = GatedMLP(m.shared_mlp, m.d_model, ctx, partial_output=True)
+        # Qwen3-Next: a per-token sigmoid gate on the shared experts. Replicated; it scales a
+        # partial sum under TP, so its gradient is partial too.
+        self.shared_gate = nn.Linear(m.d_model, 1, bias=False) if m.shared_gate else None
+        if self.shared_gate is not None and ctx.tp > 1:
+            mark_partial_grad(self.shared_gate, "weight")
         # The reduction group of the load statistics: the data-parallel ranks, which see
         # different tokens (None: one data-parallel rank, nothing to reduce). TP ranks route
         # the same tokens and hold the same statistics already.
@@ -319,7 +324,10 @@ class MoE(nn.Module):
         xs_MC, counts_L, d = self.dispatcher.dispatch(x_NC, experts_NK, capacity)
         out_NC = self.dispatcher.combine(self.experts(xs_MC, counts_L), d, weights_NK)
         if self.shared_experts is not None:
-            out_NC = out_NC + self.shared_experts(x_NC)
+            shared_NC = self.shared_experts(x_NC)
+            if self.shared_gate is not None:
+                shared_NC = torch.sigmoid(self.shared_gate(x_NC)) * shared_NC
+            out_NC = out_NC + shared_NC
         self.aux_loss = None
         if self.training and N > 0:
             selected_E, kept_E = d.selected_E, d.kept_E

@@ -25,10 +25,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from evoformer.config.schema import ModelConfig, RopeScalingConfig
-from evoformer.model.attention import build_attention
 from evoformer.model.documents import Documents
 from evoformer.model.layout import LayerSpec, layer_plan, moe_spec
 from evoformer.model.loss import lm_loss
+from evoformer.model.mixers import PositionCounter, build_mixer
 from evoformer.model.mlp import build_mlp
 from evoformer.model.moe import MoE
 from evoformer.model.norms import build_norm
@@ -47,7 +47,7 @@ from evoformer.parallel.layers import (
 from evoformer.parallel.sharding import KeepShardSpecs, full_shape, local_piece, mark_partial_grad
 
 if TYPE_CHECKING:
-    from evoformer.model.attention import LayerCache
+    from evoformer.model.mixers import LayerCache, Mixer
 
 
 class Block(nn.Module):
@@ -67,13 +67,18 @@ class Block(nn.Module):
         self.placement = cfg.norm.placement
         self.parallel = cfg.parallel_block
         self.dropout = cfg.dropout
-        self.attn_norm = build_norm(cfg.norm, cfg.d_model)
-        self.attn = build_attention(cfg, spec, ctx)
-        self.mlp_norm = None if self.parallel else build_norm(cfg.norm, cfg.d_model)
+        # Hybrid blocks (model.mixer_pattern / mlp_pattern) may lack either sub-layer.
+        has_mixer, has_mlp = spec.mixer != "none", spec.mlp != "none"
+        self.attn_norm = build_norm(cfg.norm, cfg.d_model) if has_mixer else None
+        # The token mixer: attention, or a recurrent mixer (model.mixers) for hybrid layers.
+        self.attn = build_mixer(cfg, spec, ctx) if has_mixer else None
+        self.mlp_norm = None if self.parallel or not has_mlp else build_norm(cfg.norm, cfg.d_model)
         if spec.mlp == "moe":
             self.mlp = MoE(moe_spec(cfg), layer_idx, ctx)  # names its load metrics by layer
-        else:
+        elif has_mlp:
             self.mlp = build_mlp(cfg.mlp, cfg.d_model, ctx)
+        else:
+            self.mlp = None
         if self.placement == "sandwich":
             self.attn_post_norm = build_norm(cfg.norm, cfg.d_model)
             self.mlp_post_norm = build_norm(cfg.norm, cfg.d_model)
@@ -92,27 +97,48 @@ class Block(nn.Module):
             return x
         return self.ctx.dropout(x, self.dropout, self.training)
 
+    def new_cache(self, batch: int, max_len: int, device, dtype) -> LayerCache:
+        """This block's decoding state: its mixer's (KV cache, recurrent state), or a
+        position counter for a block without one."""
+        if self.attn is None:
+            return PositionCounter()
+        return cast("Mixer", self.attn).new_cache(batch, max_len, device, dtype)
+
     def forward(
         self, x_BTC, rope=None, cache: LayerCache | None = None, docs: Documents | None = None
     ) -> torch.Tensor:
         """``docs``: the batch's documents, when attention stays inside them."""
+        if self.attn is None or self.mlp is None:
+            return self._hybrid_forward(x_BTC, rope, cache, docs)
+        attn, mlp, attn_norm = self.attn, self.mlp, cast(nn.Module, self.attn_norm)
         if self.parallel:
-            h = self.attn_norm(x_BTC)
-            return x_BTC + self._drop(self.attn(h, rope, cache, docs) + self.mlp(h))
+            h = attn_norm(x_BTC)
+            return x_BTC + self._drop(attn(h, rope, cache, docs) + mlp(h))
         mlp_norm = cast(nn.Module, self.mlp_norm)  # present unless the block is parallel
         if self.placement == "pre":
-            x_BTC = x_BTC + self._drop(self.attn(self.attn_norm(x_BTC), rope, cache, docs))
-            return x_BTC + self._drop(self.mlp(mlp_norm(x_BTC)))
+            x_BTC = x_BTC + self._drop(attn(attn_norm(x_BTC), rope, cache, docs))
+            return x_BTC + self._drop(mlp(mlp_norm(x_BTC)))
         if self.placement == "post":
-            x_BTC = self.attn_norm(x_BTC + self._drop(self.attn(x_BTC, rope, cache, docs)))
-            return mlp_norm(x_BTC + self._drop(self.mlp(x_BTC)))
+            x_BTC = attn_norm(x_BTC + self._drop(attn(x_BTC, rope, cache, docs)))
+            return mlp_norm(x_BTC + self._drop(mlp(x_BTC)))
         if self.placement == "reordered":
-            x_BTC = x_BTC + self._drop(self.attn_norm(self.attn(x_BTC, rope, cache, docs)))
-            return x_BTC + self._drop(mlp_norm(self.mlp(x_BTC)))
+            x_BTC = x_BTC + self._drop(attn_norm(attn(x_BTC, rope, cache, docs)))
+            return x_BTC + self._drop(mlp_norm(mlp(x_BTC)))
         # sandwich
-        h = self.attn_post_norm(self.attn(self.attn_norm(x_BTC), rope, cache, docs))
+        h = self.attn_post_norm(attn(attn_norm(x_BTC), rope, cache, docs))
         x_BTC = x_BTC + self._drop(h)
-        return x_BTC + self._drop(self.mlp_post_norm(self.mlp(mlp_norm(x_BTC))))
+        return x_BTC + self._drop(self.mlp_post_norm(mlp(mlp_norm(x_BTC))))
+
+    def _hybrid_forward(self, x_BTC, rope, cache, docs) -> torch.Tensor:
+        """A pre-norm block with one sub-layer missing (Nemotron-H's M, * and - blocks)."""
+        if self.attn is not None:
+            attn_norm = cast(nn.Module, self.attn_norm)
+            x_BTC = x_BTC + self._drop(self.attn(attn_norm(x_BTC), rope, cache, docs))
+        elif cache is not None:
+            cache.length += x_BTC.shape[1]
+        if self.mlp is not None:
+            x_BTC = x_BTC + self._drop(self.mlp(cast(nn.Module, self.mlp_norm)(x_BTC)))
+        return x_BTC
 
 
 class ModelOutput(NamedTuple):
@@ -226,7 +252,7 @@ class Transformer(KeepShardSpecs):
     def new_caches(self, batch: int, max_len: int) -> list[LayerCache]:
         p = self.embed.weight
         layers = cast(Iterable[Block], self.layers)
-        return [layer.attn.new_cache(batch, max_len, p.device, p.dtype) for layer in layers]
+        return [layer.new_cache(batch, max_len, p.device, p.dtype) for layer in layers]
 
     def forward(
         self,

@@ -38,7 +38,19 @@ def layer_summary(cfg: ModelConfig) -> str:
     """e.g. "61 (3 dense + 58 MoE), attention mla" or "62 (52 local window 1024 + 10 global)"."""
     n = cfg.n_layers
     parts = []
-    moe = sum(layer_spec(cfg, i).mlp == "moe" for i in range(n))
+    specs = [layer_spec(cfg, i) for i in range(n)]
+    mixers = {
+        "deltanet": "DeltaNet",
+        "mamba2": "Mamba-2",
+        "attention": "attention",
+        "none": "MLP-only",
+    }
+    if any(s.mixer != "attention" for s in specs):  # a hybrid: say what mixes each block
+        counts = [(sum(s.mixer == k for s in specs), name) for k, name in mixers.items()]
+        parts.append(" + ".join(f"{c} {name}" for c, name in counts if c))
+        if no_mlp := sum(s.mlp == "none" for s in specs):
+            parts.append(f"{no_mlp} without MLP")
+    moe = sum(s.mlp == "moe" for s in specs)
     if moe:
         parts.append(f"{n - moe} dense + {moe} MoE" if moe < n else f"{n} MoE")
     local = sum(layer_spec(cfg, i).is_local for i in range(n))
@@ -82,6 +94,14 @@ def describe(cfg: Config) -> str:
     ]
     if kv["window_layers"]:
         rows.append(("", f"({kv['window_layers']} layers capped at window {kv['window']})"))
+    if kv["recurrent_layers"]:
+        # DeltaNet / Mamba-2 layers: a fixed-size state instead of a growing cache.
+        rows.append(
+            (
+                f"recurrent state ({kv['recurrent_layers']} layers)",
+                _bytes(kv["state"]) + " at any length (in the total above)",
+            )
+        )
     # One process (tp = pp = dp = 1); `evoformer plan --gpus N` estimates a layout.
     mem = estimate(_one_process(cfg), 1).stages[0]
     mb = cfg.train.micro_batch_size

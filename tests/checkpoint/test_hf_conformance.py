@@ -234,6 +234,8 @@ EXPECTED = {
     "gpt_oss": (16, 2, 2, "yarn", 0.9, 0.0),
     "glm4_moe": (None, 0, 2, "none", 0.0, 0.001),
     "minimax_m2": (None, 0, 2, "none", 0.001, 0.001),
+    "qwen3_next": (None, 0, 2, "none", 0.001, 0.0),
+    "nemotron_h": (None, 0, 2, None, 0.0, 0.0),
 }
 
 

@@ -30,6 +30,8 @@ EXPECTED_ORDER = [
     "gpt_oss",
     "glm4_moe",
     "minimax_m2",
+    "qwen3_next",
+    "nemotron_h",
 ]
 
 

@@ -217,6 +217,7 @@ def test_cp2_resumes_exactly_and_on_cp1_and_cp4(single_runs, tmp_path):
         (["train.compile=true"], "train.compile does not run with parallel.cp > 1"),
         (["model.moe.num_experts=4", "model.moe.capacity_factor=1.5"], "an MoE expert capacity"),
         (["model.attention.sinks=true"], "attention sinks do not run with parallel.cp > 1"),
+        (["model.mixer_pattern=GA"], "Gated DeltaNet / Mamba-2 layers do not run with parallel.cp"),
     ],
 )
 def test_impossible_cp_layouts_fail_with_one_line(overrides, message, tmp_path):

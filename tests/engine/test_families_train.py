@@ -30,6 +30,8 @@ FAMILIES = [
     "gpt-oss",
     "glm4-moe",
     "minimax-m2",
+    "qwen3-next",
+    "nemotron-h",
 ]
 
 

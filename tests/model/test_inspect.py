@@ -166,3 +166,30 @@ def test_architecture_tables_in_docs_are_current():
         timeout=120,
     )
     assert proc.returncode == 0, proc.stderr
+
+
+def test_hybrid_decoding_state_at_32k():
+    """A hybrid's decoding memory is mostly a constant state: Qwen3-Next-80B keeps K/V in its
+    12 attention layers only (12 x 2 x 2 heads x 256 x bf16 per token) plus, per DeltaNet
+    layer, 3 conv taps of 8,192 channels (bf16) and 32 fp32 states of 128 x 128."""
+    q = load_config([str(REPO / "configs/models/qwen3-next-80b-a3b.yaml")]).model
+    kv = kv_cache_bytes_per_token(q, context_len=32_768)
+    state = 36 * (3 * 8_192 * 2 + 32 * 128 * 128 * 4)
+    assert kv["state"] == state == 77_266_944 and kv["recurrent_layers"] == 36
+    assert kv["per_token"] == 12 * 2 * 2 * 256 * 2 == 24_576
+    assert kv["at_context"] == 24_576 * 32_768 + state
+    # Nemotron-H-8B: 4 attention layers; 24 Mamba-2 layers of 3 conv taps over 10,240 channels
+    # and 128 fp32 states of 64 x 128.
+    n = load_config([str(REPO / "configs/models/nemotron-h-8b.yaml")]).model
+    kv = kv_cache_bytes_per_token(n, context_len=32_768)
+    assert kv["state"] == 24 * (3 * 10_240 * 2 + 128 * 64 * 128 * 4) == 102_137_856
+    assert kv["per_token"] == 4 * 2 * 8 * 128 * 2 == 16_384
+    f = flops_per_token(n, 4096)
+    attn = 4 * 2 * 32 * 256 * (4096 + 1) / 2
+    assert f["attention"] == attn + 24 * 4 * 128 * 64 * 128  # + the SSM recurrence
+
+
+def test_inspect_cli_shows_the_hybrid_state(capsys):
+    assert main(["inspect", str(REPO / "configs/models/tiny/qwen3-next.yaml")]) == 0
+    out = capsys.readouterr().out
+    assert "3 DeltaNet + 1 attention" in out and "recurrent state (3 layers)" in out

@@ -18,12 +18,14 @@ from evoformer.checkpoint.hf import (
     minimax_m2,
     mistral,
     mixtral,
+    nemotron_h,
     olmo2,
     olmo3,
     phi3,
     qwen2,
     qwen3,
     qwen3_moe,
+    qwen3_next,
     smollm3,
 )
 from evoformer.checkpoint.hf.family import Family
@@ -49,5 +51,7 @@ FAMILIES: dict[str, Family] = {
         gpt_oss.FAMILY,
         glm4_moe.FAMILY,
         minimax_m2.FAMILY,
+        qwen3_next.FAMILY,
+        nemotron_h.FAMILY,
     )
 }

@@ -12,8 +12,15 @@ from collections.abc import Callable
 from typing import Any
 
 from evoformer.checkpoint.hf.family import Family, unsupported
-from evoformer.config.schema import MLPConfig, ModelConfig, MoEConfig, MTPConfig
-from evoformer.model.layout import layer_spec
+from evoformer.config.schema import (
+    DeltaNetConfig,
+    MambaConfig,
+    MLPConfig,
+    ModelConfig,
+    MoEConfig,
+    MTPConfig,
+)
+from evoformer.model.layout import MIXERS, MLPS, compact_pattern, layer_plan, layer_spec
 
 # Fields that only matter when another field switches them on: reset to their defaults before
 # comparing, so an unused setting does not block an export. (Unknown fields are compared as is:
@@ -43,6 +50,8 @@ _INACTIVE: list[tuple[str, Callable[[ModelConfig], bool], tuple[str, ...] | None
         ("local_rope_theta",),
     ),
     ("moe", lambda m: m.moe.num_experts == 0, None),
+    ("deltanet", lambda m: "G" not in m.mixer_pattern, None),
+    ("mamba", lambda m: "M" not in m.mixer_pattern, None),
     ("mtp", lambda m: m.mtp.depth == 0, None),
 ]
 
@@ -79,6 +88,15 @@ def canonical(m: ModelConfig) -> ModelConfig:
     if p.local_rope_theta == p.rope_theta and p.rope_scaling.kind == "none":
         p.local_rope_theta = None  # local layers get the same RoPE either way
     canonical_moe(m)
+    # The chunk length of the mixers' training form changes how, not what, they compute.
+    m.deltanet.chunk_size = DeltaNetConfig().chunk_size
+    m.mamba.chunk_size = MambaConfig().chunk_size
+    plan = layer_plan(m)
+    letters = {v: k for k, v in MIXERS.items()}
+    m.mixer_pattern = compact_pattern("".join(letters[s.mixer] for s in plan), "A")
+    if m.mlp_pattern:
+        mlps = {v: k for k, v in MLPS.items()}
+        m.mlp_pattern = compact_pattern("".join(mlps[s.mlp] for s in plan), "D")
     for path, inactive, names in _INACTIVE:
         parent, _, leaf = path.rpartition(".")
         owner = _get(m, parent) if parent else m
