@@ -41,7 +41,7 @@ def _routing(kind: str, rank: int) -> torch.Tensor:
 
 
 def _experts(ctx: ParallelContext) -> GroupedExperts:
-    experts = GroupedExperts(E, C, H, F.silu, ctx)
+    experts = GroupedExperts(E, C, H, lambda gate, up: F.silu(gate) * up, ctx)
     g = torch.Generator().manual_seed(7)
     with torch.no_grad():
         for name in ("gate_proj", "up_proj", "down_proj"):

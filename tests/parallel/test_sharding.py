@@ -156,7 +156,7 @@ def test_to_empty_keeps_specs_only_through_keep_shard_specs():
     with torch.device("meta"):
         kept, plain = Holder(), nn.Linear(3, 2)
         mark_sharded(plain, "weight", 0, 4)
-        experts = GroupedExperts(4, 8, 6, torch.relu)
+        experts = GroupedExperts(4, 8, 6, lambda gate, up: torch.relu(gate) * up)
         mark_expert_sharded(experts, "up_proj", 0, 8, rank=1)
     old = kept.w
     for m in (kept, plain, experts):
