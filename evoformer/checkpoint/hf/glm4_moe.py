@@ -27,9 +27,9 @@ from evoformer.checkpoint.hf.family import (
     rule,
 )
 from evoformer.checkpoint.hf.moe import (
-    GATED,
+    SHARED_EXPERT_ROUTER_RULES,
     check_moe_skeleton,
-    expert_rules,
+    experts_and_mtp_rules,
     gqa,
     gqa_to_hf,
     moe_skeleton,
@@ -170,52 +170,15 @@ GLM4_MOE_RULES = (
     *qk_norm_rules(),
     rule("model.layers.{i}.post_attention_layernorm.weight", "layers.{i}.mlp_norm.weight"),
     *GATED_MLP_RULES,
-    rule("model.layers.{i}.mlp.gate.weight", "layers.{i}.mlp.router.weight"),
-    rule(
-        "model.layers.{i}.mlp.gate.e_score_correction_bias",
-        "layers.{i}.mlp.e_score_correction_bias",
-    ),
-    *(
-        rule(
-            f"model.layers.{{i}}.mlp.shared_experts.{p}_proj.weight",
-            f"layers.{{i}}.mlp.shared_experts.{p}_proj.weight",
-        )
-        for p in ("gate", "up", "down")
-    ),
+    *SHARED_EXPERT_ROUTER_RULES,
     rule("model.norm.weight", "norm.weight"),
     rule("lm_head.weight", "head.weight"),
 )
 
-LAYER, BLOCK = "model.layers.{i}.", "layers.{i}."
-
 
 def glm4_moe_extra_rules(m: ModelConfig) -> tuple[WeightRule, ...]:
     """Per-expert slices, and the MTP modules as decoder layers ``n_layers + k``."""
-    experts = expert_rules("mlp", GATED, m)
-    out = list(experts)
-    per_layer = [r for r in (*GLM4_MOE_RULES, *experts) if r.hf.startswith(LAYER)]
-    for k in range(m.mtp.depth):
-        theirs, ours = f"model.layers.{m.n_layers + k}.", f"mtp.layers.{k}."
-        out += [
-            rule(theirs + "enorm.weight", ours + "embed_norm.weight"),
-            rule(theirs + "hnorm.weight", ours + "hidden_norm.weight"),
-            rule(theirs + "eh_proj.weight", ours + "proj.weight"),
-            rule(theirs + "shared_head.norm.weight", ours + "out_norm.weight"),
-            rule(theirs + "embed_tokens.weight", "embed.weight"),
-            rule(
-                theirs + "shared_head.head.weight",
-                "embed.weight" if m.tie_embeddings else "head.weight",
-            ),
-        ]
-        out += [
-            dataclasses.replace(
-                r,
-                hf=r.hf.replace(LAYER, theirs),
-                ours=tuple(o.replace(BLOCK, ours + "block.") for o in r.ours),
-            )
-            for r in per_layer
-        ]
-    return tuple(out)
+    return experts_and_mtp_rules(m, GLM4_MOE_RULES)
 
 
 FAMILY = Family(

@@ -15,6 +15,7 @@ never block an export.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from evoformer.checkpoint.hf.family import (
@@ -22,6 +23,7 @@ from evoformer.checkpoint.hf.family import (
     activation_from_hf,
     activation_to_hf,
     check,
+    rule,
 )
 from evoformer.checkpoint.hf.rope import rope_from_hf, rope_to_hf
 from evoformer.config.schema import (
@@ -150,3 +152,54 @@ def expert_rules(
         for e in range(m.moe.num_experts)
         for theirs, ours in names
     )
+
+
+# DeepSeek-V3's router with its selection bias and always-on shared experts, as GLM-4.5 writes
+# them too.
+SHARED_EXPERT_ROUTER_RULES = (
+    rule("model.layers.{i}.mlp.gate.weight", "layers.{i}.mlp.router.weight"),
+    rule(
+        "model.layers.{i}.mlp.gate.e_score_correction_bias",
+        "layers.{i}.mlp.e_score_correction_bias",
+    ),
+    *(
+        rule(
+            f"model.layers.{{i}}.mlp.shared_experts.{p}_proj.weight",
+            f"layers.{{i}}.mlp.shared_experts.{p}_proj.weight",
+        )
+        for p in ("gate", "up", "down")
+    ),
+)
+
+_LAYER, _BLOCK = "model.layers.{i}.", "layers.{i}."
+
+
+def experts_and_mtp_rules(m: ModelConfig, rules: tuple[WeightRule, ...]) -> tuple[WeightRule, ...]:
+    """Per-expert slices, and DeepSeek-V3-style MTP modules stored as decoder layers
+    ``n_layers + k`` (their block takes ``rules``' per-layer rules; their embedding and head are
+    copies of the shared ones, which loading checks agree)."""
+    experts = expert_rules("mlp", GATED, m)
+    out = list(experts)
+    per_layer = [r for r in (*rules, *experts) if r.hf.startswith(_LAYER)]
+    for k in range(m.mtp.depth):
+        theirs, ours = f"model.layers.{m.n_layers + k}.", f"mtp.layers.{k}."
+        out += [
+            rule(theirs + "enorm.weight", ours + "embed_norm.weight"),
+            rule(theirs + "hnorm.weight", ours + "hidden_norm.weight"),
+            rule(theirs + "eh_proj.weight", ours + "proj.weight"),
+            rule(theirs + "shared_head.norm.weight", ours + "out_norm.weight"),
+            rule(theirs + "embed_tokens.weight", "embed.weight"),
+            rule(
+                theirs + "shared_head.head.weight",
+                "embed.weight" if m.tie_embeddings else "head.weight",
+            ),
+        ]
+        out += [
+            dataclasses.replace(
+                r,
+                hf=r.hf.replace(_LAYER, theirs),
+                ours=tuple(o.replace(_BLOCK, ours + "block.") for o in r.ours),
+            )
+            for r in per_layer
+        ]
+    return tuple(out)
