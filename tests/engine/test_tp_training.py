@@ -1,8 +1,8 @@
 """Tensor + data parallelism through the real Trainer train like one process (gloo, fp32).
 
 For a dense GQA model (and its MQA variant, KV heads replicated), OLMo 2 (QK-norm over the full
-projection), GPT-2 (biases, learned positions, tied head) and DeepSeek-V3-tiny (MLA, MoE with
-aux-loss-free bias, MTP): 10 steps under tp=2 (sequence parallelism off and on), dp=2 and
+projection), GPT-2 (biases, learned positions, tied head), DeepSeek-V3-tiny (MLA, MoE with
+aux-loss-free bias, MTP) and SmolLM3-tiny (a NoPE layer, one KV head replicated under tp=2): 10 steps under tp=2 (sequence parallelism off and on), dp=2 and
 tp=2 x dp=2 (SP on) give the per-step losses of one process within 1e-5 relative and the same
 final weights. Checkpoints: stop at step 5 under tp=2 x dp=2 and resume, bit-exact; resume the
 same tp=2 checkpoint on one process, and a one-process checkpoint on tp=2 + SP with dropout,
@@ -42,6 +42,7 @@ FAMILIES = {
     "olmo2": ("olmo2", []),
     "gpt2": ("gpt2", []),
     "deepseek-v3": ("deepseek-v3", []),
+    "smollm3": ("smollm3", []),  # a NoPE layer, one KV head under tp=2
 }
 COMMON = [
     "data.source=synthetic",
