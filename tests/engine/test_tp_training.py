@@ -2,11 +2,11 @@
 
 For a dense GQA model (and its MQA variant, KV heads replicated), OLMo 2 (QK-norm over the full
 projection), GPT-2 (biases, learned positions, tied head), DeepSeek-V3-tiny (MLA, MoE with
-aux-loss-free bias, MTP) SmolLM3-tiny (a NoPE layer, one KV head replicated under tp=2) and OLMo 3-tiny (windows,
-YaRN on the full layers): 10 steps under tp=2 (sequence parallelism off and on), dp=2 and
-tp=2 x dp=2 (SP on) give the per-step losses of one process within 1e-5 relative and the same
-final weights. Checkpoints: stop at step 5 under tp=2 x dp=2 and resume, bit-exact; resume the
-same tp=2 checkpoint on one process, and a one-process checkpoint on tp=2 + SP with dropout,
+aux-loss-free bias, MTP), SmolLM3-tiny (a NoPE layer, one KV head replicated under tp=2) and OLMo
+3-tiny (windows, YaRN on the full layers): 10 steps under tp=2 (sequence parallelism off and on),
+dp=2 and tp=2 x dp=2 (SP on) give the per-step losses of one process within 1e-5 relative and the
+same final weights. Checkpoints: stop at step 5 under tp=2 x dp=2 and resume, bit-exact; resume
+the same tp=2 checkpoint on one process, and a one-process checkpoint on tp=2 + SP with dropout,
 within the layout tolerance.
 
 Each family costs one 2-rank run (three layouts in a row) and one 4-rank run; micro-batches of
