@@ -1,11 +1,15 @@
-"""The 2025 families train under tp=2, tp=2 + SP, ep=2, pp=2 and FSDP2 (ZeRO-3) like one process:
-8 steps of per-step losses within 1e-5 relative, and the same final weights of what is new in
-them (checked on the tensor-parallel layouts).
+"""The 2024-25 MoE families train under tp=2, tp=2 + SP, ep=2, pp=2 and FSDP2 (ZeRO-3) like one
+process: 8 steps of per-step losses within 1e-5 relative, and the same final weights of what is
+new in them (checked on the tensor-parallel layouts).
 
 - gpt-oss-tiny: attention sinks (split with the heads), q/k/v/o biases, biased router and
   experts (gate/up biases split with the hidden dim, the down bias added once), clamped SwiGLU;
 - glm4-moe-tiny: partial RoPE, q/k/v biases, per-head QK-norm, a dense first layer, sigmoid
-  MoE with a selection bias (identical on every rank), routed scaling, a shared expert, MTP."""
+  MoE with a selection bias (identical on every rank), routed scaling, a shared expert, MTP;
+- deepseek-v2-tiny: MLA with low-rank q, softmax routing limited to the groups of the best
+  experts, unnormalised top-k scaled x2, two shared experts, a dense first layer;
+- minimax-m2-tiny: QK-norm over the full projection (its statistics reduced over the TP ranks),
+  partial RoPE, sigmoid top-2 routing with a selection bias in every layer."""
 
 from __future__ import annotations
 
@@ -43,6 +47,8 @@ LAYOUTS = {
 WATCHED = {
     "gpt-oss": (("sinks", "gate_proj_bias", "up_proj_bias", "down_proj_bias", "router.bias"), 20),
     "glm4-moe": (("q_proj.bias", "k_norm.weight", "shared_experts.up_proj.weight"), 12),
+    "deepseek-v2": (("q_a_norm.weight", "kv_b_proj.weight", "router.weight"), 16),
+    "minimax-m2": (("q_norm.weight", "k_norm.weight", "router.weight"), 12),
 }
 
 
