@@ -25,6 +25,8 @@ FAMILIES = [
     "gemma3",
     "deepseek-v3",
     "deepseek-v2",  # softmax, group-limited by the best expert
+    "kimi-k2",  # DeepSeek-V3's layout without expert groups or MTP
+    "phi4",  # LLaMA's block (its HF family fuses the projections)
     "olmo3",  # windows with YaRN on the global layers only
     "smollm3",  # a NoPE layer
     "gpt-oss",
