@@ -19,18 +19,17 @@ from typing import Any
 from evoformer.checkpoint.hf.family import (
     ROTARY_BUFFERS,
     Family,
-    WeightRule,
     attention_rules,
     check,
     hf_defaults,
     qk_norm_rules,
     rule,
 )
+from evoformer.checkpoint.hf.mixtral import mixtral_expert_rules
 from evoformer.checkpoint.hf.moe import (
     aux_from_hf,
     aux_to_hf,
     check_moe_skeleton,
-    expert_rules,
     gqa,
     gqa_to_hf,
     moe_skeleton,
@@ -160,12 +159,6 @@ MINIMAX_M2_RULES = (
 )
 
 
-def minimax_m2_expert_rules(m: ModelConfig) -> tuple[WeightRule, ...]:
-    """Per-expert slices (Mixtral's w1 / w3 / w2)."""
-    names = (("w1", "gate_proj"), ("w3", "up_proj"), ("w2", "down_proj"))
-    return expert_rules("block_sparse_moe", names, m)
-
-
 FAMILY = Family(
     name="minimax_m2",
     model_type="minimax_m2",
@@ -175,6 +168,6 @@ FAMILY = Family(
     rules=MINIMAX_M2_RULES,
     base_prefix="model.",
     ignore=ROTARY_BUFFERS,
-    extra_rules=minimax_m2_expert_rules,
+    extra_rules=mixtral_expert_rules,  # Mixtral's names: w1 / w3 / w2
     notes=minimax_m2_notes,
 )
