@@ -10,6 +10,23 @@ import torch
 from torch.distributed.tensor import DTensor
 
 
+def parity_run(steps: int, *, seq_len: int = 32, global_batch: int = 8) -> list[str]:
+    """The overrides a layout-parity run starts from: synthetic data, micro-batches of 2
+    sequences, every step logged, AdamW at lr 3e-3 after 2 warm-up steps, no final checkpoint."""
+    return [
+        "data.source=synthetic",
+        f"train.seq_len={seq_len}",
+        f"train.global_batch_size={global_batch}",
+        "train.micro_batch_size=2",
+        f"train.max_steps={steps}",
+        "train.log_every=1",
+        "run.progress=off",
+        "optim.warmup_steps=2",
+        "optim.lr=3e-3",
+        "checkpoint.save_final=false",
+    ]
+
+
 def max_rel(got: dict[int, float], want: dict[int, float]) -> float:
     """Largest relative per-step loss difference; both runs must log the same steps."""
     assert want and sorted(got) == sorted(want), (sorted(got), sorted(want))

@@ -20,7 +20,7 @@ from evoformer.config import load_config
 from evoformer.distributed.testing import run_distributed
 from evoformer.engine import Trainer
 from tests.conftest import REPO
-from tests.engine.parity import max_rel
+from tests.engine.parity import max_rel, parity_run
 
 STEPS = 10
 LOSS_RTOL = 1e-5
@@ -48,17 +48,8 @@ FAMILIES = {
 # bf16 / fp16 autocast: the ring's fp32 blocks vs one process's 16-bit SDPA differ by rounding
 LOW_RTOL = 2e-3
 COMMON = [
-    "data.source=synthetic",
-    f"train.seq_len={SEQ}",
+    *parity_run(STEPS, seq_len=SEQ, global_batch=4),
     f"model.max_seq_len={SEQ}",
-    "train.global_batch_size=4",
-    "train.micro_batch_size=2",
-    f"train.max_steps={STEPS}",
-    "train.log_every=1",
-    "run.progress=off",
-    "optim.warmup_steps=2",
-    "optim.lr=3e-3",
-    "checkpoint.save_final=false",
     "train.eval_every=10",  # the validation loss at the end: logits gathered over cp
     "train.eval_batches=2",
 ]

@@ -31,7 +31,7 @@ from evoformer.engine import Trainer
 from evoformer.errors import UserError
 from evoformer.parallel.sharding import ShardSpec, shard_spec
 from tests.conftest import REPO
-from tests.engine.parity import grad_norms, max_rel, router_biases
+from tests.engine.parity import grad_norms, max_rel, parity_run, router_biases
 
 STEPS = 10
 LOSS_RTOL = 1e-5
@@ -41,16 +41,7 @@ WEIGHT_TOL = {"rtol": 1e-4, "atol": 2e-4}
 WEIGHT_MEAN_ATOL = 1e-6
 
 COMMON = [
-    "data.source=synthetic",
-    "train.seq_len=32",
-    "train.global_batch_size=8",
-    "train.micro_batch_size=2",
-    f"train.max_steps={STEPS}",
-    "train.log_every=1",
-    "run.progress=off",
-    "optim.warmup_steps=2",
-    "optim.lr=3e-3",
-    "checkpoint.save_final=false",
+    *parity_run(STEPS),
     "optim.grad_clip=0.5",  # below the norms of the first steps: clipping acts
 ]
 FAMILIES = {

@@ -17,21 +17,12 @@ from evoformer.distributed.testing import run_distributed
 from evoformer.engine import Trainer
 from evoformer.errors import UserError
 from tests.conftest import REPO
-from tests.engine.parity import grad_norms, max_rel, model_state_bytes
+from tests.engine.parity import grad_norms, max_rel, model_state_bytes, parity_run
 
 STEPS = 10
 LOSS_RTOL = 1e-5
 COMMON = [
-    "data.source=synthetic",
-    "train.seq_len=32",
-    "train.global_batch_size=8",
-    "train.micro_batch_size=2",
-    f"train.max_steps={STEPS}",
-    "train.log_every=1",
-    "run.progress=off",
-    "optim.warmup_steps=2",
-    "optim.lr=3e-3",
-    "checkpoint.save_final=false",
+    *parity_run(STEPS),
     "optim.grad_clip=0.5",  # below the ~0.85 norms: clipping acts on every step
 ]
 LAYOUTS = {

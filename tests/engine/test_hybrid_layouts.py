@@ -20,7 +20,7 @@ from evoformer.engine import Trainer
 from evoformer.model import Block
 from evoformer.parallel.layers import gather_full_params
 from tests.conftest import REPO
-from tests.engine.parity import max_rel
+from tests.engine.parity import max_rel, parity_run
 
 STEPS = 10
 LOSS_RTOL = 1e-5
@@ -28,16 +28,7 @@ LOSS_RTOL = 1e-5
 WEIGHT_RTOL, WEIGHT_ATOL = 1e-4, 2e-4
 FAMILIES = ("qwen3-next", "nemotron-h")
 COMMON = [
-    "data.source=synthetic",
-    "train.seq_len=32",
-    "train.global_batch_size=8",
-    "train.micro_batch_size=2",
-    f"train.max_steps={STEPS}",
-    "train.log_every=1",
-    "run.progress=off",
-    "optim.warmup_steps=2",
-    "optim.lr=3e-3",
-    "checkpoint.save_final=false",
+    *parity_run(STEPS),
     # Two chunks per 32-token sequence, so the chunk-to-chunk state passing is trained too.
     "model.deltanet.chunk_size=16",
     "model.mamba.chunk_size=16",

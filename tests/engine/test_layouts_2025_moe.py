@@ -21,20 +21,11 @@ from evoformer.distributed.testing import run_distributed
 from evoformer.engine import Trainer
 from evoformer.parallel.layers import gather_full_params
 from tests.conftest import REPO
-from tests.engine.parity import max_rel, router_biases
+from tests.engine.parity import max_rel, parity_run, router_biases
 
 STEPS = 8
 COMMON = [
-    "data.source=synthetic",
-    "train.seq_len=32",  # past the window of 16
-    "train.global_batch_size=4",
-    "train.micro_batch_size=2",
-    f"train.max_steps={STEPS}",
-    "train.log_every=1",
-    "run.progress=off",
-    "optim.warmup_steps=2",
-    "optim.lr=3e-3",
-    "checkpoint.save_final=false",
+    *parity_run(STEPS, global_batch=4),  # seq 32: past the window of 16
 ]
 LAYOUTS = {
     "tp2": ["parallel.tp=2"],

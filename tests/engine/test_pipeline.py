@@ -27,7 +27,7 @@ from evoformer.distributed.testing import run_distributed
 from evoformer.engine import Trainer
 from evoformer.parallel.layers import gather_full_params
 from tests.conftest import REPO
-from tests.engine.parity import max_rel, router_biases
+from tests.engine.parity import max_rel, parity_run, router_biases
 
 STEPS = 10
 LOSS_RTOL = 1e-5
@@ -37,16 +37,7 @@ LOSS_RTOL = 1e-5
 WEIGHT_TOL = {"rtol": 1e-4, "atol": 2e-4}
 
 COMMON = [
-    "data.source=synthetic",
-    "train.seq_len=32",
-    "train.global_batch_size=8",
-    "train.micro_batch_size=2",
-    f"train.max_steps={STEPS}",
-    "train.log_every=1",
-    "run.progress=off",
-    "optim.warmup_steps=2",
-    "optim.lr=3e-3",
-    "checkpoint.save_final=false",
+    *parity_run(STEPS),
     "model.n_layers=4",
 ]
 SCHEDULES = {
